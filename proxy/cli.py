@@ -1,0 +1,163 @@
+"""The `groq-proxy` command: serve, simulate, models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from proxy.config import CONFIG_ENV, Config, ConfigError, load_config
+from proxy.logs import emit, setup_logging
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we ship for
+        return asyncio.new_event_loop()
+
+
+def _missing_keys(config: Config) -> list[str]:
+    return [
+        f"providers.{p.name}.api_key_env: the variable {p.api_key_env} is not set"
+        for p in config.providers.values()
+        if p.api_key_env and not p.api_key
+    ]
+
+
+def decide_simulation(args, config: Config) -> bool:
+    """The embedded simulator runs when asked for, or when there is neither a config nor any provider key."""
+    if args.simulate:
+        return True
+    no_config = not (args.config or os.environ.get(CONFIG_ENV))
+    return no_config and bool(_missing_keys(config))
+
+
+def cmd_serve(args) -> int:
+    from aiohttp import web
+
+    from proxy import catalogue
+    from proxy.server import build_app
+
+    config = load_config(args.config)
+    setup_logging(config.server.log_level)
+    simulate = decide_simulation(args, config)
+    if not simulate:
+        missing = _missing_keys(config)
+        if missing:
+            raise ConfigError(missing[0] + " (set it, or run `groq-proxy serve --simulate`)")
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    if not simulate and not args.no_check:
+        catalogues, entries = loop.run_until_complete(catalogue.check(config))
+        for name, cat in catalogues.items():
+            if cat.models is None:
+                emit(logging.WARNING, "catalogue_unavailable", provider=name, error=cat.error)
+        missing = [e for e in entries if e.available is False]
+        for e in missing:
+            emit(logging.WARNING, "model_missing", where=e.where, target=e.target,
+                 message=f"{e.target} is not in the provider's live catalogue; requests to it will fall over")
+        if args.strict and (missing or any(c.models is None for c in catalogues.values())):
+            print(f"groq-proxy: refusing to start (--strict): {len(missing)} configured model(s) missing"
+                  + "".join(f"\n  {e.where}: {e.target}" for e in missing), file=sys.stderr)
+            return 3
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    app = build_app(config, simulate=simulate)
+    print(f"groq-proxy listening on http://{host}:{port} ({'simulated upstream' if simulate else config.source})",
+          file=sys.stderr, flush=True)
+    web.run_app(app, host=host, port=port, access_log=None, print=None, loop=loop, handle_signals=True)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from proxy.simulator import config_from_args, run_simulator
+
+    run_simulator(config_from_args(args), args.host, args.port)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from proxy import catalogue
+
+    config = load_config(args.config)
+    runner = None
+
+    async def run() -> str:
+        nonlocal config, runner
+        if decide_simulation(args, config):
+            from proxy.simulator import start_simulator
+
+            print("groq-proxy: no key and no config: checking against the built-in simulator", file=sys.stderr)
+            runner, url = await start_simulator()
+            config = config.with_base_urls(url)
+        else:
+            missing = _missing_keys(config)
+            if missing:
+                raise ConfigError(missing[0])
+        try:
+            catalogues, entries = await catalogue.check(config)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+        if args.json:
+            import orjson
+
+            return orjson.dumps(
+                {
+                    "providers": {n: {"models": sorted(c.models) if c.models is not None else None, "error": c.error}
+                                  for n, c in catalogues.items()},
+                    "entries": [{"where": e.where, "target": e.target, "available": e.available} for e in entries],
+                },
+                option=orjson.OPT_INDENT_2,
+            ).decode()
+        return catalogue.render(config, catalogues, entries)
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groq-proxy", description="OpenAI-compatible gateway in front of Groq.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help=f"TOML config file (default: ${CONFIG_ENV}, else the built-in config)")
+    serve.add_argument("--host", help="listen address (default: server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument("--simulate", action="store_true", help="answer from the built-in simulator, not the providers")
+    serve.add_argument("--strict", action="store_true", help="refuse to start when a configured model is missing")
+    serve.add_argument("--no-check", action="store_true", help="skip the model-catalogue check at start")
+    serve.set_defaults(func=cmd_serve)
+
+    simulate = sub.add_parser("simulate", help="run the Groq-like simulator as an upstream")
+    from proxy.simulator import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+
+    models = sub.add_parser("models", help="check configured models against the providers' live catalogues")
+    models.add_argument("--config", help="TOML config file")
+    models.add_argument("--simulate", action="store_true", help="check against the built-in simulator")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"groq-proxy: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The client's side of a streamed answer, and the one place that writes to it.
+
+Two moments matter. Keep-alive: while no data has been sent, SSE comments (`: keep-alive`) go out every
+`keepalive_s` so an idle-timeout load balancer does not cut a long wait; comments commit nothing, so the
+chain may still fall over. Commit: the first data event reaches the client; from then on a failure can only
+end the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.errors import ProxyError
+
+KEEPALIVE = b": keep-alive\n\n"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be written."""
+
+
+class ClientStream:
+    __slots__ = ("_request", "_keepalive_s", "_base_headers", "response", "committed", "_timer", "_task")
+
+    def __init__(self, request: web.Request, keepalive_s: float, base_headers: dict[str, str]) -> None:
+        self._request = request
+        self._keepalive_s = keepalive_s
+        self._base_headers = base_headers
+        self.response: web.StreamResponse | None = None
+        self.committed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+        if keepalive_s > 0:
+            self._timer = asyncio.get_running_loop().call_later(keepalive_s, self._start_keepalive)
+
+    @property
+    def prepared(self) -> bool:
+        return self.response is not None
+
+    def _start_keepalive(self) -> None:
+        self._timer = None
+        self._task = asyncio.get_running_loop().create_task(self._keepalive())
+
+    async def _keepalive(self) -> None:
+        try:
+            while not self.committed:
+                if self.response is None:
+                    await self._prepare({})
+                await self.response.write(KEEPALIVE)
+                await asyncio.sleep(self._keepalive_s)
+        except (ConnectionError, ClientGone):
+            pass  # the main path finds out on its next write
+
+    async def stop_keepalive(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+            self._task = None
+
+    async def _prepare(self, headers: dict[str, str]) -> None:
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **self._base_headers, **headers})
+        self.response = response
+        try:
+            await response.prepare(self._request)
+        except ConnectionError as exc:
+            raise ClientGone() from exc
+
+    async def commit(self, headers: dict[str, str], first: bytes) -> None:
+        """The commit point: the first data event goes to the client."""
+        await self.stop_keepalive()
+        self.committed = True
+        if self.response is None:
+            await self._prepare(headers)
+        await self.write(first)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.response.write(data)
+        except ConnectionError as exc:
+            raise ClientGone() from exc
+
+    async def finish(self, trailer: bytes = b"") -> web.StreamResponse:
+        try:
+            if trailer:
+                await self.response.write(trailer)
+            await self.response.write_eof()
+        except ConnectionError:
+            pass
+        return self.response
+
+    async def fail(self, error: ProxyError, headers: dict[str, str]) -> web.StreamResponse:
+        """An error before any data: a plain error response, or an error event when keep-alives went out."""
+        await self.stop_keepalive()
+        if self.response is None:
+            return error.to_response(headers)
+        return await self.finish(error.sse_event())

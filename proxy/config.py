@@ -1,0 +1,269 @@
+"""Configuration: one TOML file parsed once at start-up into frozen objects.
+
+Every check names the key it is about (`models.tier-fast.chain[1]: ...`) so a typo is caught before the
+first request instead of silently disabling a fallback. Unknown keys are errors for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+CONFIG_ENV = "GROQ_PROXY_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the key it is about."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    keepalive_s: float = 15.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    base_url: str
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    first_byte_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    # Read from the environment at load time; never printed (repr=False) and never written to the file.
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One real model at one provider: a link of a chain."""
+
+    provider: str
+    model: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+
+@dataclass(frozen=True)
+class VirtualModel:
+    name: str
+    chain: tuple[Target, ...]
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    cooldown_after_failures: int = 3
+    cooldown_s: float = 30.0
+    max_cooldown_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    providers: Mapping[str, ProviderConfig]
+    models: Mapping[str, VirtualModel]
+    aliases: Mapping[str, str]
+    routing: RoutingConfig
+    source: str = "<default>"
+    simulated: bool = False
+
+    @property
+    def default_provider(self) -> str:
+        return next(iter(self.providers))
+
+    def real_targets(self) -> list[Target]:
+        """Every real model the chains name, in config order, once each."""
+        seen: dict[str, Target] = {}
+        for vm in self.models.values():
+            for target in vm.chain:
+                seen.setdefault(target.key, target)
+        return list(seen.values())
+
+    def with_base_urls(self, base_url: str) -> "Config":
+        """The same config with every provider pointed at one URL (the embedded simulator)."""
+        providers = {n: replace(p, base_url=base_url) for n, p in self.providers.items()}
+        return replace(self, providers=MappingProxyType(providers), simulated=True)
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing"}
+
+
+def _table(raw: Mapping, key: str, where: str) -> Mapping:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: must be a table, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(raw: Mapping, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _number(raw: Mapping, key: str, where: str, default: float, *, minimum: float = 0.0, integer: bool = False):
+    value = raw.get(key, default)
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where}.{key}: must be {kind}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _string(raw: Mapping, key: str, where: str, default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}.{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _parse_server(raw: Mapping) -> ServerConfig:
+    where = "server"
+    _check_keys(raw, {"host", "port", "max_body_bytes", "keepalive_s", "log_level"}, where)
+    port = _number(raw, "port", where, 8080, integer=True)
+    if port > 65535:
+        raise ConfigError(f"server.port: must be at most 65535, got {port}")
+    level = _string(raw, "log_level", where, "info").lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"server.log_level: must be one of debug, info, warning, error, got {level!r}")
+    return ServerConfig(
+        host=_string(raw, "host", where, "127.0.0.1"),
+        port=port,
+        max_body_bytes=_number(raw, "max_body_bytes", where, 10 * 1024 * 1024, minimum=1, integer=True),
+        keepalive_s=_number(raw, "keepalive_s", where, 15.0),
+        log_level=level,
+    )
+
+
+def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> ProviderConfig:
+    where = f"providers.{name}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    if "api_key" in raw:
+        raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
+    _check_keys(raw, {"base_url", "api_key_env", "timeout_s", "first_byte_timeout_s", "connect_timeout_s"}, where)
+    base_url = _string(raw, "base_url", where, None)
+    if base_url is None:
+        raise ConfigError(f"{where}.base_url: required")
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.base_url: must start with http:// or https://, got {base_url!r}")
+    key_env = _string(raw, "api_key_env", where, None)
+    timeout = _number(raw, "timeout_s", where, 60.0, minimum=0.001)
+    first_byte = _number(raw, "first_byte_timeout_s", where, min(10.0, timeout), minimum=0.001)
+    if first_byte > timeout:
+        raise ConfigError(f"{where}.first_byte_timeout_s: must not exceed timeout_s ({first_byte} > {timeout})")
+    return ProviderConfig(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        api_key_env=key_env,
+        timeout_s=float(timeout),
+        first_byte_timeout_s=float(first_byte),
+        connect_timeout_s=float(_number(raw, "connect_timeout_s", where, 5.0, minimum=0.001)),
+        api_key=(env.get(key_env) or None) if key_env else None,
+    )
+
+
+def parse_target(text: str, providers: Mapping[str, Any], where: str) -> Target:
+    if not isinstance(text, str) or ":" not in text:
+        raise ConfigError(f"{where}: must be 'provider:model' (e.g. 'groq:openai/gpt-oss-20b'), got {text!r}")
+    provider, model = text.split(":", 1)
+    if provider not in providers:
+        raise ConfigError(f"{where}: unknown provider {provider!r} (providers: {', '.join(providers)})")
+    if not model:
+        raise ConfigError(f"{where}: the model after '{provider}:' is empty")
+    return Target(provider, model)
+
+
+def _parse_model(name: str, raw: Mapping, providers: Mapping) -> VirtualModel:
+    where = f"models.{name}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    _check_keys(raw, {"chain", "params"}, where)
+    chain = raw.get("chain")
+    if not isinstance(chain, list) or not chain:
+        raise ConfigError(f"{where}.chain: required, a non-empty list of 'provider:model'")
+    targets = tuple(parse_target(t, providers, f"{where}.chain[{i}]") for i, t in enumerate(chain))
+    params = raw.get("params", {})
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where}.params: must be a table of request fields")
+    for reserved in ("model", "messages", "stream", "input"):
+        if reserved in params:
+            raise ConfigError(f"{where}.params.{reserved}: the request sets this field; it cannot be a default")
+    return VirtualModel(name, targets, MappingProxyType(dict(params)))
+
+
+def _parse_routing(raw: Mapping) -> RoutingConfig:
+    where = "routing"
+    _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s"}, where)
+    return RoutingConfig(
+        cooldown_after_failures=_number(raw, "cooldown_after_failures", where, 3, minimum=1, integer=True),
+        cooldown_s=float(_number(raw, "cooldown_s", where, 30.0)),
+        max_cooldown_s=float(_number(raw, "max_cooldown_s", where, 300.0)),
+    )
+
+
+def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
+    env = os.environ if env is None else env
+    _check_keys(raw, _KNOWN_TOP, "config")
+    providers_raw = _table(raw, "providers", "providers")
+    if not providers_raw:
+        raise ConfigError("providers: at least one provider is required")
+    providers = {n: _parse_provider(n, p, env) for n, p in providers_raw.items()}
+    models_raw = _table(raw, "models", "models")
+    if not models_raw:
+        raise ConfigError("models: at least one virtual model is required")
+    models = {n: _parse_model(n, m, providers) for n, m in models_raw.items()}
+    aliases: dict[str, str] = {}
+    for alias, to in _table(raw, "aliases", "aliases").items():
+        where = f"aliases.{alias}"
+        if alias in models:
+            raise ConfigError(f"{where}: the name is already a virtual model")
+        if isinstance(to, str) and to in models:
+            aliases[alias] = to
+        else:
+            aliases[alias] = parse_target(to, providers, where).key
+    return Config(
+        server=_parse_server(_table(raw, "server", "server")),
+        providers=MappingProxyType(providers),
+        models=MappingProxyType(models),
+        aliases=MappingProxyType(aliases),
+        routing=_parse_routing(_table(raw, "routing", "routing")),
+        source=source,
+    )
+
+
+def default_config_text() -> str:
+    return resources.files("proxy").joinpath("default_config.toml").read_text()
+
+
+def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Loads `path`, else $GROQ_PROXY_CONFIG, else the packaged default."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    if path is None:
+        text, source = default_config_text(), "<default>"
+    else:
+        try:
+            text, source = Path(path).read_text(), str(path)
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {source} is not valid TOML: {exc}") from None
+    return parse_config(raw, env=env, source=source)

@@ -1,0 +1,63 @@
+"""Per-request state: what was asked, which attempts were made, what answered."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from proxy.config import Target
+from proxy.routing import Route
+
+
+class Attempt:
+    """One try of one real model. `outcome` is answered, fell_over, skipped, passed_back, failed_after_commit
+    or cancelled; `reason` says why when it is not answered."""
+
+    __slots__ = (
+        "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
+        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span",
+    )
+
+    def __init__(self, index: int, target: Target) -> None:
+        self.index = index
+        self.target = target
+        self.started = time.perf_counter()
+        self.first_byte: float | None = None
+        self.ended: float | None = None
+        self.outcome = "pending"
+        self.reason: str | None = None
+        self.detail: str | None = None
+        self.status: int | None = None
+        self.retry_after: float | None = None
+        self.usage: dict | None = None
+        self.finish_reasons: list[str] | None = None
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.span: Any = None  # the telemetry span of this attempt, when tracing is on
+
+    @property
+    def elapsed_ms(self) -> float:
+        return ((self.ended or time.perf_counter()) - self.started) * 1000.0
+
+    @property
+    def sent(self) -> bool:
+        return self.outcome != "skipped"
+
+
+class RequestContext:
+    __slots__ = ("request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span")
+
+    def __init__(self, request_id: str, operation: str, route: Route, body: dict, stream: bool) -> None:
+        self.request_id = request_id
+        self.operation = operation  # "chat" or "embeddings" (the GenAI operation name)
+        self.route = route
+        self.body = body
+        self.stream = stream
+        self.started = time.perf_counter()
+        self.attempts: list[Attempt] = []
+        self.answered: Attempt | None = None
+        self.span: Any = None
+
+    @property
+    def sent_attempts(self) -> int:
+        return sum(1 for a in self.attempts if a.sent)

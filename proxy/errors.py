@@ -1,0 +1,51 @@
+"""OpenAI-shaped errors: the one way this proxy tells a client something went wrong.
+
+openai-python reads `body["error"]` into `.message/.type/.param/.code`, so the wrapper is kept even for
+errors the proxy makes itself.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """An error answered to the client as `{"error": {...}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def to_response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        headers = dict(self.headers)
+        if extra_headers:
+            headers.update(extra_headers)
+        return web.Response(
+            status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=headers
+        )
+
+    def sse_event(self) -> bytes:
+        """The error as one SSE event: how a failure is told after the stream's 200 has gone out."""
+        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ProxyError:
+    return ProxyError(400, message, param=param, code=code)

@@ -1,0 +1,362 @@
+"""The request pipeline: policies, then the chain of attempts, each falling over to the next until one answers.
+
+The commit point is explicit. Before the first data event reaches the client, any attempt failure moves on
+to the next model of the chain. After it, a failure ends the stream with one SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from policies.base import PolicyChain, Reject
+from proxy.client_stream import ClientGone, ClientStream
+from proxy.config import Config
+from proxy.context import Attempt, RequestContext
+from proxy.cooldown import Cooldowns
+from proxy.errors import ProxyError
+from proxy.logs import emit, redact
+from proxy.sse import EventSplitter, StreamState, has_data, scan
+from proxy.upstream import AttemptFailed, Provider, Upstreams, classify
+
+INFO, WARNING = logging.INFO, logging.WARNING
+
+# Never sent upstream: hop-by-hop headers, what the proxy sets itself, and the client's own credentials.
+_DROP_REQUEST_HEADERS = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+        "transfer-encoding", "upgrade", "host", "content-length", "content-type", "authorization",
+        "accept-encoding", "cookie", "x-api-key", "api-key", "traceparent", "tracestate",
+    }
+)
+_SIMULATED = {"x-groq-proxy-simulated": "true"}
+
+
+def _upstream_headers(request: web.Request, provider: Provider) -> dict[str, str]:
+    headers = dict(provider.headers)
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower not in _DROP_REQUEST_HEADERS and not lower.startswith("x-groq-proxy-"):
+            headers[name] = value
+    return headers
+
+
+def _passed_on(upstream_headers) -> dict[str, str]:
+    """Upstream response headers worth handing to the client: Groq's rate-limit view and its request id."""
+    out = {}
+    for name, value in upstream_headers.items():
+        lower = name.lower()
+        if lower.startswith("x-ratelimit-") or lower == "x-groq-region":
+            out[lower] = value
+        elif lower == "x-request-id":
+            out["x-upstream-request-id"] = value
+    return out
+
+
+class Pipeline:
+    def __init__(self, config: Config, upstreams: Upstreams, cooldowns: Cooldowns, policies: PolicyChain) -> None:
+        self.config = config
+        self.upstreams = upstreams
+        self.cooldowns = cooldowns
+        self.policies = policies
+        self._keepalive_s = config.server.keepalive_s
+        self._extra = _SIMULATED if config.simulated else {}
+
+    # --- the request -------------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
+        base_headers = {"x-request-id": ctx.request_id, **self._extra}
+        if self.policies:
+            decision = await self.policies.on_request(ctx)
+            if isinstance(decision, Reject):
+                return decision.error.to_response(base_headers)
+        body = ctx.body
+        for key, value in ctx.route.params.items():
+            body.setdefault(key, value)
+        client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
+        try:
+            for index, target in enumerate(ctx.route.chain):
+                attempt = Attempt(index, target)
+                ctx.attempts.append(attempt)
+                wait = self.cooldowns.remaining(target.key)
+                if wait:
+                    self._skipped(ctx, attempt, wait)
+                    continue
+                provider = self.upstreams.providers[target.provider]
+                body["model"] = target.model
+                payload = orjson.dumps(body)
+                headers = _upstream_headers(request, provider)
+                try:
+                    if client is not None:
+                        return await self._stream(ctx, attempt, provider, payload, headers, client, base_headers)
+                    return await self._plain(ctx, attempt, provider, payload, headers, base_headers)
+                except AttemptFailed as failure:
+                    self._fell_over(ctx, attempt, failure)
+            error = all_failed_error(ctx)
+            if client is not None:
+                return await client.fail(error, base_headers)
+            return error.to_response(base_headers)
+        finally:
+            if client is not None:
+                await client.stop_keepalive()
+            if self.policies:
+                await self.policies.after(ctx)
+
+    # --- one attempt, not streamed ----------------------------------------------------------------------
+
+    async def _plain(self, ctx, attempt: Attempt, provider: Provider, payload, headers, base_headers):
+        url = provider.chat_url if ctx.operation == "chat" else provider.embeddings_url
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        resp = None
+        try:
+            async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
+                resp = await self.upstreams.session.post(url, data=payload, headers=headers, timeout=provider.timeout)
+                attempt.first_byte = time.perf_counter()
+                deadline.reschedule(start + provider.total_s)
+                body = await resp.read()
+        except aiohttp.ServerTimeoutError:
+            raise AttemptFailed("connect_timeout", "connect timed out") from None
+        except TimeoutError:
+            if attempt.first_byte is None:
+                raise AttemptFailed("first_byte_timeout", f"no first byte in {provider.first_byte_s:g}s") from None
+            raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            reason = "connect_error" if attempt.first_byte is None else "upstream_closed"
+            raise AttemptFailed(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
+        finally:
+            if resp is not None:
+                resp.release()
+        attempt.status = status = resp.status
+        if status != 200:
+            failure = classify(status, body, resp.headers)
+            if failure is not None:
+                raise failure
+            return self._passed_back(ctx, attempt, status, body, resp, base_headers)
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise AttemptFailed("malformed", "200 with a body that is not JSON") from None
+        if not isinstance(obj, dict) or "error" in obj:
+            raise AttemptFailed("malformed", "200 with an error or a non-object body")
+        attempt.usage = obj.get("usage")
+        attempt.response_id = obj.get("id")
+        attempt.response_model = obj.get("model")
+        choices = obj.get("choices")
+        if choices and isinstance(choices, list):
+            attempt.finish_reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
+        self._answered(ctx, attempt)
+        headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        headers["Content-Type"] = "application/json"
+        return web.Response(body=body, headers=headers)
+
+    # --- one attempt, streamed --------------------------------------------------------------------------
+
+    async def _stream(self, ctx, attempt: Attempt, provider: Provider, payload, headers, client, base_headers):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        state = StreamState()
+        resp = None
+        committed = False
+        try:
+            async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
+                resp = await self.upstreams.session.post(
+                    provider.chat_url, data=payload, headers=headers, timeout=provider.timeout
+                )
+                attempt.status = resp.status
+                if resp.status != 200:
+                    body = await resp.read()
+                    failure = classify(resp.status, body, resp.headers)
+                    if failure is not None:
+                        raise failure
+                    if client.prepared:  # keep-alives went out: the status can no longer change
+                        attempt.outcome = "passed_back"
+                        self._log_attempt(ctx, attempt, INFO)
+                        return await client.finish(b"data: " + redact(body.decode(errors="replace")).encode() + b"\n\n")
+                    return self._passed_back(ctx, attempt, resp.status, body, resp, base_headers)
+                if not resp.content_type.startswith("text/event-stream"):
+                    raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
+                splitter = EventSplitter()
+                first = b""
+                # Before the commit point: read until the first data event; comments do not count.
+                while not (first and has_data(first)):
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        raise AttemptFailed("upstream_closed", "the stream ended before its first event")
+                    first += splitter.feed(chunk)
+                attempt.first_byte = time.perf_counter()
+                scan(first, state)
+                if state.error is not None:
+                    raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
+                if state.malformed:
+                    raise AttemptFailed("malformed", state.malformed)
+                deadline.reschedule(start + provider.total_s)
+                attempt.response_id, attempt.response_model = state.response_id, state.response_model
+
+                # The commit point: from here on, no falling over.
+                committed = True
+                await client.commit({**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first)
+                while not state.done and state.error is None:
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        break
+                    complete = splitter.feed(chunk)
+                    if complete:
+                        scan(complete, state)
+                        if state.malformed:
+                            break
+                        await client.write(complete)
+        except ClientGone:
+            attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
+            self._end(ctx, attempt, INFO)
+            return client.response
+        except AttemptFailed:
+            raise
+        except aiohttp.ServerTimeoutError:
+            if not committed:
+                raise AttemptFailed("connect_timeout", "connect timed out") from None
+            state.malformed = "timed out"
+        except TimeoutError:
+            if not committed:
+                if attempt.first_byte is None:
+                    raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
+            return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            if not committed:
+                reason = "connect_error" if resp is None else "upstream_closed"
+                raise AttemptFailed(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
+            return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream connection broke")
+        finally:
+            if resp is not None:
+                resp.close() if not (state.done or resp.content.at_eof()) else resp.release()
+        attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
+        if state.malformed:
+            return await self._broken(ctx, attempt, client, "malformed", state.malformed)
+        if state.error is not None:
+            attempt.outcome, attempt.reason = "failed_after_commit", "upstream_error_event"
+            attempt.detail = _describe(state.error)
+            self.cooldowns.failed(attempt.target.key)
+            self._end(ctx, attempt, WARNING)
+            return await client.finish()
+        if not state.done:
+            return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream closed the stream early")
+        self._answered(ctx, attempt)
+        return await client.finish()
+
+    async def _broken(self, ctx, attempt: Attempt, client: ClientStream, reason: str, detail: str):
+        """A failure after the commit point: one error event, then the stream ends."""
+        attempt.outcome, attempt.reason, attempt.detail = "failed_after_commit", reason, detail
+        self.cooldowns.failed(attempt.target.key)
+        self._end(ctx, attempt, WARNING)
+        error = ProxyError(
+            502,
+            f"{attempt.target.key} failed mid-stream: {detail} (request {ctx.request_id})",
+            type="server_error",
+            code=reason,
+        )
+        return await client.finish(error.sse_event())
+
+    # --- bookkeeping ------------------------------------------------------------------------------------
+
+    def _answer_headers(self, ctx: RequestContext, attempt: Attempt) -> dict[str, str]:
+        return {
+            "x-groq-proxy-model": attempt.target.model,
+            "x-groq-proxy-provider": attempt.target.provider,
+            "x-groq-proxy-attempts": str(ctx.sent_attempts),
+        }
+
+    def _passed_back(self, ctx, attempt: Attempt, status: int, body: bytes, resp, base_headers) -> web.Response:
+        """A 4xx caused by the request itself: the client gets the upstream's answer unchanged."""
+        attempt.outcome = "passed_back"
+        self._end(ctx, attempt, INFO)
+        headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        headers["Content-Type"] = resp.headers.get("Content-Type", "application/json")
+        return web.Response(status=status, body=redact(body.decode(errors="replace")).encode(), headers=headers)
+
+    def _answered(self, ctx: RequestContext, attempt: Attempt) -> None:
+        attempt.outcome = "answered"
+        ctx.answered = attempt
+        self.cooldowns.succeeded(attempt.target.key)
+        self._end(ctx, attempt, INFO)
+
+    def _fell_over(self, ctx: RequestContext, attempt: Attempt, failure: AttemptFailed) -> None:
+        attempt.outcome, attempt.reason, attempt.detail = "fell_over", failure.reason, failure.detail
+        attempt.status, attempt.retry_after = failure.status or attempt.status, failure.retry_after
+        cooldown = self.cooldowns.failed(attempt.target.key, failure.retry_after)
+        self._end(ctx, attempt, WARNING, cooldown_s=round(cooldown, 3) if cooldown else None)
+
+    def _skipped(self, ctx: RequestContext, attempt: Attempt, wait: float) -> None:
+        attempt.outcome, attempt.reason = "skipped", "cooldown"
+        attempt.detail = f"cooling down for {wait:.1f}s more"
+        attempt.retry_after = wait
+        self._end(ctx, attempt, INFO)
+
+    def _end(self, ctx: RequestContext, attempt: Attempt, level: int, **extra) -> None:
+        attempt.ended = time.perf_counter()
+        self._log_attempt(ctx, attempt, level, **extra)
+
+    def _log_attempt(self, ctx: RequestContext, attempt: Attempt, level: int, **extra) -> None:
+        fields = {
+            "request_id": ctx.request_id,
+            "requested": ctx.route.requested,
+            "attempt": attempt.index,
+            "target": attempt.target.key,
+            "outcome": attempt.outcome,
+            "status": attempt.status,
+            "ms": round(attempt.elapsed_ms, 2),
+        }
+        if attempt.reason:
+            fields["reason"] = attempt.reason
+            fields["detail"] = attempt.detail
+        if attempt.outcome == "fell_over" or attempt.outcome == "skipped":
+            following = ctx.route.chain[attempt.index + 1 :]
+            fields["next"] = following[0].key if following else None
+        fields.update((k, v) for k, v in extra.items() if v is not None)
+        emit(level, "attempt", **fields)
+
+
+def _describe(error) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("code") or error)[:200]
+    return str(error)[:200]
+
+
+def all_failed_error(ctx: RequestContext) -> ProxyError:
+    """Every model failed or was skipped: one error that lists each attempt, with the status that fits."""
+    attempts = ctx.attempts
+    parts = []
+    for a in attempts:
+        if a.outcome == "skipped":
+            parts.append(f"{a.target.key}: skipped ({a.detail})")
+        else:
+            parts.append(f"{a.target.key}: {a.detail} after {a.elapsed_ms:.0f} ms")
+    name = ctx.route.virtual or ctx.route.requested
+    message = redact(f"All {len(attempts)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
+    waits = [a.retry_after for a in attempts if a.retry_after]
+    rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
+    if rate_limited and waits:
+        wait = max(1, round(min(waits)))
+        return ProxyError(
+            429, message, type="rate_limit_error", code="rate_limit_exceeded",
+            headers={"retry-after": str(wait), "x-should-retry": "true"},
+        )
+    sent = [a for a in attempts if a.sent]
+    if not sent:
+        wait = max(1, round(min(waits))) if waits else 1
+        return ProxyError(
+            503, message, type="server_error", code="all_models_cooling_down",
+            headers={"retry-after": str(wait), "x-should-retry": "true"},
+        )
+    if all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
+        status = 504
+    elif all(a.reason in ("connect_error", "connect_timeout") for a in sent):
+        status = 503
+    else:
+        status = 502
+    # The proxy already tried every model: a client retry would only multiply the load.
+    return ProxyError(status, message, type="server_error", code="all_models_failed", headers={"x-should-retry": "false"})

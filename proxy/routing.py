@@ -1,0 +1,53 @@
+"""Turns the model name a client asked for into a route: the chain of real models to try, in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from proxy.config import Config, Target
+from proxy.errors import ProxyError
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    requested: str
+    virtual: str | None  # the virtual model, when the name was one (or an alias of one)
+    chain: tuple[Target, ...]
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class Router:
+    """Resolution order: virtual model, alias, 'provider:model', a bare real model a chain names."""
+
+    def __init__(self, config: Config) -> None:
+        self._providers = frozenset(config.providers)
+        routes: dict[str, Route] = {}
+        for name, vm in config.models.items():
+            routes[name] = Route(name, name, vm.chain, vm.params)
+        for target in config.real_targets():
+            routes[target.key] = Route(target.key, None, (target,))
+            if target.provider == config.default_provider:
+                routes.setdefault(target.model, Route(target.model, None, (target,)))
+        for alias, to in config.aliases.items():
+            resolved = routes[to] if to in routes else Route(alias, None, (Target(*to.split(":", 1)),))
+            routes[alias] = Route(alias, resolved.virtual, resolved.chain, resolved.params)
+        self._routes = routes
+        self._listed = sorted(config.models) + sorted(t.key for t in config.real_targets())
+
+    def resolve(self, name: str) -> Route:
+        route = self._routes.get(name)
+        if route is not None:
+            return route
+        provider, sep, model = name.partition(":")
+        if sep and model and provider in self._providers:
+            # An explicit 'provider:model' is a deliberate choice: let the provider say whether it exists.
+            return Route(name, None, (Target(provider, model),))
+        raise ProxyError(
+            404,
+            f"The model `{name}` does not exist. Available models: {', '.join(self._listed)}"
+            " (or any 'provider:model').",
+            param="model",
+            code="model_not_found",
+        )

@@ -1,0 +1,157 @@
+"""The aiohttp application: routes, the handlers that read a request into a context, and the lifecycle of
+what the app owns (the upstream session, the embedded simulator)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from policies.base import PolicyChain
+from proxy.config import Config
+from proxy.context import RequestContext
+from proxy.cooldown import Cooldowns
+from proxy.errors import ProxyError
+from proxy.logs import emit, register_secrets
+from proxy.pipeline import Pipeline
+from proxy.routing import Router
+from proxy.upstream import Upstreams
+from proxy.validation import read_json, validate_chat, validate_embeddings
+
+PREFIXES = ("/v1", "/openai/v1")
+
+
+@dataclass
+class ProxyState:
+    """What the running app holds; filled in on start-up (the simulator may change the provider URLs)."""
+
+    config: Config
+    simulate: bool = False
+    simulator_config: object = None
+    router: Router | None = None
+    pipeline: Pipeline | None = None
+    upstreams: Upstreams | None = None
+    models_body: bytes = b""
+    extra_headers: dict = field(default_factory=dict)
+
+
+STATE = web.AppKey("state", ProxyState)
+
+
+def _request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
+    state = request.app[STATE]
+    request_id = _request_id()
+    try:
+        body = await read_json(request, state.config.server.max_body_bytes)
+        route = state.router.resolve(validate(body))
+    except ProxyError as error:
+        return error.to_response({"x-request-id": request_id, **state.extra_headers})
+    ctx = RequestContext(request_id, operation, route, body, operation == "chat" and body.get("stream") is True)
+    try:
+        return await state.pipeline.handle(request, ctx)
+    except Exception:
+        emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
+        error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
+        return error.to_response({"x-request-id": request_id})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "chat", validate_chat)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "embeddings", validate_embeddings)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[STATE].models_body, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ready = state.pipeline is not None and state.upstreams is not None and state.upstreams.ready
+    return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503)
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return ProxyError(404, f"Unknown path {request.path}.", code="unknown_url").to_response()
+
+
+def _method_not_allowed(allowed: str):
+    async def handler(request: web.Request) -> web.Response:
+        error = ProxyError(
+            405, f"{request.method} is not allowed on {request.path}; use {allowed}.", code="method_not_allowed"
+        )
+        return error.to_response({"Allow": allowed})
+
+    return handler
+
+
+def models_list(config: Config) -> bytes:
+    created = int(time.time())
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "groq-proxy"} for name in config.models]
+    for target in config.real_targets():
+        model_id = target.model if target.provider == config.default_provider else target.key
+        data.append({"id": model_id, "object": "model", "created": created, "owned_by": target.provider})
+    return orjson.dumps({"object": "list", "data": data})
+
+
+async def _lifecycle(app: web.Application):
+    state = app[STATE]
+    sim_runner = None
+    if state.simulate:
+        from proxy.simulator import SimulatorConfig, start_simulator
+
+        sim_runner, url = await start_simulator(state.simulator_config or SimulatorConfig())
+        state.config = state.config.with_base_urls(url)
+        state.extra_headers = {"x-groq-proxy-simulated": "true"}
+        emit(
+            logging.WARNING,
+            "simulated_upstream",
+            message="No Groq key and no config: answering from the built-in simulator, not from Groq. "
+            "Set GROQ_API_KEY (or give --config) to use Groq.",
+            simulator=url,
+        )
+    config = state.config
+    register_secrets(*(p.api_key for p in config.providers.values()))
+    upstreams = Upstreams(config)
+    await upstreams.open()
+    state.upstreams = upstreams
+    state.router = Router(config)
+    state.models_body = models_list(config)
+    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), PolicyChain())
+    yield
+    state.pipeline = None
+    await upstreams.close()
+    if sim_runner is not None:
+        await sim_runner.cleanup()
+
+
+def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
+    app.cleanup_ctx.append(_lifecycle)
+    for prefix in PREFIXES:
+        for path, method, handler in (
+            ("/chat/completions", "POST", chat_completions),
+            ("/embeddings", "POST", embeddings),
+            ("/models", "GET", list_models),
+        ):
+            app.router.add_route(method, prefix + path, handler)
+            app.router.add_route("*", prefix + path, _method_not_allowed(method))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app

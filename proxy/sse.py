@@ -1,0 +1,121 @@
+"""An incremental scanner for the upstream's SSE stream.
+
+The bytes are forwarded untouched; the scanner only says where complete events end (so a client never
+receives half an event followed by our error event) and looks inside the few events the proxy needs:
+usage, finish reason, errors and the end marker. JSON is parsed only for events that may hold those.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+_MARKERS = (b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
+
+
+class StreamState:
+    """What the proxy learned from one stream; filled in as events go by."""
+
+    __slots__ = ("done", "usage", "finish_reasons", "error", "response_id", "response_model", "malformed")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.usage: dict | None = None
+        self.finish_reasons: list[str] = []
+        self.error: dict | str | None = None
+        self.response_id: str | None = None
+        self.response_model: str | None = None
+        self.malformed: str | None = None
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its `data:` lines joined), or None for a comment or a field-only event."""
+    if b"\n" not in event:
+        if event.startswith(b"data:"):
+            return event[5:].lstrip(b" ")
+        return None
+    lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def inspect_event(data: bytes, state: StreamState) -> None:
+    """Records what one event's data says. Sets `state.malformed` for data that is not a JSON object."""
+    if data == b"[DONE]":
+        state.done = True
+        return
+    if not data.startswith(b"{"):
+        state.malformed = f"event data is not a JSON object: {data[:60]!r}"
+        return
+    if state.response_id is None or any(m in data for m in _MARKERS):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            state.malformed = "event data is not valid JSON"
+            return
+        if not isinstance(obj, dict):
+            state.malformed = "event data is not a JSON object"
+            return
+        _record(obj, state)
+
+
+def _record(obj: dict, state: StreamState) -> None:
+    if state.response_id is None:
+        state.response_id = obj.get("id")
+        state.response_model = obj.get("model")
+    if "error" in obj:
+        state.error = obj["error"]
+        return
+    usage = obj.get("usage")
+    x_groq = obj.get("x_groq")
+    if isinstance(x_groq, dict):
+        if x_groq.get("error"):
+            state.error = x_groq["error"]
+        usage = usage or x_groq.get("usage")
+    # Groq repeats the usage (finish chunk, x_groq, the include_usage chunk): keep one copy, never add.
+    if isinstance(usage, dict):
+        state.usage = usage
+    for choice in obj.get("choices") or ():
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if reason:
+            state.finish_reasons.append(reason)
+
+
+class EventSplitter:
+    """Cuts a byte stream at event boundaries; keeps the incomplete tail for the next chunk."""
+
+    __slots__ = ("tail",)
+
+    def __init__(self) -> None:
+        self.tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Returns the complete events now available (possibly b''), exactly as received."""
+        data = self.tail + chunk if self.tail else chunk
+        cut = data.rfind(b"\n\n")
+        if b"\r" in data:
+            cut = max(cut, data.rfind(b"\r\n\r\n") + 2 if b"\r\n\r\n" in data else -1)
+        if cut < 0:
+            self.tail = data
+            return b""
+        self.tail = data[cut + 2 :]
+        return data[: cut + 2]
+
+
+def scan(complete: bytes, state: StreamState) -> None:
+    """Inspects every event in `complete` (whole events, as `EventSplitter.feed` returns them)."""
+    if b"\r" in complete:
+        complete = complete.replace(b"\r\n", b"\n")
+    for event in complete.split(b"\n\n"):
+        if not event:
+            continue
+        data = _event_data(event)
+        if data is not None:
+            inspect_event(data, state)
+            if state.malformed or state.error is not None:
+                return
+
+
+def has_data(complete: bytes) -> bool:
+    """Whether whole events hold at least one data event (comments and bare fields do not count)."""
+    if b"\r" in complete:
+        complete = complete.replace(b"\r\n", b"\n")
+    return any(_event_data(ev) is not None for ev in complete.split(b"\n\n") if ev)

@@ -1,0 +1,127 @@
+"""The upstream side: one shared aiohttp client session, per-provider URLs and headers, and the rule that
+decides whether a failed attempt falls over to the next model or goes back to the client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from proxy.config import Config, ProviderConfig
+
+# Statuses that say nothing about the request itself: the next model may well answer.
+# 401/403 are here too: they are about the proxy's provider key, not the client's request.
+FALLOVER_STATUSES = frozenset({401, 403, 408, 409, 429, 498})
+# Statuses that are failures only with these error codes (otherwise the request is at fault).
+FALLOVER_CODES = {404: "model_not_found", 400: "model_decommissioned", 413: "rate_limit_exceeded"}
+
+
+class AttemptFailed(Exception):
+    """An attempt that failed in a way another model may not: the chain moves on."""
+
+    def __init__(self, reason: str, detail: str, *, status: int | None = None, retry_after: float | None = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    chat_url: str
+    embeddings_url: str
+    headers: dict[str, str]
+    first_byte_s: float
+    total_s: float
+    timeout: aiohttp.ClientTimeout
+    host: str
+    port: int
+
+    @classmethod
+    def from_config(cls, cfg: ProviderConfig) -> "Provider":
+        headers = {"Content-Type": "application/json"}
+        if cfg.api_key:
+            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        parts = urlsplit(cfg.base_url)
+        return cls(
+            name=cfg.name,
+            chat_url=f"{cfg.base_url}/chat/completions",
+            embeddings_url=f"{cfg.base_url}/embeddings",
+            headers=headers,
+            first_byte_s=cfg.first_byte_timeout_s,
+            total_s=cfg.timeout_s,
+            # Our own deadlines cover first byte and total; aiohttp only bounds the connect.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s),
+            host=parts.hostname or "",
+            port=parts.port or (443 if parts.scheme == "https" else 80),
+        )
+
+
+class Upstreams:
+    """Owns the client session every attempt goes through; opened and closed with the app."""
+
+    def __init__(self, config: Config) -> None:
+        self.providers = {name: Provider.from_config(cfg) for name, cfg in config.providers.items()}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(), raise_for_status=False
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None and not self.session.closed
+
+
+def retry_after_of(headers) -> float | None:
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def error_of(body: bytes) -> tuple[str | None, str | None]:
+    """The (code, message) of an OpenAI/Groq error body, as far as it has them."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        code, message = err.get("code"), err.get("message")
+        return (code if isinstance(code, str) else None), (message if isinstance(message, str) else None)
+    if isinstance(err, str):
+        return None, err
+    return None, None
+
+
+def classify(status: int, body: bytes, headers) -> AttemptFailed | None:
+    """An AttemptFailed when this non-200 answer should fall over; None when it belongs to the client."""
+    code, message = error_of(body)
+    if status in FALLOVER_STATUSES or status >= 500:
+        retry_after = retry_after_of(headers) if status == 429 else None
+        reason = "rate_limited" if status == 429 else f"status_{status}"
+        detail = f"{status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+        return AttemptFailed(reason, detail[:300], status=status, retry_after=retry_after)
+    if FALLOVER_CODES.get(status) == code:
+        return AttemptFailed(code, f"{status} {code}" + (f": {message}" if message else ""), status=status)
+    return None

@@ -1,0 +1,117 @@
+"""Checks on a request body before anything is sent upstream: bad input is the client's 400, never our 500."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import ProxyError, bad_request
+
+_NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed")
+
+
+async def read_json(request: web.Request, limit: int) -> dict:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request("We could not parse the JSON body of your request: it is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.")
+    return body
+
+
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"The request body is larger than the limit of {limit} bytes.", code="request_too_large")
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if model is None:
+        raise bad_request("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise bad_request(f"'model' must be a non-empty string, not {_kind(model)}.", param="model")
+    return model
+
+
+def validate_chat(body: dict) -> str:
+    """Returns the requested model name; raises a 400 naming the first wrong field."""
+    model = _model(body)
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is a required property.", param="messages")
+    if not isinstance(messages, list):
+        raise bad_request(f"'messages' must be an array, not {_kind(messages)}.", param="messages")
+    if not messages:
+        raise bad_request("'messages' must contain at least one message.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"'messages[{i}]' must be an object, not {_kind(message)}.", param=f"messages[{i}]")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"'messages[{i}].role' must be a non-empty string.", param=f"messages[{i}].role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad_request(
+                f"'messages[{i}].content' must be a string or an array of parts, not {_kind(content)}.",
+                param=f"messages[{i}].content",
+            )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request(f"'stream' must be a boolean, not {_kind(stream)}.", param="stream")
+    for name in _NUMBER_FIELDS:
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad_request(f"'{name}' must be a number, not {_kind(value)}.", param=name)
+    for name in _INT_FIELDS:
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad_request(f"'{name}' must be an integer, not {_kind(value)}.", param=name)
+        if name.startswith("max") and value is not None and value < 1:
+            raise bad_request(f"'{name}' must be at least 1.", param=name)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise bad_request("'stream_options' must be an object.", param="stream_options")
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request(f"'tools' must be an array, not {_kind(tools)}.", param="tools")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise bad_request(f"'stop' must be a string or an array of strings, not {_kind(stop)}.", param="stop")
+    return model
+
+
+def validate_embeddings(body: dict) -> str:
+    model = _model(body)
+    value = body.get("input")
+    if value is None:
+        raise bad_request("'input' is a required property.", param="input")
+    ok = isinstance(value, str) and value or (
+        isinstance(value, list)
+        and value
+        and (
+            all(isinstance(v, str) for v in value)
+            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value)
+        )
+    )
+    if not ok:
+        raise bad_request(
+            "'input' must be a non-empty string, an array of strings, or an array of token arrays.", param="input"
+        )
+    return model
