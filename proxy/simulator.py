@@ -36,7 +36,8 @@ LIMIT_TOKENS_PER_MINUTE = 18000
 PREFILL_TOKENS_PER_S = 20000.0
 DECODE_TOKENS_PER_S = 1000.0
 
-_OWNERS = {"openai": "OpenAI", "qwen": "Qwen", "groq": "Groq", "meta-llama": "Meta"}
+# owned_by by the id's vendor prefix ("openai/gpt-oss-20b" -> "OpenAI").
+_OWNERS = {"openai": "OpenAI", "qwen": "Qwen", "groq": "Groq", "nomic-embed-text": "Nomic AI"}
 _JSON = "application/json"
 
 
@@ -265,9 +266,7 @@ class _Simulator:
                 "id": model_id,
                 "object": "model",
                 "created": 1754000000,
-                "owned_by": _OWNERS.get(model_id.partition("/")[0], "Groq")
-                if "/" in model_id
-                else "Groq",
+                "owned_by": _OWNERS.get(model_id.partition("/")[0], "Groq"),
                 "active": True,
                 "context_window": CONTEXT_WINDOW,
             }
