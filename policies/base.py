@@ -7,7 +7,7 @@ hooks it needs; every hook of the base class continues, so a policy that does no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from proxy.errors import ProxyError
 
@@ -54,9 +54,12 @@ class PolicyChain:
     def __bool__(self) -> bool:
         return bool(self.policies)
 
-    async def on_request(self, ctx: "RequestContext") -> Decision:
+    async def on_request(self, ctx: "RequestContext", record: Callable[..., None] | None = None) -> Decision:
+        """Asks each policy in order; `record(ctx, policy, decision)` sees every decision (the trace's events)."""
         for policy in self.policies:
             decision = await policy.on_request(ctx)
+            if record is not None:
+                record(ctx, policy.name, type(decision).__name__)
             if not isinstance(decision, Continue):
                 return decision
         return CONTINUE

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from proxy.latency import Thresholds, default_thresholds
+
 CONFIG_ENV = "GROQ_PROXY_CONFIG"
 
 
@@ -59,6 +61,7 @@ class VirtualModel:
     name: str
     chain: tuple[Target, ...]
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    latency: Thresholds = field(default_factory=lambda: default_thresholds("standard"))
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    tracing: bool = False
+    traces_url: str = "http://127.0.0.1:4318/v1/traces"
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    service_name: str = "groq-proxy"
+    sample_ratio: float = 1.0
+    record_content: bool = False
+    metrics: bool = True
+    export_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     providers: Mapping[str, ProviderConfig]
     models: Mapping[str, VirtualModel]
     aliases: Mapping[str, str]
     routing: RoutingConfig
+    telemetry: TelemetryConfig = TelemetryConfig()
     source: str = "<default>"
     simulated: bool = False
 
@@ -98,7 +114,7 @@ class Config:
 
 # --- parsing -------------------------------------------------------------------------------------------------
 
-_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing"}
+_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing", "telemetry"}
 
 
 def _table(raw: Mapping, key: str, where: str) -> Mapping:
@@ -193,7 +209,7 @@ def _parse_model(name: str, raw: Mapping, providers: Mapping) -> VirtualModel:
     where = f"models.{name}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a table")
-    _check_keys(raw, {"chain", "params"}, where)
+    _check_keys(raw, {"chain", "params", "latency_ms"}, where)
     chain = raw.get("chain")
     if not isinstance(chain, list) or not chain:
         raise ConfigError(f"{where}.chain: required, a non-empty list of 'provider:model'")
@@ -204,7 +220,84 @@ def _parse_model(name: str, raw: Mapping, providers: Mapping) -> VirtualModel:
     for reserved in ("model", "messages", "stream", "input"):
         if reserved in params:
             raise ConfigError(f"{where}.params.{reserved}: the request sets this field; it cannot be a default")
-    return VirtualModel(name, targets, MappingProxyType(dict(params)))
+    latency = _parse_latency(raw.get("latency_ms"), f"{where}.latency_ms", default_thresholds(name))
+    return VirtualModel(name, targets, MappingProxyType(dict(params)), latency)
+
+
+def _parse_latency(raw, where: str, default: Thresholds) -> Thresholds:
+    if raw is None:
+        return default
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a table like {{ excellent = 50, good = 100, acceptable = 150, poor = 300 }}")
+    names = ("excellent", "good", "acceptable", "poor")
+    _check_keys(raw, set(names), where)
+    values = [_number(raw, n, where, getattr(default, f"{n}_ms"), minimum=0) for n in names]
+    if values != sorted(values):
+        raise ConfigError(f"{where}: thresholds must rise: excellent <= good <= acceptable <= poor, got {values}")
+    return Thresholds(*map(float, values))
+
+
+_SAMPLERS = {"always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+             "parentbased_traceidratio"}
+
+
+def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
+    """The [telemetry] table; where a key is not set, the standard OTEL_* variables apply."""
+    where = "telemetry"
+    _check_keys(raw, {"enabled", "endpoint", "service_name", "sample_ratio", "record_content", "metrics",
+                      "export_interval_s"}, where)
+    for key in ("enabled", "record_content", "metrics"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise ConfigError(f"{where}.{key}: must be true or false, got {raw[key]!r}")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol and protocol != "http/protobuf":
+        raise ConfigError(f"telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported; "
+                          "use http/protobuf (OTLP/HTTP, port 4318)")
+    endpoint = _string(raw, "endpoint", where, None)
+    if endpoint is not None:
+        url = endpoint.rstrip("/") if endpoint.endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
+    elif env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        url = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    elif env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        url = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
+    else:
+        url = None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.endpoint: must start with http:// or https://, got {url!r}")
+    sampler = (env.get("OTEL_TRACES_SAMPLER") or "").lower()
+    if sampler and sampler not in _SAMPLERS:
+        raise ConfigError(f"telemetry: OTEL_TRACES_SAMPLER={sampler} is not one of {', '.join(sorted(_SAMPLERS))}")
+    if "sample_ratio" in raw:
+        ratio = _number(raw, "sample_ratio", where, 1.0)
+    elif sampler.endswith("always_off"):
+        ratio = 0.0
+    elif sampler.endswith("traceidratio"):
+        try:
+            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            raise ConfigError("telemetry: OTEL_TRACES_SAMPLER_ARG must be a number between 0 and 1") from None
+    else:
+        ratio = 1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"{where}.sample_ratio: must be between 0 and 1, got {ratio}")
+    enabled = raw.get("enabled")
+    if enabled is None:
+        enabled = url is not None and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
+    headers = {}
+    for item in (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            headers[k.strip()] = v.strip()
+    return TelemetryConfig(
+        tracing=bool(enabled),
+        traces_url=url or "http://127.0.0.1:4318/v1/traces",
+        headers=MappingProxyType(headers),
+        service_name=_string(raw, "service_name", where, None) or env.get("OTEL_SERVICE_NAME") or "groq-proxy",
+        sample_ratio=float(ratio),
+        record_content=bool(raw.get("record_content", False)),
+        metrics=bool(raw.get("metrics", True)),
+        export_interval_s=float(_number(raw, "export_interval_s", where, 1.0, minimum=0.01)),
+    )
 
 
 def _parse_routing(raw: Mapping) -> RoutingConfig:
@@ -243,6 +336,7 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),
         routing=_parse_routing(_table(raw, "routing", "routing")),
+        telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
     )
 

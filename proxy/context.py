@@ -15,7 +15,7 @@ class Attempt:
 
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
-        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span",
+        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content",
     )
 
     def __init__(self, index: int, target: Target) -> None:
@@ -34,6 +34,7 @@ class Attempt:
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.span: Any = None  # the telemetry span of this attempt, when tracing is on
+        self.content: str | None = None  # the completion, only when the operator turned content recording on
 
     @property
     def elapsed_ms(self) -> float:
@@ -47,13 +48,15 @@ class Attempt:
 class RequestContext:
     __slots__ = ("request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span")
 
-    def __init__(self, request_id: str, operation: str, route: Route, body: dict, stream: bool) -> None:
+    def __init__(
+        self, request_id: str, operation: str, route: Route, body: dict, stream: bool, started: float | None = None
+    ) -> None:
         self.request_id = request_id
         self.operation = operation  # "chat" or "embeddings" (the GenAI operation name)
         self.route = route
         self.body = body
         self.stream = stream
-        self.started = time.perf_counter()
+        self.started = started or time.perf_counter()
         self.attempts: list[Attempt] = []
         self.answered: Attempt | None = None
         self.span: Any = None

@@ -21,6 +21,7 @@ from proxy.context import Attempt, RequestContext
 from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
 from proxy.logs import emit, redact
+from proxy.observe import Observer
 from proxy.sse import EventSplitter, StreamState, has_data, scan
 from proxy.upstream import AttemptFailed, Provider, Upstreams, classify
 
@@ -59,11 +60,14 @@ def _passed_on(upstream_headers) -> dict[str, str]:
 
 
 class Pipeline:
-    def __init__(self, config: Config, upstreams: Upstreams, cooldowns: Cooldowns, policies: PolicyChain) -> None:
+    def __init__(
+        self, config: Config, upstreams: Upstreams, cooldowns: Cooldowns, policies: PolicyChain, observer: Observer
+    ) -> None:
         self.config = config
         self.upstreams = upstreams
         self.cooldowns = cooldowns
         self.policies = policies
+        self.observer = observer
         self._keepalive_s = config.server.keepalive_s
         self._extra = _SIMULATED if config.simulated else {}
 
@@ -72,7 +76,7 @@ class Pipeline:
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         base_headers = {"x-request-id": ctx.request_id, **self._extra}
         if self.policies:
-            decision = await self.policies.on_request(ctx)
+            decision = await self.policies.on_request(ctx, self.observer.decision)
             if isinstance(decision, Reject):
                 return decision.error.to_response(base_headers)
         body = ctx.body
@@ -91,6 +95,7 @@ class Pipeline:
                 body["model"] = target.model
                 payload = orjson.dumps(body)
                 headers = _upstream_headers(request, provider)
+                self.observer.attempt_started(ctx, attempt, provider, headers)
                 try:
                     if client is not None:
                         return await self._stream(ctx, attempt, provider, payload, headers, client, base_headers)
@@ -150,6 +155,8 @@ class Pipeline:
         choices = obj.get("choices")
         if choices and isinstance(choices, list):
             attempt.finish_reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
+            if self.observer.record_content:
+                attempt.content = orjson.dumps([c.get("message") for c in choices if isinstance(c, dict)]).decode()
         self._answered(ctx, attempt)
         headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         headers["Content-Type"] = "application/json"
@@ -176,7 +183,7 @@ class Pipeline:
                         raise failure
                     if client.prepared:  # keep-alives went out: the status can no longer change
                         attempt.outcome = "passed_back"
-                        self._log_attempt(ctx, attempt, INFO)
+                        self._end(ctx, attempt, INFO)
                         return await client.finish(b"data: " + redact(body.decode(errors="replace")).encode() + b"\n\n")
                     return self._passed_back(ctx, attempt, resp.status, body, resp, base_headers)
                 if not resp.content_type.startswith("text/event-stream"):
@@ -299,6 +306,7 @@ class Pipeline:
     def _end(self, ctx: RequestContext, attempt: Attempt, level: int, **extra) -> None:
         attempt.ended = time.perf_counter()
         self._log_attempt(ctx, attempt, level, **extra)
+        self.observer.attempt_ended(ctx, attempt)
 
     def _log_attempt(self, ctx: RequestContext, attempt: Attempt, level: int, **extra) -> None:
         fields = {

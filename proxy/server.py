@@ -17,8 +17,12 @@ from proxy.context import RequestContext
 from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
 from proxy.logs import emit, register_secrets
+from proxy.metrics import ProxyMetrics
+from proxy.observe import Observer
+from proxy.otlp import Encoder, Exporter
 from proxy.pipeline import Pipeline
 from proxy.routing import Router
+from proxy.tracing import Tracer
 from proxy.upstream import Upstreams
 from proxy.validation import read_json, validate_chat, validate_embeddings
 
@@ -35,6 +39,8 @@ class ProxyState:
     router: Router | None = None
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
+    observer: Observer | None = None
+    exporter: Exporter | None = None
     models_body: bytes = b""
     extra_headers: dict = field(default_factory=dict)
 
@@ -47,20 +53,28 @@ def _request_id() -> str:
 
 
 async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
+    started = time.perf_counter()
     state = request.app[STATE]
+    observer = state.observer
+    span = observer.request_started(request, operation)
     request_id = _request_id()
+    ctx = None
     try:
         body = await read_json(request, state.config.server.max_body_bytes)
         route = state.router.resolve(validate(body))
+        ctx = RequestContext(
+            request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
+        )
+        ctx.span = span
+        response = await state.pipeline.handle(request, ctx)
     except ProxyError as error:
-        return error.to_response({"x-request-id": request_id, **state.extra_headers})
-    ctx = RequestContext(request_id, operation, route, body, operation == "chat" and body.get("stream") is True)
-    try:
-        return await state.pipeline.handle(request, ctx)
+        response = error.to_response({"x-request-id": request_id, **state.extra_headers})
     except Exception:
         emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
         error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
-        return error.to_response({"x-request-id": request_id})
+        response = error.to_response({"x-request-id": request_id})
+    observer.request_ended(span, ctx, response.status, started)
+    return response
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -73,6 +87,14 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=request.app[STATE].models_body, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    observer = request.app[STATE].observer
+    if observer is None or observer.metrics is None:
+        return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).", code="unknown_url").to_response()
+    return web.Response(body=observer.metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -131,9 +153,18 @@ async def _lifecycle(app: web.Application):
     state.upstreams = upstreams
     state.router = Router(config)
     state.models_body = models_list(config)
-    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), PolicyChain())
+    telemetry = config.telemetry
+    tracer = Tracer(telemetry.sample_ratio) if telemetry.tracing else None
+    if tracer is not None:
+        state.exporter = Exporter(tracer, Encoder(telemetry.service_name), telemetry.traces_url,
+                                  dict(telemetry.headers), interval_s=telemetry.export_interval_s)
+        state.exporter.start()
+    state.observer = Observer(config, tracer, ProxyMetrics() if telemetry.metrics else None)
+    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), PolicyChain(), state.observer)
     yield
     state.pipeline = None
+    if state.exporter is not None:
+        await state.exporter.close()
     await upstreams.close()
     if sim_runner is not None:
         await sim_runner.cleanup()
@@ -151,6 +182,7 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
         ):
             app.router.add_route(method, prefix + path, handler)
             app.router.add_route("*", prefix + path, _method_not_allowed(method))
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_route("*", "/{tail:.*}", not_found)

@@ -107,7 +107,10 @@ def validate_embeddings(body: dict) -> str:
         and (
             all(isinstance(v, str) for v in value)
             or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value)
+            or all(
+                isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                for v in value
+            )
         )
     )
     if not ok:

@@ -1,0 +1,171 @@
+"""What the pipeline tells the outside world: spans, metrics, latency categories.
+
+The pipeline calls four hooks (request started / ended, attempt started / ended) and `decision` for policy
+decisions. With tracing off and metrics off every hook returns at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from proxy.config import Config
+from proxy.context import Attempt, RequestContext
+from proxy.latency import RollingP95, default_thresholds
+from proxy.metrics import ProxyMetrics
+from proxy.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
+
+_FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled"})
+
+
+class Observer:
+    def __init__(self, config: Config, tracer: Tracer | None, metrics: ProxyMetrics | None) -> None:
+        self.tracer = tracer
+        self.metrics = metrics
+        self.record_content = config.telemetry.record_content
+        self.rolling = RollingP95()
+        self._thresholds = {name: vm.latency for name, vm in config.models.items()}
+        self._default = default_thresholds("standard")
+
+    # --- the request ------------------------------------------------------------------------------------
+
+    def request_started(self, request, operation: str) -> Span | None:
+        if self.tracer is None:
+            return None
+        route = request.path
+        return self.tracer.start_request(
+            request.headers.get("traceparent"),
+            f"{request.method} {route}",
+            {"http.request.method": request.method, "url.path": route, "http.route": route,
+             "gen_ai.operation.name": operation},
+        )
+
+    def request_ended(self, span: Span | None, ctx: RequestContext | None, status: int, started: float) -> None:
+        total = time.perf_counter() - started
+        virtual, model, category = "invalid", "none", None
+        if ctx is not None:
+            virtual = ctx.route.virtual or ctx.route.requested
+            answered = ctx.answered
+            model = answered.target.model if answered else "none"
+            thresholds = self._thresholds.get(virtual, self._default)
+            if answered is not None:
+                # A stream is judged by its first token (what a user waits for), a plain answer by its whole time.
+                latency = (answered.first_byte - started) if ctx.stream and answered.first_byte else total
+                category = thresholds.category(latency * 1000.0)
+                self.rolling.add(virtual, model, latency * 1000.0, thresholds)
+            elif ctx.attempts and status == 200:  # a stream that failed after its 200 went out
+                status = 499 if ctx.attempts[-1].outcome == "cancelled" else 502
+        if self.metrics is not None:
+            m = self.metrics
+            key = (virtual, model, str(status))
+            m.requests.inc(key)
+            m.duration.observe(key, total)
+            if ctx is not None:
+                upstream = sum(((a.ended or a.started) - a.started) for a in ctx.attempts)
+                m.overhead.observe((), max(0.0, total - upstream))
+                if category is not None:
+                    m.category.inc((virtual, category))
+                answered = ctx.answered
+                if answered is not None:
+                    if ctx.stream and answered.first_byte:
+                        m.ttft.observe((virtual, model), answered.first_byte - started)
+                    usage = answered.usage
+                    if isinstance(usage, dict):
+                        for kind, field in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+                            count = usage.get(field)
+                            if isinstance(count, int):
+                                m.tokens.inc((virtual, model, kind), count)
+                                m.usage_hist.observe((ctx.operation, ctx.route.requested, kind), count)
+        if span is not None:
+            attrs = span.attrs
+            attrs["http.response.status_code"] = status
+            if ctx is not None:
+                attrs["gen_ai.request.model"] = ctx.route.requested
+                attrs["groq_proxy.request_id"] = ctx.request_id
+                attrs["groq_proxy.virtual_model"] = ctx.route.virtual
+                attrs["groq_proxy.attempts"] = ctx.sent_attempts
+                attrs["groq_proxy.stream"] = ctx.stream
+                if ctx.answered is not None:
+                    attrs["gen_ai.response.model"] = ctx.answered.response_model or ctx.answered.target.model
+                    attrs["groq_proxy.answered_by"] = ctx.answered.target.key
+                if category is not None:
+                    attrs["groq_proxy.latency_category"] = category
+                if self.record_content:
+                    attrs["gen_ai.input.messages"] = orjson.dumps(ctx.body.get("messages") or ctx.body.get("input")).decode()
+            if status >= 500 or (ctx is not None and ctx.answered is None and ctx.attempts):
+                span.status = STATUS_ERROR
+                attrs.setdefault("error.type", str(status))
+            self.tracer.end(span)
+
+    def decision(self, ctx: RequestContext, policy: str, decision: str, **attrs) -> None:
+        """A policy decision becomes an event on the request's span."""
+        if ctx.span is not None:
+            ctx.span.add_event("groq_proxy.policy.decision", {"policy": policy, "decision": decision, **attrs})
+
+    # --- one attempt ------------------------------------------------------------------------------------
+
+    def attempt_started(self, ctx: RequestContext, attempt: Attempt, provider, headers: dict) -> None:
+        parent = ctx.span
+        if parent is None:
+            return
+        body = ctx.body
+        attrs = {
+            "gen_ai.operation.name": ctx.operation,
+            "gen_ai.provider.name": attempt.target.provider,
+            "gen_ai.request.model": attempt.target.model,
+            "server.address": provider.host,
+            "server.port": provider.port,
+            "groq_proxy.virtual_model": ctx.route.virtual,
+            "groq_proxy.attempt.index": attempt.index,
+        }
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None:
+            attrs["gen_ai.request.max_tokens"] = max_tokens
+        if body.get("temperature") is not None:
+            attrs["gen_ai.request.temperature"] = float(body["temperature"])
+        attempt.span = span = self.tracer.start_child(parent, f"{ctx.operation} {attempt.target.model}", KIND_CLIENT, attrs)
+        headers["traceparent"] = span.traceparent
+
+    def attempt_ended(self, ctx: RequestContext, attempt: Attempt) -> None:
+        m = self.metrics
+        if m is not None:
+            m.attempts.inc((attempt.target.model, attempt.outcome))
+            if attempt.outcome == "fell_over":
+                m.fallbacks.inc((ctx.route.virtual or ctx.route.requested, attempt.target.model, attempt.reason))
+            if attempt.sent:
+                m.upstream.observe((attempt.target.model,), (attempt.ended or attempt.started) - attempt.started)
+        if ctx.span is None:
+            return
+        span = attempt.span
+        if span is None:  # skipped by cool-down: never started, recorded as a zero-length span
+            self.attempt_started(ctx, attempt, _NoProvider, {})
+            span = attempt.span
+        attrs = span.attrs
+        attrs["groq_proxy.attempt.outcome"] = attempt.outcome
+        if attempt.status is not None:
+            attrs["http.response.status_code"] = attempt.status
+        if attempt.first_byte is not None:
+            attrs["groq_proxy.time_to_first_chunk_ms"] = round((attempt.first_byte - attempt.started) * 1000.0, 3)
+        if attempt.response_id:
+            attrs["gen_ai.response.id"] = attempt.response_id
+        if attempt.response_model:
+            attrs["gen_ai.response.model"] = attempt.response_model
+        if attempt.finish_reasons:
+            attrs["gen_ai.response.finish_reasons"] = tuple(r for r in attempt.finish_reasons if r)
+        usage = attempt.usage
+        if isinstance(usage, dict):
+            attrs["gen_ai.usage.input_tokens"] = usage.get("prompt_tokens")
+            attrs["gen_ai.usage.output_tokens"] = usage.get("completion_tokens")
+        if attempt.content is not None:
+            attrs["gen_ai.output.messages"] = attempt.content
+        if attempt.outcome in _FAILED or attempt.outcome == "skipped":
+            attrs["groq_proxy.attempt.reason"] = attempt.reason
+            if attempt.outcome != "skipped":
+                span.set_error(attempt.reason or "error", attempt.detail or "")
+        self.tracer.end(span)
+
+
+class _NoProvider:
+    host = ""
+    port = 0

@@ -1,0 +1,40 @@
+"""Fixtures: real local upstreams on port 0 and the real proxy app in front of them."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import Config, parse_config
+from proxy.server import build_app
+from proxy.testing import ScriptedUpstream
+
+
+def config_for(upstream_url: str, chains: dict[str, list[str]] | None = None, **tables) -> Config:
+    """A config whose provider `up` points at `upstream_url`. `chains` maps virtual model -> real models."""
+    chains = chains or {"tier-test": ["m1", "m2", "m3"]}
+    raw = {
+        "server": {"keepalive_s": 0, **tables.pop("server", {})},
+        "providers": {"up": {"base_url": upstream_url, "api_key_env": "TEST_UPSTREAM_KEY", **tables.pop("provider", {})}},
+        "models": {name: {"chain": [f"up:{m}" for m in chain]} for name, chain in chains.items()},
+        **tables,
+    }
+    return parse_config(raw, env={"TEST_UPSTREAM_KEY": "sk-test-secret-upstream-key"})
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    """Starts a ScriptedUpstream; returns (scripted, base_url). Set `scripted.behaviours[model]` per test."""
+    scripted = ScriptedUpstream()
+    server = await aiohttp_server(scripted.app())
+    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
+
+
+@pytest.fixture
+async def start_proxy(aiohttp_server):
+    """`await start_proxy(config, simulate=False)` runs the real proxy app; returns its base URL."""
+
+    async def start(config: Config, **kwargs) -> str:
+        server = await aiohttp_server(build_app(config, **kwargs))
+        return f"http://127.0.0.1:{server.port}"
+
+    return start
