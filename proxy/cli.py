@@ -9,6 +9,7 @@ import os
 import sys
 
 from proxy.config import CONFIG_ENV, Config, ConfigError, load_config
+from proxy.errors import ProxyError
 from proxy.logs import emit, setup_logging
 
 
@@ -121,6 +122,59 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_bench_model(args) -> int:
+    from proxy.latency import default_thresholds
+    from proxy.model_bench import BenchRequest, render, run_benchmark
+
+    config = load_config(args.config)
+    setup_logging("warning")
+    req = BenchRequest.from_body({"model": args.model, "prompt": args.prompt, "runs": args.runs,
+                                  "max_tokens": args.max_tokens, "temperature": args.temperature})
+    vm = config.models.get(req.model)
+    thresholds = vm.latency if vm else default_thresholds(req.model)
+
+    def progress(result) -> None:
+        if result.ok:
+            print(f"run {result.run}/{req.runs}: {result.latency_ms:.1f} ms, ttft {result.ttft_ms} ms, "
+                  f"{result.tokens_per_s} tok/s, {result.model} ({result.category})", file=sys.stderr, flush=True)
+        else:
+            print(f"run {result.run}/{req.runs}: failed: {result.error}", file=sys.stderr, flush=True)
+
+    async def run() -> dict:
+        if args.url:
+            return await run_benchmark(args.url, req, thresholds, progress=progress)
+        # No running proxy named: start one in this process on a free port, on the same config.
+        from aiohttp import web
+
+        from proxy.server import build_app
+
+        simulate = decide_simulation(args, config)
+        if not simulate and _missing_keys(config):
+            raise ConfigError(_missing_keys(config)[0] + " (or pass --url of a running proxy, or --simulate)")
+        runner = web.AppRunner(build_app(config, simulate=simulate), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            return await run_benchmark(f"http://127.0.0.1:{port}", req, thresholds, progress=progress)
+        finally:
+            await runner.cleanup()
+
+    loop = _new_loop()
+    try:
+        report = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    if args.json:
+        import orjson
+
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render(report))
+    return 0 if report["summary"]["succeeded"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="groq-proxy", description="OpenAI-compatible gateway in front of Groq.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--simulate", action="store_true", help="check against the built-in simulator")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench-model", help="time streamed runs of one model through the proxy")
+    bench.add_argument("--model", required=True, help="virtual or real model, e.g. tier-fast")
+    bench.add_argument("--prompt", default="Write a short story about a robot.", help="the user message")
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--max-tokens", type=int, default=100)
+    bench.add_argument("--temperature", type=float)
+    bench.add_argument("--url", help="a running proxy (default: start one in this process)")
+    bench.add_argument("--config", help="TOML config file (for the in-process proxy and the tier thresholds)")
+    bench.add_argument("--simulate", action="store_true", help="the in-process proxy answers from the simulator")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.set_defaults(func=cmd_bench_model)
     return parser
 
 
@@ -154,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ConfigError as exc:
         print(f"groq-proxy: config error: {exc}", file=sys.stderr)
+        return 2
+    except ProxyError as exc:
+        print(f"groq-proxy: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -30,6 +30,8 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     keepalive_s: float = 15.0
     log_level: str = "info"
+    admin_key_env: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -148,9 +150,12 @@ def _string(raw: Mapping, key: str, where: str, default: str | None) -> str | No
     return value
 
 
-def _parse_server(raw: Mapping) -> ServerConfig:
+def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     where = "server"
-    _check_keys(raw, {"host", "port", "max_body_bytes", "keepalive_s", "log_level"}, where)
+    _check_keys(raw, {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env"}, where)
+    admin_env = _string(raw, "admin_key_env", where, None)
+    if admin_env and not env.get(admin_env):
+        raise ConfigError(f"server.admin_key_env: the variable {admin_env} is not set")
     port = _number(raw, "port", where, 8080, integer=True)
     if port > 65535:
         raise ConfigError(f"server.port: must be at most 65535, got {port}")
@@ -163,6 +168,8 @@ def _parse_server(raw: Mapping) -> ServerConfig:
         max_body_bytes=_number(raw, "max_body_bytes", where, 10 * 1024 * 1024, minimum=1, integer=True),
         keepalive_s=_number(raw, "keepalive_s", where, 15.0),
         log_level=level,
+        admin_key_env=admin_env,
+        admin_key=env.get(admin_env) if admin_env else None,
     )
 
 
@@ -331,7 +338,7 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         else:
             aliases[alias] = parse_target(to, providers, where).key
     return Config(
-        server=_parse_server(_table(raw, "server", "server")),
+        server=_parse_server(_table(raw, "server", "server"), env),
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),

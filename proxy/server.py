@@ -97,6 +97,28 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def admin_benchmark(request: web.Request) -> web.Response:
+    """POST /admin/benchmark: the model benchmark, run through this proxy over loopback."""
+    from proxy.model_bench import BenchRequest, run_benchmark
+
+    state = request.app[STATE]
+    key = state.config.server.admin_key
+    if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
+        return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
+                          type="authentication_error", code="invalid_api_key").to_response()
+    try:
+        req = BenchRequest.from_body(await read_json(request, 1 << 20))
+        vm = state.config.models.get(req.model)
+        state.router.resolve(req.model)
+    except ProxyError as error:
+        return error.to_response()
+    host, port = request.transport.get_extra_info("sockname")[:2]
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    thresholds = vm.latency if vm else state.observer._default
+    report = await run_benchmark(f"http://{'[' + host + ']' if ':' in host else host}:{port}", req, thresholds)
+    return web.Response(body=orjson.dumps(report), content_type="application/json")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -183,6 +205,8 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
             app.router.add_route(method, prefix + path, handler)
             app.router.add_route("*", prefix + path, _method_not_allowed(method))
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/benchmark", admin_benchmark)
+    app.router.add_route("*", "/admin/benchmark", _method_not_allowed("POST"))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_route("*", "/{tail:.*}", not_found)
