@@ -38,8 +38,9 @@ _DROP_REQUEST_HEADERS = frozenset(
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
 
 
-def _upstream_headers(request: web.Request, provider: Provider) -> dict[str, str]:
-    headers = dict(provider.headers)
+def _forwarded_headers(request: web.Request) -> dict[str, str]:
+    """The client's end-to-end headers that go upstream with every attempt."""
+    headers = {}
     for name, value in request.headers.items():
         lower = name.lower()
         if lower not in _DROP_REQUEST_HEADERS and not lower.startswith("x-groq-proxy-"):
@@ -82,6 +83,7 @@ class Pipeline:
         body = ctx.body
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
+        forwarded = _forwarded_headers(request)
         client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
         try:
             for index, target in enumerate(ctx.route.chain):
@@ -94,7 +96,7 @@ class Pipeline:
                 provider = self.upstreams.providers[target.provider]
                 body["model"] = target.model
                 payload = orjson.dumps(body)
-                headers = _upstream_headers(request, provider)
+                headers = {**forwarded, **provider.headers}
                 self.observer.attempt_started(ctx, attempt, provider, headers)
                 try:
                     if client is not None:
@@ -232,6 +234,7 @@ class Pipeline:
             if not committed:
                 if attempt.first_byte is None:
                     raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
+                raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
         except (aiohttp.ClientError, OSError) as exc:
             if not committed:
@@ -320,7 +323,7 @@ class Pipeline:
         }
         if attempt.reason:
             fields["reason"] = attempt.reason
-            fields["detail"] = attempt.detail
+            fields["detail"] = redact(attempt.detail) if attempt.detail else attempt.detail
         if attempt.outcome == "fell_over" or attempt.outcome == "skipped":
             following = ctx.route.chain[attempt.index + 1 :]
             fields["next"] = following[0].key if following else None
