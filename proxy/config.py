@@ -7,6 +7,7 @@ first request instead of silently disabling a fallback. Unknown keys are errors 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 from proxy.latency import Thresholds, default_thresholds
 
 CONFIG_ENV = "GROQ_PROXY_CONFIG"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ConfigError(ValueError):
@@ -150,10 +152,21 @@ def _string(raw: Mapping, key: str, where: str, default: str | None) -> str | No
     return value
 
 
+def _env_name(raw: Mapping, key: str, where: str) -> str | None:
+    """The name of an environment variable. The value is never echoed: a pasted key must not reach a log."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ENV_NAME.match(value):
+        raise ConfigError(f"{where}.{key}: must be the name of an environment variable (like GROQ_API_KEY), "
+                          "not the key itself")
+    return value
+
+
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     where = "server"
     _check_keys(raw, {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env"}, where)
-    admin_env = _string(raw, "admin_key_env", where, None)
+    admin_env = _env_name(raw, "admin_key_env", where)
     if admin_env and not env.get(admin_env):
         raise ConfigError(f"server.admin_key_env: the variable {admin_env} is not set")
     port = _number(raw, "port", where, 8080, integer=True)
@@ -185,7 +198,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
         raise ConfigError(f"{where}.base_url: required")
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.base_url: must start with http:// or https://, got {base_url!r}")
-    key_env = _string(raw, "api_key_env", where, None)
+    key_env = _env_name(raw, "api_key_env", where)
     timeout = _number(raw, "timeout_s", where, 60.0, minimum=0.001)
     first_byte = _number(raw, "first_byte_timeout_s", where, min(10.0, timeout), minimum=0.001)
     if first_byte > timeout:
@@ -320,6 +333,7 @@ def _parse_routing(raw: Mapping) -> RoutingConfig:
 def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: str = "<string>") -> Config:
     env = os.environ if env is None else env
     _check_keys(raw, _KNOWN_TOP, "config")
+    server = _parse_server(_table(raw, "server", "server"), env)
     providers_raw = _table(raw, "providers", "providers")
     if not providers_raw:
         raise ConfigError("providers: at least one provider is required")
@@ -338,7 +352,7 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         else:
             aliases[alias] = parse_target(to, providers, where).key
     return Config(
-        server=_parse_server(_table(raw, "server", "server"), env),
+        server=server,
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),

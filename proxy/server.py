@@ -41,6 +41,7 @@ class ProxyState:
     upstreams: Upstreams | None = None
     observer: Observer | None = None
     exporter: Exporter | None = None
+    models: list = field(default_factory=list)
     models_body: bytes = b""
     extra_headers: dict = field(default_factory=dict)
 
@@ -87,6 +88,17 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=request.app[STATE].models_body, content_type="application/json")
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: what `client.models.retrieve` asks; ids with a slash arrive as the path tail."""
+    state = request.app[STATE]
+    model_id = request.match_info["model_id"]
+    for entry in state.models:
+        if entry["id"] == model_id:
+            return web.Response(body=orjson.dumps(entry), content_type="application/json")
+    return ProxyError(404, f"The model `{model_id}` does not exist.", param="model",
+                      code="model_not_found").to_response()
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -143,13 +155,13 @@ def _method_not_allowed(allowed: str):
     return handler
 
 
-def models_list(config: Config) -> bytes:
+def models_list(config: Config) -> list[dict]:
     created = int(time.time())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "groq-proxy"} for name in config.models]
     for target in config.real_targets():
         model_id = target.model if target.provider == config.default_provider else target.key
         data.append({"id": model_id, "object": "model", "created": created, "owned_by": target.provider})
-    return orjson.dumps({"object": "list", "data": data})
+    return data
 
 
 async def _lifecycle(app: web.Application):
@@ -174,7 +186,8 @@ async def _lifecycle(app: web.Application):
     await upstreams.open()
     state.upstreams = upstreams
     state.router = Router(config)
-    state.models_body = models_list(config)
+    state.models = models_list(config)
+    state.models_body = orjson.dumps({"object": "list", "data": state.models})
     telemetry = config.telemetry
     tracer = Tracer(telemetry.sample_ratio) if telemetry.tracing else None
     if tracer is not None:
@@ -196,18 +209,20 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
     app.cleanup_ctx.append(_lifecycle)
+    routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
+              ("/admin/benchmark", "POST", admin_benchmark)]
     for prefix in PREFIXES:
-        for path, method, handler in (
-            ("/chat/completions", "POST", chat_completions),
-            ("/embeddings", "POST", embeddings),
-            ("/models", "GET", list_models),
-        ):
-            app.router.add_route(method, prefix + path, handler)
-            app.router.add_route("*", prefix + path, _method_not_allowed(method))
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/admin/benchmark", admin_benchmark)
-    app.router.add_route("*", "/admin/benchmark", _method_not_allowed("POST"))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+        routes += [
+            (prefix + "/chat/completions", "POST", chat_completions),
+            (prefix + "/embeddings", "POST", embeddings),
+            (prefix + "/models", "GET", list_models),
+            (prefix + "/models/{model_id:.+}", "GET", get_model),
+        ]
+    for path, method, handler in routes:
+        if method == "GET":
+            app.router.add_get(path, handler)  # HEAD too
+        else:
+            app.router.add_route(method, path, handler)
+        app.router.add_route("*", path, _method_not_allowed(method))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

@@ -160,10 +160,13 @@ async def test_unknown_model_is_404_naming_the_models_that_exist(proxy, prefix, 
         assert name in error["message"]
 
 
-async def test_an_unknown_provider_prefix_is_not_taken_as_a_target(proxy):
+@pytest.mark.parametrize("model", ["nope:m1", "up:", "tier-test ", "TIER-TEST", "m4"])
+async def test_near_misses_of_model_names_are_404(proxy, model):
+    """An unknown provider prefix, an empty model after a known one, case and whitespace are not guessed."""
     _, base = proxy
-    error = error_of(*await send(f"{base}/v1/chat/completions", json=chat(model="nope:m1")), 404)
+    error = error_of(*await send(f"{base}/v1/chat/completions", json=chat(model=model)), 404)
     assert error["code"] == "model_not_found"
+    assert f"`{model}`" in error["message"]
 
 
 # --- body size --------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ async def test_wrong_method_is_405_with_allow(proxy, prefix, method, path, allow
         ("POST", "/v1/chat/completion"),
         ("POST", "/openai/v1/responses"),
         ("POST", "/v2/chat/completions"),
-        ("GET", "/v1/models/tier-test/extra"),
+        ("GET", "/v1/modelz/tier-test"),
         ("POST", "/chat/completions"),
     ],
 )
@@ -304,3 +307,35 @@ async def test_good_embeddings_input_shapes_are_accepted(upstream, start_proxy, 
     status, _, raw = await send(f"{base}/v1/embeddings", json=emb(input=value))
     assert status == 200, raw
     assert scripted.requests[0]["body"]["input"] == value
+
+
+# --- never a 500 ------------------------------------------------------------------------------------------
+
+ODD_VALUES = [None, True, False, 0, -1, 1.5, 2**64 - 1, -(2**63), 1e300, "", "x", [], [None], [1, "a"], {}, {"a": 1}]
+CHAT_FIELDS = ["model", "messages", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+               "seed", "stop", "tools", "stream_options"]
+
+
+async def test_no_odd_value_in_any_field_causes_a_server_error(upstream, start_proxy):
+    """Each field set to each odd value: either the proxy answers 4xx itself, or the request is valid enough
+    to go upstream (which answers ok here). Never a 5xx, never a non-JSON body."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    async with aiohttp.ClientSession() as session:
+        for path, fields, good in (
+            ("/v1/chat/completions", CHAT_FIELDS, chat()),
+            ("/openai/v1/embeddings", ["model", "input", "encoding_format"], {"model": "tier-test", "input": "x"}),
+        ):
+            for field in fields:
+                for value in ODD_VALUES:
+                    before = len(scripted.requests)
+                    async with session.post(base + path, data=orjson.dumps({**good, field: value})) as resp:
+                        raw = await resp.read()
+                        assert resp.status < 500, (path, field, value, raw)
+                        if resp.status != 200:
+                            error_of(resp.status, resp.headers, raw, resp.status)
+                            assert len(scripted.requests) == before, (field, value)
+                        elif path.endswith("completions") and resp.content_type == "text/event-stream":
+                            assert raw.rstrip().endswith(b"data: [DONE]")
+                        else:
+                            assert "error" not in orjson.loads(raw)

@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.testing import sse, status, stream_events
+from proxy.testing import Behaviour, sse, status, stream_events
 from tests.conftest import config_for
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -233,10 +233,9 @@ async def test_openai_stream_all_failed_raises_before_any_chunk(upstream, start_
     assert info.value.status_code == 502
 
 
-async def test_openai_stream_error_after_commit_raises_api_error(aiohttp_server, start_proxy):
-    """Data reached the client, then the upstream sent an error event: the SDK raises, no fall-over."""
-    got_first = asyncio.Event()
-    models = []
+async def error_after_first_chunk_upstream(aiohttp_server, got_first: asyncio.Event, models: list) -> str:
+    """An upstream that streams two events, waits until the client holds a chunk (so the proxy is past its
+    commit point), then sends an error event. Returns its base URL."""
 
     async def chat(request):
         body = await request.json()
@@ -245,7 +244,7 @@ async def test_openai_stream_error_after_commit_raises_api_error(aiohttp_server,
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(b"".join(events[:2]))
-        await got_first.wait()  # the client holds a chunk: the proxy is past its commit point
+        await got_first.wait()
         await resp.write(sse({"error": {"message": "overloaded mid-stream", "type": "server_error"}}))
         await resp.write_eof()
         return resp
@@ -253,7 +252,14 @@ async def test_openai_stream_error_after_commit_raises_api_error(aiohttp_server,
     app = web.Application()
     app.router.add_post("/openai/v1/chat/completions", chat)
     server = await aiohttp_server(app)
-    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    return f"http://127.0.0.1:{server.port}/openai/v1"
+
+
+async def test_openai_stream_error_after_commit_raises_api_error(aiohttp_server, start_proxy):
+    """Data reached the client, then the upstream sent an error event: the SDK raises, no fall-over."""
+    got_first, models = asyncio.Event(), []
+    url = await error_after_first_chunk_upstream(aiohttp_server, got_first, models)
+    base = await start_proxy(config_for(url))
     got = []
     async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(model="tier-test", messages=MESSAGES, stream=True)
@@ -265,6 +271,47 @@ async def test_openai_stream_error_after_commit_raises_api_error(aiohttp_server,
     assert "overloaded mid-stream" in str(info.value)
     assert "".join(c.choices[0].delta.content or "" for c in got) == "Hello"
     assert models == ["m1"]
+
+
+async def test_groq_stream_error_after_commit_raises_api_error(aiohttp_server, start_proxy):
+    got_first, models = asyncio.Event(), []
+    url = await error_after_first_chunk_upstream(aiohttp_server, got_first, models)
+    base = await start_proxy(config_for(url))
+    async with groq.AsyncGroq(base_url=base, api_key="x", max_retries=0) as client:
+        stream = await client.chat.completions.create(model="tier-test", messages=MESSAGES, stream=True)
+        with pytest.raises(groq.APIError) as info:
+            async for _ in stream:
+                got_first.set()
+        await stream.close()
+    assert "overloaded mid-stream" in str(info.value)
+    assert models == ["m1"]
+
+
+async def test_openai_all_rate_limited_is_rate_limit_error_with_retry_after(upstream, start_proxy):
+    scripted, url = upstream
+    for m in ("m1", "m2", "m3"):
+        scripted.behaviours[m] = status(429, "rate_limit_exceeded", retry_after="7")
+    base = await start_proxy(config_for(url))
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="tier-test", messages=MESSAGES)
+    err = info.value
+    assert err.status_code == 429
+    assert err.code == "rate_limit_exceeded"
+    assert err.response.headers["retry-after"] == "7"
+    assert len(scripted.requests) == 3
+
+
+async def test_groq_all_timed_out_is_504(upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("hang")
+    config = config_for(url, {"tier-slow": ["m1"]}, provider={"timeout_s": 0.2, "first_byte_timeout_s": 0.2})
+    base = await start_proxy(config)
+    async with groq.AsyncGroq(base_url=base, api_key="x", max_retries=0) as client:
+        with pytest.raises(groq.InternalServerError) as info:
+            await client.chat.completions.create(model="tier-slow", messages=MESSAGES)
+    assert info.value.status_code == 504
+    assert "first byte" in info.value.body["error"]["message"]
 
 
 async def test_openai_embeddings_through_the_simulator_base64_default(start_proxy):
