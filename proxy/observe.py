@@ -13,6 +13,7 @@ import orjson
 from proxy.config import Config
 from proxy.context import Attempt, RequestContext
 from proxy.latency import RollingP95, default_thresholds
+from proxy.logs import redact
 from proxy.metrics import ProxyMetrics
 from proxy.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
@@ -162,10 +163,12 @@ class Observer:
         if attempt.outcome in _FAILED or attempt.outcome == "skipped":
             attrs["groq_proxy.attempt.reason"] = attempt.reason
             if attempt.outcome != "skipped":
-                span.set_error(attempt.reason or "error", attempt.detail or "")
+                span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
         self.tracer.end(span)
 
 
 class _NoProvider:
-    host = ""
-    port = 0
+    """A skipped attempt sent nothing: no server.address / server.port (None values are not exported)."""
+
+    host = None
+    port = None

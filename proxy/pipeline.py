@@ -22,7 +22,7 @@ from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
 from proxy.logs import emit, redact
 from proxy.observe import Observer
-from proxy.sse import EventSplitter, StreamState, has_data, scan
+from proxy.sse import EventSplitter, StreamState, first_data_end, scan, well_formed_prefix
 from proxy.upstream import AttemptFailed, Provider, Upstreams, classify
 
 INFO, WARNING = logging.INFO, logging.WARNING
@@ -40,12 +40,21 @@ _SIMULATED = {"x-groq-proxy-simulated": "true"}
 
 def _forwarded_headers(request: web.Request) -> dict[str, str]:
     """The client's end-to-end headers that go upstream with every attempt."""
+    drop = _DROP_REQUEST_HEADERS
+    connection = request.headers.get("Connection")
+    if connection:  # headers the client named in Connection are hop-by-hop too (RFC 9110, 7.6.1)
+        drop = drop | {token.strip().lower() for token in connection.split(",")}
     headers = {}
     for name, value in request.headers.items():
         lower = name.lower()
-        if lower not in _DROP_REQUEST_HEADERS and not lower.startswith("x-groq-proxy-"):
+        if lower not in drop and not lower.startswith("x-groq-proxy-"):
             headers[name] = value
     return headers
+
+
+def _connection_reason(exc: Exception) -> str:
+    """connect_error when no connection was made; upstream_closed when it was made and then broke."""
+    return "connect_error" if isinstance(exc, aiohttp.ClientConnectorError) else "upstream_closed"
 
 
 def _passed_on(upstream_headers) -> dict[str, str]:
@@ -134,8 +143,7 @@ class Pipeline:
                 raise AttemptFailed("first_byte_timeout", f"no first byte in {provider.first_byte_s:g}s") from None
             raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:
-            reason = "connect_error" if attempt.first_byte is None else "upstream_closed"
-            raise AttemptFailed(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
+            raise AttemptFailed(_connection_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
         finally:
             if resp is not None:
                 resp.release()
@@ -186,14 +194,15 @@ class Pipeline:
                     if client.prepared:  # keep-alives went out: the status can no longer change
                         attempt.outcome = "passed_back"
                         self._end(ctx, attempt, INFO)
-                        return await client.finish(b"data: " + redact(body.decode(errors="replace")).encode() + b"\n\n")
+                        return await client.finish(_error_event(resp.status, body))
                     return self._passed_back(ctx, attempt, resp.status, body, resp, base_headers)
                 if not resp.content_type.startswith("text/event-stream"):
                     raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
                 splitter = EventSplitter()
                 first = b""
-                # Before the commit point: read until the first data event; comments do not count.
-                while not (first and has_data(first)):
+                # Before the commit point: read until the first data event; comments do not count. Whatever
+                # arrived with it has not reached the client either, so a failure in it still falls over.
+                while first_data_end(first) < 0:
                     chunk = await resp.content.readany()
                     if not chunk:
                         raise AttemptFailed("upstream_closed", "the stream ended before its first event")
@@ -218,6 +227,8 @@ class Pipeline:
                     if complete:
                         scan(complete, state)
                         if state.malformed:
+                            # The well-formed events before the bad one still belong to the client.
+                            await client.write(well_formed_prefix(complete))
                             break
                         await client.write(complete)
         except ClientGone:
@@ -229,7 +240,7 @@ class Pipeline:
         except aiohttp.ServerTimeoutError:
             if not committed:
                 raise AttemptFailed("connect_timeout", "connect timed out") from None
-            state.malformed = "timed out"
+            return await self._broken(ctx, attempt, client, "timeout", "the upstream timed out")
         except TimeoutError:
             if not committed:
                 if attempt.first_byte is None:
@@ -238,8 +249,7 @@ class Pipeline:
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
         except (aiohttp.ClientError, OSError) as exc:
             if not committed:
-                reason = "connect_error" if resp is None else "upstream_closed"
-                raise AttemptFailed(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
+                raise AttemptFailed(_connection_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream connection broke")
         finally:
             if resp is not None:
@@ -248,6 +258,8 @@ class Pipeline:
         if state.malformed:
             return await self._broken(ctx, attempt, client, "malformed", state.malformed)
         if state.error is not None:
+            if state.error_in_chunk:  # x_groq.error rode in an ordinary chunk: clients would not raise on it
+                return await self._broken(ctx, attempt, client, "upstream_error_event", _describe(state.error))
             attempt.outcome, attempt.reason = "failed_after_commit", "upstream_error_event"
             attempt.detail = _describe(state.error)
             self.cooldowns.failed(attempt.target.key)
@@ -331,6 +343,18 @@ class Pipeline:
         emit(level, "attempt", **fields)
 
 
+def _error_event(status: int, body: bytes) -> bytes:
+    """An upstream error body as one SSE event: compact JSON on one `data:` line, whatever its layout."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not (isinstance(obj, dict) and "error" in obj):
+        text = body.decode(errors="replace").strip()[:500] or f"upstream answered {status}"
+        obj = ProxyError(status, text).body()
+    return b"data: " + redact(orjson.dumps(obj).decode()).encode() + b"\n\n"
+
+
 def _describe(error) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("code") or error)[:200]
@@ -349,14 +373,15 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     name = ctx.route.virtual or ctx.route.requested
     message = redact(f"All {len(attempts)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
+    sent = [a for a in attempts if a.sent]
+    # At least one model said 429 this time; when every model was skipped, that is the 503 below.
+    rate_limited = bool(sent) and all(a.reason in ("rate_limited", "cooldown") for a in attempts)
     if rate_limited and waits:
         wait = max(1, round(min(waits)))
         return ProxyError(
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={"retry-after": str(wait), "x-should-retry": "true"},
         )
-    sent = [a for a in attempts if a.sent]
     if not sent:
         wait = max(1, round(min(waits))) if waits else 1
         return ProxyError(

@@ -15,13 +15,16 @@ _MARKERS = (b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
 class StreamState:
     """What the proxy learned from one stream; filled in as events go by."""
 
-    __slots__ = ("done", "usage", "finish_reasons", "error", "response_id", "response_model", "malformed")
+    __slots__ = (
+        "done", "usage", "finish_reasons", "error", "error_in_chunk", "response_id", "response_model", "malformed",
+    )
 
     def __init__(self) -> None:
         self.done = False
         self.usage: dict | None = None
         self.finish_reasons: list[str] = []
         self.error: dict | str | None = None
+        self.error_in_chunk = False  # the error came as x_groq.error in a chunk, not as an error event
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.malformed: str | None = None
@@ -69,6 +72,7 @@ def _record(obj: dict, state: StreamState) -> None:
     if isinstance(x_groq, dict):
         if x_groq.get("error"):
             state.error = x_groq["error"]
+            state.error_in_chunk = True
         usage = usage or x_groq.get("usage")
     # Groq repeats the usage (finish chunk, x_groq, the include_usage chunk): keep one copy, never add.
     if isinstance(usage, dict):
@@ -114,8 +118,38 @@ def scan(complete: bytes, state: StreamState) -> None:
                 return
 
 
+def first_data_end(complete: bytes) -> int:
+    """Where the first data event of whole events ends (the index after its blank line); -1 when there is
+    none yet (comments and bare fields do not count)."""
+    sep = b"\r\n\r\n" if b"\r\n\r\n" in complete else b"\n\n"
+    start = 0
+    while (cut := complete.find(sep, start)) >= 0:
+        event = complete[start:cut]
+        if sep != b"\n\n":
+            event = event.replace(b"\r\n", b"\n")
+        if event and _event_data(event) is not None:
+            return cut + len(sep)
+        start = cut + len(sep)
+    return -1
+
+
 def has_data(complete: bytes) -> bool:
     """Whether whole events hold at least one data event (comments and bare fields do not count)."""
-    if b"\r" in complete:
-        complete = complete.replace(b"\r\n", b"\n")
-    return any(_event_data(ev) is not None for ev in complete.split(b"\n\n") if ev)
+    return first_data_end(complete) >= 0
+
+
+def well_formed_prefix(complete: bytes) -> bytes:
+    """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
+    end = 0
+    sep = b"\r\n\r\n" if b"\r\n\r\n" in complete else b"\n\n"
+    while end < len(complete):
+        cut = complete.find(sep, end)
+        if cut < 0:
+            break
+        probe = StreamState()
+        probe.response_id = ""  # parse only what the markers ask for, as scan() does past the first event
+        scan(complete[end : cut + len(sep)], probe)
+        if probe.malformed:
+            break
+        end = cut + len(sep)
+    return complete[:end]

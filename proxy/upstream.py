@@ -122,6 +122,6 @@ def classify(status: int, body: bytes, headers) -> AttemptFailed | None:
         reason = "rate_limited" if status == 429 else f"status_{status}"
         detail = f"{status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
         return AttemptFailed(reason, detail[:300], status=status, retry_after=retry_after)
-    if FALLOVER_CODES.get(status) == code:
+    if code is not None and FALLOVER_CODES.get(status) == code:
         return AttemptFailed(code, f"{status} {code}" + (f": {message}" if message else ""), status=status)
     return None

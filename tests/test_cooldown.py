@@ -1,0 +1,262 @@
+"""Cool-downs: a model that said 429 with retry-after, or failed several times in a row, is skipped for a while
+and tried again afterwards. Unit tests with an injected clock, then through the proxy with real (short) waits."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from proxy.config import RoutingConfig
+from proxy.cooldown import Cooldowns
+from proxy.testing import Behaviour, ok, status, stream_events
+from tests.conftest import config_for
+from tests.test_fallback import attempt_lines, call, chat, content_of, proxy_log  # noqa: F401  (a fixture)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def cooldowns(after: int = 3, cooldown_s: float = 30.0, max_s: float = 300.0) -> tuple[Cooldowns, Clock]:
+    clock = Clock()
+    routing = RoutingConfig(cooldown_after_failures=after, cooldown_s=cooldown_s, max_cooldown_s=max_s)
+    return Cooldowns(routing, clock=clock), clock
+
+
+# --- Cooldowns, with an injected clock ----------------------------------------------------------------------
+
+
+def test_unknown_model_is_not_cooling_down():
+    cd, _ = cooldowns()
+    assert cd.remaining("up:m1") == 0.0
+
+
+def test_failures_in_a_row_start_a_cooldown_at_the_threshold():
+    cd, clock = cooldowns(after=3, cooldown_s=30)
+    assert cd.failed("up:m1") == 0.0
+    assert cd.failed("up:m1") == 0.0
+    assert cd.remaining("up:m1") == 0.0
+    assert cd.failed("up:m1") == 30.0
+    assert cd.remaining("up:m1") == 30.0
+    clock.advance(10)
+    assert cd.remaining("up:m1") == pytest.approx(20.0)
+    clock.advance(20)
+    assert cd.remaining("up:m1") == 0.0  # over exactly at its end
+    clock.advance(0.5)
+    assert cd.remaining("up:m1") == 0.0
+
+
+def test_the_count_starts_again_after_a_cooldown():
+    cd, clock = cooldowns(after=2, cooldown_s=5)
+    cd.failed("k")
+    assert cd.failed("k") == 5.0
+    clock.advance(6)
+    assert cd.remaining("k") == 0.0
+    assert cd.failed("k") == 0.0  # one failure after the cool-down is not yet two in a row
+    assert cd.remaining("k") == 0.0
+    assert cd.failed("k") == 5.0
+
+
+def test_a_success_resets_the_count():
+    cd, _ = cooldowns(after=2, cooldown_s=5)
+    cd.failed("k")
+    cd.succeeded("k")
+    assert cd.failed("k") == 0.0
+    assert cd.remaining("k") == 0.0
+    assert cd.failed("k") == 5.0
+
+
+def test_retry_after_starts_a_cooldown_at_once():
+    cd, clock = cooldowns(after=3, cooldown_s=30)
+    assert cd.failed("k", retry_after_s=2.5) == 2.5
+    assert cd.remaining("k") == 2.5
+    clock.advance(2.5)
+    assert cd.remaining("k") == 0.0
+
+
+def test_retry_after_is_capped_by_max_cooldown():
+    cd, _ = cooldowns(max_s=60)
+    assert cd.failed("k", retry_after_s=86400) == 60.0
+    assert cd.remaining("k") == 60.0
+
+
+def test_the_longer_of_retry_after_and_cooldown_wins_at_the_threshold():
+    cd, _ = cooldowns(after=2, cooldown_s=30)
+    cd.failed("a")
+    assert cd.failed("a", retry_after_s=2) == 30.0
+    cd.failed("b")
+    assert cd.failed("b", retry_after_s=90) == 90.0
+
+
+@pytest.mark.parametrize("retry_after", [None, 0, -1])
+def test_no_cooldown_without_a_positive_retry_after(retry_after):
+    cd, _ = cooldowns(after=3)
+    assert cd.failed("k", retry_after_s=retry_after) == 0.0
+    assert cd.remaining("k") == 0.0
+
+
+def test_models_cool_down_independently():
+    cd, clock = cooldowns(after=1, cooldown_s=10)
+    cd.failed("up:m1")
+    clock.advance(4)
+    cd.failed("up:m2")
+    assert cd.remaining("up:m1") == pytest.approx(6.0)
+    assert cd.remaining("up:m2") == pytest.approx(10.0)
+    assert cd.remaining("up:m3") == 0.0
+
+
+def test_a_success_does_not_end_a_running_cooldown():
+    # A straggler's success (a request that started before the cool-down) does not reopen the model early.
+    cd, _ = cooldowns(after=1, cooldown_s=10)
+    cd.failed("k")
+    cd.succeeded("k")
+    assert cd.remaining("k") == 10.0
+
+
+# --- through the proxy -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_model_that_said_429_with_retry_after_is_skipped_next_time(stream, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(429, "rate_limit_exceeded", retry_after="30")
+    base = await start_proxy(config_for(url))
+
+    first = await call(base, chat(stream=stream))
+    assert first.headers["x-groq-proxy-model"] == "m2"
+    scripted.behaviours["m1"] = ok()  # would answer now, but its retry-after has not passed
+    second = await call(base, chat(stream=stream))
+
+    assert second.status == 200
+    assert second.headers["x-groq-proxy-model"] == "m2"
+    assert second.headers["x-groq-proxy-attempts"] == "1"  # a skip sends nothing
+    assert content_of(second.body, stream) == "Hello there!"
+    assert scripted.models_sent() == ["m1", "m2", "m2"]
+    lines = attempt_lines(proxy_log)
+    assert lines[0]["cooldown_s"] == 30
+    skip = lines[2]
+    assert (skip["target"], skip["outcome"], skip["reason"], skip["next"]) == ("up:m1", "skipped", "cooldown", "up:m2")
+    assert skip["request_id"] == second.headers["x-request-id"]
+
+
+async def test_a_model_is_tried_again_when_its_retry_after_has_passed(upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(429, "rate_limit_exceeded", retry_after_ms="200")
+    base = await start_proxy(config_for(url))
+
+    assert (await call(base, chat())).headers["x-groq-proxy-model"] == "m2"
+    scripted.behaviours["m1"] = ok()
+    assert (await call(base, chat())).headers["x-groq-proxy-model"] == "m2"
+    await asyncio.sleep(0.3)  # waiting out the cool-down, not measuring anything
+    third = await call(base, chat())
+    assert third.headers["x-groq-proxy-model"] == "m1"
+    assert scripted.models_sent() == ["m1", "m2", "m2", "m1"]
+
+
+async def test_a_skip_is_listed_in_the_all_failed_message(upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours.update(m1=status(429, "rate_limit_exceeded", retry_after="30"), m2=status(500))
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+
+    assert (await call(base, chat())).status == 502
+    r = await call(base, chat())
+
+    assert r.status == 502
+    message = r.json()["error"]["message"]
+    assert re.search(r"up:m1: skipped \(cooling down for \d+(\.\d)?s more\)", message), message
+    assert re.search(r"up:m2: 500.* after \d+ ms", message), message
+    assert message.index("up:m1") < message.index("up:m2")
+    assert scripted.models_sent() == ["m1", "m2", "m2"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_failures_in_a_row_cool_a_model_down_then_it_is_tried_again(stream, upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(500)
+    config = config_for(url, routing={"cooldown_after_failures": 2, "cooldown_s": 0.2})
+    base = await start_proxy(config)
+
+    for _ in range(2):
+        r = await call(base, chat(stream=stream))
+        assert r.headers["x-groq-proxy-model"] == "m2" and r.headers["x-groq-proxy-attempts"] == "2"
+    assert scripted.models_sent() == ["m1", "m2", "m1", "m2"]
+
+    scripted.behaviours["m1"] = ok()
+    skipped = await call(base, chat(stream=stream))
+    assert skipped.headers["x-groq-proxy-model"] == "m2"
+    assert skipped.headers["x-groq-proxy-attempts"] == "1"
+    assert scripted.models_sent()[4:] == ["m2"]
+
+    await asyncio.sleep(0.3)  # the cool-down is over
+    again = await call(base, chat(stream=stream))
+    assert again.headers["x-groq-proxy-model"] == "m1"
+    assert again.headers["x-groq-proxy-attempts"] == "1"
+    if stream:
+        assert again.body == b"".join(stream_events("m1"))
+    assert scripted.models_sent()[5:] == ["m1"]
+
+
+async def test_failures_that_are_not_in_a_row_do_not_cool_down(upstream, start_proxy):
+    scripted, url = upstream
+    config = config_for(url, routing={"cooldown_after_failures": 2, "cooldown_s": 30})
+    base = await start_proxy(config)
+    for behaviour in (status(503), ok(), status(503), ok()):
+        scripted.behaviours["m1"] = behaviour
+        await call(base, chat())
+    # m1 failed twice, but a success came between: it is still tried first.
+    assert scripted.models_sent() == ["m1", "m2", "m1", "m1", "m2", "m1"]
+
+
+async def test_a_passed_back_client_error_is_not_a_failure_of_the_model(upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(400, None, "bad request")
+    config = config_for(url, routing={"cooldown_after_failures": 1, "cooldown_s": 30})
+    base = await start_proxy(config)
+    assert [(await call(base, chat())).status for _ in range(3)] == [400, 400, 400]
+    assert scripted.models_sent() == ["m1", "m1", "m1"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_all_models_cooling_down_is_503_with_retry_after(stream, upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours.update(m1=status(500), m2=Behaviour("close"))
+    config = config_for(url, {"tier-test": ["m1", "m2"]}, routing={"cooldown_after_failures": 1, "cooldown_s": 30})
+    base = await start_proxy(config)
+    assert (await call(base, chat(stream=stream))).status == 502
+
+    r = await call(base, chat(stream=stream))
+
+    assert r.status == 503
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-request-id"].startswith("req_")
+    error = r.json()["error"]
+    assert error["code"] == "all_models_cooling_down"
+    assert "up:m1: skipped" in error["message"] and "up:m2: skipped" in error["message"]
+    assert scripted.models_sent() == ["m1", "m2"]  # nothing was sent the second time
+
+
+async def test_all_cooling_down_after_429s_is_still_503(upstream, start_proxy):
+    # Every model is being skipped; none was asked this time.
+    scripted, url = upstream
+    scripted.behaviours.update(
+        m1=status(429, "rate_limit_exceeded", retry_after="20"), m2=status(429, "rate_limit_exceeded", retry_after="9")
+    )
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+    first = await call(base, chat())
+    assert first.status == 429 and first.headers["retry-after"] == "9"
+
+    r = await call(base, chat())
+
+    assert r.status == 503
+    assert 1 <= int(r.headers["retry-after"]) <= 9
+    assert r.json()["error"]["code"] == "all_models_cooling_down"
+    assert scripted.models_sent() == ["m1", "m2"]
