@@ -85,6 +85,7 @@ class TelemetryConfig:
     record_content: bool = False
     metrics: bool = True
     export_interval_s: float = 1.0
+    parent_based: bool = True  # follow the caller's sampled flag (OTEL_TRACES_SAMPLER=parentbased_*)
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,7 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         record_content=bool(raw.get("record_content", False)),
         metrics=bool(raw.get("metrics", True)),
         export_interval_s=float(_number(raw, "export_interval_s", where, 1.0, minimum=0.01)),
+        parent_based=not sampler or sampler.startswith("parentbased_") or "sample_ratio" in raw,
     )
 
 

@@ -94,8 +94,16 @@ class ProxyMetrics:
         self.all = (self.requests, self.duration, self.ttft, self.tokens, self.attempts, self.fallbacks,
                     self.upstream, self.overhead, self.category, self.usage_hist)
 
-    def render(self) -> bytes:
+    def render(self, exporter=None) -> bytes:
         out: list[str] = []
         for metric in self.all:
             metric.render(out)
+        if exporter is not None:  # the trace exporter's own health: spans sent and spans lost
+            out.append("# HELP groq_proxy_trace_spans_exported_total Spans the collector accepted.\n"
+                       "# TYPE groq_proxy_trace_spans_exported_total counter\n"
+                       f"groq_proxy_trace_spans_exported_total {exporter.exported}\n"
+                       "# HELP groq_proxy_trace_spans_dropped_total Spans lost: export failed or queue full.\n"
+                       "# TYPE groq_proxy_trace_spans_dropped_total counter\n"
+                       f'groq_proxy_trace_spans_dropped_total{{reason="export_failed"}} {exporter.failed}\n'
+                       f'groq_proxy_trace_spans_dropped_total{{reason="queue_full"}} {exporter.tracer.dropped}\n')
         return "".join(out).encode()

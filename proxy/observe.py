@@ -93,8 +93,10 @@ class Observer:
                 if category is not None:
                     attrs["groq_proxy.latency_category"] = category
                 if self.record_content:
-                    attrs["gen_ai.input.messages"] = orjson.dumps(ctx.body.get("messages") or ctx.body.get("input")).decode()
-            if status >= 500 or (ctx is not None and ctx.answered is None and ctx.attempts):
+                    attrs["gen_ai.input.messages"] = input_messages(ctx.body)
+            # A 4xx the client caused (bad input, a request error passed back) leaves the span unset.
+            failed = ctx is not None and ctx.answered is None and ctx.attempts and ctx.attempts[-1].outcome != "passed_back"
+            if status >= 500 or failed:
                 span.status = STATUS_ERROR
                 attrs.setdefault("error.type", str(status))
             self.tracer.end(span)
@@ -172,3 +174,60 @@ class _NoProvider:
 
     host = None
     port = None
+
+
+# --- content, recorded only when the operator turns it on (GenAI message format) -----------------------------
+
+
+def _parts(content) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "content": content}]
+    parts = []
+    for part in content or ():
+        if isinstance(part, dict) and part.get("type") == "text":
+            parts.append({"type": "text", "content": part.get("text", "")})
+        elif isinstance(part, dict):
+            parts.append({"type": part.get("type", "unknown")})  # images and the like: the kind, not the data
+    return parts
+
+
+def input_messages(body: dict) -> str:
+    if "messages" in body:
+        messages = [{"role": m.get("role"), "parts": _parts(m.get("content"))} for m in body["messages"]]
+    else:
+        inputs = body.get("input")
+        messages = [{"role": "user", "parts": _parts(i if isinstance(i, str) else str(i))}
+                    for i in (inputs if isinstance(inputs, list) else [inputs])]
+    return orjson.dumps(messages).decode()
+
+
+def output_from_choices(choices: list) -> str:
+    out = []
+    for choice in choices:
+        if isinstance(choice, dict):
+            message = choice.get("message") or {}
+            out.append({"role": message.get("role", "assistant"), "parts": _parts(message.get("content") or ""),
+                        "finish_reason": choice.get("finish_reason")})
+    return orjson.dumps(out).decode()
+
+
+def output_from_stream(raw: bytes) -> str:
+    """The completion text of a recorded stream, assembled from its deltas."""
+    text: list[str] = []
+    finish = None
+    for event in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if not event.startswith(b"data:"):
+            continue
+        data = event[5:].strip()
+        if not data.startswith(b"{"):
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                text.append(delta["content"])
+            finish = choice.get("finish_reason") or finish
+    return orjson.dumps([{"role": "assistant", "parts": _parts("".join(text)), "finish_reason": finish}]).decode()

@@ -21,7 +21,7 @@ from proxy.context import Attempt, RequestContext
 from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
 from proxy.logs import emit, redact
-from proxy.observe import Observer
+from proxy.observe import Observer, output_from_choices, output_from_stream
 from proxy.sse import EventSplitter, StreamState, first_data_end, scan, well_formed_prefix
 from proxy.upstream import AttemptFailed, Provider, Upstreams, classify
 
@@ -32,7 +32,7 @@ _DROP_REQUEST_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "content-type", "authorization",
-        "accept-encoding", "cookie", "x-api-key", "api-key", "traceparent", "tracestate",
+        "accept-encoding", "cookie", "x-api-key", "api-key",
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
@@ -48,7 +48,7 @@ def _forwarded_headers(request: web.Request) -> dict[str, str]:
     for name, value in request.headers.items():
         lower = name.lower()
         if lower not in drop and not lower.startswith("x-groq-proxy-"):
-            headers[name] = value
+            headers[lower] = value  # lower case: a traced attempt's own `traceparent` replaces the caller's
     return headers
 
 
@@ -166,7 +166,7 @@ class Pipeline:
         if choices and isinstance(choices, list):
             attempt.finish_reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
             if self.observer.record_content:
-                attempt.content = orjson.dumps([c.get("message") for c in choices if isinstance(c, dict)]).decode()
+                attempt.content = output_from_choices(choices)
         self._answered(ctx, attempt)
         headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         headers["Content-Type"] = "application/json"
@@ -180,6 +180,7 @@ class Pipeline:
         state = StreamState()
         resp = None
         committed = False
+        recorded = None
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
                 resp = await self.upstreams.session.post(
@@ -218,6 +219,7 @@ class Pipeline:
 
                 # The commit point: from here on, no falling over.
                 committed = True
+                recorded = [first] if self.observer.record_content else None
                 await client.commit({**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first)
                 while not state.done and state.error is None:
                     chunk = await resp.content.readany()
@@ -231,6 +233,8 @@ class Pipeline:
                             await client.write(well_formed_prefix(complete))
                             break
                         await client.write(complete)
+                        if recorded is not None:
+                            recorded.append(complete)
         except ClientGone:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
@@ -255,6 +259,8 @@ class Pipeline:
             if resp is not None:
                 resp.close() if not (state.done or resp.content.at_eof()) else resp.release()
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
+        if committed and recorded is not None:
+            attempt.content = output_from_stream(b"".join(recorded))
         if state.malformed:
             return await self._broken(ctx, attempt, client, "malformed", state.malformed)
         if state.error is not None:

@@ -60,22 +60,26 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
     span = observer.request_started(request, operation)
     request_id = _request_id()
     ctx = None
+    status = 499  # stays so only when the handler is cancelled (the client went away)
     try:
-        body = await read_json(request, state.config.server.max_body_bytes)
-        route = state.router.resolve(validate(body))
-        ctx = RequestContext(
-            request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
-        )
-        ctx.span = span
-        response = await state.pipeline.handle(request, ctx)
-    except ProxyError as error:
-        response = error.to_response({"x-request-id": request_id, **state.extra_headers})
-    except Exception:
-        emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
-        error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
-        response = error.to_response({"x-request-id": request_id})
-    observer.request_ended(span, ctx, response.status, started)
-    return response
+        try:
+            body = await read_json(request, state.config.server.max_body_bytes)
+            route = state.router.resolve(validate(body))
+            ctx = RequestContext(
+                request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
+            )
+            ctx.span = span
+            response = await state.pipeline.handle(request, ctx)
+        except ProxyError as error:
+            response = error.to_response({"x-request-id": request_id, **state.extra_headers})
+        except Exception:
+            emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
+            error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
+            response = error.to_response({"x-request-id": request_id})
+        status = response.status
+        return response
+    finally:
+        observer.request_ended(span, ctx, status, started)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -105,7 +109,8 @@ async def metrics(request: web.Request) -> web.Response:
     observer = request.app[STATE].observer
     if observer is None or observer.metrics is None:
         return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).", code="unknown_url").to_response()
-    return web.Response(body=observer.metrics.render(),
+    exporter = request.app[STATE].exporter
+    return web.Response(body=observer.metrics.render(exporter),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -189,7 +194,7 @@ async def _lifecycle(app: web.Application):
     state.models = models_list(config)
     state.models_body = orjson.dumps({"object": "list", "data": state.models})
     telemetry = config.telemetry
-    tracer = Tracer(telemetry.sample_ratio) if telemetry.tracing else None
+    tracer = Tracer(telemetry.sample_ratio, parent_based=telemetry.parent_based) if telemetry.tracing else None
     if tracer is not None:
         state.exporter = Exporter(tracer, Encoder(telemetry.service_name), telemetry.traces_url,
                                   dict(telemetry.headers), interval_s=telemetry.export_interval_s)

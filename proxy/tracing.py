@@ -61,8 +61,9 @@ class Span:
 class Tracer:
     """Starts spans, decides sampling (parent-based, then by trace-id ratio), queues finished spans."""
 
-    def __init__(self, sample_ratio: float = 1.0, max_queue: int = 20000) -> None:
+    def __init__(self, sample_ratio: float = 1.0, max_queue: int = 20000, parent_based: bool = True) -> None:
         self._bound = int(sample_ratio * (1 << 64))
+        self._parent_based = parent_based
         self.queue: deque[Span] = deque()
         self.max_queue = max_queue
         self.dropped = 0
@@ -74,8 +75,11 @@ class Tracer:
         if traceparent:
             match = _TRACEPARENT.match(traceparent.strip().lower())
             if match and int(match.group(1), 16) and int(match.group(2), 16):
-                if not int(match.group(3), 16) & 1:
-                    return None  # the caller decided not to sample this trace
+                sampled = int(match.group(3), 16) & 1
+                if not self._parent_based:
+                    sampled = (int(match.group(1), 16) & 0xFFFFFFFFFFFFFFFF) < self._bound
+                if not sampled:
+                    return None  # the caller (or a sampler that ignores it) decided not to sample this trace
                 span = Span(int(match.group(1), 16), int(match.group(2), 16), name, KIND_SERVER, attrs)
                 span.remote_parent = True
                 return span

@@ -523,9 +523,43 @@ async def test_content_is_recorded_when_turned_on(upstream, otlp, start_proxy):
 
     assert code == 200
     server, (attempt,) = await otlp.wait_for_request(headers["x-request-id"], attempts=1)
-    assert orjson.loads(server.attributes["gen_ai.input.messages"]) == MESSAGES
+    assert orjson.loads(server.attributes["gen_ai.input.messages"]) == [
+        {"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in MESSAGES
+    ]
     output = orjson.loads(attempt.attributes["gen_ai.output.messages"])
-    assert output == [{"role": "assistant", "content": "Hello there!"}]
+    assert output == [{"role": "assistant", "parts": [{"type": "text", "content": "Hello there!"}],
+                       "finish_reason": "stop"}]
+
+
+async def test_streamed_completion_is_recorded_when_turned_on(upstream, otlp, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(traced_config(url, otlp.url, telemetry={"record_content": True}))
+    code, headers, _ = await call(base, chat(stream=True))
+    assert code == 200
+    server, (attempt,) = await otlp.wait_for_request(headers["x-request-id"], attempts=1)
+    output = orjson.loads(attempt.attributes["gen_ai.output.messages"])
+    assert output == [{"role": "assistant", "parts": [{"type": "text", "content": "Hello there!"}],
+                       "finish_reason": "stop"}]
+
+
+async def test_unsampled_caller_context_and_tracestate_still_go_upstream(upstream, otlp, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(traced_config(url, otlp.url))
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    code, headers, _ = await call(base, chat(), headers={"traceparent": incoming, "tracestate": "vendor=1"})
+    assert code == 200
+    sent = {k.lower(): v for k, v in scripted.requests[-1]["headers"].items()}
+    assert sent["traceparent"] == incoming and sent["tracestate"] == "vendor=1"
+
+
+async def test_a_client_error_passed_back_leaves_the_server_span_unset(upstream, otlp, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(422, "bad_field")
+    base = await start_proxy(traced_config(url, otlp.url))
+    code, headers, _ = await call(base, chat())
+    assert code == 422
+    server, (attempt,) = await otlp.wait_for_request(headers["x-request-id"], attempts=1)
+    assert server.status_code == 0 and "error.type" not in server.attributes
 
 
 async def test_provider_key_never_reaches_the_collector(upstream, otlp, start_proxy):
