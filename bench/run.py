@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
-MODEL = "tier-fast"
 PLAIN_BODY = '{"model":"tier-fast","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = '{"model":"tier-fast","messages":[{"role":"user","content":"hi"}],"stream":true}'
 MODES = ("non-stream", "stream")
@@ -208,12 +207,10 @@ def pinned(argv: list[str], cpu: int | None) -> list[str]:
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
-def start_upstream(workdir: Path, chunked: bool, cpu: int | None) -> tuple[Process, int]:
-    argv = [sys.executable, "-m", "bench.canned_upstream", "--host", HOST, "--port", "0"]
-    if chunked:
-        argv.append("--chunked")
-    proc = Process("canned upstream", pinned(argv, cpu), workdir / "upstream.log")
-    deadline = time.monotonic() + 10
+def start_announcing(name: str, argv: list[str], log: Path) -> tuple[Process, int]:
+    """Starts a child that prints "listening on http://HOST:PORT" once it listens; returns it and the port."""
+    proc = Process(name, argv, log)
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         text = proc.log.read_text(errors="replace")
         if "listening on http://" in text:
@@ -222,7 +219,20 @@ def start_upstream(workdir: Path, chunked: bool, cpu: int | None) -> tuple[Proce
             break
         time.sleep(0.05)
     proc.stop()
-    raise BenchError(f"the canned upstream did not start:\n{proc.tail()}")
+    raise BenchError(f"the {name} did not start:\n{proc.tail()}")
+
+
+def start_upstream(workdir: Path, chunked: bool, cpu: int | None) -> tuple[Process, int]:
+    argv = [sys.executable, "-m", "bench.canned_upstream", "--host", HOST, "--port", "0"]
+    if chunked:
+        argv.append("--chunked")
+    return start_announcing("canned upstream", pinned(argv, cpu), workdir / "upstream.log")
+
+
+def start_passthrough(workdir: Path, upstream_port: int, cpu: int | None) -> tuple[Process, int]:
+    upstream = f"http://{HOST}:{upstream_port}{DIRECT_PATH}"
+    argv = [sys.executable, "-m", "bench.passthrough", "--upstream", upstream, "--host", HOST, "--port", "0"]
+    return start_announcing("pass-through", pinned(argv, cpu), workdir / "passthrough.log")
 
 
 def proxy_argv() -> list[str]:
@@ -288,7 +298,7 @@ def check_answers(port: int, path: str, via_proxy: bool) -> None:
 class Run:
     mode: str
     connections: int
-    side: str  # "direct" or "proxy"
+    side: str  # "direct", "pass-through" or "proxy"
     rps: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
@@ -300,7 +310,7 @@ class Run:
     errors: int = 0
     # Cores used during the run: per process, by other processes, in interrupts, stolen by the hypervisor.
     cpu_cores: dict = field(default_factory=dict)
-    cpu_us_per_request: float = 0.0  # the proxy's (or, direct, the upstream's) CPU per request
+    cpu_us_per_request: float = 0.0  # CPU per request of the proxy, the pass-through or (direct) the upstream
     raw: dict = field(default_factory=dict)
 
 
@@ -355,7 +365,7 @@ def measure(wrk: Wrk, url: str, mode: str, connections: int, seconds: float, sid
     cores["steal"] = (machine_after["steal"] - machine["steal"]) / wall
     secs = raw["duration_us"] / 1e6
     errors = sum(v for k, v in raw.items() if k.startswith("err_"))
-    measured = "proxy" if side == "proxy" else "upstream"
+    measured = "upstream" if side == "direct" else side
     return Run(
         mode=mode, connections=connections, side=side,
         rps=raw["requests"] / secs if secs else 0.0,
@@ -377,6 +387,8 @@ class Bench:
         self.workdir = workdir
         self.upstream: Process | None = None
         self.proxy: Process | None = None
+        self.passthrough: Process | None = None
+        self.passthrough_port = 0
         self.upstream_port = 0
         self.proxy_port = 0
         self.proxy_requests = 0  # served by the current proxy process, as counted by wrk
@@ -397,6 +409,11 @@ class Bench:
         self._start_proxy()
         self.log(f"canned upstream on :{self.upstream_port} (pid {self.upstream.pid}), "
                  f"proxy on :{self.proxy_port} (pid {self.proxy.pid}, log_level={self.args.log_level})")
+        if self.args.baseline:
+            self.passthrough, self.passthrough_port = start_passthrough(
+                self.workdir, self.upstream_port, self.cpu_proxy)
+            check_answers(self.passthrough_port, PROXY_PATH, via_proxy=False)
+            self.log(f"pass-through on :{self.passthrough_port} (pid {self.passthrough.pid})")
 
     def _start_proxy(self) -> None:
         self.proxy, self.proxy_port = start_proxy(self.workdir, self.upstream_port, self.args.log_level, self.cpu_proxy)
@@ -405,24 +422,33 @@ class Bench:
         check_answers(self.proxy_port, PROXY_PATH, via_proxy=True)
 
     def stop(self) -> None:
-        for proc in (self.proxy, self.upstream):
+        for proc in (self.proxy, self.passthrough, self.upstream):
             if proc is not None:
                 proc.stop()
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return ("direct", "pass-through", "proxy") if self.args.baseline else ("direct", "proxy")
 
     def url(self, side: str) -> str:
         if side == "proxy":
             return f"http://{HOST}:{self.proxy_port}{PROXY_PATH}"
+        if side == "pass-through":
+            return f"http://{HOST}:{self.passthrough_port}{PROXY_PATH}"
         return f"http://{HOST}:{self.upstream_port}{DIRECT_PATH}"
 
     def watched(self) -> dict[str, int]:
-        return {"proxy": self.proxy.pid, "upstream": self.upstream.pid}
+        pids = {"proxy": self.proxy.pid, "upstream": self.upstream.pid}
+        if self.passthrough is not None:
+            pids["pass-through"] = self.passthrough.pid
+        return pids
 
     def wait_quiet(self) -> None:
         """Waits (up to --quiet-wait seconds) until other work on the machine leaves the cores to the bench."""
         deadline = time.monotonic() + self.args.quiet_wait
         said = False
         while True:
-            busy = others_cores([self.proxy.pid, self.upstream.pid])
+            busy = others_cores(list(self.watched().values()))
             if busy < NOISY_CORES or time.monotonic() >= deadline:
                 return
             if not said:
@@ -465,7 +491,7 @@ class Bench:
     def table_runs(self) -> None:
         for mode in self.args.modes:
             for connections in self.args.connections:
-                for side in ("direct", "proxy"):
+                for side in self.sides:
                     run = self.one(mode, connections, side)
                     self.runs.append(run)
                     self.log(
@@ -484,7 +510,8 @@ class Bench:
         before = self.proxy_requests
         self.memory["rss_before_phase_mb"] = round(memory_mb(self.proxy.pid)["VmRSS"], 1)
         self.memory["requests_before_phase"] = before
-        done_here, errors, rate = 0, 0, 5000.0
+        rates = [r.rps for r in self.runs if r.side == "proxy" and r.connections > 1]
+        done_here, errors, rate = 0, 0, (sum(rates) / len(rates) if rates else 3000.0)
         self.log(f"  memory: driving {target:,} requests (half streamed, 16 conn) through the proxy")
         samples = []
         while done_here < target:
@@ -545,7 +572,8 @@ def target_rows(runs: list[Run], memory: dict) -> list[dict]:
         value = proxy.p50_ms - direct.p50_ms if proxy and direct else None
         add(f"{mode} added p50 at 1 conn", value, TARGETS.added_p50_ms_1, "ms", False)
     enough = memory.get("phase_requests", 0) >= TARGETS.rss_after_requests
-    add(f"RSS after {memory.get('total_requests', 0):,} requests", memory.get("rss_after_mb") if enough else None,
+    served = memory.get("total_requests") if enough else TARGETS.rss_after_requests
+    add(f"RSS after {served:,} requests", memory.get("rss_after_mb") if enough else None,
         TARGETS.rss_mb, "MB", False)
     return rows
 
@@ -566,18 +594,23 @@ def render(bench: Bench, meta: dict) -> str:
         f"groq-proxy bench  {meta['date']}  commit {meta['commit']}",
         f"{meta['cpus']} cores ({meta['cpu_model']}), load before {meta['loadavg_before']}; "
         f"wrk -t{args.threads}, {args.duration:g} s runs after {args.warmup:g} s warm-up; "
-        f"proxy log_level={args.log_level}; {'pinned: proxy cpu1, upstream+wrk cpu0' if args.pin else 'not pinned'}",
+        f"proxy log_level={args.log_level}; "
+        f"{'pinned: proxy (and pass-through) cpu1, upstream+wrk cpu0' if args.pin else 'not pinned'}; "
+        f"upstream {'chunked' if args.upstream_chunked else 'Content-Length'}",
         "",
-        f"{'':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'proxy CPU':>12}{'others':>8}",
+        f"{'':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'others':>8}",
     ]
     for mode in args.modes:
         for connections in args.connections:
             direct, proxy = find_run(runs, mode, connections, "direct"), find_run(runs, mode, connections, "proxy")
+            thin = find_run(runs, mode, connections, "pass-through")
+            if not (direct or thin or proxy):
+                continue
             out.append(f"{mode}, {connections} conn")
-            for run in (direct, proxy):
+            for run in (direct, thin, proxy):
                 if run is None:
                     continue
-                cpu = f"{run.cpu_us_per_request:.0f} us/req" if run.side == "proxy" else ""
+                cpu = f"{run.cpu_us_per_request:.0f}"
                 err = f"  ({run.errors} errors)" if run.errors else ""
                 out.append(f"  {run.side:<24}{run.rps:>10,.0f}{run.p50_ms:>10.3f}{run.p99_ms:>10.3f}{cpu:>12}"
                            f"{noise(run):>8.2f}{err}")
@@ -586,6 +619,13 @@ def render(bench: Bench, meta: dict) -> str:
                            f"{ratio(proxy.p50_ms, direct.p50_ms):>10}{ratio(proxy.p99_ms, direct.p99_ms):>10}")
                 out.append(f"  {'added by the proxy':<24}{'':>10}{proxy.p50_ms - direct.p50_ms:>+10.3f}"
                            f"{proxy.p99_ms - direct.p99_ms:>+10.3f}")
+            if thin and direct:
+                out.append(f"  {'added by pass-through':<24}{'':>10}{thin.p50_ms - direct.p50_ms:>+10.3f}"
+                           f"{thin.p99_ms - direct.p99_ms:>+10.3f}")
+            if thin and proxy:
+                out.append(f"  {'proxy / pass-through':<24}{ratio(proxy.rps, thin.rps):>10}"
+                           f"{ratio(proxy.p50_ms, thin.p50_ms):>10}{ratio(proxy.p99_ms, thin.p99_ms):>10}"
+                           f"{ratio(proxy.cpu_us_per_request, thin.cpu_us_per_request):>12}")
     if memory.get("rss_after_mb") is not None:
         out += [
             "",
@@ -658,6 +698,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="requests of the memory phase (default 100000; 0 skips it)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="the proxy's server.log_level (default info, the proxy's own default)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also measure the thinnest aiohttp pass-through (bench/passthrough.py) on the same load")
     parser.add_argument("--upstream-chunked", action="store_true",
                         help="the canned upstream frames streams chunked (as Groq does) instead of Content-Length")
     parser.add_argument("--pin", action="store_true",
@@ -686,8 +728,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -695,8 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (apt-get install wrk, or `make bench`)", file=sys.stderr)
         return 2
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    # Ctrl-C, kill and a closed terminal all take the same way out: stop the children, print what was measured.
+    # (SIGINT too, explicitly: a shell starting us in the background may have set it to be ignored.)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     meta = machine_meta()
     with tempfile.TemporaryDirectory(prefix="groq-proxy-bench-") as tmp:
         bench = Bench(args, Path(tmp))

@@ -1,0 +1,71 @@
+"""The thinnest aiohttp + uvloop pass-through: the floor a Python proxy on this stack can reach.
+
+It does what any proxy must and nothing else: read the body, POST it upstream on a pooled connection, and
+return the answer (a stream is copied chunk by chunk). No routing, validation, fallback, logs or metrics.
+`python -m bench.run --baseline` measures it beside the proxy; shared/reference/peers.md quotes about
+10,000 req/s at 16 connections for it on a 2-core box.
+
+    python -m bench.passthrough --upstream http://127.0.0.1:PORT/openai/v1/chat/completions --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+import aiohttp
+from aiohttp import web
+
+UPSTREAM = web.AppKey("upstream", str)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    session = request.app[SESSION]
+    async with session.post(request.app[UPSTREAM], data=body, headers={"Content-Type": "application/json"}) as up:
+        if up.content_type != "text/event-stream":
+            return web.Response(body=await up.read(), status=up.status, content_type=up.content_type)
+        response = web.StreamResponse(status=up.status, headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        async for chunk in up.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def _session(app: web.Application):
+    app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    yield
+    await app[SESSION].close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.passthrough", description=__doc__.split("\n")[0])
+    parser.add_argument("--upstream", required=True, help="the upstream chat-completions URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+    app = web.Application()
+    app[UPSTREAM] = args.upstream
+    app.cleanup_ctx.append(_session)
+    app.router.add_post("/v1/chat/completions", forward)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    print(f"listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
+    web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
