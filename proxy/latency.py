@@ -57,17 +57,20 @@ class RollingP95:
     def __init__(self, window: int = 200, every: int = 20) -> None:
         self._window = window
         self._every = every
-        self._samples: dict[tuple[str, str], deque] = {}
+        self._samples: dict[tuple[str, str], list] = {}  # key -> [deque of samples, samples since last look]
         self._category: dict[tuple[str, str], str] = {}
 
     def add(self, virtual: str, model: str, ms: float, thresholds: Thresholds) -> None:
         key = (virtual, model)
-        samples = self._samples.get(key)
-        if samples is None:
-            samples = self._samples[key] = deque(maxlen=self._window)
+        entry = self._samples.get(key)
+        if entry is None:
+            entry = self._samples[key] = [deque(maxlen=self._window), 0]
+        samples = entry[0]
         samples.append(ms)
-        if len(samples) % self._every and len(samples) < self._window or len(samples) < self._every:
+        entry[1] += 1
+        if entry[1] < self._every:  # the p95 is looked at every `every` samples, not on every request
             return
+        entry[1] = 0
         ordered = sorted(samples)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         category = thresholds.category(p95)

@@ -7,9 +7,12 @@ usage, finish reason, errors and the end marker. JSON is parsed only for events 
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
-_MARKERS = (b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
+# The keys the proxy looks for. In JSON text `"usage"` can only be a key (inside a string it is `\"usage\"`).
+_MARKER = re.compile(rb'"(?:usage|error)"|"finish_reason": ?"')
 
 
 class StreamState:
@@ -48,7 +51,7 @@ def inspect_event(data: bytes, state: StreamState) -> None:
     if not data.startswith(b"{"):
         state.malformed = f"event data is not a JSON object: {data[:60]!r}"
         return
-    if state.response_id is None or any(m in data for m in _MARKERS):
+    if state.response_id is None or _MARKER.search(data) is not None:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -104,10 +107,24 @@ class EventSplitter:
         return data[: cut + 2]
 
 
+def _plain_block(complete: bytes) -> bool:
+    """Whether every event of the block is `data: {...}` or `data: [DONE]`, counted without splitting.
+    Exact because JSON text cannot hold a raw newline: `\\n\\ndata: ` only ever starts an event."""
+    events = complete.count(b"\n\n")
+    objects = complete.count(b"\n\ndata: {") + complete.startswith(b"data: {")
+    done = complete.count(b"\n\ndata: [DONE]\n\n") + complete.startswith(b"data: [DONE]\n\n")
+    return objects + done == events
+
+
 def scan(complete: bytes, state: StreamState) -> None:
     """Inspects every event in `complete` (whole events, as `EventSplitter.feed` returns them)."""
     if b"\r" in complete:
         complete = complete.replace(b"\r\n", b"\n")
+    if state.response_id is not None and _MARKER.search(complete) is None and _plain_block(complete):
+        # The common block: content deltas only. Nothing to parse; just notice the end marker.
+        if b"data: [DONE]\n\n" in complete:
+            state.done = True
+        return
     for event in complete.split(b"\n\n"):
         if not event:
             continue
