@@ -13,6 +13,8 @@ import time
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.payload import BytesPayload
+from multidict import istr
 
 from policies.base import PolicyChain, Reject
 from proxy.client_stream import ClientGone, ClientStream
@@ -57,15 +59,26 @@ def _connection_reason(exc: Exception) -> str:
     return "connect_error" if isinstance(exc, aiohttp.ClientConnectorError) else "upstream_closed"
 
 
+# Upstream response headers worth handing to the client: Groq's rate-limit view, its region, its request id.
+_PASSED_ON = tuple(
+    (istr(name), name)
+    for name in (
+        "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-groq-region",
+    )
+)
+_UPSTREAM_ID = istr("x-request-id")
+
+
 def _passed_on(upstream_headers) -> dict[str, str]:
-    """Upstream response headers worth handing to the client: Groq's rate-limit view and its request id."""
     out = {}
-    for name, value in upstream_headers.items():
-        lower = name.lower()
-        if lower.startswith("x-ratelimit-") or lower == "x-groq-region":
-            out[lower] = value
-        elif lower == "x-request-id":
-            out["x-upstream-request-id"] = value
+    for key, name in _PASSED_ON:  # looked up by name: cheaper than walking every upstream header
+        value = upstream_headers.get(key)
+        if value is not None:
+            out[name] = value
+    value = upstream_headers.get(_UPSTREAM_ID)
+    if value is not None:
+        out["x-upstream-request-id"] = value
     return out
 
 
@@ -132,9 +145,13 @@ class Pipeline:
         resp = None
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
-                resp = await self.upstreams.session.post(url, data=payload, headers=headers, timeout=provider.timeout)
+                resp = await self.upstreams.session.post(
+                    url, data=BytesPayload(payload, content_type="application/json"), headers=headers,
+                    timeout=provider.timeout,
+                )
                 attempt.first_byte = time.perf_counter()
-                deadline.reschedule(start + provider.total_s)
+                if not resp.content.is_eof():  # a small body usually came with the headers: no new deadline then
+                    deadline.reschedule(start + provider.total_s)
                 body = await resp.read()
         except aiohttp.ServerTimeoutError:
             raise AttemptFailed("connect_timeout", "connect timed out") from None
@@ -184,7 +201,8 @@ class Pipeline:
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
                 resp = await self.upstreams.session.post(
-                    provider.chat_url, data=payload, headers=headers, timeout=provider.timeout
+                    provider.chat_url, data=BytesPayload(payload, content_type="application/json"), headers=headers,
+                    timeout=provider.timeout,
                 )
                 attempt.status = resp.status
                 if resp.status != 200:
@@ -214,7 +232,8 @@ class Pipeline:
                     raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
                 if state.malformed:
                     raise AttemptFailed("malformed", state.malformed)
-                deadline.reschedule(start + provider.total_s)
+                if not state.done:  # the whole stream may have come at once: then no new deadline is needed
+                    deadline.reschedule(start + provider.total_s)
                 attempt.response_id, attempt.response_model = state.response_id, state.response_model
 
                 # The commit point: from here on, no falling over.

@@ -111,6 +111,8 @@ def _plain_block(complete: bytes) -> bool:
     """Whether every event of the block is `data: {...}` or `data: [DONE]`, counted without splitting.
     Exact because JSON text cannot hold a raw newline: `\\n\\ndata: ` only ever starts an event."""
     events = complete.count(b"\n\n")
+    if complete.count(b"\n") != 2 * events:
+        return False  # an event of several lines (multi-line data, or fields besides data)
     objects = complete.count(b"\n\ndata: {") + complete.startswith(b"data: {")
     done = complete.count(b"\n\ndata: [DONE]\n\n") + complete.startswith(b"data: [DONE]\n\n")
     return objects + done == events
@@ -120,18 +122,48 @@ def scan(complete: bytes, state: StreamState) -> None:
     """Inspects every event in `complete` (whole events, as `EventSplitter.feed` returns them)."""
     if b"\r" in complete:
         complete = complete.replace(b"\r\n", b"\n")
-    if state.response_id is not None and _MARKER.search(complete) is None and _plain_block(complete):
-        # The common block: content deltas only. Nothing to parse; just notice the end marker.
-        if b"data: [DONE]\n\n" in complete:
-            state.done = True
+    if not _plain_block(complete):
+        _scan_each(complete, state)  # comments, other fields or a malformed event: look at each one
         return
+    # Every event is `data: {...}` or `data: [DONE]`: parse only the first event of the stream and the events
+    # that hold a marker, found in one pass over the block. Nothing after [DONE] counts.
+    done_at = complete.find(b"data: [DONE]\n\n")
+    if done_at >= 0:
+        complete = complete[:done_at]
+    parsed = -1
+    if state.response_id is None and (first := complete.find(b"data: {")) >= 0:
+        # The stream's first JSON event (its start: an earlier `data: {` could only be inside its own text).
+        inspect_event(complete[first + 6 : complete.find(b"\n\n", first)], state)
+        if state.error is not None or state.malformed:
+            return
+        parsed = first
+    for match in _MARKER.finditer(complete):
+        if state.error is not None or state.malformed:
+            return
+        start = complete.rfind(b"\n\n", 0, match.start())
+        start = 0 if start < 0 else start + 2
+        if start == parsed:
+            continue  # another marker of an event already parsed
+        parsed = start
+        data = complete[start + 6 : complete.find(b"\n\n", match.end())]
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            state.malformed = "event data is not valid JSON"
+            return
+        _record(obj, state)
+    if done_at >= 0 and state.error is None and not state.malformed:
+        state.done = True
+
+
+def _scan_each(complete: bytes, state: StreamState) -> None:
     for event in complete.split(b"\n\n"):
         if not event:
             continue
         data = _event_data(event)
         if data is not None:
             inspect_event(data, state)
-            if state.malformed or state.error is not None:
+            if state.malformed or state.error is not None or state.done:
                 return
 
 

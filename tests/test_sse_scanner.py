@@ -229,3 +229,46 @@ def test_has_data_counts_data_events_only():
     assert has_data(b"event: message\ndata: {}\n\n")
     assert has_data(b": keep-alive\r\n\r\ndata: {}\r\n\r\n")
     assert not has_data(b": keep-alive\r\n\r\n")
+
+
+def _state_of(scan_fn, blocks):
+    state = StreamState()
+    for block in blocks:
+        scan_fn(block, state)
+        if state.malformed or state.error is not None or state.done:
+            break  # where the pipeline stops reading
+    return (state.done, state.usage, state.finish_reasons, state.error, state.response_id, state.response_model,
+            bool(state.malformed))
+
+
+def test_the_fast_path_and_the_careful_path_agree_on_every_block():
+    """`scan` decides plain blocks by counting; `_scan_each` looks at every event. Over generated streams of
+    every kind of event, cut into blocks at random event boundaries, they must learn the same things."""
+    import random
+
+    from proxy.sse import _scan_each
+
+    kinds = [
+        lambda i: b'data: {"id":"c%d","model":"m","choices":[{"index":0,"delta":{"content":"w%d"},"finish_reason":null}]}\n\n' % (i, i),
+        lambda i: b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"x_groq":{"usage":' + orjson.dumps(USAGE) + b"}}\n\n",
+        lambda i: b'data: {"id":"c","choices":[],"usage":' + orjson.dumps({**USAGE, "total_tokens": i}) + b"}\n\n",
+        lambda i: b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"says \\"usage\\": data: {"},"finish_reason":null}]}\n\n',
+        lambda i: b": keep-alive\n\n",
+        lambda i: b'data: {"error":{"message":"boom"}}\n\n',
+        lambda i: b'data: {"id":"c","choices":[],"x_groq":{"error":"upstream hiccup"}}\n\n',
+        lambda i: b"data: not json\n\n",
+        lambda i: b'data: {"id":"c", "choices": [\n\n',
+        lambda i: b'event: message\ndata: {"id":"c","choices":[]}\n\n',
+        lambda i: b"data: [DONE]\n\n",
+    ]
+    rng = random.Random(7)
+    for _ in range(3000):
+        events = [rng.choice(kinds[:4]) (i) if rng.random() < 0.8 else rng.choice(kinds)(i) for i in range(rng.randint(1, 14))]
+        if rng.random() < 0.7:
+            events.append(kinds[-1](0))
+        cuts = sorted(rng.sample(range(1, len(events)), rng.randint(0, len(events) - 1))) if len(events) > 1 else []
+        blocks, last = [], 0
+        for cut in cuts + [len(events)]:
+            blocks.append(b"".join(events[last:cut]))
+            last = cut
+        assert _state_of(scan, blocks) == _state_of(_scan_each, blocks), blocks
