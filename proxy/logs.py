@@ -13,6 +13,7 @@ import orjson
 log = logging.getLogger("groq_proxy")
 
 _secrets: tuple[str, ...] = ()
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
 
 
 def register_secrets(*values: str | None) -> None:
@@ -52,11 +53,15 @@ class BatchingHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._lines.append(self.format(record))
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or len(self._lines) >= self._max_lines:
+        self.add_line(line, record.levelno)
+
+    def add_line(self, line: str, level: int) -> None:
+        self._lines.append(line)
+        if level >= logging.WARNING or len(self._lines) >= self._max_lines:
             self.flush()
         elif self._timer is None:
             try:
@@ -77,7 +82,11 @@ class BatchingHandler(logging.StreamHandler):
                 pass
 
 
+_direct: BatchingHandler | None = None  # set while our batching writer is the logger's only handler
+
+
 def setup_logging(level: str = "info") -> None:
+    global _direct
     handler = BatchingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     for old in log.handlers:
@@ -85,11 +94,19 @@ def setup_logging(level: str = "info") -> None:
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+    _direct = handler
     atexit.register(handler.flush)
 
 
 def emit(level: int, event: str, **fields) -> None:
     if log.isEnabledFor(level):
+        direct = _direct
+        if direct is not None and level < logging.WARNING and log.handlers == [direct]:
+            # The per-request lines: the same JSON line the formatter makes, without building a LogRecord.
+            line = {"ts": round(time.time(), 3), "level": _LEVELS[level], "event": event}
+            line.update(fields)
+            direct.add_line(redact(orjson.dumps(line, default=str).decode()), level)
+            return
         exc_info = fields.pop("exc_info", None)
         if exc_info is True:
             exc_info = sys.exc_info()
