@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from proxy.config import Config, parse_config
@@ -38,3 +40,14 @@ async def start_proxy(aiohttp_server):
         return f"http://127.0.0.1:{server.port}"
 
     return start
+
+
+@pytest.fixture
+def proxy_log(caplog):
+    """The `groq_proxy` logger at INFO, captured by caplog whatever an earlier `setup_logging` did."""
+    logger = logging.getLogger("groq_proxy")
+    propagate = logger.propagate
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="groq_proxy")
+    yield caplog
+    logger.propagate = propagate

@@ -12,7 +12,7 @@ from proxy.config import RoutingConfig
 from proxy.cooldown import Cooldowns
 from proxy.testing import Behaviour, ok, status, stream_events
 from tests.conftest import config_for
-from tests.test_fallback import attempt_lines, call, chat, content_of, proxy_log  # noqa: F401  (a fixture)
+from tests.test_fallback import attempt_lines, call, chat, content_of
 
 
 class Clock:

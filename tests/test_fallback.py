@@ -151,17 +151,6 @@ class StallingUpstream:
         return resp
 
 
-@pytest.fixture
-def proxy_log(caplog):
-    """The `groq_proxy` logger at INFO, captured by caplog whatever an earlier `setup_logging` did."""
-    logger = logging.getLogger("groq_proxy")
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="groq_proxy")
-    yield caplog
-    logger.propagate = propagate
-
-
 def attempt_lines(caplog) -> list[dict]:
     return [r.fields for r in caplog.records if r.name == "groq_proxy" and r.getMessage() == "attempt"]
 

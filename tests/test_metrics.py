@@ -352,17 +352,6 @@ def test_tier_defaults_by_virtual_model_name():
     assert models["custom"].latency == Thresholds(300, 500, 800, 5000)
 
 
-@pytest.fixture
-def proxy_log(caplog):
-    """The `groq_proxy` logger at INFO, captured by caplog whatever an earlier `setup_logging` did."""
-    logger = logging.getLogger("groq_proxy")
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="groq_proxy")
-    yield caplog
-    logger.propagate = propagate
-
-
 def changes(caplog) -> list[tuple[int, dict]]:
     return [(r.levelno, r.fields) for r in caplog.records
             if r.name == "groq_proxy" and r.getMessage() == "latency_category_changed"]

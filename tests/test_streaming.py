@@ -23,7 +23,6 @@ from tests.test_fallback import (
     attempt_lines,
     call,
     chat,
-    proxy_log,  # noqa: F401  (a fixture)
     sse_blocks,
 )
 
@@ -511,26 +510,3 @@ async def test_good_events_before_a_malformed_one_in_the_same_chunk_still_reach_
     tail = body[len(events[0] + events[1] + events[2] + events[3]):]
     assert tail.count(b"data: ") == 1 and b'"error"' in tail and b"[DONE]" not in tail
 
-
-def test_info_lines_written_directly_match_the_formatter_and_are_redacted(capsys):
-    """With setup_logging's writer as the only handler, info lines skip the LogRecord; they must be the same
-    JSON lines the formatter writes, secrets removed."""
-    import logging as _logging
-
-    import orjson as _orjson
-
-    from proxy import logs
-
-    saved = (list(logs.log.handlers), logs.log.level, logs.log.propagate, logs._direct)
-    try:
-        logs.register_secrets("sk-direct-path-secret")
-        logs.setup_logging("info")
-        logs.emit(_logging.INFO, "attempt", target="up:m1", detail="echoed sk-direct-path-secret", ms=1.5)
-        logs.emit(_logging.WARNING, "attempt", target="up:m2", outcome="fell_over")
-        logs._direct.flush()
-        lines = [_orjson.loads(line) for line in capsys.readouterr().err.splitlines()]
-    finally:
-        logs.log.handlers[:], logs.log.level, logs.log.propagate, logs._direct = saved[0], saved[1], saved[2], saved[3]
-    assert [(l["level"], l["event"], l["target"]) for l in lines] == [
-        ("info", "attempt", "up:m1"), ("warning", "attempt", "up:m2")]
-    assert lines[0]["detail"] == "echoed [redacted]" and set(lines[0]) == {"ts", "level", "event", "target", "detail", "ms"}

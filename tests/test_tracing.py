@@ -94,17 +94,6 @@ def upstream_traceparents(scripted) -> list[str]:
     return out
 
 
-@pytest.fixture
-def proxy_log(caplog):
-    """The `groq_proxy` logger at INFO, captured by caplog whatever an earlier `setup_logging` did."""
-    logger = logging.getLogger("groq_proxy")
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level(logging.INFO, logger="groq_proxy")
-    yield caplog
-    logger.propagate = propagate
-
-
 def records(caplog, event: str, level: int | None = None) -> list[logging.LogRecord]:
     return [r for r in caplog.records
             if r.name == "groq_proxy" and r.getMessage() == event and (level is None or r.levelno == level)]
