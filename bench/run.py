@@ -3,10 +3,13 @@
     python -m bench.run                  # 10 s per measured run, then the 100,000-request memory phase
     python -m bench.run --quick          # 3 s runs
     python -m bench.run --json out.json  # also write every number
+    python -m bench.run --tracing        # also a second proxy with tracing (every request) and metrics on
 
 For each mode (non-stream, stream) and connection count (1, 16) it measures wrk -> canned upstream ("direct")
 and wrk -> proxy -> canned upstream ("proxy"), each after a short warm-up, and prints req/s, p50 and p99, the
-proxy figures as ratios of the direct ones and the latency the proxy adds. Then it drives at least 100,000
+proxy figures as ratios of the direct ones and the latency the proxy adds. With --tracing, a second proxy
+("proxy+tracing": every request sampled, spans exported to bench/otlp_sink.py) is measured beside the first
+and compared with it. Then it drives at least 100,000
 requests through the proxy and reads its resident memory. Targets are printed beside the figures; a missed
 target is reported, never an error (the machine is shared and noisy). See bench/README.md.
 """
@@ -52,6 +55,7 @@ class Targets:
     added_p50_ms_1: float = 0.25
     rss_mb: float = 60.0
     rss_after_requests: int = 100_000
+    tracing_loss_pct_16: float = 20.0  # req/s proxy+tracing may lose against proxy (issue 3, item 7)
 
 
 TARGETS = Targets()
@@ -75,6 +79,18 @@ api_key_env = "BENCH_KEY"
 [models.tier-fast]
 chain = ["groq:openai/gpt-oss-20b", "groq:openai/gpt-oss-120b"]
 """
+
+# Appended for the "proxy+tracing" side: every request sampled, spans exported to bench/otlp_sink.py.
+TRACING_CONFIG = """
+[telemetry]
+enabled = true
+endpoint = "http://{host}:{sink_port}"
+sample_ratio = 1.0
+metrics = true
+"""
+PROXY_SIDES = ("proxy", "proxy+tracing")
+SPANS_PER_REQUEST = 2  # the proxy exports a server span and one attempt span per answered request
+TRACE_METRICS = ("groq_proxy_trace_spans_exported_total", "groq_proxy_trace_spans_dropped_total")
 
 # wrk prints one machine-readable line at the end of every run (latencies are in microseconds).
 LUA_DONE = r"""
@@ -240,14 +256,26 @@ def proxy_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
 
 
-def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | None) -> tuple[Process, int]:
+def start_sink(workdir: Path, cpu: int | None) -> tuple[Process, int]:
+    argv = [sys.executable, "-m", "bench.otlp_sink", "--host", HOST, "--port", "0"]
+    return start_announcing("OTLP sink", pinned(argv, cpu), workdir / "otlp_sink.log")
+
+
+def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | None,
+                side: str = "proxy", sink_port: int = 0) -> tuple[Process, int]:
+    """The proxy ("proxy"), or with tracing on and exported to the sink at `sink_port` ("proxy+tracing")."""
     port = free_port()
-    config = workdir / "proxy.toml"
-    config.write_text(PROXY_CONFIG.format(host=HOST, port=port, upstream_port=upstream_port, log_level=log_level))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GROQ")}
+    slug = side.replace("+", "-")
+    config = workdir / f"{slug}.toml"
+    text = PROXY_CONFIG.format(host=HOST, port=port, upstream_port=upstream_port, log_level=log_level)
+    if sink_port:
+        text += TRACING_CONFIG.format(host=HOST, sink_port=sink_port)
+    config.write_text(text)
+    # No GROQ_* (keys, config paths) and no OTEL_* (an exporter endpoint there would turn tracing on in "proxy").
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ", "OTEL_"))}
     env["BENCH_KEY"] = "bench"
     argv = pinned([*proxy_argv(), "serve", "--config", str(config), "--port", str(port), "--no-check"], cpu)
-    proc = Process("proxy", argv, workdir / "proxy.log", env)
+    proc = Process(side, argv, workdir / f"{slug}.log", env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not proc.alive():
@@ -258,7 +286,7 @@ def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | No
                 return proc, port
         time.sleep(0.1)
     proc.stop()
-    raise BenchError(f"the proxy did not become ready on port {port} (re-run if it is being edited):\n{proc.tail()}")
+    raise BenchError(f"the {side} did not become ready on port {port} (re-run if it is being edited):\n{proc.tail()}")
 
 
 def http_call(port: int, method: str, path: str, body: str | None = None, timeout: float = 5.0):
@@ -270,6 +298,18 @@ def http_call(port: int, method: str, path: str, body: str | None = None, timeou
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
+
+
+def metric_lines(port: int, names: tuple[str, ...]) -> list[str]:
+    """The sample lines of the named metrics in a proxy's GET /metrics."""
+    status, _, body = http_call(port, "GET", "/metrics")
+    if status != 200:
+        raise BenchError(f"GET /metrics on port {port} answered {status}: {body[:200]!r}")
+    return [ln for ln in body.decode(errors="replace").splitlines() if ln.split("{", 1)[0].split(" ", 1)[0] in names]
+
+
+def metric_sum(lines: list[str], name: str) -> float:
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.split("{", 1)[0].split(" ", 1)[0] == name)
 
 
 def check_answers(port: int, path: str, via_proxy: bool) -> None:
@@ -298,7 +338,7 @@ def check_answers(port: int, path: str, via_proxy: bool) -> None:
 class Run:
     mode: str
     connections: int
-    side: str  # "direct", "pass-through" or "proxy"
+    side: str  # "direct", "pass-through", "proxy" or "proxy+tracing"
     rps: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
@@ -310,7 +350,7 @@ class Run:
     errors: int = 0
     # Cores used during the run: per process, by other processes, in interrupts, stolen by the hypervisor.
     cpu_cores: dict = field(default_factory=dict)
-    cpu_us_per_request: float = 0.0  # CPU per request of the proxy, the pass-through or (direct) the upstream
+    cpu_us_per_request: float = 0.0  # CPU per request of the measured side's process (direct: the upstream)
     raw: dict = field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -16,6 +17,7 @@ from proxy.config import Config
 from proxy.context import RequestContext
 from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
+from proxy.latency import default_thresholds
 from proxy.logs import emit, register_secrets
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
@@ -26,6 +28,9 @@ from proxy.tracing import Tracer
 from proxy.upstream import Upstreams
 from proxy.validation import read_json, validate_chat, validate_embeddings
 
+if TYPE_CHECKING:
+    from proxy.simulator import SimulatorConfig
+
 PREFIXES = ("/v1", "/openai/v1")
 
 
@@ -35,7 +40,7 @@ class ProxyState:
 
     config: Config
     simulate: bool = False
-    simulator_config: object = None
+    simulator_config: "SimulatorConfig | None" = None
     router: Router | None = None
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
@@ -131,7 +136,7 @@ async def admin_benchmark(request: web.Request) -> web.Response:
         return error.to_response()
     host, port = request.transport.get_extra_info("sockname")[:2]
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    thresholds = vm.latency if vm else state.observer._default
+    thresholds = vm.latency if vm else default_thresholds(req.model)
     report = await run_benchmark(f"http://{'[' + host + ']' if ':' in host else host}:{port}", req, thresholds)
     return web.Response(body=orjson.dumps(report), content_type="application/json")
 

@@ -19,7 +19,7 @@ KIND_SERVER, KIND_CLIENT = 2, 3
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-_getrandbits = random.getrandbits
+_getrandbits = random.getrandbits  # ids need to be unique, not secret: the fast generator will do
 
 
 class Span:
