@@ -426,19 +426,35 @@ class Bench:
         self.args = args
         self.workdir = workdir
         self.upstream: Process | None = None
-        self.proxy: Process | None = None
         self.passthrough: Process | None = None
+        self.sink: Process | None = None  # the OTLP receiver (--tracing)
         self.passthrough_port = 0
         self.upstream_port = 0
-        self.proxy_port = 0
-        self.proxy_requests = 0  # served by the current proxy process, as counted by wrk
-        self.proxy_restarts = 0
+        self.sink_port = 0
+        self.procs: dict[str, Process] = {}  # "proxy", and "proxy+tracing" with --tracing
+        self.ports: dict[str, int] = {}
+        self.served: dict[str, int] = {}  # requests served by the current process of each proxy, as counted by wrk
+        self.restarts: dict[str, int] = {}
         self.runs: list[Run] = []
         self.memory: dict = {}
+        self.tracing: dict = {}  # sink totals, the exporter's counters, the tracing proxy's memory
         self.notes: list[str] = []
         pin = args.pin
         self.cpu_proxy, self.cpu_upstream, self.cpu_wrk = (1, 0, 0) if pin else (None, None, None)
         self.wrk = Wrk(workdir, args.threads, self.cpu_wrk)
+
+    # The plain proxy, under the names the memory phase and the report use.
+    @property
+    def proxy(self) -> Process | None:
+        return self.procs.get("proxy")
+
+    @property
+    def proxy_port(self) -> int:
+        return self.ports.get("proxy", 0)
+
+    @property
+    def proxy_requests(self) -> int:
+        return self.served.get("proxy", 0)
 
     def log(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -446,7 +462,7 @@ class Bench:
     def start(self) -> None:
         self.upstream, self.upstream_port = start_upstream(self.workdir, self.args.upstream_chunked, self.cpu_upstream)
         check_answers(self.upstream_port, DIRECT_PATH, via_proxy=False)
-        self._start_proxy()
+        self._start_proxy("proxy")
         self.log(f"canned upstream on :{self.upstream_port} (pid {self.upstream.pid}), "
                  f"proxy on :{self.proxy_port} (pid {self.proxy.pid}, log_level={self.args.log_level})")
         if self.args.baseline:
@@ -454,33 +470,66 @@ class Bench:
                 self.workdir, self.upstream_port, self.cpu_proxy)
             check_answers(self.passthrough_port, PROXY_PATH, via_proxy=False)
             self.log(f"pass-through on :{self.passthrough_port} (pid {self.passthrough.pid})")
+        if self.args.tracing:
+            self.sink, self.sink_port = start_sink(self.workdir, self.cpu_upstream)
+            self._start_proxy("proxy+tracing")
+            self._check_export()
+            self.log(f"OTLP sink on :{self.sink_port} (pid {self.sink.pid}), proxy+tracing on "
+                     f":{self.ports['proxy+tracing']} (pid {self.procs['proxy+tracing'].pid}, every request traced)")
 
-    def _start_proxy(self) -> None:
-        self.proxy, self.proxy_port = start_proxy(self.workdir, self.upstream_port, self.args.log_level, self.cpu_proxy)
-        self.proxy_requests = 0
-        self.memory["rss_start_mb"] = round(memory_mb(self.proxy.pid)["VmRSS"], 1)
-        check_answers(self.proxy_port, PROXY_PATH, via_proxy=True)
+    def _start_proxy(self, side: str) -> None:
+        sink_port = self.sink_port if side == "proxy+tracing" else 0
+        proc, port = start_proxy(self.workdir, self.upstream_port, self.args.log_level, self.cpu_proxy, side, sink_port)
+        self.procs[side], self.ports[side], self.served[side] = proc, port, 0
+        if side == "proxy":
+            self.memory["rss_start_mb"] = round(memory_mb(proc.pid)["VmRSS"], 1)
+        else:
+            self.tracing["rss_start_mb"] = round(memory_mb(proc.pid)["VmRSS"], 1)
+        check_answers(port, PROXY_PATH, via_proxy=True)
+        self.served[side] += 2
+
+    def sink_stats(self) -> dict:
+        status, _, body = http_call(self.sink_port, "GET", "/stats")
+        if status != 200:
+            raise BenchError(f"the OTLP sink answered GET /stats with {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def _check_export(self) -> None:
+        """The spans of the check requests must reach the sink (the exporter sends every export_interval_s)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.sink_stats()["requests"] > 0:
+                return
+            if not self.procs["proxy+tracing"].alive():
+                break
+            time.sleep(0.2)
+        raise BenchError(f"the proxy+tracing exported no spans to the OTLP sink on :{self.sink_port} within 10 s:\n"
+                         f"{self.procs['proxy+tracing'].tail()}\n  sink log:\n{self.sink.tail()}")
 
     def stop(self) -> None:
-        for proc in (self.proxy, self.passthrough, self.upstream):
+        for proc in (*self.procs.values(), self.passthrough, self.sink, self.upstream):
             if proc is not None:
                 proc.stop()
 
     @property
     def sides(self) -> tuple[str, ...]:
-        return ("direct", "pass-through", "proxy") if self.args.baseline else ("direct", "proxy")
+        sides = ("direct", "pass-through", "proxy") if self.args.baseline else ("direct", "proxy")
+        return (*sides, "proxy+tracing") if self.args.tracing else sides
 
     def url(self, side: str) -> str:
-        if side == "proxy":
-            return f"http://{HOST}:{self.proxy_port}{PROXY_PATH}"
+        if side in PROXY_SIDES:
+            return f"http://{HOST}:{self.ports[side]}{PROXY_PATH}"
         if side == "pass-through":
             return f"http://{HOST}:{self.passthrough_port}{PROXY_PATH}"
         return f"http://{HOST}:{self.upstream_port}{DIRECT_PATH}"
 
     def watched(self) -> dict[str, int]:
-        pids = {"proxy": self.proxy.pid, "upstream": self.upstream.pid}
+        pids = {side: proc.pid for side, proc in self.procs.items()}
+        pids["upstream"] = self.upstream.pid
         if self.passthrough is not None:
             pids["pass-through"] = self.passthrough.pid
+        if self.sink is not None:
+            pids["otlp-sink"] = self.sink.pid
         return pids
 
     def wait_quiet(self) -> None:
@@ -499,19 +548,21 @@ class Bench:
         """One measured run after a warm-up; measured again once when other work disturbed it (the quieter
         of the two is kept), and once when the proxy died during it."""
         best: Run | None = None
+        is_proxy = side in PROXY_SIDES
         for attempt in range(self.args.remeasure + 2):
-            if side == "proxy" and not self.proxy.alive():
-                self._restart_proxy()
+            if is_proxy and not self.procs[side].alive():
+                self._restart_proxy(side)
             self.wait_quiet()
             if self.args.warmup > 0:
                 warm = self.wrk.run(self.url(side), mode, connections, self.args.warmup)
-                if side == "proxy":
-                    self.proxy_requests += warm["requests"]
+                if is_proxy:
+                    self.served[side] += warm["requests"]
             run = measure(self.wrk, self.url(side), mode, connections, self.args.duration, side, self.watched())
-            if side == "proxy":
-                self.proxy_requests += run.requests
-                if not self.proxy.alive():
-                    self.log(f"  the proxy exited during the run; restarting it and measuring again:\n{self.proxy.tail()}")
+            if is_proxy:
+                self.served[side] += run.requests
+                if not self.procs[side].alive():
+                    self.log(f"  the {side} exited during the run; restarting it and measuring again:\n"
+                             f"{self.procs[side].tail()}")
                     continue
             if best is None or noise(run) < noise(best):
                 best = run
@@ -519,14 +570,15 @@ class Bench:
                 break
             self.log(f"  {mode} {connections} conn {side}: {noise(run):.2f} cores taken by other work; measuring again")
         if best is None:
-            raise BenchError(f"the proxy kept exiting during {mode} {connections} conn:\n{self.proxy.tail()}")
+            raise BenchError(f"the {side} kept exiting during {mode} {connections} conn:\n{self.procs[side].tail()}")
         return best
 
-    def _restart_proxy(self) -> None:
-        self.proxy.stop()
-        self.proxy_restarts += 1
-        self.notes.append(f"the proxy exited and was restarted ({self.proxy_restarts}x); see its log")
-        self._start_proxy()
+    def _restart_proxy(self, side: str = "proxy") -> None:
+        self.procs[side].stop()
+        self.restarts[side] = self.restarts.get(side, 0) + 1
+        self.notes.append(f"the {side} exited and was restarted ({self.restarts[side]}x); see its log"
+                          + ("; its exporter counters cover only the last process" if side != "proxy" else ""))
+        self._start_proxy(side)
 
     def table_runs(self) -> None:
         for mode in self.args.modes:
@@ -535,10 +587,52 @@ class Bench:
                     run = self.one(mode, connections, side)
                     self.runs.append(run)
                     self.log(
-                        f"  {mode:<10} {connections:>3} conn  {side:<6} {run.rps:>9,.0f} req/s  "
-                        f"p50 {run.p50_ms:6.3f} ms  p99 {run.p99_ms:6.3f} ms"
+                        f"  {mode:<10} {connections:>3} conn  {side:<13} {run.rps:>9,.0f} req/s  "
+                        f"p50 {run.p50_ms:6.3f} ms  p99 {run.p99_ms:6.3f} ms  {run.cpu_us_per_request:5.0f} us/req"
                         + (f"  ERRORS {run.errors}" if run.errors else "")
                     )
+
+    def collect_tracing(self) -> None:
+        """After the table's runs: the sink's totals and the tracing proxy's exporter counters, once the
+        exporter has sent what it still held (the counters stop moving), and the tracing proxy's memory."""
+        if not self.args.tracing:
+            return
+        side = "proxy+tracing"
+        proc, port = self.procs[side], self.ports[side]
+        if not proc.alive():
+            self.notes.append("the proxy+tracing had exited before its exporter counters were read")
+            return
+        lines, last, deadline = [], None, time.monotonic() + 15
+        while time.monotonic() < deadline:
+            lines = metric_lines(port, TRACE_METRICS)
+            now = (metric_sum(lines, TRACE_METRICS[0]), metric_sum(lines, TRACE_METRICS[1]))
+            if now == last:
+                break
+            last = now
+            time.sleep(2.5)  # more than the exporter's interval (1 s) plus one batch
+        stats = self.sink_stats()
+        mem = memory_mb(proc.pid)
+        exported = metric_sum(lines, TRACE_METRICS[0]) if lines else None
+        dropped = metric_sum(lines, TRACE_METRICS[1]) if lines else None
+        self.tracing.update(
+            sink=stats,
+            sink_cpu_s=round(cpu_seconds(self.sink.pid), 3),
+            metrics=lines,
+            spans_exported=exported,
+            spans_dropped=dropped,
+            requests_served=self.served[side],
+            rss_after_mb=round(mem["VmRSS"], 1),
+            hwm_mb=round(mem["VmHWM"], 1),
+        )
+        if not lines:
+            self.notes.append(f"the proxy+tracing's /metrics has no {' or '.join(TRACE_METRICS)} line")
+        if dropped:
+            self.notes.append(f"the proxy+tracing dropped {dropped:,.0f} spans (see its /metrics lines above and "
+                              "its log): the tracing figures do not include exporting them")
+        if stats.get("not_protobuf") or stats.get("bad") or stats.get("other"):
+            self.notes.append(f"the OTLP sink saw odd requests: {stats.get('not_protobuf')} without "
+                              f"application/x-protobuf, {stats.get('bad')} unparsable, {stats.get('other')} "
+                              "to other paths")
 
     def memory_phase(self) -> None:
         """At least `--mem-requests` more requests (half streamed) through the proxy, then its VmRSS/VmHWM."""
@@ -563,7 +657,7 @@ class Bench:
             errors += sum(v for k, v in raw.items() if k.startswith("err_"))
             rate = max(raw["requests"] / (raw["duration_us"] / 1e6), 100.0)
             samples.append([done_here, round(memory_mb(self.proxy.pid)["VmRSS"], 1)])
-        self.proxy_requests += done_here
+        self.served["proxy"] += done_here
         mem = memory_mb(self.proxy.pid)
         self.memory.update(
             phase_requests=done_here,
@@ -592,6 +686,11 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def loss_pct(tracing: Run, proxy: Run) -> float | None:
+    """Throughput proxy+tracing loses against proxy, in percent (negative: it was faster)."""
+    return (1.0 - tracing.rps / proxy.rps) * 100.0 if proxy.rps else None
+
+
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "MISSED")
 
@@ -615,6 +714,11 @@ def target_rows(runs: list[Run], memory: dict) -> list[dict]:
     served = memory.get("total_requests") if enough else TARGETS.rss_after_requests
     add(f"RSS after {served:,} requests", memory.get("rss_after_mb") if enough else None,
         TARGETS.rss_mb, "MB", False)
+    if any(r.side == "proxy+tracing" for r in runs):
+        for mode in MODES:
+            proxy, tracing = find_run(runs, mode, 16, "proxy"), find_run(runs, mode, 16, "proxy+tracing")
+            add(f"{mode} req/s lost to tracing, 16 conn", loss_pct(tracing, proxy) if proxy and tracing else None,
+                TARGETS.tracing_loss_pct_16, "%", False)
     return rows
 
 
@@ -625,6 +729,8 @@ def fmt_value(value: float | None, unit: str) -> str:
         return f"{value:,.0f} req/s"
     if unit == "ms":
         return f"{value:+.3f} ms"
+    if unit == "%":
+        return f"{value:.1f} %"
     return f"{value:.1f} {unit}"
 
 
@@ -635,8 +741,9 @@ def render(bench: Bench, meta: dict) -> str:
         f"{meta['cpus']} cores ({meta['cpu_model']}), load before {meta['loadavg_before']}; "
         f"wrk -t{args.threads}, {args.duration:g} s runs after {args.warmup:g} s warm-up; "
         f"proxy log_level={args.log_level}; "
-        f"{'pinned: proxy (and pass-through) cpu1, upstream+wrk cpu0' if args.pin else 'not pinned'}; "
-        f"upstream {'chunked' if args.upstream_chunked else 'Content-Length'}",
+        f"{'pinned: proxies (and pass-through) cpu1, upstream+wrk (and OTLP sink) cpu0' if args.pin else 'not pinned'}; "
+        f"upstream {'chunked' if args.upstream_chunked else 'Content-Length'}"
+        + ("; proxy+tracing: sample_ratio 1.0, OTLP/HTTP to a local sink, metrics on" if args.tracing else ""),
         "",
         f"{'':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'others':>8}",
     ]
@@ -644,10 +751,11 @@ def render(bench: Bench, meta: dict) -> str:
         for connections in args.connections:
             direct, proxy = find_run(runs, mode, connections, "direct"), find_run(runs, mode, connections, "proxy")
             thin = find_run(runs, mode, connections, "pass-through")
-            if not (direct or thin or proxy):
+            traced = find_run(runs, mode, connections, "proxy+tracing")
+            if not (direct or thin or proxy or traced):
                 continue
             out.append(f"{mode}, {connections} conn")
-            for run in (direct, thin, proxy):
+            for run in (direct, thin, proxy, traced):
                 if run is None:
                     continue
                 cpu = f"{run.cpu_us_per_request:.0f}"
@@ -666,6 +774,18 @@ def render(bench: Bench, meta: dict) -> str:
                 out.append(f"  {'proxy / pass-through':<24}{ratio(proxy.rps, thin.rps):>10}"
                            f"{ratio(proxy.p50_ms, thin.p50_ms):>10}{ratio(proxy.p99_ms, thin.p99_ms):>10}"
                            f"{ratio(proxy.cpu_us_per_request, thin.cpu_us_per_request):>12}")
+            if traced and proxy:
+                out.append(f"  {'tracing / proxy':<24}{ratio(traced.rps, proxy.rps):>10}"
+                           f"{ratio(traced.p50_ms, proxy.p50_ms):>10}{ratio(traced.p99_ms, proxy.p99_ms):>10}"
+                           f"{ratio(traced.cpu_us_per_request, proxy.cpu_us_per_request):>12}")
+            if traced and thin:
+                out.append(f"  {'tracing / pass-through':<24}{ratio(traced.rps, thin.rps):>10}"
+                           f"{ratio(traced.p50_ms, thin.p50_ms):>10}{ratio(traced.p99_ms, thin.p99_ms):>10}"
+                           f"{ratio(traced.cpu_us_per_request, thin.cpu_us_per_request):>12}")
+            if traced and proxy and proxy.rps and proxy.cpu_us_per_request:
+                cpu = (traced.cpu_us_per_request / proxy.cpu_us_per_request - 1.0) * 100.0
+                out.append(f"  {'lost to tracing':<24}{loss_pct(traced, proxy):>9.1f}%{'':>20}{cpu:>+11.1f}%"
+                           "   (req/s lost; CPU us/req added)")
     if memory.get("rss_after_mb") is not None:
         out += [
             "",
@@ -673,11 +793,12 @@ def render(bench: Bench, meta: dict) -> str:
             f"{memory['requests_before_phase']:,} requests, {memory['rss_after_mb']:.1f} MB after "
             f"{memory['total_requests']:,} (peak {memory['hwm_mb']:.1f} MB)",
         ]
+    out += tracing_lines(bench)
     out += ["", "targets (2 cores shared by wrk, upstream and proxy)"]
     for row in target_rows(runs, memory):
         sign = ">=" if row["higher_is_better"] else "<="
         limit = f"{row['limit']:,.0f} req/s" if row["unit"] == "req/s" else f"{row['limit']:g} {row['unit']}"
-        out.append(f"  {row['target']:<34}{fmt_value(row['value'], row['unit']):>14}   {sign} {limit:<12} "
+        out.append(f"  {row['target']:<40}{fmt_value(row['value'], row['unit']):>14}   {sign} {limit:<12} "
                    f"{verdict(row['met'])}")
     out += ["", PEERS]
     busy = [r for r in runs if noise(r) > NOISY_CORES]
@@ -690,6 +811,32 @@ def render(bench: Bench, meta: dict) -> str:
         bench.notes.append("some requests failed (see the errors above): the figures for those runs are suspect")
     out += [f"note: {n}" for n in bench.notes]
     return "\n".join(out)
+
+
+def tracing_lines(bench: Bench) -> list[str]:
+    """What the sink received and what the tracing proxy's exporter says it sent and lost."""
+    t = bench.tracing
+    if not t.get("sink"):
+        return []
+    sink, served, exported = t["sink"], t["requests_served"], t.get("spans_exported")
+    span_text = ""
+    if exported:
+        span_text = (f"; the proxy+tracing's exporter: {exported:,.0f} spans sent for {served:,} requests served "
+                     f"({exported / served:.2f} per request, {SPANS_PER_REQUEST} expected), "
+                     f"{sink['bytes'] / exported:,.0f} bytes per span" if served else "")
+    seconds = sink["last"] - sink["first"]
+    out = [
+        "",
+        f"OTLP sink: {sink['requests']:,} export requests, {sink['bytes']:,} bytes "
+        f"({sink['bytes'] / max(sink['requests'], 1) / 1024:,.1f} KB each, largest {sink['max_body'] / 1024:,.1f} KB, "
+        f"{sink['connections']} connection(s)) over {seconds:,.0f} s; sink CPU {t['sink_cpu_s']:.2f} s in all"
+        + span_text,
+        "proxy+tracing /metrics at the end:",
+        *(f"  {ln}" for ln in t.get("metrics") or ["(no trace exporter lines)"]),
+        f"proxy+tracing memory: RSS {t['rss_start_mb']:.1f} MB at start, {t['rss_after_mb']:.1f} MB after "
+        f"{served:,} requests (peak {t['hwm_mb']:.1f} MB)",
+    ]
+    return out
 
 
 def git_commit() -> str:
@@ -740,6 +887,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the proxy's server.log_level (default info, the proxy's own default)")
     parser.add_argument("--baseline", action="store_true",
                         help="also measure the thinnest aiohttp pass-through (bench/passthrough.py) on the same load")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also measure a proxy with tracing (every request sampled, exported to "
+                             "bench/otlp_sink.py) and metrics on, beside the plain proxy")
     parser.add_argument("--upstream-chunked", action="store_true",
                         help="the canned upstream frames streams chunked (as Groq does) instead of Content-Length")
     parser.add_argument("--pin", action="store_true",
@@ -787,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.start()
             bench.table_runs()
+            bench.collect_tracing()
             bench.memory_phase()
         except BenchError as exc:
             print(f"bench: {exc}", file=sys.stderr)
@@ -806,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "runs": [asdict(r) for r in bench.runs],
             "memory": bench.memory,
+            "tracing": bench.tracing,
             "targets": target_rows(bench.runs, bench.memory),
             "notes": bench.notes,
         }
