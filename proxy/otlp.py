@@ -53,24 +53,37 @@ def _any_value(value) -> bytes:
     return _ld(0x0A, str(value).encode())
 
 
-class _PairCache:
-    """Encoded KeyValue bytes for attribute pairs seen before."""
+# Attributes whose values differ on (nearly) every span: caching them would only fill memory.
+_VOLATILE = frozenset({
+    "groq_proxy.request_id", "gen_ai.response.id", "groq_proxy.time_to_first_chunk_ms",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.input.messages", "gen_ai.output.messages",
+    "gen_ai.request.max_tokens", "gen_ai.request.temperature",
+})
 
-    def __init__(self, limit: int = 50000) -> None:
-        self._cache: dict = {}
+
+class _PairCache:
+    """Encoded KeyValue bytes for attribute pairs that repeat (operation, provider, model, outcome...); for the
+    volatile ones only the encoded key is kept."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._pairs: dict = {}
+        self._keys: dict[str, bytes] = {}
         self._limit = limit
 
     def kv(self, key: str, value) -> bytes:
-        token = (key, value.__class__, value) if not isinstance(value, list) else None
-        if token is not None:
-            hit = self._cache.get(token)
-            if hit is not None:
-                return hit
-        encoded = _ld(0x4A, _ld(0x0A, key.encode()) + _ld(0x12, _any_value(value)))  # Span.attributes = 9
-        if token is not None:
-            if len(self._cache) >= self._limit:
-                self._cache.clear()
-            self._cache[token] = encoded
+        if key in _VOLATILE or value.__class__ is float or value.__class__ is list:
+            prefix = self._keys.get(key)
+            if prefix is None:
+                prefix = self._keys[key] = _ld(0x0A, key.encode())
+            return _ld(0x4A, prefix + _ld(0x12, _any_value(value)))  # Span.attributes = 9
+        token = (key, value.__class__, value)
+        hit = self._pairs.get(token)
+        if hit is not None:
+            return hit
+        encoded = _ld(0x4A, _ld(0x0A, key.encode()) + _ld(0x12, _any_value(value)))
+        if len(self._pairs) >= self._limit:
+            self._pairs.clear()  # a bound, not an eviction policy: a client naming endless models cannot grow it
+        self._pairs[token] = encoded
         return encoded
 
 
@@ -157,8 +170,8 @@ class Exporter:
             encode = self.encoder.span
             for _ in range(min(self.batch, len(queue))):
                 encoded.append(encode(queue.popleft()))
-                if len(encoded) % 64 == 0:
-                    await asyncio.sleep(0)  # let requests run between slices of encoding
+                if len(encoded) % 16 == 0:
+                    await asyncio.sleep(0)  # let requests run between slices of encoding (~0.2 ms each)
             await self._send(self.encoder.request(encoded), len(encoded))
 
     async def _send(self, body: bytes, count: int) -> None:
