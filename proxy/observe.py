@@ -26,6 +26,7 @@ class Observer:
         self.metrics = metrics
         self.record_content = config.telemetry.record_content
         self.rolling = RollingP95()
+        self._static: dict[tuple, tuple] = {}  # the shared static attributes of spans alike
         self._thresholds = {name: vm.latency for name, vm in config.models.items()}
         self._default = default_thresholds("standard")
 
@@ -35,12 +36,12 @@ class Observer:
         if self.tracer is None:
             return None
         route = request.path
-        return self.tracer.start_request(
-            request.headers.get("traceparent"),
-            f"{request.method} {route}",
-            {"http.request.method": request.method, "url.path": route, "http.route": route,
-             "gen_ai.operation.name": operation},
-        )
+        key = (request.method, route, operation)
+        static = self._static.get(key)
+        if static is None:  # routes are the proxy's own few paths: this stays small
+            static = self._static[key] = (("http.request.method", request.method), ("url.path", route),
+                                          ("http.route", route), ("gen_ai.operation.name", operation))
+        return self.tracer.start_request(request.headers.get("traceparent"), f"{request.method} {route}", {}, static)
 
     def request_ended(self, span: Span | None, ctx: RequestContext | None, status: int, started: float) -> None:
         total = time.perf_counter() - started
@@ -113,21 +114,26 @@ class Observer:
         if parent is None:
             return
         body = ctx.body
-        attrs = {
-            "gen_ai.operation.name": ctx.operation,
-            "gen_ai.provider.name": attempt.target.provider,
-            "gen_ai.request.model": attempt.target.model,
-            "server.address": provider.host,
-            "server.port": provider.port,
-            "groq_proxy.virtual_model": ctx.route.virtual,
-            "groq_proxy.attempt.index": attempt.index,
-        }
+        target = attempt.target
+        key = (ctx.operation, target, provider.host, provider.port, ctx.route.virtual, attempt.index)
+        static = self._static.get(key)
+        if static is None:
+            if len(self._static) >= 4096:  # explicit provider:model names are the client's: keep this bounded
+                self._static.clear()
+            static = self._static[key] = (
+                ("gen_ai.operation.name", ctx.operation), ("gen_ai.provider.name", target.provider),
+                ("gen_ai.request.model", target.model), ("server.address", provider.host),
+                ("server.port", provider.port), ("groq_proxy.virtual_model", ctx.route.virtual),
+                ("groq_proxy.attempt.index", attempt.index),
+            )
+        attrs = {}
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None:
             attrs["gen_ai.request.max_tokens"] = max_tokens
         if body.get("temperature") is not None:
             attrs["gen_ai.request.temperature"] = float(body["temperature"])
-        attempt.span = span = self.tracer.start_child(parent, f"{ctx.operation} {attempt.target.model}", KIND_CLIENT, attrs)
+        attempt.span = span = self.tracer.start_child(parent, f"{ctx.operation} {target.model}", KIND_CLIENT, attrs,
+                                                      static)
         headers["traceparent"] = span.traceparent
 
     def attempt_ended(self, ctx: RequestContext, attempt: Attempt) -> None:

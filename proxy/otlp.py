@@ -36,7 +36,10 @@ def _varint(n: int) -> bytes:
 
 def _ld(tag: int, payload: bytes) -> bytes:
     """A length-delimited field: tag byte(s), length, payload."""
-    return _varint(tag) + _varint(len(payload)) + payload
+    n = len(payload)
+    if n < 0x80 and tag < 0x80:  # the common case: one byte each
+        return bytes((tag, n)) + payload
+    return _varint(tag) + _varint(n) + payload
 
 
 def _any_value(value) -> bytes:
@@ -75,6 +78,10 @@ class _PairCache:
             prefix = self._keys.get(key)
             if prefix is None:
                 prefix = self._keys[key] = _ld(0x0A, key.encode())
+            if value.__class__ is str and len(value) < 0x70:  # a short string: every length fits one byte
+                raw = value.encode()
+                body = prefix + bytes((0x12, len(raw) + 2, 0x0A, len(raw))) + raw
+                return bytes((0x4A, len(body))) + body if len(body) < 0x80 else _ld(0x4A, body)
             return _ld(0x4A, prefix + _ld(0x12, _any_value(value)))  # Span.attributes = 9
         token = (key, value.__class__, value)
         hit = self._pairs.get(token)
@@ -101,6 +108,20 @@ class Encoder:
         self._scope_field = _ld(0x0A, scope)  # ScopeSpans.scope = 1
         self._schema = _ld(0x1A, SEMCONV_SCHEMA.encode())
         self._pairs = _PairCache()
+        self._blocks: dict[int, tuple[tuple, bytes]] = {}  # id(static attributes) -> (them, their encoding)
+        self._names: dict[tuple[str, int], bytes] = {}  # (span name, kind) -> name and kind fields
+
+    def _static(self, static: tuple) -> bytes:
+        """The encoding of a span's static attributes: tuples the observer shares between spans alike."""
+        hit = self._blocks.get(id(static))
+        if hit is not None and hit[0] is static:
+            return hit[1]
+        kv = self._pairs.kv
+        blob = b"".join(kv(k, v) for k, v in static if v is not None)
+        if len(self._blocks) >= 4096:
+            self._blocks.clear()
+        self._blocks[id(static)] = (static, blob)  # the tuple is kept, so its id cannot be reused meanwhile
+        return blob
 
     def span(self, s: Span) -> bytes:
         kv = self._pairs.kv
@@ -110,12 +131,14 @@ class Encoder:
         ]
         if s.parent_id:
             parts += (b"\x22\x08", s.parent_id.to_bytes(8, "big"))
-        parts += (
-            _ld(0x2A, s.name.encode()),
-            b"\x30", bytes((s.kind,)),
-            b"\x39", _pack_q(s.start_ns),
-            b"\x41", _pack_q(s.end_ns),
-        )
+        name = self._names.get((s.name, s.kind))
+        if name is None:
+            if len(self._names) >= 4096:
+                self._names.clear()
+            name = self._names[(s.name, s.kind)] = _ld(0x2A, s.name.encode()) + b"\x30" + bytes((s.kind,))
+        parts += (name, b"\x39", _pack_q(s.start_ns), b"\x41", _pack_q(s.end_ns))
+        if s.static:
+            parts.append(self._static(s.static))
         parts += [kv(k, v) for k, v in s.attrs.items() if v is not None]
         if s.events:
             for ts, name, attrs in s.events:
@@ -140,7 +163,7 @@ class Exporter:
     """Drains the tracer's queue every `interval_s` (or sooner when it fills) and POSTs OTLP/HTTP protobuf."""
 
     def __init__(self, tracer: Tracer, encoder: Encoder, url: str, headers: dict[str, str] | None = None,
-                 interval_s: float = 1.0, batch: int = 512, timeout_s: float = 5.0) -> None:
+                 interval_s: float = 0.1, batch: int = 512, timeout_s: float = 5.0) -> None:
         self.tracer = tracer
         self.encoder = encoder
         self.url = url

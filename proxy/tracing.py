@@ -24,11 +24,11 @@ _getrandbits = random.getrandbits  # ids need to be unique, not secret: the fast
 
 class Span:
     __slots__ = (
-        "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs", "status",
+        "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs", "static", "status",
         "status_message", "events", "remote_parent",
     )
 
-    def __init__(self, trace_id: int, parent_id: int, name: str, kind: int, attrs: dict) -> None:
+    def __init__(self, trace_id: int, parent_id: int, name: str, kind: int, attrs: dict, static: tuple = ()) -> None:
         self.trace_id = trace_id
         self.span_id = _getrandbits(64) or 1
         self.parent_id = parent_id
@@ -37,6 +37,8 @@ class Span:
         self.start_ns = time.time_ns()
         self.end_ns = 0
         self.attrs = attrs
+        # Attributes shared by many spans, as one tuple object the encoder encodes once; `attrs` holds the rest.
+        self.static = static
         self.status = STATUS_UNSET
         self.status_message = ""
         self.events: list | None = None
@@ -68,7 +70,7 @@ class Tracer:
         self.max_queue = max_queue
         self.dropped = 0
 
-    def start_request(self, traceparent: str | None, name: str, attrs: dict) -> Span | None:
+    def start_request(self, traceparent: str | None, name: str, attrs: dict, static: tuple = ()) -> Span | None:
         """The SERVER span of a request; a child of the caller's span when it sent a valid `traceparent`.
         None when the request is not sampled."""
         parent_id = 0
@@ -80,16 +82,16 @@ class Tracer:
                     sampled = (int(match.group(1), 16) & 0xFFFFFFFFFFFFFFFF) < self._bound
                 if not sampled:
                     return None  # the caller (or a sampler that ignores it) decided not to sample this trace
-                span = Span(int(match.group(1), 16), int(match.group(2), 16), name, KIND_SERVER, attrs)
+                span = Span(int(match.group(1), 16), int(match.group(2), 16), name, KIND_SERVER, attrs, static)
                 span.remote_parent = True
                 return span
         trace_id = _getrandbits(128) or 1
         if (trace_id & 0xFFFFFFFFFFFFFFFF) >= self._bound:
             return None
-        return Span(trace_id, parent_id, name, KIND_SERVER, attrs)
+        return Span(trace_id, parent_id, name, KIND_SERVER, attrs, static)
 
-    def start_child(self, parent: Span, name: str, kind: int, attrs: dict) -> Span:
-        return Span(parent.trace_id, parent.span_id, name, kind, attrs)
+    def start_child(self, parent: Span, name: str, kind: int, attrs: dict, static: tuple = ()) -> Span:
+        return Span(parent.trace_id, parent.span_id, name, kind, attrs, static)
 
     def end(self, span: Span, end_ns: int | None = None) -> None:
         span.end_ns = end_ns or time.time_ns()
