@@ -12,13 +12,13 @@ SSE stream (role chunk, content chunks, a finish chunk carrying `x_groq.usage`, 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
-import signal
 import sys
 
 import orjson
+
+from bench import serving
 
 MODELS = ("openai/gpt-oss-20b", "openai/gpt-oss-120b")
 MODEL = MODELS[0]
@@ -202,36 +202,17 @@ class UpstreamProtocol(asyncio.Protocol):
 
 
 async def serve(host: str, port: int, chunked: bool = False) -> asyncio.AbstractServer:
+    """The upstream on the running loop (for use in-process)."""
     canned = Canned(chunked)
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: UpstreamProtocol(canned), host, port, backlog=1024, reuse_address=True)
+    return await serving.create_server(lambda: UpstreamProtocol(canned), host, port)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.canned_upstream", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
+    parser = serving.parser("python -m bench.canned_upstream", __doc__)
     parser.add_argument("--chunked", action="store_true", help="frame streams chunked, as Groq does")
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    server = loop.run_until_complete(serve(args.host, args.port, args.chunked))
-    port = server.sockets[0].getsockname()[1]
-    print(f"listening on http://{args.host}:{port}", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, loop.stop)
-    try:
-        loop.run_forever()
-    finally:
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
-    return 0
+    canned = Canned(args.chunked)
+    return serving.serve_forever(lambda: UpstreamProtocol(canned), args.host, args.port)
 
 
 if __name__ == "__main__":

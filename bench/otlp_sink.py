@@ -15,13 +15,13 @@ in and never kept or decoded: the protobuf is not looked at.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import re
-import signal
 import sys
 import time
+
+from bench import serving
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.IGNORECASE)
@@ -153,33 +153,10 @@ class SinkProtocol(asyncio.Protocol):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.otlp_sink", description=__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
-    args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
+    args = serving.parser("python -m bench.otlp_sink", __doc__).parse_args(argv)
     stats = Stats()
-    server = loop.run_until_complete(
-        loop.create_server(lambda: SinkProtocol(stats), args.host, args.port, backlog=1024, reuse_address=True)
-    )
-    port = server.sockets[0].getsockname()[1]
-    print(f"listening on http://{args.host}:{port}", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, loop.stop)
-    try:
-        loop.run_forever()
-    finally:
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
-        print("stats " + json.dumps(stats.as_dict()), flush=True)
-    return 0
+    return serving.serve_forever(lambda: SinkProtocol(stats), args.host, args.port,
+                                 on_exit=lambda: print("stats " + json.dumps(stats.as_dict()), flush=True))
 
 
 if __name__ == "__main__":

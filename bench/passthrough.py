@@ -10,12 +10,12 @@ return the answer (a stream is copied chunk by chunk). No routing, validation, f
 
 from __future__ import annotations
 
-import argparse
-import socket
 import sys
 
 import aiohttp
 from aiohttp import web
+
+from bench import serving
 
 UPSTREAM = web.AppKey("upstream", str)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -42,28 +42,17 @@ async def _session(app: web.Application):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.passthrough", description=__doc__.split("\n")[0])
+    parser = serving.parser("python -m bench.passthrough", __doc__)
     parser.add_argument("--upstream", required=True, help="the upstream chat-completions URL")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
-        import asyncio
-
-        loop = asyncio.new_event_loop()
+    loop = serving.new_event_loop()
     app = web.Application()
     app[UPSTREAM] = args.upstream
     app.cleanup_ctx.append(_session)
     app.router.add_post("/v1/chat/completions", forward)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
-    print(f"listening on http://{args.host}:{sock.getsockname()[1]}", flush=True)
-    web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)
+    sock = serving.listening_socket(args.host, args.port)
+    serving.announce(args.host, sock.getsockname()[1])
+    web.run_app(app, sock=sock, access_log=None, print=None, loop=loop)  # aiohttp's own SIGINT/SIGTERM handling
     return 0
 
 

@@ -4,12 +4,14 @@
     python -m bench.run --quick          # 3 s runs
     python -m bench.run --json out.json  # also write every number
     python -m bench.run --tracing        # also a second proxy with tracing (every request) and metrics on
+    python -m bench.run --repeat 5       # each cell's sides measured 5 times, interleaved; medians printed
 
 For each mode (non-stream, stream) and connection count (1, 16) it measures wrk -> canned upstream ("direct")
 and wrk -> proxy -> canned upstream ("proxy"), each after a short warm-up, and prints req/s, p50 and p99, the
 proxy figures as ratios of the direct ones and the latency the proxy adds. With --tracing, a second proxy
 ("proxy+tracing": every request sampled, spans exported to bench/otlp_sink.py) is measured beside the first
-and compared with it. Then it drives at least 100,000
+and compared with it. With --repeat N, each cell's sides are measured in N interleaved rounds (the order rotated
+each round) and the table shows each figure's median over the rounds. Then it drives at least 100,000
 requests through the proxy and reads its resident memory. Targets are printed beside the figures; a missed
 target is reported, never an error (the machine is shared and noisy). See bench/README.md.
 """
@@ -28,6 +30,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -339,6 +342,7 @@ class Run:
     mode: str
     connections: int
     side: str  # "direct", "pass-through", "proxy" or "proxy+tracing"
+    round: int = 1  # with --repeat N, which of the N interleaved rounds (1..N)
     rps: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
@@ -544,7 +548,7 @@ class Bench:
                 self.log(f"  waiting for other work to calm down ({busy:.2f} cores busy outside the bench)")
                 said = True
 
-    def one(self, mode: str, connections: int, side: str) -> Run:
+    def one(self, mode: str, connections: int, side: str, round_: int = 1) -> Run:
         """One measured run after a warm-up; measured again once when other work disturbed it (the quieter
         of the two is kept), and once when the proxy died during it."""
         best: Run | None = None
@@ -558,6 +562,7 @@ class Bench:
                 if is_proxy:
                     self.served[side] += warm["requests"]
             run = measure(self.wrk, self.url(side), mode, connections, self.args.duration, side, self.watched())
+            run.round = round_
             if is_proxy:
                 self.served[side] += run.requests
                 if not self.procs[side].alive():
@@ -581,16 +586,29 @@ class Bench:
         self._start_proxy(side)
 
     def table_runs(self) -> None:
+        """Each (mode, connections) cell: the sides one after the other, `--repeat` times. Round r starts
+        r-1 places further along the sides (direct, pass-through, proxy, proxy+tracing, then pass-through,
+        proxy, proxy+tracing, direct, ...), so no side is always measured first, and a drift in the machine's
+        speed over the cell falls on every side alike. The neighbours stay: proxy+tracing runs right after
+        proxy in every round but the one it opens, which keeps the per-round comparison of the two close."""
+        repeat = self.args.repeat
         for mode in self.args.modes:
             for connections in self.args.connections:
-                for side in self.sides:
-                    run = self.one(mode, connections, side)
-                    self.runs.append(run)
-                    self.log(
-                        f"  {mode:<10} {connections:>3} conn  {side:<13} {run.rps:>9,.0f} req/s  "
-                        f"p50 {run.p50_ms:6.3f} ms  p99 {run.p99_ms:6.3f} ms  {run.cpu_us_per_request:5.0f} us/req"
-                        + (f"  ERRORS {run.errors}" if run.errors else "")
-                    )
+                for index in range(repeat):
+                    shift = index % len(self.sides)
+                    for side in (*self.sides[shift:], *self.sides[:shift]):
+                        self._measure_into_table(mode, connections, side, index + 1)
+
+    def _measure_into_table(self, mode: str, connections: int, side: str, round_: int) -> None:
+        run = self.one(mode, connections, side, round_)
+        self.runs.append(run)
+        rounds = f"r{round_}/{self.args.repeat}  " if self.args.repeat > 1 else ""
+        self.log(
+            f"  {mode:<10} {connections:>3} conn  {rounds}{side:<13} {run.rps:>9,.0f} req/s  "
+            f"p50 {run.p50_ms:6.3f} ms  p99 {run.p99_ms:6.3f} ms  {run.cpu_us_per_request:5.0f} us/req"
+            + (f"  others {noise(run):.2f}" if noise(run) > NOISY_CORES else "")
+            + (f"  ERRORS {run.errors}" if run.errors else "")
+        )
 
     def collect_tracing(self) -> None:
         """After the table's runs: the sink's totals and the tracing proxy's exporter counters, once the
@@ -673,20 +691,78 @@ class Bench:
 # --- report ----------------------------------------------------------------------------------------------
 
 
-def noise(run: Run) -> float:
-    """Cores other processes and the hypervisor took during a run."""
+@dataclass
+class Median:
+    """One side of one cell over its rounds (--repeat): the median of each figure, each taken on its own (the
+    median req/s and the median p99 may come from different rounds), and the range of req/s."""
+
+    mode: str
+    connections: int
+    side: str
+    rounds: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    cpu_us_per_request: float
+    others: float  # median cores taken by other work and the hypervisor
+    rps_min: float
+    rps_max: float
+    errors: int  # over all the rounds
+
+
+def noise(run: Run | Median) -> float:
+    """Cores other processes and the hypervisor took during a run (for a Median, the median over its rounds)."""
+    if isinstance(run, Median):
+        return run.others
     return run.cpu_cores.get("other", 0.0) + run.cpu_cores.get("steal", 0.0)
 
 
-def find_run(runs: list[Run], mode: str, connections: int, side: str) -> Run | None:
-    return next((r for r in runs if (r.mode, r.connections, r.side) == (mode, connections, side)), None)
+def medians(runs: list[Run]) -> list[Median]:
+    cells: dict[tuple[str, int, str], list[Run]] = {}
+    for run in runs:
+        cells.setdefault((run.mode, run.connections, run.side), []).append(run)
+    out = []
+    for (mode, connections, side), rs in cells.items():
+        def med(attr: str) -> float:
+            return statistics.median(getattr(r, attr) for r in rs)
+
+        out.append(Median(
+            mode=mode, connections=connections, side=side, rounds=len(rs),
+            rps=med("rps"), p50_ms=med("p50_ms"), p90_ms=med("p90_ms"), p99_ms=med("p99_ms"),
+            cpu_us_per_request=med("cpu_us_per_request"), others=statistics.median(noise(r) for r in rs),
+            rps_min=min(r.rps for r in rs), rps_max=max(r.rps for r in rs), errors=sum(r.errors for r in rs),
+        ))
+    return out
+
+
+def find_run(runs: list, mode: str, connections: int, side: str, round_: int | None = None):
+    """The run (or Median) of a side in a cell; with `round_`, the run of that round."""
+    return next((r for r in runs if (r.mode, r.connections, r.side) == (mode, connections, side)
+                 and (round_ is None or r.round == round_)), None)
+
+
+def tracing_by_round(runs: list[Run], mode: str, connections: int) -> list[dict]:
+    """Per round, the req/s proxy+tracing lost against the proxy of the same round, and the CPU per request
+    it added, in percent (both None where a round lacks one of the two)."""
+    out = []
+    for round_ in sorted({r.round for r in runs if (r.mode, r.connections) == (mode, connections)}):
+        proxy = find_run(runs, mode, connections, "proxy", round_)
+        traced = find_run(runs, mode, connections, "proxy+tracing", round_)
+        if not (proxy and traced):
+            continue
+        cpu = ((traced.cpu_us_per_request / proxy.cpu_us_per_request - 1.0) * 100.0
+               if proxy.cpu_us_per_request else None)
+        out.append({"mode": mode, "connections": connections, "round": round_,
+                    "lost_pct": loss_pct(traced, proxy), "cpu_added_pct": cpu})
+    return out
 
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def loss_pct(tracing: Run, proxy: Run) -> float | None:
+def loss_pct(tracing: Run | Median, proxy: Run | Median) -> float | None:
     """Throughput proxy+tracing loses against proxy, in percent (negative: it was faster)."""
     return (1.0 - tracing.rps / proxy.rps) * 100.0 if proxy.rps else None
 
@@ -695,7 +771,8 @@ def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "MISSED")
 
 
-def target_rows(runs: list[Run], memory: dict) -> list[dict]:
+def target_rows(runs: list[Median], memory: dict) -> list[dict]:
+    """The targets, judged on the medians (with --repeat 1, on the single runs)."""
     rows = []
 
     def add(name: str, value: float | None, limit: float, unit: str, higher_is_better: bool) -> None:
@@ -734,8 +811,16 @@ def fmt_value(value: float | None, unit: str) -> str:
     return f"{value:.1f} {unit}"
 
 
+def spread(m: Median) -> str:
+    """The range of req/s over the rounds, and its width as a share of the median."""
+    width = (m.rps_max - m.rps_min) / m.rps * 100.0 if m.rps else 0.0
+    return f"{m.rps_min:,.0f}-{m.rps_max:,.0f} ({width:.0f}%)"
+
+
 def render(bench: Bench, meta: dict) -> str:
-    args, runs, memory = bench.args, bench.runs, bench.memory
+    args, memory = bench.args, bench.memory
+    runs = medians(bench.runs)  # with --repeat 1, each Median is just the one run
+    repeated = args.repeat > 1
     out = [
         f"groq-proxy bench  {meta['date']}  commit {meta['commit']}",
         f"{meta['cpus']} cores ({meta['cpu_model']}), load before {meta['loadavg_before']}; "
@@ -744,8 +829,17 @@ def render(bench: Bench, meta: dict) -> str:
         f"{'pinned: proxies (and pass-through) cpu1, upstream+wrk (and OTLP sink) cpu0' if args.pin else 'not pinned'}; "
         f"upstream {'chunked' if args.upstream_chunked else 'Content-Length'}"
         + ("; proxy+tracing: sample_ratio 1.0, OTLP/HTTP to a local sink, metrics on" if args.tracing else ""),
+    ]
+    if repeated:
+        out.append(
+            f"{args.repeat} interleaved rounds per cell, the sides' order rotated each round; every figure below "
+            f"is the median over the rounds, ratios and targets are computed from the medians; quiet-wait "
+            f"{args.quiet_wait:g} s, remeasure {args.remeasure}"
+        )
+    out += [
         "",
-        f"{'':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'others':>8}",
+        f"{'':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'others':>8}"
+        + ("   req/s min-max (width)" if repeated else ""),
     ]
     for mode in args.modes:
         for connections in args.connections:
@@ -761,7 +855,7 @@ def render(bench: Bench, meta: dict) -> str:
                 cpu = f"{run.cpu_us_per_request:.0f}"
                 err = f"  ({run.errors} errors)" if run.errors else ""
                 out.append(f"  {run.side:<24}{run.rps:>10,.0f}{run.p50_ms:>10.3f}{run.p99_ms:>10.3f}{cpu:>12}"
-                           f"{noise(run):>8.2f}{err}")
+                           f"{noise(run):>8.2f}" + (f"   {spread(run)}" if repeated else "") + err)
             if direct and proxy:
                 out.append(f"  {'proxy / direct':<24}{ratio(proxy.rps, direct.rps):>10}"
                            f"{ratio(proxy.p50_ms, direct.p50_ms):>10}{ratio(proxy.p99_ms, direct.p99_ms):>10}")
@@ -785,7 +879,16 @@ def render(bench: Bench, meta: dict) -> str:
             if traced and proxy and proxy.rps and proxy.cpu_us_per_request:
                 cpu = (traced.cpu_us_per_request / proxy.cpu_us_per_request - 1.0) * 100.0
                 out.append(f"  {'lost to tracing':<24}{loss_pct(traced, proxy):>9.1f}%{'':>20}{cpu:>+11.1f}%"
-                           "   (req/s lost; CPU us/req added)")
+                           "   (req/s lost; CPU us/req added" + ("; from the medians)" if repeated else ")"))
+                rounds = tracing_by_round(bench.runs, mode, connections)
+                if repeated and rounds:
+                    lost = [r["lost_pct"] for r in rounds if r["lost_pct"] is not None]
+                    added = [r["cpu_added_pct"] for r in rounds if r["cpu_added_pct"] is not None]
+                    out.append(f"    {'by round, req/s lost':<22}" + " ".join(f"{x:.1f}%" for x in lost)
+                               + (f"   (median {statistics.median(lost):.1f}%, range {min(lost):.1f} to "
+                                  f"{max(lost):.1f})" if lost else ""))
+                    out.append(f"    {'by round, CPU added':<22}" + " ".join(f"{x:+.1f}%" for x in added)
+                               + (f"   (median {statistics.median(added):+.1f}%)" if added else ""))
     if memory.get("rss_after_mb") is not None:
         out += [
             "",
@@ -794,22 +897,27 @@ def render(bench: Bench, meta: dict) -> str:
             f"{memory['total_requests']:,} (peak {memory['hwm_mb']:.1f} MB)",
         ]
     out += tracing_lines(bench)
-    out += ["", "targets (2 cores shared by wrk, upstream and proxy)"]
+    out += ["", "targets (2 cores shared by wrk, upstream and proxy"
+            + (f"; medians of {args.repeat} rounds)" if repeated else ")")]
     for row in target_rows(runs, memory):
         sign = ">=" if row["higher_is_better"] else "<="
         limit = f"{row['limit']:,.0f} req/s" if row["unit"] == "req/s" else f"{row['limit']:g} {row['unit']}"
         out.append(f"  {row['target']:<40}{fmt_value(row['value'], row['unit']):>14}   {sign} {limit:<12} "
                    f"{verdict(row['met'])}")
     out += ["", PEERS]
-    busy = [r for r in runs if noise(r) > NOISY_CORES]
+    notes = bench.notes  # what render adds here goes into --json too
+    busy = [r for r in bench.runs if noise(r) > NOISY_CORES]
     if busy:
-        bench.notes.append(
+        notes.append(
             f"other processes or the hypervisor took > {NOISY_CORES} core during "
-            + ", ".join(f"{r.mode}/{r.connections}/{r.side}" for r in busy) + ": those figures are noisy"
+            + ", ".join(f"{r.mode}/{r.connections}/{r.side}" + (f"/round {r.round}" if repeated else "")
+                        for r in busy)
+            + (": those figures are noisy" if not repeated else
+               ": those rounds are noisy (a median over the rounds outvotes a minority of them)")
         )
-    if any(r.errors for r in runs) or memory.get("phase_errors"):
-        bench.notes.append("some requests failed (see the errors above): the figures for those runs are suspect")
-    out += [f"note: {n}" for n in bench.notes]
+    if any(r.errors for r in bench.runs) or memory.get("phase_errors"):
+        notes.append("some requests failed (see the errors above): the figures for those runs are suspect")
+    out += [f"note: {n}" for n in notes]
     return "\n".join(out)
 
 
@@ -894,16 +1002,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the canned upstream frames streams chunked (as Groq does) instead of Content-Length")
     parser.add_argument("--pin", action="store_true",
                         help="taskset: the proxy on cpu 1, the upstream and wrk on cpu 0 (default: not pinned)")
-    parser.add_argument("--quiet-wait", type=float, default=30.0,
-                        help="before each run, wait up to this many seconds for other work to leave the cores")
-    parser.add_argument("--remeasure", type=int, default=1,
-                        help="measure a run disturbed by other work again, up to this many times (default 1)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure each cell's sides in N interleaved rounds (order rotated each round) and "
+                             "report the medians (default 1)")
+    parser.add_argument("--quiet-wait", type=float, default=None,
+                        help="before each run, wait up to this many seconds for other work to leave the cores "
+                             "(default 30; 5 with --repeat > 1)")
+    parser.add_argument("--remeasure", type=int, default=None,
+                        help="measure a run disturbed by other work again, up to this many times "
+                             "(default 1; 0 with --repeat > 1, where the median outvotes a disturbed round)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 3.0
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
+    # With repeats the median already outvotes a disturbed round, and waiting 30 s and measuring again before
+    # each of N times as many runs could double the bench's time: a short wait, no re-measuring (unless asked).
+    if args.quiet_wait is None:
+        args.quiet_wait = 30.0 if args.repeat == 1 else 5.0
+    if args.remeasure is None:
+        args.remeasure = 1 if args.repeat == 1 else 0
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     except ValueError:
@@ -955,10 +1076,13 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "meta": meta,
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "runs": [asdict(r) for r in bench.runs],
+            "runs": [asdict(r) for r in bench.runs],  # every round's run, with its "round"
+            "medians": [asdict(m) for m in medians(bench.runs)],  # what the table shows
+            "tracing_by_round": [row for mode in args.modes for c in args.connections
+                                 for row in tracing_by_round(bench.runs, mode, c)],
             "memory": bench.memory,
             "tracing": bench.tracing,
-            "targets": target_rows(bench.runs, bench.memory),
+            "targets": target_rows(medians(bench.runs), bench.memory),
             "notes": bench.notes,
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
