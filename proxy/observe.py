@@ -81,18 +81,21 @@ class Observer:
                                 m.usage_hist.observe((ctx.operation, ctx.route.requested, kind), count)
         if span is not None:
             attrs = span.attrs
-            attrs["http.response.status_code"] = status
-            if ctx is not None:
-                attrs["gen_ai.request.model"] = ctx.route.requested
+            if ctx is None:
+                attrs["http.response.status_code"] = status
+            else:
+                answered = ctx.answered
+                span.closing = self._shared((
+                    ("http.response.status_code", status),
+                    ("gen_ai.request.model", ctx.route.requested),
+                    ("groq_proxy.virtual_model", ctx.route.virtual),
+                    ("groq_proxy.attempts", ctx.sent_attempts),
+                    ("groq_proxy.stream", ctx.stream),
+                    ("gen_ai.response.model", (answered.response_model or answered.target.model) if answered else None),
+                    ("groq_proxy.answered_by", answered.target.key if answered else None),
+                    ("groq_proxy.latency_category", category),
+                ))
                 attrs["groq_proxy.request_id"] = ctx.request_id
-                attrs["groq_proxy.virtual_model"] = ctx.route.virtual
-                attrs["groq_proxy.attempts"] = ctx.sent_attempts
-                attrs["groq_proxy.stream"] = ctx.stream
-                if ctx.answered is not None:
-                    attrs["gen_ai.response.model"] = ctx.answered.response_model or ctx.answered.target.model
-                    attrs["groq_proxy.answered_by"] = ctx.answered.target.key
-                if category is not None:
-                    attrs["groq_proxy.latency_category"] = category
                 if self.record_content:
                     attrs["gen_ai.input.messages"] = input_messages(ctx.body)
             # A 4xx the client caused (bad input, a request error passed back) leaves the span unset.
@@ -151,28 +154,38 @@ class Observer:
             self.attempt_started(ctx, attempt, _NoProvider, {})
             span = attempt.span
         attrs = span.attrs
-        attrs["groq_proxy.attempt.outcome"] = attempt.outcome
-        if attempt.status is not None:
-            attrs["http.response.status_code"] = attempt.status
+        outcome = attempt.outcome
+        failed = outcome in _FAILED or outcome == "skipped"
+        reasons = tuple(r for r in attempt.finish_reasons if r) if attempt.finish_reasons else None
+        span.closing = self._shared((
+            ("groq_proxy.attempt.outcome", outcome),
+            ("http.response.status_code", attempt.status),
+            ("gen_ai.response.model", attempt.response_model or None),
+            ("gen_ai.response.finish_reasons", reasons or None),
+            ("groq_proxy.attempt.reason", attempt.reason if failed else None),
+        ))
         if attempt.first_byte is not None:
             attrs["groq_proxy.time_to_first_chunk_ms"] = round((attempt.first_byte - attempt.started) * 1000.0, 3)
         if attempt.response_id:
             attrs["gen_ai.response.id"] = attempt.response_id
-        if attempt.response_model:
-            attrs["gen_ai.response.model"] = attempt.response_model
-        if attempt.finish_reasons:
-            attrs["gen_ai.response.finish_reasons"] = tuple(r for r in attempt.finish_reasons if r)
         usage = attempt.usage
         if isinstance(usage, dict):
             attrs["gen_ai.usage.input_tokens"] = usage.get("prompt_tokens")
             attrs["gen_ai.usage.output_tokens"] = usage.get("completion_tokens")
         if attempt.content is not None:
             attrs["gen_ai.output.messages"] = attempt.content
-        if attempt.outcome in _FAILED or attempt.outcome == "skipped":
-            attrs["groq_proxy.attempt.reason"] = attempt.reason
-            if attempt.outcome != "skipped":
-                span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
+        if failed and outcome != "skipped":
+            span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
         self.tracer.end(span)
+
+    def _shared(self, pairs: tuple) -> tuple:
+        """One shared tuple per distinct set of attribute pairs, so the encoder encodes each set once."""
+        hit = self._static.get(pairs)
+        if hit is None:
+            if len(self._static) >= 4096:  # model names can come from clients: keep this bounded
+                self._static.clear()
+            hit = self._static[pairs] = pairs
+        return hit
 
 
 class _NoProvider:

@@ -78,11 +78,19 @@ class _PairCache:
             prefix = self._keys.get(key)
             if prefix is None:
                 prefix = self._keys[key] = _ld(0x0A, key.encode())
-            if value.__class__ is str and len(value) < 0x70:  # a short string: every length fits one byte
+            cls = value.__class__
+            # The common volatile values, encoded inline (every length here fits one byte when the key does).
+            if cls is str and len(value) < 0x70:
                 raw = value.encode()
                 body = prefix + bytes((0x12, len(raw) + 2, 0x0A, len(raw))) + raw
-                return bytes((0x4A, len(body))) + body if len(body) < 0x80 else _ld(0x4A, body)
-            return _ld(0x4A, prefix + _ld(0x12, _any_value(value)))  # Span.attributes = 9
+            elif cls is int and value >= 0:
+                raw = _varint(value)
+                body = prefix + bytes((0x12, len(raw) + 1, 0x18)) + raw
+            elif cls is float:
+                body = prefix + b"\x12\x09\x21" + _pack_d(value)
+            else:
+                return _ld(0x4A, prefix + _ld(0x12, _any_value(value)))  # Span.attributes = 9
+            return bytes((0x4A, len(body))) + body if len(body) < 0x80 else _ld(0x4A, body)
         token = (key, value.__class__, value)
         hit = self._pairs.get(token)
         if hit is not None:
@@ -139,6 +147,8 @@ class Encoder:
         parts += (name, b"\x39", _pack_q(s.start_ns), b"\x41", _pack_q(s.end_ns))
         if s.static:
             parts.append(self._static(s.static))
+        if s.closing:
+            parts.append(self._static(s.closing))
         parts += [kv(k, v) for k, v in s.attrs.items() if v is not None]
         if s.events:
             for ts, name, attrs in s.events:

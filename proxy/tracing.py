@@ -24,7 +24,7 @@ _getrandbits = random.getrandbits  # ids need to be unique, not secret: the fast
 
 class Span:
     __slots__ = (
-        "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs", "static", "status",
+        "trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns", "attrs", "static", "closing", "status",
         "status_message", "events", "remote_parent",
     )
 
@@ -39,6 +39,7 @@ class Span:
         self.attrs = attrs
         # Attributes shared by many spans, as one tuple object the encoder encodes once; `attrs` holds the rest.
         self.static = static
+        self.closing: tuple = ()  # the same, for attributes known when the span ends
         self.status = STATUS_UNSET
         self.status_message = ""
         self.events: list | None = None
