@@ -18,6 +18,14 @@ from proxy.metrics import ProxyMetrics
 from proxy.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
 _FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled"})
+_REQUEST_CLOSING = (
+    "http.response.status_code", "gen_ai.request.model", "groq_proxy.virtual_model", "groq_proxy.attempts",
+    "groq_proxy.stream", "gen_ai.response.model", "groq_proxy.answered_by", "groq_proxy.latency_category",
+)
+_ATTEMPT_CLOSING = (
+    "groq_proxy.attempt.outcome", "http.response.status_code", "gen_ai.response.model",
+    "gen_ai.response.finish_reasons", "groq_proxy.attempt.reason",
+)
 
 
 class Observer:
@@ -85,15 +93,10 @@ class Observer:
                 attrs["http.response.status_code"] = status
             else:
                 answered = ctx.answered
-                span.closing = self._shared((
-                    ("http.response.status_code", status),
-                    ("gen_ai.request.model", ctx.route.requested),
-                    ("groq_proxy.virtual_model", ctx.route.virtual),
-                    ("groq_proxy.attempts", ctx.sent_attempts),
-                    ("groq_proxy.stream", ctx.stream),
-                    ("gen_ai.response.model", (answered.response_model or answered.target.model) if answered else None),
-                    ("groq_proxy.answered_by", answered.target.key if answered else None),
-                    ("groq_proxy.latency_category", category),
+                span.closing = self._shared(_REQUEST_CLOSING, (
+                    status, ctx.route.requested, ctx.route.virtual, ctx.sent_attempts, ctx.stream,
+                    (answered.response_model or answered.target.model) if answered else None,
+                    answered.target.key if answered else None, category,
                 ))
                 attrs["groq_proxy.request_id"] = ctx.request_id
                 if self.record_content:
@@ -157,12 +160,9 @@ class Observer:
         outcome = attempt.outcome
         failed = outcome in _FAILED or outcome == "skipped"
         reasons = tuple(r for r in attempt.finish_reasons if r) if attempt.finish_reasons else None
-        span.closing = self._shared((
-            ("groq_proxy.attempt.outcome", outcome),
-            ("http.response.status_code", attempt.status),
-            ("gen_ai.response.model", attempt.response_model or None),
-            ("gen_ai.response.finish_reasons", reasons or None),
-            ("groq_proxy.attempt.reason", attempt.reason if failed else None),
+        span.closing = self._shared(_ATTEMPT_CLOSING, (
+            outcome, attempt.status, attempt.response_model or None, reasons or None,
+            attempt.reason if failed else None,
         ))
         if attempt.first_byte is not None:
             attrs["groq_proxy.time_to_first_chunk_ms"] = round((attempt.first_byte - attempt.started) * 1000.0, 3)
@@ -178,13 +178,15 @@ class Observer:
             span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
         self.tracer.end(span)
 
-    def _shared(self, pairs: tuple) -> tuple:
-        """One shared tuple per distinct set of attribute pairs, so the encoder encodes each set once."""
-        hit = self._static.get(pairs)
+    def _shared(self, names: tuple[str, ...], values: tuple) -> tuple:
+        """One shared tuple of (name, value) pairs per distinct set of values, so the encoder encodes each set
+        once. Keyed by the flat values: building the pairs happens only on a miss."""
+        key = (names, values)
+        hit = self._static.get(key)
         if hit is None:
             if len(self._static) >= 4096:  # model names can come from clients: keep this bounded
                 self._static.clear()
-            hit = self._static[pairs] = pairs
+            hit = self._static[key] = tuple(zip(names, values))
         return hit
 
 

@@ -64,6 +64,11 @@ _VOLATILE = frozenset({
 })
 
 
+# Span.flags (field 16, fixed32): sampled, and whether the parent is remote is known (and if it is).
+_FLAGS_LOCAL = b"\x85\x01" + _pack_i(0x100 | 0x01)
+_FLAGS_REMOTE = b"\x85\x01" + _pack_i(0x100 | 0x200 | 0x01)
+
+
 class _PairCache:
     """Encoded KeyValue bytes for attribute pairs that repeat (operation, provider, model, outcome...); for the
     volatile ones only the encoded key is kept."""
@@ -116,6 +121,8 @@ class Encoder:
         self._scope_field = _ld(0x0A, scope)  # ScopeSpans.scope = 1
         self._schema = _ld(0x1A, SEMCONV_SCHEMA.encode())
         self._pairs = _PairCache()
+        self._trace_id = 0
+        self._trace_field = b""
         self._blocks: dict[int, tuple[tuple, bytes]] = {}  # id(static attributes) -> (them, their encoding)
         self._names: dict[tuple[str, int], bytes] = {}  # (span name, kind) -> name and kind fields
 
@@ -133,10 +140,10 @@ class Encoder:
 
     def span(self, s: Span) -> bytes:
         kv = self._pairs.kv
-        parts = [
-            b"\x0a\x10", s.trace_id.to_bytes(16, "big"),
-            b"\x12\x08", s.span_id.to_bytes(8, "big"),
-        ]
+        if s.trace_id != self._trace_id:  # a request's spans share their trace: encode its id once
+            self._trace_id = s.trace_id
+            self._trace_field = b"\x0a\x10" + s.trace_id.to_bytes(16, "big")
+        parts = [self._trace_field, b"\x12\x08", s.span_id.to_bytes(8, "big")]
         if s.parent_id:
             parts += (b"\x22\x08", s.parent_id.to_bytes(8, "big"))
         name = self._names.get((s.name, s.kind))
@@ -158,9 +165,12 @@ class Encoder:
         if s.status:
             status = (_ld(0x12, s.status_message.encode()) if s.status_message else b"") + b"\x18" + bytes((s.status,))
             parts.append(_ld(0x7A, status))  # Span.status = 15
-        flags = 0x100 | (0x200 if s.remote_parent else 0) | 0x01  # sampled; parent-is-remote known
-        parts += (b"\x85\x01", _pack_i(flags))  # Span.flags = 16, fixed32
-        return _ld(0x12, b"".join(parts))  # ScopeSpans.spans = 2
+        parts.append(_FLAGS_REMOTE if s.remote_parent else _FLAGS_LOCAL)
+        body = b"".join(parts)
+        n = len(body)
+        if 0x80 <= n < 0x4000:  # most spans: a two-byte length
+            return bytes((0x12, (n & 0x7F) | 0x80, n >> 7)) + body  # ScopeSpans.spans = 2
+        return _ld(0x12, body)
 
     def request(self, encoded_spans: list[bytes]) -> bytes:
         """One ExportTraceServiceRequest holding the already encoded spans."""
