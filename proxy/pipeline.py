@@ -108,24 +108,26 @@ class Pipeline:
         forwarded = _forwarded_headers(request)
         client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
         try:
+            skipped = []
             for index, target in enumerate(ctx.route.chain):
-                attempt = Attempt(index, target)
-                ctx.attempts.append(attempt)
                 wait = self.cooldowns.remaining(target.key)
                 if wait:
+                    attempt = Attempt(index, target)
+                    ctx.attempts.append(attempt)
                     self._skipped(ctx, attempt, wait)
+                    skipped.append(attempt)
                     continue
-                provider = self.upstreams.providers[target.provider]
-                body["model"] = target.model
-                payload = orjson.dumps(body)
-                headers = {**forwarded, **provider.headers}
-                self.observer.attempt_started(ctx, attempt, provider, headers)
-                try:
-                    if client is not None:
-                        return await self._stream(ctx, attempt, provider, payload, headers, client, base_headers)
-                    return await self._plain(ctx, attempt, provider, payload, headers, base_headers)
-                except AttemptFailed as failure:
-                    self._fell_over(ctx, attempt, failure)
+                response = await self._try(ctx, index, target, body, forwarded, client, base_headers)
+                if response is not None:
+                    return response
+            if skipped and len(skipped) == len(ctx.route.chain):
+                # Every model is cooling down. Refusing outright would turn a short blip into a whole
+                # cool-down of refusals, so probe the model whose cool-down ends first: one call, never more
+                # (what Envoy calls panic mode). If it fails, the error below says so.
+                first = min(skipped, key=lambda a: a.retry_after)
+                response = await self._try(ctx, first.index, first.target, body, forwarded, client, base_headers)
+                if response is not None:
+                    return response
             error = all_failed_error(ctx)
             if client is not None:
                 return await client.fail(error, base_headers)
@@ -135,6 +137,23 @@ class Pipeline:
                 await client.stop_keepalive()
             if self.policies:
                 await self.policies.after(ctx)
+
+    async def _try(self, ctx, index, target, body, forwarded, client, base_headers) -> web.StreamResponse | None:
+        """One attempt at one model: the response, or None when it failed in a way the next model may not."""
+        attempt = Attempt(index, target)
+        ctx.attempts.append(attempt)
+        provider = self.upstreams.providers[target.provider]
+        body["model"] = target.model
+        payload = orjson.dumps(body)
+        headers = {**forwarded, **provider.headers}
+        self.observer.attempt_started(ctx, attempt, provider, headers)
+        try:
+            if client is not None:
+                return await self._stream(ctx, attempt, provider, payload, headers, client, base_headers)
+            return await self._plain(ctx, attempt, provider, payload, headers, base_headers)
+        except AttemptFailed as failure:
+            self._fell_over(ctx, attempt, failure)
+            return None
 
     # --- one attempt, not streamed ----------------------------------------------------------------------
 
@@ -396,21 +415,14 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
         else:
             parts.append(f"{a.target.key}: {a.detail} after {a.elapsed_ms:.0f} ms")
     name = ctx.route.virtual or ctx.route.requested
-    message = redact(f"All {len(attempts)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
+    message = redact(f"All {len(ctx.route.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    sent = [a for a in attempts if a.sent]
-    # At least one model said 429 this time; when every model was skipped, that is the 503 below.
-    rate_limited = bool(sent) and all(a.reason in ("rate_limited", "cooldown") for a in attempts)
+    sent = [a for a in attempts if a.sent]  # never empty: when every model is cooling down, one is probed
+    rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
     if rate_limited and waits:
         wait = max(1, round(min(waits)))
         return ProxyError(
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
-            headers={"retry-after": str(wait), "x-should-retry": "true"},
-        )
-    if not sent:
-        wait = max(1, round(min(waits))) if waits else 1
-        return ProxyError(
-            503, message, type="server_error", code="all_models_cooling_down",
             headers={"retry-after": str(wait), "x-should-retry": "true"},
         )
     if all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
