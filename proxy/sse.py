@@ -107,6 +107,22 @@ class EventSplitter:
         return data[: cut + 2]
 
 
+_LITERAL_MARKERS = (b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
+
+
+def _marker_spans(complete: bytes) -> list[tuple[int, int]]:
+    """Where the markers are, in order. Four `find` passes: cheaper over a block than the regex, whose
+    alternatives all start at a quote, and JSON has a quote every few bytes."""
+    spans = []
+    for marker in _LITERAL_MARKERS:
+        at = complete.find(marker)
+        while at >= 0:
+            spans.append((at, at + len(marker)))
+            at = complete.find(marker, at + 1)
+    spans.sort()
+    return spans
+
+
 def _plain_block(complete: bytes) -> bool:
     """Whether every event of the block is `data: {...}` or `data: [DONE]`, counted without splitting.
     Exact because JSON text cannot hold a raw newline: `\\n\\ndata: ` only ever starts an event."""
@@ -137,15 +153,15 @@ def scan(complete: bytes, state: StreamState) -> None:
         if state.error is not None or state.malformed:
             return
         parsed = first
-    for match in _MARKER.finditer(complete):
+    for at, end in _marker_spans(complete):
         if state.error is not None or state.malformed:
             return
-        start = complete.rfind(b"\n\n", 0, match.start())
+        start = complete.rfind(b"\n\n", 0, at)
         start = 0 if start < 0 else start + 2
         if start == parsed:
             continue  # another marker of an event already parsed
         parsed = start
-        data = complete[start + 6 : complete.find(b"\n\n", match.end())]
+        data = complete[start + 6 : complete.find(b"\n\n", end)]
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
