@@ -158,7 +158,8 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     value = raw.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not _ENV_NAME.match(value):
+    looks_like_a_key = isinstance(value, str) and (value.startswith(("gsk_", "sk_")) or len(value) > 40)
+    if not isinstance(value, str) or not _ENV_NAME.match(value) or looks_like_a_key:
         raise ConfigError(f"{where}.{key}: must be the name of an environment variable (like GROQ_API_KEY), "
                           "not the key itself")
     return value

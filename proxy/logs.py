@@ -101,7 +101,8 @@ def setup_logging(level: str = "info") -> None:
 def emit(level: int, event: str, **fields) -> None:
     if log.isEnabledFor(level):
         direct = _direct
-        if direct is not None and level < logging.WARNING and log.handlers == [direct]:
+        handlers = log.handlers
+        if direct is not None and level < logging.WARNING and len(handlers) == 1 and handlers[0] is direct:
             # The per-request lines: the same JSON line the formatter makes, without building a LogRecord.
             line = {"ts": round(time.time(), 3), "level": _LEVELS[level], "event": event}
             line.update(fields)

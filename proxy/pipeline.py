@@ -92,12 +92,12 @@ class Pipeline:
         self.policies = policies
         self.observer = observer
         self._keepalive_s = config.server.keepalive_s
-        self._extra = _SIMULATED if config.simulated else {}
+        self.extra_headers = _SIMULATED if config.simulated else {}  # on every response, errors included
 
     # --- the request -------------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        base_headers = {"x-request-id": ctx.request_id, **self._extra}
+        base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
         if self.policies:
             decision = await self.policies.on_request(ctx, self.observer.decision)
             if isinstance(decision, Reject):

@@ -48,7 +48,6 @@ class ProxyState:
     exporter: Exporter | None = None
     models: list = field(default_factory=list)
     models_body: bytes = b""
-    extra_headers: dict = field(default_factory=dict)
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -76,7 +75,7 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
             ctx.span = span
             response = await state.pipeline.handle(request, ctx)
         except ProxyError as error:
-            response = error.to_response({"x-request-id": request_id, **state.extra_headers})
+            response = error.to_response({"x-request-id": request_id, **state.pipeline.extra_headers})
         except Exception:
             emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
@@ -182,7 +181,6 @@ async def _lifecycle(app: web.Application):
 
         sim_runner, url = await start_simulator(state.simulator_config or SimulatorConfig())
         state.config = state.config.with_base_urls(url)
-        state.extra_headers = {"x-groq-proxy-simulated": "true"}
         emit(
             logging.WARNING,
             "simulated_upstream",

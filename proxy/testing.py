@@ -80,6 +80,18 @@ def status(code: int, error_code: str | None = None, message: str = "upstream sa
     return Behaviour("status", status=code, body=body, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
+class ChatUpstream:
+    """Base of a hand-written test upstream: a subclass defines `_chat`; `app()` serves it where the proxy posts."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/openai/v1/chat/completions", self._chat)
+        return app
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
 class ScriptedUpstream:
     """An OpenAI-style upstream: `behaviours[model]` decides each answer; unknown models answer ok."""
 

@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Config, parse_config
 from proxy.logs import JsonFormatter
-from proxy.testing import Behaviour, completion, status, stream_events
+from proxy.testing import Behaviour, ChatUpstream, completion, status, stream_events
 from tests.conftest import config_for
 
 KEY = "sk-test-secret-upstream-key"
@@ -127,18 +127,13 @@ def content_of(body: bytes, stream: bool) -> str:
     return text
 
 
-class StallingUpstream:
+class StallingUpstream(ChatUpstream):
     """An upstream that sends its status and headers (and, for streams, `prefix`) and then stalls until
     the proxy hangs up. Gives a first byte without a first event, or a body that never completes."""
 
     def __init__(self, prefix: bytes = b"") -> None:
         self.prefix = prefix
         self.requests: list[dict] = []
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/openai/v1/chat/completions", self._chat)
-        return app
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())

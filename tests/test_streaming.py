@@ -16,7 +16,7 @@ from aiohttp import web
 
 from policies.base import Policy, PolicyChain
 from proxy.server import STATE, build_app
-from proxy.testing import USAGE, Behaviour, chat_chunk, sse, stream_events
+from proxy.testing import USAGE, Behaviour, ChatUpstream, chat_chunk, sse, stream_events
 from tests.conftest import config_for
 from tests.test_fallback import (
     MESSAGES,
@@ -151,17 +151,12 @@ async def test_plain_stream_parses_usage_and_finish_reason(upstream, aiohttp_ser
     assert r.headers["x-ratelimit-remaining-requests"] == "99"  # Groq's rate-limit view is passed on
 
 
-class GatedUpstream:
+class GatedUpstream(ChatUpstream):
     """Sends the first event, then waits for the test to let the rest go: a buffering proxy would deadlock."""
 
     def __init__(self, events: list[bytes]) -> None:
         self.events = events
         self.gate = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/openai/v1/chat/completions", self._chat)
-        return app
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -257,17 +252,12 @@ def pretty_error(message: str) -> bytes:
     ) + b"\n"
 
 
-class LateAnswerUpstream:
+class LateAnswerUpstream(ChatUpstream):
     """Answers with a fixed status and body after `delay_s`: late enough for keep-alives to go out first."""
 
     def __init__(self, delay_s: float, status: int, body: bytes, content_type: str = "application/json") -> None:
         self.delay_s, self.status, self.body, self.content_type = delay_s, status, body, content_type
         self.requests = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/openai/v1/chat/completions", self._chat)
-        return app
 
     async def _chat(self, request: web.Request) -> web.Response:
         await request.read()
@@ -338,7 +328,7 @@ async def test_client_error_without_json_after_keepalives_is_one_error_event(aio
 # --- the commit point -----------------------------------------------------------------------------------------
 
 
-class CommitThenFail:
+class CommitThenFail(ChatUpstream):
     """Sends the first events, waits until the test has seen them reach its client (so the proxy has surely
     committed), then sends `after` and ends as `end` says: "eof" (a clean end), "close" (the connection is
     cut) or "stall" (nothing more comes)."""
@@ -347,11 +337,6 @@ class CommitThenFail:
         self.before, self.after, self.end = before, after, end
         self.gate = asyncio.Event()
         self.requests = 0
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/openai/v1/chat/completions", self._chat)
-        return app
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         await request.read()

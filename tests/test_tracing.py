@@ -24,7 +24,7 @@ from proxy.config import Config, parse_config
 from proxy.latency import CATEGORIES
 from proxy.otlp import Encoder, Exporter
 from proxy.server import STATE, build_app
-from proxy.testing import USAGE, Behaviour, status, stream_events
+from proxy.testing import USAGE, Behaviour, ChatUpstream, status, stream_events
 from proxy.tracing import KIND_CLIENT, KIND_SERVER, SEMCONV_SCHEMA, STATUS_ERROR, STATUS_UNSET, Span, Tracer
 from tests.otlp_receiver import decode, otlp  # noqa: F401  (otlp is a fixture)
 
@@ -108,7 +108,7 @@ async def until(predicate, timeout: float = 5.0, what: str = "condition") -> Non
         await asyncio.sleep(0.01)
 
 
-class SlowStream:
+class SlowStream(ChatUpstream):
     """An upstream whose stream waits `gap_s` between events; records when it sent headers and each event
     (wall-clock ns, the clock spans use)."""
 
@@ -118,11 +118,6 @@ class SlowStream:
         self.headers_sent_ns = 0
         self.sent_ns: list[int] = []
         self.finished = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/openai/v1/chat/completions", self._chat)
-        return app
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
