@@ -1,4 +1,4 @@
-"""The thinnest aiohttp + uvloop pass-through: the floor a Python proxy on this stack can reach.
+"""The thinnest aiohttp + uvloop pass-through (aiohttp's server and its ClientSession): the reference figure.
 
 It does what any proxy must and nothing else: read the body, POST it upstream on a pooled connection, and
 return the answer (a stream is copied chunk by chunk). No routing, validation, fallback, logs or metrics.

@@ -10,11 +10,8 @@ import asyncio
 import logging
 import time
 
-import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.payload import BytesPayload
-from multidict import istr
 
 from policies.base import PolicyChain, Reject
 from proxy.client_stream import ClientGone, ClientStream
@@ -22,6 +19,7 @@ from proxy.config import Config
 from proxy.context import Attempt, RequestContext
 from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
+from proxy.http1 import ConnectFailed, ConnectTimeout, UpstreamError
 from proxy.logs import emit, redact
 from proxy.observe import Observer, output_from_choices, output_from_stream
 from proxy.sse import EventSplitter, StreamState, first_data_end, scan, well_formed_prefix
@@ -54,29 +52,30 @@ def _forwarded_headers(request: web.Request) -> dict[str, str]:
     return headers
 
 
-def _connection_reason(exc: Exception) -> str:
-    """connect_error when no connection was made; upstream_closed when it was made and then broke."""
-    return "connect_error" if isinstance(exc, aiohttp.ClientConnectorError) else "upstream_closed"
+def _connection_failure(exc: Exception) -> AttemptFailed:
+    """connect_timeout or connect_error when no connection was made; upstream_closed when it was made and broke."""
+    if isinstance(exc, ConnectTimeout):
+        return AttemptFailed("connect_timeout", "connect timed out")
+    if isinstance(exc, ConnectFailed):
+        return AttemptFailed("connect_error", str(exc)[:200])
+    detail = str(exc) if isinstance(exc, UpstreamError) else f"{type(exc).__name__}: {exc}"
+    return AttemptFailed("upstream_closed", detail[:200])
 
 
 # Upstream response headers worth handing to the client: Groq's rate-limit view, its region, its request id.
-_PASSED_ON = tuple(
-    (istr(name), name)
-    for name in (
-        "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
-        "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-groq-region",
-    )
+_PASSED_ON = (
+    "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-groq-region",
 )
-_UPSTREAM_ID = istr("x-request-id")
 
 
-def _passed_on(upstream_headers) -> dict[str, str]:
+def _passed_on(upstream_headers: dict[str, str]) -> dict[str, str]:
     out = {}
-    for key, name in _PASSED_ON:  # looked up by name: cheaper than walking every upstream header
-        value = upstream_headers.get(key)
+    for name in _PASSED_ON:  # looked up by name: cheaper than walking every upstream header
+        value = upstream_headers.get(name)
         if value is not None:
             out[name] = value
-    value = upstream_headers.get(_UPSTREAM_ID)
+    value = upstream_headers.get("x-request-id")
     if value is not None:
         out["x-upstream-request-id"] = value
     return out
@@ -158,28 +157,25 @@ class Pipeline:
     # --- one attempt, not streamed ----------------------------------------------------------------------
 
     async def _plain(self, ctx, attempt: Attempt, provider: Provider, payload, headers, base_headers):
-        url = provider.chat_url if ctx.operation == "chat" else provider.embeddings_url
+        path = provider.chat_path if ctx.operation == "chat" else provider.embeddings_path
         loop = asyncio.get_running_loop()
         start = loop.time()
         resp = None
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
-                resp = await self.upstreams.session.post(
-                    url, data=BytesPayload(payload, content_type="application/json"), headers=headers,
-                    timeout=provider.timeout,
+                resp = await self.upstreams.client.request(
+                    provider.origin, "POST", path, headers, payload, provider.connect_s
                 )
                 attempt.first_byte = time.perf_counter()
-                if not resp.content.is_eof():  # a small body usually came with the headers: no new deadline then
+                if not resp.complete:  # a small body usually came with the headers: no new deadline then
                     deadline.reschedule(start + provider.total_s)
                 body = await resp.read()
-        except aiohttp.ServerTimeoutError:
-            raise AttemptFailed("connect_timeout", "connect timed out") from None
         except TimeoutError:
             if attempt.first_byte is None:
                 raise AttemptFailed("first_byte_timeout", f"no first byte in {provider.first_byte_s:g}s") from None
             raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise AttemptFailed(_connection_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
+        except (UpstreamError, OSError) as exc:
+            raise _connection_failure(exc) from None
         finally:
             if resp is not None:
                 resp.release()
@@ -219,9 +215,8 @@ class Pipeline:
         recorded = None
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
-                resp = await self.upstreams.session.post(
-                    provider.chat_url, data=BytesPayload(payload, content_type="application/json"), headers=headers,
-                    timeout=provider.timeout,
+                resp = await self.upstreams.client.request(
+                    provider.origin, "POST", provider.chat_path, headers, payload, provider.connect_s
                 )
                 attempt.status = resp.status
                 if resp.status != 200:
@@ -241,7 +236,7 @@ class Pipeline:
                 # Before the commit point: read until the first data event; comments do not count. Whatever
                 # arrived with it has not reached the client either, so a failure in it still falls over.
                 while first_data_end(first) < 0:
-                    chunk = await resp.content.readany()
+                    chunk = await resp.readany()
                     if not chunk:
                         raise AttemptFailed("upstream_closed", "the stream ended before its first event")
                     first += splitter.feed(chunk)
@@ -260,7 +255,7 @@ class Pipeline:
                 recorded = [first] if self.observer.record_content else None
                 await client.commit({**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first)
                 while not state.done and state.error is None:
-                    chunk = await resp.content.readany()
+                    chunk = await resp.readany()
                     if not chunk:
                         break
                     complete = splitter.feed(chunk)
@@ -279,23 +274,19 @@ class Pipeline:
             return client.response
         except AttemptFailed:
             raise
-        except aiohttp.ServerTimeoutError:
-            if not committed:
-                raise AttemptFailed("connect_timeout", "connect timed out") from None
-            return await self._broken(ctx, attempt, client, "timeout", "the upstream timed out")
         except TimeoutError:
             if not committed:
                 if attempt.first_byte is None:
                     raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
                 raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
-        except (aiohttp.ClientError, OSError) as exc:
+        except (UpstreamError, OSError) as exc:
             if not committed:
-                raise AttemptFailed(_connection_reason(exc), f"{type(exc).__name__}: {exc}"[:200]) from None
+                raise _connection_failure(exc) from None
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream connection broke")
         finally:
             if resp is not None:
-                resp.close() if not (state.done or resp.content.at_eof()) else resp.release()
+                resp.release()  # the connection goes back to the pool only if the whole response was read
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
         if committed and recorded is not None:
             attempt.content = output_from_stream(b"".join(recorded))
@@ -341,7 +332,7 @@ class Pipeline:
         attempt.outcome = "passed_back"
         self._end(ctx, attempt, INFO)
         headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
-        headers["Content-Type"] = resp.headers.get("Content-Type", "application/json")
+        headers["Content-Type"] = resp.headers.get("content-type", "application/json")
         return web.Response(status=status, body=redact(body.decode(errors="replace")).encode(), headers=headers)
 
     def _answered(self, ctx: RequestContext, attempt: Attempt) -> None:

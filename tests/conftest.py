@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 
@@ -51,3 +52,31 @@ def proxy_log(caplog):
     caplog.set_level(logging.INFO, logger="groq_proxy")
     yield caplog
     logger.propagate = propagate
+
+
+def closed_port_url() -> str:
+    """The URL of a local port nothing listens on: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/openai/v1"
+
+
+@pytest.fixture
+def black_hole_url():
+    """The URL of a local port where a TCP connect never completes: its one-place accept queue is full and
+    never drained, so the kernel drops further SYNs. Gives a real connect timeout."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    address = server.getsockname()
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    yield f"http://127.0.0.1:{address[1]}/openai/v1"
+    for filler in fillers:
+        filler.close()
+    server.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.config import Config, parse_config
 from proxy.logs import JsonFormatter
 from proxy.testing import Behaviour, ChatUpstream, completion, status, stream_events
-from tests.conftest import config_for
+from tests.conftest import closed_port_url, config_for
 
 KEY = "sk-test-secret-upstream-key"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -75,34 +74,6 @@ def config_with(providers: dict[str, str | dict], chains: dict[str, list[str]], 
         **tables,
     }
     return parse_config(raw, env={"TEST_UPSTREAM_KEY": KEY})
-
-
-def closed_port_url() -> str:
-    """The URL of a local port nothing listens on: connecting is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/openai/v1"
-
-
-@pytest.fixture
-def black_hole_url():
-    """The URL of a local port where a TCP connect never completes: its one-place accept queue is full and
-    never drained, so the kernel drops further SYNs. Gives a real connect timeout."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    address = server.getsockname()
-    fillers = []
-    for _ in range(3):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(address)
-        fillers.append(filler)
-    yield f"http://127.0.0.1:{address[1]}/openai/v1"
-    for filler in fillers:
-        filler.close()
-    server.close()
 
 
 def sse_blocks(body: bytes) -> list[bytes]:
