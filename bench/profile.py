@@ -3,6 +3,7 @@
     .venv/bin/pip install py-spy                          # once; py-spy is not a dependency of the proxy
     python -m bench.profile                               # non-stream, 16 connections, 10 s
     python -m bench.profile --mode stream --top 40 --svg /tmp/stream.svg
+    python -m bench.profile --tracing                     # the proxy that traces every request
 
 Prints the hottest lines by own time (the line the sample was executing) and the hottest functions by total
 time (anywhere on the stack), with file:line; `--svg` also writes a flame graph.
@@ -19,7 +20,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.run import DIRECT_PATH, PROXY_PATH, BenchError, HOST, Wrk, check_answers, start_proxy, start_upstream
+from bench.run import (
+    DIRECT_PATH, PROXY_PATH, BenchError, HOST, Wrk, check_answers, start_proxy, start_sink, start_upstream,
+)
 
 SITE = "site-packages/"
 
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--upstream-chunked", action="store_true", help="streams framed chunked, as Groq does")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="profile the proxy with tracing on (every request sampled, exported to a local sink)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--svg", metavar="PATH", help="also write a flame graph")
     parser.add_argument("--raw", metavar="PATH", help="also keep the collapsed stacks (one stack and count a line)")
@@ -98,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="groq-proxy-profile-") as tmp:
         workdir = Path(tmp)
-        upstream = proxy = None
+        upstream = proxy = sink = None
         try:
             upstream, upstream_port = start_upstream(workdir, args.upstream_chunked, None)
-            proxy, proxy_port = start_proxy(workdir, upstream_port, args.log_level, None)
+            if args.tracing:
+                sink, sink_port = start_sink(workdir, None)
+                proxy, proxy_port = start_proxy(workdir, upstream_port, args.log_level, None, "proxy+tracing", sink_port)
+            else:
+                proxy, proxy_port = start_proxy(workdir, upstream_port, args.log_level, None)
             check_answers(upstream_port, DIRECT_PATH, via_proxy=False)
             check_answers(proxy_port, PROXY_PATH, via_proxy=True)
             wrk = Wrk(workdir, 1, None)
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.profile: {exc}", file=sys.stderr)
             return 1
         finally:
-            for proc in (proxy, upstream):
+            for proc in (proxy, upstream, sink):
                 if proc is not None:
                     proc.stop()
     return 0

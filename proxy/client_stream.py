@@ -71,13 +71,20 @@ class ClientStream:
         except ConnectionError as exc:
             raise ClientGone() from exc
 
-    async def commit(self, headers: dict[str, str], first: bytes) -> None:
-        """The commit point: the first data event goes to the client."""
+    async def commit(self, headers: dict[str, str], first: bytes, last: bool = False) -> None:
+        """The commit point: the first data event goes to the client. `last` says `first` is the whole
+        stream (it all came in one read): then headers, events and the end go out in one write."""
         await self.stop_keepalive()
         self.committed = True
         if self.response is None:
             await self._prepare(headers)
-        await self.write(first)
+        try:
+            if last:
+                await self.response.write_eof(first)
+            else:
+                await self.response.write(first)
+        except ConnectionError as exc:
+            raise ClientGone() from exc
 
     async def write(self, data: bytes) -> None:
         try:
@@ -87,9 +94,7 @@ class ClientStream:
 
     async def finish(self, trailer: bytes = b"") -> web.StreamResponse:
         try:
-            if trailer:
-                await self.response.write(trailer)
-            await self.response.write_eof()
+            await self.response.write_eof(trailer)  # the trailer and the end of the stream in one write
         except ConnectionError:
             pass
         return self.response

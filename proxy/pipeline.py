@@ -253,7 +253,9 @@ class Pipeline:
                 # The commit point: from here on, no falling over.
                 committed = True
                 recorded = [first] if self.observer.record_content else None
-                await client.commit({**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first)
+                await client.commit(
+                    {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first, last=state.done
+                )
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
                     if not chunk:
