@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from urllib.parse import urlsplit
 
-import aiohttp
-
+from proxy.http1 import Client, Origin, UpstreamError
 from proxy.logs import emit
 from proxy.tracing import SEMCONV_SCHEMA, Span, Tracer
 
@@ -187,18 +187,21 @@ class Exporter:
         self.tracer = tracer
         self.encoder = encoder
         self.url = url
+        parts = urlsplit(url)
+        self._origin = Origin.of(parts.scheme, parts.hostname or "", parts.port)
+        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.headers = {"Content-Type": "application/x-protobuf", **(headers or {})}
         self.interval_s = interval_s
         self.batch = batch
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
         self.exported = 0
         self.failed = 0
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None  # the proxy's own HTTP/1.1 client: the export is on the proxy's CPU too
         self._task: asyncio.Task | None = None
         self._failing = False
 
     def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self.timeout)
+        self._client = Client()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -218,14 +221,19 @@ class Exporter:
             await self._send(self.encoder.request(encoded), len(encoded))
 
     async def _send(self, body: bytes, count: int) -> None:
+        resp = None
         try:
-            async with self._session.post(self.url, data=body, headers=self.headers) as resp:
+            async with asyncio.timeout(self.timeout_s):
+                resp = await self._client.request(self._origin, "POST", self._path, self.headers, body, self.timeout_s)
                 await resp.read()
-                ok = resp.status < 300
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            ok, detail = False, f"{type(exc).__name__}"
+            ok = resp.status < 300
+        except (UpstreamError, OSError, TimeoutError) as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
         else:
             detail = f"status {resp.status}"
+        finally:
+            if resp is not None:
+                resp.release()
         if ok:
             self.exported += count
             if self._failing:
@@ -242,8 +250,8 @@ class Exporter:
             self._task.cancel()
             await asyncio.wait([self._task])
         try:
-            await asyncio.wait_for(self.flush(), timeout=self.timeout.total)
+            await asyncio.wait_for(self.flush(), timeout=self.timeout_s)
         except (TimeoutError, asyncio.CancelledError):
             pass
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
