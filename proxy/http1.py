@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import sys
 import time
 from dataclasses import dataclass
 
@@ -69,7 +70,8 @@ class Origin:
 class Response:
     """One response: status and headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_complete", "_error", "_waiter", "_head")
+    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_complete", "_error", "_waiter",
+                 "_head")
 
     def __init__(self, conn: "_Connection") -> None:
         self.status = 0
@@ -77,6 +79,7 @@ class Response:
         self._conn: _Connection | None = conn
         self._chunks: list[bytes] = []
         self._size = 0
+        self._limit = HIGH_WATER  # unread bytes before the connection pauses
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future | None = None
@@ -99,8 +102,12 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body (what `readany` has not taken yet)."""
-        while not self._complete:
-            await self._wait()
+        if not self._complete:
+            self._limit = sys.maxsize  # everything is wanted at once: pausing would wait for a read that never comes
+            if self._conn is not None:
+                self._conn.resume()
+            while not self._complete:
+                await self._wait()
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
@@ -205,6 +212,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.response._fail(BadResponse(f"not HTTP/1.1: {exc}"[:200]))
             self.abort()
+        except httptools.HttpParserUpgrade:  # 101 Switching Protocols, though the request asked for no upgrade
+            self.response._fail(BadResponse("not HTTP/1.1: an upgrade nobody asked for"))
+            self.abort()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost says what that means for the response
@@ -212,6 +222,8 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.response._complete:  # a second answer to one request: raising stops the parser, the connection closes
+            raise BadResponse("bytes after the end of the response")
         self._headers = {}
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -230,6 +242,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         response.status = status
         response.headers = headers
+        self._headers = {}  # a chunked body's trailers land here, unread: they must not change the headers
         head = response._head
         if head is not None and not head.done():
             head.set_result(None)
@@ -238,7 +251,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         response._chunks.append(body)
         response._size += len(body)
-        if response._size > HIGH_WATER and not self.paused:
+        if response._size > response._limit and not self.paused:
             self.paused = True
             self.transport.pause_reading()
         response._wake()
@@ -262,7 +275,7 @@ class _Connection(asyncio.Protocol):
     def finished(self, reusable: bool) -> None:
         """The response is done with; back to the pool if the exchange ended cleanly, else closed."""
         self.response = None
-        if reusable and self.keep_alive and not self.closed and not self.paused:
+        if reusable and self.keep_alive and not self.closed and not self.paused and not self.pool.client.closed:
             self.pool.put(self)
         else:
             self.abort()

@@ -84,6 +84,8 @@ async def raw_server():
             tasks.append(asyncio.current_task())
             try:
                 await handler(reader, writer)
+            except asyncio.CancelledError:  # the test is over; a cancelled task here makes asyncio 3.11 log an error
+                pass
             finally:
                 writer.close()
 
@@ -392,3 +394,290 @@ def test_origin_host_header():
     assert Origin.of("https", "api.groq.com", None).host_header == "api.groq.com"
     assert Origin.of("http", "127.0.0.1", 8080).host_header == "127.0.0.1:8080"
     assert Origin.of("http", "::1", 80).host_header == "[::1]"
+
+
+# --- adversarial review -------------------------------------------------------------------------------
+
+
+class Connections:
+    """A raw server handler that answers each request on a connection with the next of `answers` (bytes, or a
+    callable of the writer for anything odder), and records connections and the requests they carried."""
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.count = 0
+        self.gone = asyncio.Event()  # set when a connection is closed by the client
+
+    async def __call__(self, reader, writer) -> None:
+        self.count += 1
+        try:
+            while self.answers:
+                try:
+                    self.requests.append(await read_request(reader))
+                except asyncio.IncompleteReadError:
+                    break
+                answer = self.answers.pop(0)
+                if isinstance(answer, bytes):
+                    writer.write(answer)
+                else:
+                    await answer(writer)
+                await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        self.gone.set()
+
+
+async def test_body_over_the_high_water_mark_is_read_whole_and_keeps_its_connection(client, aiohttp_server):
+    blob = bytes(range(256)) * (3 * http1.HIGH_WATER // 256)
+    peers = set()
+
+    async def whole(request: web.Request) -> web.Response:
+        peers.add(request.transport.get_extra_info("peername"))
+        return web.Response(body=blob)
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername"))
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for i in range(0, len(blob), 16384):
+            await response.write(blob[i : i + 16384])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/whole", whole)
+    app.router.add_post("/streamed", streamed)
+    server = await aiohttp_server(app)
+    response = await post(client, server.port, "/whole")  # a big non-streamed answer, as _plain reads it
+    assert await asyncio.wait_for(response.read(), 5) == blob
+    response.release()
+    response = await post(client, server.port, "/streamed")
+    async with asyncio.timeout(5):
+        while not response._conn.paused:  # a stream reader that fell behind, then wants the rest at once
+            await asyncio.sleep(0.01)
+    first = await response.readany()
+    assert first + await asyncio.wait_for(response.read(), 5) == blob
+    response.release()
+    assert len(peers) == 1  # neither left its connection paused: both went back to the pool
+
+
+async def test_a_second_response_to_one_request_is_not_taken_for_the_first(client, raw_server):
+    server = Connections(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" b"HTTP/1.1 500 Smuggled\r\nContent-Length: 5\r\n\r\nextra",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+    )
+    port = await raw_server(server)
+    response = await post(client, port)
+    assert (response.status, await response.read()) == (200, b"ok")
+    response.release()
+    await asyncio.wait_for(server.gone.wait(), 5)  # the connection that said too much was closed, not pooled
+    response = await post(client, port)
+    assert (response.status, await response.read()) == (200, b"second")
+    response.release()
+    assert server.count == 2
+
+
+async def test_bytes_after_a_complete_response_close_the_connection_even_in_pieces(client, raw_server):
+    async def answer_then_a_fragment(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"HTTP/1.1 2")  # the start of an answer to nothing: would poison the next exchange
+
+    server = Connections(answer_then_a_fragment, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+    port = await raw_server(server)
+    response = await post(client, port)
+    assert await response.read() == b"ok"
+    await asyncio.wait_for(server.gone.wait(), 5)  # arrived while the response was held: the connection closes
+    response.release()
+    response = await post(client, port)
+    assert (response.status, await response.read()) == (200, b"second")
+    response.release()
+    assert server.count == 2
+
+
+async def test_trailers_do_not_change_the_headers_and_chunk_extensions_are_ignored(client, raw_server):
+    server = Connections(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\nTrailer: x-a\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6;name=\"v\"\r\n world\r\n0\r\nx-a: 1\r\ncontent-type: text/html\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+    )
+    port = await raw_server(server)
+    response = await post(client, port)
+    assert await response.read() == b"hello world"
+    assert response.headers.get("content-type") == "text/event-stream" and "x-a" not in response.headers
+    response.release()
+    for status in (204, 304):  # no body, no length, yet complete: the connection stays usable
+        response = await post(client, port)
+        assert (response.status, response.complete, await response.read()) == (status, True, b"")
+        response.release()
+    assert server.count == 1
+
+
+async def test_switching_protocols_is_a_bad_response(client, raw_server):
+    server = Connections(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    port = await raw_server(server)
+    with pytest.raises(BadResponse):
+        await post(client, port)
+
+
+async def test_release_after_the_client_closed_closes_the_connection(raw_server):
+    server = Connections(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    port = await raw_server(server)
+    c = Client()
+    response = await post(c, port)
+    await c.close()  # the app shuts down while a request is in flight
+    assert await response.read() == b"ok"
+    response.release()
+    await asyncio.wait_for(server.gone.wait(), 5)
+
+
+async def test_release_twice_and_close_after_release_change_nothing(client, raw_server):
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    server = Connections(ok, ok, ok)
+    port = await raw_server(server)
+    response = await post(client, port)
+    await response.read()
+    response.release()
+    response.release()
+    response.close()
+    assert len(client._pools[origin_of(port)].idle) == 1  # pooled once, and not closed by the late close()
+    for _ in range(2):
+        response = await post(client, port)
+        assert await response.read() == b"ok"
+        response.release()
+    assert server.count == 1
+
+
+async def test_bytes_while_idle_in_the_pool_close_the_connection(client, raw_server):
+    released = asyncio.Event()
+
+    async def answer_then_junk_when_idle(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await released.wait()
+        writer.write(b"junk")
+
+    server = Connections(answer_then_junk_when_idle, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+    port = await raw_server(server)
+    response = await post(client, port)
+    await response.read()
+    response.release()
+    released.set()
+    await asyncio.wait_for(server.gone.wait(), 5)
+    response = await post(client, port)
+    assert await response.read() == b"second"
+    response.release()
+    assert server.count == 2
+
+
+async def test_server_closing_right_after_a_keep_alive_answer_never_hangs(client, raw_server):
+    async def answer_and_close(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    port = await raw_server(Connections(answer_and_close, ok))
+    response = await post(client, port)
+    await response.read()
+    response.release()
+    # Reused at once, before the close is seen: the request dies with the connection (the pipeline then falls
+    # over), or the close was seen first and a new connection answers. Either way, no hang.
+    try:
+        response = await asyncio.wait_for(post(client, port), 5)
+    except Disconnected:
+        pass
+    else:
+        assert await response.read() == b"ok"
+        response.release()
+
+
+async def test_cancelled_body_read_closes_the_connection(client, raw_server):
+    async def part(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
+
+    server = Connections(part)
+    port = await raw_server(server)
+    response = await post(client, port)
+    assert await response.readany() == b"some"
+    for read in (response.readany, response.read):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await read()
+    response.release()
+    await asyncio.wait_for(server.gone.wait(), 5)
+    assert not client._pools[origin_of(port)].idle
+
+
+async def test_cancelled_connect_and_tls_handshake_leave_nothing_behind(client, raw_server, black_hole_url):
+    silent = asyncio.Event()
+
+    async def never_answers_the_hello(reader, writer):
+        await reader.read()  # returns when the client gives up
+        silent.set()
+
+    port = await raw_server(never_answers_the_hello)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await post(client, port, tls=True)
+    await asyncio.wait_for(silent.wait(), 5)
+    black_hole = int(black_hole_url.split(":")[2].split("/")[0])
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await client.request(origin_of(black_hole), "POST", "/x", {}, b"{}", 10.0)
+
+
+async def test_non_ascii_header_values_go_out_as_the_client_sent_them(client, raw_server):
+    server = Connections(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    port = await raw_server(server)
+    raw = b"\xff\xfe latin-1"
+    headers = {"x-name": "caf\u00e9 \u2603", "x-raw": raw.decode("utf-8", "surrogateescape")}  # as aiohttp decodes
+    response = await post(client, port, headers=headers)
+    response.release()
+    sent = server.requests[0]
+    assert "x-name: caf\u00e9 \u2603\r\n".encode() in sent and b"x-raw: " + raw + b"\r\n" in sent
+
+
+async def test_tls_close_notify_ends_a_body_and_retires_an_idle_connection(tmp_path, monkeypatch):
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/until-close" in head:
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # close_notify, then the TCP close
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    c = Client()
+    response = await c.request(origin_of(port, True), "POST", "/until-close", {}, b"", 2.0)
+    assert await response.read() == b"until the end"
+    response.release()
+    response = await c.request(origin_of(port, True), "POST", "/keep-alive", {}, b"", 2.0)
+    assert await response.read() == b"ok"
+    response.release()
+    idle = c._pools[origin_of(port, True)].idle
+    async with asyncio.timeout(5):
+        while idle and not idle[-1].closed:  # the server's close reaches the pooled connection
+            await asyncio.sleep(0.01)
+    response = await c.request(origin_of(port, True), "POST", "/keep-alive", {}, b"", 2.0)
+    assert await response.read() == b"ok"
+    response.release()
+    await c.close()
+    server.close()
+    await server.wait_closed()
+    assert len(connections) == 3
