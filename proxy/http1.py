@@ -27,6 +27,8 @@ import httptools
 HIGH_WATER = 256 * 1024  # unread streamed bytes before reading from the upstream pauses
 IDLE_S = 30.0  # a pooled connection idle longer than this is closed rather than reused
 MAX_IDLE = 256  # idle connections kept per origin
+DRAIN_S = 2.0  # how long a released connection may take to finish a message whose content the caller has
+DRAIN_MAX = 64 * 1024  # and how many bytes it may still send meanwhile
 
 
 class UpstreamError(Exception):
@@ -138,10 +140,17 @@ class Response:
         if self._error is not None and not self._chunks:
             raise self._error
 
-    def release(self) -> None:
-        """Done with this response: a complete keep-alive exchange returns its connection to the pool."""
+    def release(self, drain: bool = False) -> None:
+        """Done with this response: a complete keep-alive exchange returns its connection to the pool. With
+        `drain`, the caller has all it wants of an incomplete one (a stream past its `[DONE]` whose last empty
+        chunk is still on its way): the connection reads the rest in the background for up to `DRAIN_S`, then
+        goes back to the pool, instead of costing the next request a new connection (and TLS handshake)."""
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        if not self._complete and drain and self._error is None:
+            conn.drain()
+        else:
             conn.finished(reusable=self._complete)
 
     def close(self) -> None:
@@ -171,7 +180,7 @@ class _Connection(asyncio.Protocol):
     """One upstream connection and the response being read from it (one at a time: no pipelining)."""
 
     __slots__ = ("pool", "transport", "parser", "response", "closed", "paused", "keep_alive", "idle_since",
-                 "_headers", "_informational", "_until_close")
+                 "_headers", "_informational", "_until_close", "_drain", "_drained")
 
     def __init__(self, pool: "_Pool") -> None:
         self.pool = pool
@@ -185,6 +194,8 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._informational = False
         self._until_close = False  # the body has no length and no chunks: it ends when the connection does
+        self._drain: asyncio.TimerHandle | None = None  # set while a released response is read to its end
+        self._drained = 0
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -193,6 +204,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
         response = self.response
         if response is None:
             return
@@ -210,11 +224,15 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.response._fail(BadResponse(f"not HTTP/1.1: {exc}"[:200]))
-            self.abort()
+            self._broken(BadResponse(f"not HTTP/1.1: {exc}"[:200]))
         except httptools.HttpParserUpgrade:  # 101 Switching Protocols, though the request asked for no upgrade
-            self.response._fail(BadResponse("not HTTP/1.1: an upgrade nobody asked for"))
-            self.abort()
+            self._broken(BadResponse("not HTTP/1.1: an upgrade nobody asked for"))
+
+    def _broken(self, error: UpstreamError) -> None:
+        response = self.response  # None when a drained response completed earlier in the same read
+        if response is not None:
+            response._fail(error)
+        self.abort()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost says what that means for the response
@@ -222,7 +240,8 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks --------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.response._complete:  # a second answer to one request: raising stops the parser, the connection closes
+        response = self.response
+        if response is None or response._complete:  # a second answer to one request: raising stops the parser
             raise BadResponse("bytes after the end of the response")
         self._headers = {}
 
@@ -248,6 +267,11 @@ class _Connection(asyncio.Protocol):
             head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._drain is not None:  # nobody reads these bytes any more: count them, keep none
+            self._drained += len(body)
+            if self._drained > DRAIN_MAX:
+                self.abort()
+            return
         response = self.response
         response._chunks.append(body)
         response._size += len(body)
@@ -263,6 +287,11 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         response = self.response
         response._complete = True
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+            self.finished(reusable=True)
+            return
         response._wake()
 
     # --- used by the pool and the response ------------------------------------------------------------
@@ -271,6 +300,13 @@ class _Connection(asyncio.Protocol):
         if self.paused and not self.closed:
             self.paused = False
             self.transport.resume_reading()
+
+    def drain(self) -> None:
+        """Reads the rest of the released response in the background; `on_message_complete` then pools the
+        connection. Closed if that takes longer than DRAIN_S or more than DRAIN_MAX bytes."""
+        self._drained = 0
+        self._drain = asyncio.get_running_loop().call_later(DRAIN_S, self.abort)
+        self.resume()
 
     def finished(self, reusable: bool) -> None:
         """The response is done with; back to the pool if the exchange ended cleanly, else closed."""
@@ -282,6 +318,9 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
         if self.transport is not None:
             self.transport.abort()  # no lingering close: nothing more will be read or written
 

@@ -288,7 +288,8 @@ class Pipeline:
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream connection broke")
         finally:
             if resp is not None:
-                resp.release()  # the connection goes back to the pool only if the whole response was read
+                # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
+                resp.release(drain=state.done)
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
         if committed and recorded is not None:
             attempt.content = output_from_stream(b"".join(recorded))

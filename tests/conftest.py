@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import time
 
 import pytest
 
@@ -80,3 +82,12 @@ def black_hole_url():
     for filler in fillers:
         filler.close()
     server.close()
+
+
+async def until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Polls `predicate()` (state the proxy owns, or captured logs) until true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met in {timeout}s")
+        await asyncio.sleep(0.01)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import http1
 from proxy.http1 import BadResponse, Client, ConnectFailed, ConnectTimeout, Disconnected, Origin
-from tests.conftest import closed_port_url
+from tests.conftest import closed_port_url, until
 
 
 def origin_of(port: int, tls: bool = False) -> Origin:
@@ -681,3 +681,80 @@ async def test_tls_close_notify_ends_a_body_and_retires_an_idle_connection(tmp_p
     server.close()
     await server.wait_closed()
     assert len(connections) == 3
+
+
+# --- draining a released stream -------------------------------------------------------------------------
+
+
+class LateEnd:
+    """Streams two events chunked, then, after `late_s`, `tail` and the chunked end; with `late_s` None the
+    end never comes (the handler waits until the client gives the connection up)."""
+
+    def __init__(self, late_s: float | None, tail: bytes = b"") -> None:
+        self.late_s = late_s
+        self.tail = tail
+        self.peers: list = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.peers.append(request.transport.get_extra_info("peername"))
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"data: {}\n\ndata: [DONE]\n\n")
+        if self.late_s is None:
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.01)
+            return response
+        await asyncio.sleep(self.late_s)
+        if self.tail:
+            await response.write(self.tail)
+        await response.write_eof()
+        return response
+
+    async def start(self, aiohttp_server) -> int:
+        app = web.Application()
+        app.router.add_post("/stream", self.handle)
+        return (await aiohttp_server(app)).port
+
+
+async def stream_until_done(client: Client, port: int):
+    """Reads a LateEnd stream up to its [DONE], releases it for draining; returns its connection."""
+    response = await post(client, port, "/stream")
+    got = b""
+    while not got.endswith(b"[DONE]\n\n"):
+        got += await response.readany()
+    assert not response.complete  # the chunked end is still on its way
+    conn = response._conn
+    response.release(drain=True)
+    return conn
+
+
+async def test_a_stream_released_at_its_end_keeps_its_connection_once_the_last_chunk_comes(client, aiohttp_server):
+    upstream = LateEnd(late_s=0.05)
+    port = await upstream.start(aiohttp_server)
+    conn = await stream_until_done(client, port)
+    pool = client._pools[origin_of(port)]
+    await until(lambda: conn in pool.idle, what="the drained connection back in the pool")
+    await stream_until_done(client, port)
+    assert len(set(upstream.peers)) == 1
+
+
+async def test_a_drain_that_takes_too_long_closes_the_connection(client, aiohttp_server, monkeypatch):
+    monkeypatch.setattr(http1, "DRAIN_S", 0.05)
+    upstream = LateEnd(late_s=None)
+    port = await upstream.start(aiohttp_server)
+    conn = await stream_until_done(client, port)
+    await until(lambda: conn.closed, what="the connection given up")
+    assert conn not in client._pools[origin_of(port)].idle
+    await stream_until_done(client, port)
+    assert len(set(upstream.peers)) == 2
+
+
+async def test_a_drain_that_brings_too_many_bytes_closes_the_connection(client, aiohttp_server, monkeypatch):
+    monkeypatch.setattr(http1, "DRAIN_MAX", 100)
+    upstream = LateEnd(late_s=0.01, tail=b"x" * 1000)
+    port = await upstream.start(aiohttp_server)
+    conn = await stream_until_done(client, port)
+    await until(lambda: conn.closed, what="the connection given up")
+    assert conn not in client._pools[origin_of(port)].idle

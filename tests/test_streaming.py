@@ -495,3 +495,33 @@ async def test_good_events_before_a_malformed_one_in_the_same_chunk_still_reach_
     tail = body[len(events[0] + events[1] + events[2] + events[3]):]
     assert tail.count(b"data: ") == 1 and b'"error"' in tail and b"[DONE]" not in tail
 
+
+
+class LateChunkedEnd(ChatUpstream):
+    """Streams the whole answer, [DONE] included, then sends the chunked end 50 ms later, as a server may when
+    its last write and its end of message are separate; records the connection each request came on."""
+
+    def __init__(self) -> None:
+        self.peers: list = []
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.peers.append(request.transport.get_extra_info("peername"))
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"".join(E))
+        await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+
+async def test_stream_whose_end_lags_its_done_keeps_the_upstream_connection(aiohttp_server, start_proxy):
+    upstream = LateChunkedEnd()
+    server = await aiohttp_server(upstream.app())
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    for _ in range(3):
+        r = await call(base, chat(stream=True))
+        assert r.status == 200 and r.body == b"".join(E)
+        await asyncio.sleep(0.1)  # the lagging end arrives; the connection goes back to the pool
+    assert len(upstream.peers) == 3 and len(set(upstream.peers)) == 1  # no new connection (or TLS handshake) each

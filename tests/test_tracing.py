@@ -26,6 +26,7 @@ from proxy.otlp import Encoder, Exporter
 from proxy.server import STATE, build_app
 from proxy.testing import USAGE, Behaviour, ChatUpstream, status, stream_events
 from proxy.tracing import KIND_CLIENT, KIND_SERVER, SEMCONV_SCHEMA, STATUS_ERROR, STATUS_UNSET, Span, Tracer
+from tests.conftest import until
 from tests.otlp_receiver import decode, otlp  # noqa: F401  (otlp is a fixture)
 
 KEY = "sk-test-secret-upstream-key"
@@ -97,15 +98,6 @@ def upstream_traceparents(scripted) -> list[str]:
 def records(caplog, event: str, level: int | None = None) -> list[logging.LogRecord]:
     return [r for r in caplog.records
             if r.name == "groq_proxy" and r.getMessage() == event and (level is None or r.levelno == level)]
-
-
-async def until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    """Polls `predicate()` (state the proxy owns, or captured logs) until true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met in {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 class SlowStream(ChatUpstream):
