@@ -123,28 +123,37 @@ def _marker_spans(complete: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def _plain_block(complete: bytes) -> bool:
-    """Whether every event of the block is `data: {...}` or `data: [DONE]`, counted without splitting.
-    Exact because JSON text cannot hold a raw newline: `\\n\\ndata: ` only ever starts an event."""
-    events = complete.count(b"\n\n")
-    if complete.count(b"\n") != 2 * events:
-        return False  # an event of several lines (multi-line data, or fields besides data)
+def _plain_block(complete: bytes) -> tuple[bool, int]:
+    """Whether every event of the block (whole events, ending in a blank line) is a one-line `data: {...}` or
+    `data: [DONE]`, counted without splitting; and how many `[DONE]` events it holds.
+
+    Exact because JSON text cannot hold a raw newline. Each counted event start but the first follows its own
+    `\\n\\n`, and the block's last `\\n\\n` follows none, so the block has at least twice as many newlines
+    as counted events, and exactly twice as many only when those pairs are its only newlines: when every
+    event is one line and starts as counted. (Two [DONE] in a row share a pair and count once: a block that
+    odd takes the careful path.)"""
+    if not complete.endswith(b"\n\n"):
+        return False, 0
     objects = complete.count(b"\n\ndata: {") + complete.startswith(b"data: {")
     done = complete.count(b"\n\ndata: [DONE]\n\n") + complete.startswith(b"data: [DONE]\n\n")
-    return objects + done == events
+    return complete.count(b"\n") == 2 * (objects + done), done
 
 
 def scan(complete: bytes, state: StreamState) -> None:
     """Inspects every event in `complete` (whole events, as `EventSplitter.feed` returns them)."""
     if b"\r" in complete:
         complete = complete.replace(b"\r\n", b"\n")
-    if not _plain_block(complete):
+    plain, dones = _plain_block(complete)
+    if not plain:
         _scan_each(complete, state)  # comments, other fields or a malformed event: look at each one
         return
     # Every event is `data: {...}` or `data: [DONE]`: parse only the first event of the stream and the events
-    # that hold a marker, found in one pass over the block. Nothing after [DONE] counts.
-    done_at = complete.find(b"data: [DONE]\n\n")
-    if done_at >= 0:
+    # that hold a marker, found by a few `find` passes over the block. Nothing after [DONE] counts.
+    done_at = -1
+    if dones:
+        # The usual place of the one [DONE] is the end of the block: no search needed then.
+        at_end = dones == 1 and complete.endswith(b"data: [DONE]\n\n")
+        done_at = len(complete) - 14 if at_end else complete.find(b"data: [DONE]\n\n")
         complete = complete[:done_at]
     parsed = -1
     if state.response_id is None and (first := complete.find(b"data: {")) >= 0:
@@ -186,7 +195,8 @@ def _scan_each(complete: bytes, state: StreamState) -> None:
 def first_data_end(complete: bytes) -> int:
     """Where the first data event of whole events ends (the index after its blank line); -1 when there is
     none yet (comments and bare fields do not count)."""
-    sep = b"\r\n\r\n" if b"\r\n\r\n" in complete else b"\n\n"
+    # LF framing, the usual one, is known by one memchr; only a block with a CR is searched for CRLF.
+    sep = b"\r\n\r\n" if b"\r" in complete and b"\r\n\r\n" in complete else b"\n\n"
     start = 0
     while (cut := complete.find(sep, start)) >= 0:
         event = complete[start:cut]

@@ -256,6 +256,22 @@ async def test_refused_connection_is_connect_failed(client):
         await post(client, port)
 
 
+async def test_a_name_is_resolved_and_each_address_tried(client, counted):
+    # `localhost` resolves to ::1 and 127.0.0.1 where IPv6 is on; the server listens on 127.0.0.1 only, so
+    # an IPv6 attempt is refused and the IPv4 address must still be tried.
+    server_app, port = counted
+    response = await client.request(Origin.of("http", "localhost", port), "POST", "/echo", {}, b"{}", 2.0)
+    assert await response.read() == b"{}"
+    response.release()
+    assert server_app.seen_headers[0]["Host"] == f"localhost:{port}"
+
+
+async def test_a_name_that_does_not_resolve_is_a_connect_failure(client):
+    # Refused at once by a resolver that answers, a timeout where DNS itself is unreachable: both fall over.
+    with pytest.raises((ConnectFailed, ConnectTimeout), match="no-such-host.invalid:80"):
+        await client.request(Origin.of("http", "no-such-host.invalid", None), "POST", "/", {}, b"{}", 1.0)
+
+
 async def test_connect_that_never_completes_is_connect_timeout(client, black_hole_url):
     port = int(black_hole_url.split(":")[2].split("/")[0])
     with pytest.raises(ConnectTimeout):

@@ -259,6 +259,10 @@ def test_the_fast_path_and_the_careful_path_agree_on_every_block():
         lambda i: b"data: not json\n\n",
         lambda i: b'data: {"id":"c", "choices": [\n\n',
         lambda i: b'event: message\ndata: {"id":"c","choices":[]}\n\n',
+        # Newlines the fast path's count must not be fooled by: blank events, two data lines, a field after data.
+        lambda i: b"\n\n",
+        lambda i: b'data: {"id":"c","choices":[]}\ndata: {"usage":null}\n\n',
+        lambda i: b'data: {"id":"c","choices":[]}\nid: 5\n\n',
         lambda i: b"data: [DONE]\n\n",
     ]
     rng = random.Random(7)
