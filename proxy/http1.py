@@ -5,7 +5,8 @@ ClientSession spends about 95 us of its 147 us per request in the client (reques
 payload registry, timers, connector bookkeeping); the same pass-through with this client serves 3x the
 requests. The proxy needs little of what ClientSession offers (one method, bytes in, bytes or a stream out,
 no cookies, redirects, proxies or compression), so this module does just that, on the parser aiohttp itself
-uses. aiohttp still serves the clients, and still carries the off-path calls (catalogue check, OTLP export).
+uses. aiohttp still serves the clients, and still carries the off-path calls (catalogue check, model bench);
+the OTLP exporter uses this client too.
 
 One `Client` holds a pool per origin. `request()` writes the request head and body in one write and returns
 when the response head has arrived; the body is read whole (`read`) or as it comes (`readany`, with reading
@@ -373,7 +374,7 @@ class _Pool:
                 sock.close()
             if isinstance(exc, TimeoutError):
                 raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} in {connect_timeout_s:g}s") from None
-            if isinstance(exc, (OSError, ssl.SSLError)):
+            if isinstance(exc, (OSError, ssl.SSLError, UnicodeError)):  # UnicodeError: a name IDNA cannot encode
                 raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}"[:200]) from None
             raise
         return conn

@@ -27,11 +27,12 @@ from proxy.upstream import AttemptFailed, Provider, Upstreams, classify
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
-# Never sent upstream: hop-by-hop headers, what the proxy sets itself, and the client's own credentials.
+# Never sent upstream: hop-by-hop headers, what the proxy sets itself (the body is the proxy's own JSON, so the
+# client's content-* headers do not describe it), and the client's own credentials.
 _DROP_REQUEST_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-        "transfer-encoding", "upgrade", "host", "content-length", "content-type", "authorization",
+        "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding", "authorization",
         "accept-encoding", "cookie", "x-api-key", "api-key",
     }
 )

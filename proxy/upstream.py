@@ -3,8 +3,9 @@ the rule that decides whether a failed attempt falls over to the next model or g
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import orjson
 
@@ -44,12 +45,16 @@ class Provider:
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig) -> "Provider":
-        headers = {"Content-Type": "application/json"}
+        # No Accept-Encoding at all would let the upstream pick any encoding (RFC 9110, 12.5.3); the client
+        # decodes none, so it says so.
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
         parts = urlsplit(cfg.base_url)
         origin = Origin.of(parts.scheme, parts.hostname or "", parts.port)
-        base, query = parts.path.rstrip("/"), (f"?{parts.query}" if parts.query else "")
+        # Only what cannot stand in a request line (spaces, controls, non-ASCII) is escaped, as yarl did.
+        base = quote(parts.path.rstrip("/"), safe=string.punctuation)
+        query = f"?{quote(parts.query, safe=string.punctuation)}" if parts.query else ""
         return cls(
             name=cfg.name,
             origin=origin,
@@ -117,7 +122,9 @@ def error_of(body: bytes) -> tuple[str | None, str | None]:
 def classify(status: int, body: bytes, headers) -> AttemptFailed | None:
     """An AttemptFailed when this non-200 answer should fall over; None when it belongs to the client."""
     code, message = error_of(body)
-    if status in FALLOVER_STATUSES or status >= 500:
+    # Only a 4xx can be the request's fault. Anything else but 200 (a redirect, which is not followed: the key
+    # stays with its origin; a 204) is about the provider or its base_url, and means nothing to the client.
+    if status in FALLOVER_STATUSES or not 400 <= status < 500:
         retry_after = retry_after_of(headers) if status == 429 else None
         reason = "rate_limited" if status == 429 else f"status_{status}"
         detail = f"{status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
