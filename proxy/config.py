@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from proxy.latency import Thresholds, default_thresholds
 
@@ -198,8 +199,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     base_url = _string(raw, "base_url", where, None)
     if base_url is None:
         raise ConfigError(f"{where}.base_url: required")
-    if not base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.base_url: must start with http:// or https://, got {base_url!r}")
+    _check_url(base_url, f"{where}.base_url")
     key_env = _env_name(raw, "api_key_env", where)
     timeout = _number(raw, "timeout_s", where, 60.0, minimum=0.001)
     first_byte = _number(raw, "first_byte_timeout_s", where, min(10.0, timeout), minimum=0.001)
@@ -212,8 +212,34 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
         connect_timeout_s=float(_number(raw, "connect_timeout_s", where, 5.0, minimum=0.001)),
-        api_key=(env.get(key_env) or None) if key_env else None,
+        api_key=_api_key(env, key_env, where),
     )
+
+
+def _api_key(env: Mapping[str, str], key_env: str | None, where: str) -> str | None:
+    """The key from the environment. One with whitespace or control characters (a pasted newline, say) would
+    break the Authorization header of every request, so it is refused here, without showing it."""
+    key = (env.get(key_env) or None) if key_env else None
+    if key is not None and any(c.isspace() or not c.isprintable() for c in key):
+        raise ConfigError(f"{where}.api_key_env: the value of ${key_env} holds whitespace or control characters "
+                          "(a trailing newline?)")
+    return key
+
+
+def _check_url(url: str, where: str) -> None:
+    """An http(s) URL with a host and a valid port, and no credentials in it (they are never shown back)."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: must start with http:// or https://, got {url!r}")
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{where}: must not hold credentials (user:password@); a provider's key is read from "
+                          "the variable named by api_key_env, a collector's from OTEL_EXPORTER_OTLP_HEADERS")
+    if not parts.hostname:
+        raise ConfigError(f"{where}: has no host, got {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: the port must be a number from 0 to 65535, got {url!r}") from None
 
 
 def parse_target(text: str, providers: Mapping[str, Any], where: str) -> Target:
@@ -284,8 +310,8 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         url = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
     else:
         url = None
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.endpoint: must start with http:// or https://, got {url!r}")
+    if url is not None:
+        _check_url(url, f"{where}.endpoint")
     sampler = (env.get("OTEL_TRACES_SAMPLER") or "").lower()
     if sampler and sampler not in _SAMPLERS:
         raise ConfigError(f"telemetry: OTEL_TRACES_SAMPLER={sampler} is not one of {', '.join(sorted(_SAMPLERS))}")

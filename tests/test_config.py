@@ -99,6 +99,10 @@ BAD = [
     ("providers.groq.connect_timeout_s", [5], "providers.groq.connect_timeout_s", "must be a number"),
     ("providers.groq.base_url", "api.groq.com/openai/v1", "providers.groq.base_url", "http://"),
     ("providers.groq.base_url", "", "providers.groq.base_url", "non-empty string"),
+    ("providers.groq.base_url", "http://127.0.0.1:99999/v1", "providers.groq.base_url", "from 0 to 65535"),
+    ("providers.groq.base_url", "http://127.0.0.1:port/v1", "providers.groq.base_url", "from 0 to 65535"),
+    ("providers.groq.base_url", "https:///openai/v1", "providers.groq.base_url", "has no host"),
+    ("telemetry.endpoint", "http://collector:431800", "telemetry.endpoint", "from 0 to 65535"),
     ("providers.groq.api_key_env", 5, "providers.groq.api_key_env", "name of an environment variable"),
     ("server.port", 70000, "server.port", "at most 65535"),
     ("server.port", -1, "server.port", "at least"),
@@ -322,6 +326,22 @@ def test_a_key_pasted_into_api_key_env_is_refused_without_echoing_it():
                       "models": {"m": {"chain": ["g:x"]}}}, env={})
     assert "providers.g.api_key_env" in str(info.value)
     assert pasted not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["https://user:hunter2@api.groq.com/openai/v1", "https://:hunter2@x/v1"])
+def test_credentials_in_a_base_url_are_refused_without_echoing_them(url):
+    message = config_error(with_change("providers.groq.base_url", url))
+    assert message.startswith("providers.groq.base_url: must not hold credentials")
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize("value", [SECRET + "\n", " " + SECRET, SECRET[:8] + "\t" + SECRET[8:], SECRET + "\x00"])
+def test_a_key_with_whitespace_or_control_characters_is_refused_without_echoing_it(value):
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE, env={"GROQ_KEY": value})
+    message = str(info.value)
+    assert message.startswith("providers.groq.api_key_env: the value of $GROQ_KEY holds whitespace"), message
+    assert SECRET[:8] not in message and SECRET[8:] not in message
 
 
 def test_server_table_is_checked_before_providers():
