@@ -8,8 +8,8 @@ no cookies, redirects, proxies or compression), so this module does just that, o
 uses. aiohttp still serves the clients, and still carries the off-path calls (catalogue check, model bench);
 the OTLP exporter uses this client too.
 
-One `Client` holds a pool per origin. `request()` writes the request head and body in one write and returns
-when the response head has arrived; the body is read whole (`read`) or as it comes (`readany`, with reading
+One `Client` holds a pool per origin. `request()` writes the request head and body (in one write unless the
+body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`) or as it comes (`readany`, with reading
 paused while more than `HIGH_WATER` bytes wait unread). `release()` gives a fully read keep-alive connection
 back to the pool; anything else closes it. Cancelling a request (a deadline) closes its connection.
 """
@@ -20,9 +20,11 @@ import asyncio
 import collections
 import socket
 import ssl
+import string
 import sys
 import time
 from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
 import aiohappyeyeballs
 import httptools
@@ -72,6 +74,15 @@ class Origin:
         return cls(host, port, tls, shown if port == default else f"{shown}:{port}")
 
 
+def split_url(url: str) -> tuple[Origin, str, str]:
+    """The origin of an http(s) URL, its path without a trailing slash, and its query (with its `?`, or "").
+    Only what cannot stand in a request line (spaces, controls, non-ASCII) is escaped, as yarl does."""
+    parts = urlsplit(url)
+    path = quote(parts.path.rstrip("/"), safe=string.punctuation)
+    query = f"?{quote(parts.query, safe=string.punctuation)}" if parts.query else ""
+    return Origin.of(parts.scheme, parts.hostname or "", parts.port), path, query
+
+
 class Response:
     """One response: status and headers at once, the body as it arrives."""
 
@@ -99,11 +110,6 @@ class Response:
     def complete(self) -> bool:
         """Every byte of the body has arrived (not necessarily been read)."""
         return self._complete
-
-    @property
-    def at_eof(self) -> bool:
-        """Every byte of the body has arrived and been read."""
-        return self._complete and not self._chunks
 
     async def read(self) -> bytes:
         """The whole body (what `readany` has not taken yet)."""
@@ -374,7 +380,7 @@ class _Pool:
                 sock.close()
             if isinstance(exc, TimeoutError):
                 raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} in {connect_timeout_s:g}s") from None
-            if isinstance(exc, (OSError, ssl.SSLError, UnicodeError)):  # UnicodeError: a name IDNA cannot encode
+            if isinstance(exc, (OSError, UnicodeError)):  # OSError includes ssl.SSLError; UnicodeError: a name IDNA cannot encode
                 raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}"[:200]) from None
             raise
         return conn
@@ -407,6 +413,8 @@ class Client:
             pool = self._pools[origin] = _Pool(origin, self)
         head = _request_head(method, path, origin.host_header, headers, len(body))
         conn = await pool.connection(connect_timeout_s)
+        if conn.closed:  # lost between its connect and now: nothing was sent, nothing would ever answer
+            raise Disconnected("the connection closed before the request went out")
         response = conn.response = Response(conn)
         response._head = asyncio.get_running_loop().create_future()
         try:

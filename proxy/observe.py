@@ -121,15 +121,16 @@ class Observer:
             return
         body = ctx.body
         target = attempt.target
-        key = (ctx.operation, target, provider.host, provider.port, ctx.route.virtual, attempt.index)
+        origin = provider.origin
+        key = (ctx.operation, target, origin.host, origin.port, ctx.route.virtual, attempt.index)
         static = self._static.get(key)
         if static is None:
             if len(self._static) >= 4096:  # explicit provider:model names are the client's: keep this bounded
                 self._static.clear()
             static = self._static[key] = (
                 ("gen_ai.operation.name", ctx.operation), ("gen_ai.provider.name", target.provider),
-                ("gen_ai.request.model", target.model), ("server.address", provider.host),
-                ("server.port", provider.port), ("groq_proxy.virtual_model", ctx.route.virtual),
+                ("gen_ai.request.model", target.model), ("server.address", origin.host),
+                ("server.port", origin.port), ("groq_proxy.virtual_model", ctx.route.virtual),
                 ("groq_proxy.attempt.index", attempt.index),
             )
         attrs = {}
@@ -190,11 +191,17 @@ class Observer:
         return hit
 
 
-class _NoProvider:
-    """A skipped attempt sent nothing: no server.address / server.port (None values are not exported)."""
+class _NoOrigin:
+    """Where a skipped attempt went: nowhere, so no server.address / server.port (None is not exported)."""
 
     host = None
     port = None
+
+
+class _NoProvider:
+    """The provider of a skipped attempt, as far as its span is concerned."""
+
+    origin = _NoOrigin
 
 
 # --- content, recorded only when the operator turns it on (GenAI message format) -----------------------------

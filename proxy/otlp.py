@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from urllib.parse import urlsplit
 
-from proxy.http1 import Client, Origin, UpstreamError
+from proxy.http1 import Client, UpstreamError, split_url
 from proxy.logs import emit
 from proxy.tracing import SEMCONV_SCHEMA, Span, Tracer
 
@@ -193,9 +192,8 @@ class Exporter:
         self.tracer = tracer
         self.encoder = encoder
         self.url = url
-        parts = urlsplit(url)
-        self._origin = Origin.of(parts.scheme, parts.hostname or "", parts.port)
-        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._origin, path, query = split_url(url)
+        self._path = (path or "/") + query
         self.headers = {"Content-Type": "application/x-protobuf", **(headers or {})}
         self.interval_s = interval_s
         self.batch = batch

@@ -19,7 +19,7 @@ from proxy.config import Config
 from proxy.context import Attempt, RequestContext
 from proxy.cooldown import Cooldowns
 from proxy.errors import ProxyError
-from proxy.http1 import ConnectFailed, ConnectTimeout, UpstreamError
+from proxy.http1 import BadResponse, ConnectFailed, ConnectTimeout, UpstreamError
 from proxy.logs import emit, redact
 from proxy.observe import Observer, output_from_choices, output_from_stream
 from proxy.sse import EventSplitter, StreamState, first_data_end, scan, well_formed_prefix
@@ -53,14 +53,14 @@ def _forwarded_headers(request: web.Request) -> dict[str, str]:
     return headers
 
 
-def _connection_failure(exc: Exception) -> AttemptFailed:
-    """connect_timeout or connect_error when no connection was made; upstream_closed when it was made and broke."""
+def _upstream_failure(exc: UpstreamError) -> AttemptFailed:
+    """connect_timeout or connect_error when no connection was made; malformed when the answer was not HTTP;
+    upstream_closed when the connection was made and broke."""
     if isinstance(exc, ConnectTimeout):
         return AttemptFailed("connect_timeout", "connect timed out")
     if isinstance(exc, ConnectFailed):
         return AttemptFailed("connect_error", str(exc)[:200])
-    detail = str(exc) if isinstance(exc, UpstreamError) else f"{type(exc).__name__}: {exc}"
-    return AttemptFailed("upstream_closed", detail[:200])
+    return AttemptFailed("malformed" if isinstance(exc, BadResponse) else "upstream_closed", str(exc)[:200])
 
 
 # Upstream response headers worth handing to the client: Groq's rate-limit view, its region, its request id.
@@ -175,8 +175,8 @@ class Pipeline:
             if attempt.first_byte is None:
                 raise AttemptFailed("first_byte_timeout", f"no first byte in {provider.first_byte_s:g}s") from None
             raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
-        except (UpstreamError, OSError) as exc:
-            raise _connection_failure(exc) from None
+        except UpstreamError as exc:
+            raise _upstream_failure(exc) from None
         finally:
             if resp is not None:
                 resp.release()
@@ -283,10 +283,11 @@ class Pipeline:
                     raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
                 raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
-        except (UpstreamError, OSError) as exc:
+        except UpstreamError as exc:
+            failure = _upstream_failure(exc)
             if not committed:
-                raise _connection_failure(exc) from None
-            return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream connection broke")
+                raise failure from None
+            return await self._broken(ctx, attempt, client, failure.reason, failure.detail)
         finally:
             if resp is not None:
                 # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.

@@ -11,6 +11,9 @@ import re
 
 import orjson
 
+_DONE = b"data: [DONE]\n\n"  # the end marker, as a whole event
+_NEXT_DONE = b"\n\n" + _DONE  # ... as an event after another
+
 # The keys the proxy looks for. In JSON text `"usage"` can only be a key (inside a string it is `\"usage\"`).
 _MARKER = re.compile(rb'"(?:usage|error)"|"finish_reason": ?"')
 
@@ -123,7 +126,7 @@ def _marker_spans(complete: bytes) -> list[tuple[int, int]]:
     return spans
 
 
-def _plain_block(complete: bytes) -> tuple[bool, int]:
+def _plain_events(complete: bytes) -> tuple[bool, int]:
     """Whether every event of the block (whole events, ending in a blank line) is a one-line `data: {...}` or
     `data: [DONE]`, counted without splitting; and how many `[DONE]` events it holds.
 
@@ -135,7 +138,7 @@ def _plain_block(complete: bytes) -> tuple[bool, int]:
     if not complete.endswith(b"\n\n"):
         return False, 0
     objects = complete.count(b"\n\ndata: {") + complete.startswith(b"data: {")
-    done = complete.count(b"\n\ndata: [DONE]\n\n") + complete.startswith(b"data: [DONE]\n\n")
+    done = complete.count(_NEXT_DONE) + complete.startswith(_DONE)
     return complete.count(b"\n") == 2 * (objects + done), done
 
 
@@ -143,7 +146,7 @@ def scan(complete: bytes, state: StreamState) -> None:
     """Inspects every event in `complete` (whole events, as `EventSplitter.feed` returns them)."""
     if b"\r" in complete:
         complete = complete.replace(b"\r\n", b"\n")
-    plain, dones = _plain_block(complete)
+    plain, dones = _plain_events(complete)
     if not plain:
         _scan_each(complete, state)  # comments, other fields or a malformed event: look at each one
         return
@@ -152,8 +155,8 @@ def scan(complete: bytes, state: StreamState) -> None:
     done_at = -1
     if dones:
         # The usual place of the one [DONE] is the end of the block: no search needed then.
-        at_end = dones == 1 and complete.endswith(b"data: [DONE]\n\n")
-        done_at = len(complete) - 14 if at_end else complete.find(b"data: [DONE]\n\n")
+        at_end = dones == 1 and complete.endswith(_DONE)
+        done_at = len(complete) - len(_DONE) if at_end else complete.find(_DONE)
         complete = complete[:done_at]
     parsed = -1
     if state.response_id is None and (first := complete.find(b"data: {")) >= 0:

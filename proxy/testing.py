@@ -1,4 +1,5 @@
-"""Test helpers that ship with the package: a scripted upstream whose behaviour is chosen per model.
+"""Test helpers that ship with the package: a scripted upstream whose behaviour is chosen per model, and
+hand-written upstreams for what a script does not cover.
 
 Each real model name maps to a `Behaviour`; the upstream records every request it receives (headers and
 parsed body) so tests can check what the proxy sent. Used by the test suite and the benchmark.
@@ -83,13 +84,44 @@ def status(code: int, error_code: str | None = None, message: str = "upstream sa
 class ChatUpstream:
     """Base of a hand-written test upstream: a subclass defines `_chat`; `app()` serves it where the proxy posts."""
 
+    path = "/openai/v1/chat/completions"
+
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/openai/v1/chat/completions", self._chat)
+        app.router.add_post(self.path, self._chat)
         return app
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
+
+
+class LateEndUpstream(ChatUpstream):
+    """Streams a whole answer chunked, [DONE] included, then after `late_s` sends `tail` and the chunked end, as
+    a server may when its last write and its end of message are separate. With `late_s` None the end never
+    comes: the handler waits until the client gives the connection up. Records the connection of each request."""
+
+    def __init__(self, late_s: float | None, tail: bytes = b"") -> None:
+        self.late_s = late_s
+        self.tail = tail
+        self.events = b"".join(stream_events("m1"))
+        self.peers: list = []
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.peers.append(request.transport.get_extra_info("peername"))
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(self.events)
+        if self.late_s is None:
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.01)
+            return response
+        await asyncio.sleep(self.late_s)
+        if self.tail:
+            await response.write(self.tail)
+        await response.write_eof()
+        return response
 
 
 class ScriptedUpstream:

@@ -3,14 +3,12 @@ the rule that decides whether a failed attempt falls over to the next model or g
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
 
 import orjson
 
 from proxy.config import Config, ProviderConfig
-from proxy.http1 import Client, Origin
+from proxy.http1 import Client, Origin, split_url
 
 # Statuses that say nothing about the request itself: the next model may well answer.
 # 401/403 are here too: they are about the proxy's provider key, not the client's request.
@@ -40,8 +38,6 @@ class Provider:
     first_byte_s: float
     total_s: float
     connect_s: float
-    host: str
-    port: int
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig) -> "Provider":
@@ -50,11 +46,7 @@ class Provider:
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
-        parts = urlsplit(cfg.base_url)
-        origin = Origin.of(parts.scheme, parts.hostname or "", parts.port)
-        # Only what cannot stand in a request line (spaces, controls, non-ASCII) is escaped, as yarl did.
-        base = quote(parts.path.rstrip("/"), safe=string.punctuation)
-        query = f"?{quote(parts.query, safe=string.punctuation)}" if parts.query else ""
+        origin, base, query = split_url(cfg.base_url)
         return cls(
             name=cfg.name,
             origin=origin,
@@ -64,8 +56,6 @@ class Provider:
             first_byte_s=cfg.first_byte_timeout_s,
             total_s=cfg.timeout_s,
             connect_s=cfg.connect_timeout_s,
-            host=origin.host,
-            port=origin.port,
         )
 
 

@@ -1,4 +1,5 @@
-"""Fixtures: real local upstreams on port 0 and the real proxy app in front of them."""
+"""Fixtures: real local upstreams on port 0 (aiohttp apps, or raw TCP servers for bytes aiohttp will not send)
+and the real proxy app in front of them."""
 
 from __future__ import annotations
 
@@ -43,6 +44,42 @@ async def start_proxy(aiohttp_server):
         return f"http://127.0.0.1:{server.port}"
 
     return start
+
+
+@pytest.fixture
+async def raw_server():
+    """`await raw_server(handler)` starts a TCP server whose `handler(reader, writer)` writes whatever bytes
+    the test wants; returns its port. Every connection and the server are closed at the end of the test."""
+    servers, tasks = [], []
+
+    async def start(handler) -> int:
+        async def serve(reader, writer):
+            tasks.append(asyncio.current_task())
+            try:
+                await handler(reader, writer)
+            except asyncio.CancelledError:  # the test is over; a cancelled task here makes asyncio 3.11 log an error
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One whole HTTP/1.1 request with a Content-Length body, as a raw server reads it: head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return head + await reader.readexactly(length)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from proxy import http1
 from proxy.http1 import BadResponse, Client, ConnectFailed, ConnectTimeout, Disconnected, Origin
-from tests.conftest import closed_port_url, until
+from proxy.testing import LateEndUpstream
+from tests.conftest import closed_port_url, read_request, until
 
 
 def origin_of(port: int, tls: bool = False) -> Origin:
@@ -73,39 +74,51 @@ async def counted(aiohttp_server):
     return server_app, server.port
 
 
-@pytest.fixture
-async def raw_server():
-    """`await raw_server(handler)` starts a TCP server whose `handler(reader, writer)` writes whatever bytes
-    the test wants; returns its port. Every connection and the server are closed at the end of the test."""
-    servers, tasks = [], []
-
-    async def start(handler) -> int:
-        async def serve(reader, writer):
-            tasks.append(asyncio.current_task())
-            try:
-                await handler(reader, writer)
-            except asyncio.CancelledError:  # the test is over; a cancelled task here makes asyncio 3.11 log an error
-                pass
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        servers.append(server)
-        return server.sockets[0].getsockname()[1]
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+BLOB = bytes(range(256)) * (3 * http1.HIGH_WATER // 256)  # three times what a reader may leave unread
 
 
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    return head + await reader.readexactly(length)
+async def stream_blob(request: web.Request) -> web.StreamResponse:
+    """Answers with BLOB in 16 KiB writes, without a length."""
+    response = web.StreamResponse()
+    await response.prepare(request)
+    for i in range(0, len(BLOB), 16384):
+        await response.write(BLOB[i : i + 16384])
+    await response.write_eof()
+    return response
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+SECOND = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"
+
+
+class Connections:
+    """A raw server handler that answers each request on a connection with the next of `answers` (bytes, or a
+    callable of the writer for anything odder), and records connections and the requests they carried."""
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.requests: list[bytes] = []
+        self.count = 0
+        self.gone = asyncio.Event()  # set when a connection is closed by the client
+
+    async def __call__(self, reader, writer) -> None:
+        self.count += 1
+        try:
+            while self.answers:
+                try:
+                    self.requests.append(await read_request(reader))
+                except asyncio.IncompleteReadError:
+                    break
+                answer = self.answers.pop(0)
+                if isinstance(answer, bytes):
+                    writer.write(answer)
+                else:
+                    await answer(writer)
+                await writer.drain()
+            await reader.read()
+        except ConnectionError:
+            pass
+        self.gone.set()
 
 
 # --- ordinary exchanges -------------------------------------------------------------------------------
@@ -118,7 +131,7 @@ async def test_body_headers_and_status_arrive(client, counted):
     assert await response.read() == b'{"hello": "world"}'
     assert response.headers["x-length"] == "18"  # names are lower case
     assert response.content_type == "application/octet-stream"
-    assert response.at_eof
+    assert response.complete and await response.readany() == b""
     response.release()
     sent = server_app.seen_headers[0]
     assert sent["Host"] == f"127.0.0.1:{port}"
@@ -220,31 +233,17 @@ async def test_idle_connection_older_than_the_limit_is_replaced(client, counted,
 
 
 async def test_streamed_body_over_the_high_water_mark_pauses_reading_and_loses_nothing(client, aiohttp_server):
-    size = 3 * http1.HIGH_WATER
-    blob = bytes(range(256)) * (size // 256)
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        await response.prepare(request)
-        for i in range(0, len(blob), 16384):
-            await response.write(blob[i : i + 16384])
-        await response.write_eof()
-        return response
-
     app = web.Application()
-    app.router.add_post("/big", big)
+    app.router.add_post("/big", stream_blob)
     server = await aiohttp_server(app)
     response = await post(client, server.port, "/big")
-    for _ in range(200):  # a reader that does not read: the client must stop reading from the socket
-        if response._conn.paused:
-            break
-        await asyncio.sleep(0.01)
-    assert response._conn.paused
+    # A reader that does not read: the client must stop reading from the socket.
+    await until(lambda: response._conn.paused, what="reading paused")
     received = bytearray()
     while chunk := await response.readany():
         received += chunk
     response.release()
-    assert bytes(received) == blob
+    assert bytes(received) == BLOB
 
 
 # --- failures -----------------------------------------------------------------------------------------
@@ -305,25 +304,16 @@ async def test_close_in_the_middle_of_the_body_is_disconnected_after_the_bytes_t
 
 
 async def test_garbage_is_bad_response(client, raw_server):
-    async def handler(reader, writer):
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await writer.drain()
-
-    port = await raw_server(handler)
+    port = await raw_server(Connections(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
     with pytest.raises(BadResponse, match="not HTTP/1.1"):
         await post(client, port)
 
 
 async def test_informational_responses_are_skipped(client, raw_server):
-    async def handler(reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
-        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Real: yes\r\n\r\nok")
-        await writer.drain()
-        await reader.read()
-
-    port = await raw_server(handler)
+    port = await raw_server(Connections(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Real: yes\r\n\r\nok"
+    ))
     response = await post(client, port)
     assert (response.status, response.headers.get("x-real"), "link" in response.headers) == (201, "yes", False)
     assert await response.read() == b"ok"
@@ -415,74 +405,37 @@ def test_origin_host_header():
 # --- adversarial review -------------------------------------------------------------------------------
 
 
-class Connections:
-    """A raw server handler that answers each request on a connection with the next of `answers` (bytes, or a
-    callable of the writer for anything odder), and records connections and the requests they carried."""
-
-    def __init__(self, *answers) -> None:
-        self.answers = list(answers)
-        self.requests: list[bytes] = []
-        self.count = 0
-        self.gone = asyncio.Event()  # set when a connection is closed by the client
-
-    async def __call__(self, reader, writer) -> None:
-        self.count += 1
-        try:
-            while self.answers:
-                try:
-                    self.requests.append(await read_request(reader))
-                except asyncio.IncompleteReadError:
-                    break
-                answer = self.answers.pop(0)
-                if isinstance(answer, bytes):
-                    writer.write(answer)
-                else:
-                    await answer(writer)
-                await writer.drain()
-            await reader.read()
-        except ConnectionError:
-            pass
-        self.gone.set()
-
-
 async def test_body_over_the_high_water_mark_is_read_whole_and_keeps_its_connection(client, aiohttp_server):
-    blob = bytes(range(256)) * (3 * http1.HIGH_WATER // 256)
     peers = set()
 
     async def whole(request: web.Request) -> web.Response:
         peers.add(request.transport.get_extra_info("peername"))
-        return web.Response(body=blob)
+        return web.Response(body=BLOB)
 
     async def streamed(request: web.Request) -> web.StreamResponse:
         peers.add(request.transport.get_extra_info("peername"))
-        response = web.StreamResponse()
-        await response.prepare(request)
-        for i in range(0, len(blob), 16384):
-            await response.write(blob[i : i + 16384])
-        await response.write_eof()
-        return response
+        return await stream_blob(request)
 
     app = web.Application()
     app.router.add_post("/whole", whole)
     app.router.add_post("/streamed", streamed)
     server = await aiohttp_server(app)
     response = await post(client, server.port, "/whole")  # a big non-streamed answer, as _plain reads it
-    assert await asyncio.wait_for(response.read(), 5) == blob
+    assert await asyncio.wait_for(response.read(), 5) == BLOB
     response.release()
     response = await post(client, server.port, "/streamed")
-    async with asyncio.timeout(5):
-        while not response._conn.paused:  # a stream reader that fell behind, then wants the rest at once
-            await asyncio.sleep(0.01)
+    # A stream reader that fell behind, then wants the rest at once.
+    await until(lambda: response._conn.paused, what="reading paused")
     first = await response.readany()
-    assert first + await asyncio.wait_for(response.read(), 5) == blob
+    assert first + await asyncio.wait_for(response.read(), 5) == BLOB
     response.release()
     assert len(peers) == 1  # neither left its connection paused: both went back to the pool
 
 
 async def test_a_second_response_to_one_request_is_not_taken_for_the_first(client, raw_server):
     server = Connections(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" b"HTTP/1.1 500 Smuggled\r\nContent-Length: 5\r\n\r\nextra",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond",
+        OK + b"HTTP/1.1 500 Smuggled\r\nContent-Length: 5\r\n\r\nextra",
+        SECOND,
     )
     port = await raw_server(server)
     response = await post(client, port)
@@ -497,12 +450,12 @@ async def test_a_second_response_to_one_request_is_not_taken_for_the_first(clien
 
 async def test_bytes_after_a_complete_response_close_the_connection_even_in_pieces(client, raw_server):
     async def answer_then_a_fragment(writer):
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK)
         await writer.drain()
         await asyncio.sleep(0.01)
         writer.write(b"HTTP/1.1 2")  # the start of an answer to nothing: would poison the next exchange
 
-    server = Connections(answer_then_a_fragment, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+    server = Connections(answer_then_a_fragment, SECOND)
     port = await raw_server(server)
     response = await post(client, port)
     assert await response.read() == b"ok"
@@ -541,7 +494,7 @@ async def test_switching_protocols_is_a_bad_response(client, raw_server):
 
 
 async def test_release_after_the_client_closed_closes_the_connection(raw_server):
-    server = Connections(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    server = Connections(OK)
     port = await raw_server(server)
     c = Client()
     response = await post(c, port)
@@ -552,8 +505,7 @@ async def test_release_after_the_client_closed_closes_the_connection(raw_server)
 
 
 async def test_release_twice_and_close_after_release_change_nothing(client, raw_server):
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    server = Connections(ok, ok, ok)
+    server = Connections(OK, OK, OK)
     port = await raw_server(server)
     response = await post(client, port)
     await response.read()
@@ -572,12 +524,12 @@ async def test_bytes_while_idle_in_the_pool_close_the_connection(client, raw_ser
     released = asyncio.Event()
 
     async def answer_then_junk_when_idle(writer):
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK)
         await writer.drain()
         await released.wait()
         writer.write(b"junk")
 
-    server = Connections(answer_then_junk_when_idle, b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+    server = Connections(answer_then_junk_when_idle, SECOND)
     port = await raw_server(server)
     response = await post(client, port)
     await response.read()
@@ -592,12 +544,11 @@ async def test_bytes_while_idle_in_the_pool_close_the_connection(client, raw_ser
 
 async def test_server_closing_right_after_a_keep_alive_answer_never_hangs(client, raw_server):
     async def answer_and_close(writer):
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK)
         await writer.drain()
         writer.close()
 
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    port = await raw_server(Connections(answer_and_close, ok))
+    port = await raw_server(Connections(answer_and_close, OK))
     response = await post(client, port)
     await response.read()
     response.release()
@@ -673,7 +624,7 @@ async def test_tls_close_notify_ends_a_body_and_retires_an_idle_connection(tmp_p
         if b"/until-close" in head:
             writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
         else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.write(OK)
         await writer.drain()
         writer.close()  # close_notify, then the TCP close
 
@@ -687,9 +638,7 @@ async def test_tls_close_notify_ends_a_body_and_retires_an_idle_connection(tmp_p
     assert await response.read() == b"ok"
     response.release()
     idle = c._pools[origin_of(port, True)].idle
-    async with asyncio.timeout(5):
-        while idle and not idle[-1].closed:  # the server's close reaches the pooled connection
-            await asyncio.sleep(0.01)
+    await until(lambda: not idle or idle[-1].closed, what="the server's close reaching the pooled connection")
     response = await c.request(origin_of(port, True), "POST", "/keep-alive", {}, b"", 2.0)
     assert await response.read() == b"ok"
     response.release()
@@ -702,41 +651,9 @@ async def test_tls_close_notify_ends_a_body_and_retires_an_idle_connection(tmp_p
 # --- draining a released stream -------------------------------------------------------------------------
 
 
-class LateEnd:
-    """Streams two events chunked, then, after `late_s`, `tail` and the chunked end; with `late_s` None the
-    end never comes (the handler waits until the client gives the connection up)."""
-
-    def __init__(self, late_s: float | None, tail: bytes = b"") -> None:
-        self.late_s = late_s
-        self.tail = tail
-        self.peers: list = []
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.peers.append(request.transport.get_extra_info("peername"))
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        await response.write(b"data: {}\n\ndata: [DONE]\n\n")
-        if self.late_s is None:
-            while request.transport is not None and not request.transport.is_closing():
-                await asyncio.sleep(0.01)
-            return response
-        await asyncio.sleep(self.late_s)
-        if self.tail:
-            await response.write(self.tail)
-        await response.write_eof()
-        return response
-
-    async def start(self, aiohttp_server) -> int:
-        app = web.Application()
-        app.router.add_post("/stream", self.handle)
-        return (await aiohttp_server(app)).port
-
-
 async def stream_until_done(client: Client, port: int):
-    """Reads a LateEnd stream up to its [DONE], releases it for draining; returns its connection."""
-    response = await post(client, port, "/stream")
+    """Reads a LateEndUpstream stream up to its [DONE], releases it for draining; returns its connection."""
+    response = await post(client, port, LateEndUpstream.path)
     got = b""
     while not got.endswith(b"[DONE]\n\n"):
         got += await response.readany()
@@ -747,8 +664,8 @@ async def stream_until_done(client: Client, port: int):
 
 
 async def test_a_stream_released_at_its_end_keeps_its_connection_once_the_last_chunk_comes(client, aiohttp_server):
-    upstream = LateEnd(late_s=0.05)
-    port = await upstream.start(aiohttp_server)
+    upstream = LateEndUpstream(late_s=0.05)
+    port = (await aiohttp_server(upstream.app())).port
     conn = await stream_until_done(client, port)
     pool = client._pools[origin_of(port)]
     await until(lambda: conn in pool.idle, what="the drained connection back in the pool")
@@ -758,8 +675,8 @@ async def test_a_stream_released_at_its_end_keeps_its_connection_once_the_last_c
 
 async def test_a_drain_that_takes_too_long_closes_the_connection(client, aiohttp_server, monkeypatch):
     monkeypatch.setattr(http1, "DRAIN_S", 0.05)
-    upstream = LateEnd(late_s=None)
-    port = await upstream.start(aiohttp_server)
+    upstream = LateEndUpstream(late_s=None)
+    port = (await aiohttp_server(upstream.app())).port
     conn = await stream_until_done(client, port)
     await until(lambda: conn.closed, what="the connection given up")
     assert conn not in client._pools[origin_of(port)].idle
@@ -769,8 +686,8 @@ async def test_a_drain_that_takes_too_long_closes_the_connection(client, aiohttp
 
 async def test_a_drain_that_brings_too_many_bytes_closes_the_connection(client, aiohttp_server, monkeypatch):
     monkeypatch.setattr(http1, "DRAIN_MAX", 100)
-    upstream = LateEnd(late_s=0.01, tail=b"x" * 1000)
-    port = await upstream.start(aiohttp_server)
+    upstream = LateEndUpstream(late_s=0.01, tail=b"x" * 1000)
+    port = (await aiohttp_server(upstream.app())).port
     conn = await stream_until_done(client, port)
     await until(lambda: conn.closed, what="the connection given up")
     assert conn not in client._pools[origin_of(port)].idle

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from policies.base import Policy, PolicyChain
 from proxy.server import STATE, build_app
-from proxy.testing import USAGE, Behaviour, ChatUpstream, chat_chunk, sse, stream_events
-from tests.conftest import config_for
+from proxy.testing import USAGE, Behaviour, ChatUpstream, LateEndUpstream, chat_chunk, sse, stream_events
+from tests.conftest import config_for, until
 from tests.test_fallback import (
     MESSAGES,
     attempt_lines,
@@ -463,65 +463,29 @@ async def test_failure_after_commit_counts_towards_cooldown(upstream, start_prox
 async def test_good_events_before_a_malformed_one_in_the_same_chunk_still_reach_the_client(aiohttp_server, start_proxy):
     """After the commit point, one upstream chunk holding good events and then a malformed one: the client
     gets the good events, then exactly one error event."""
-    import aiohttp as _aiohttp
-    from aiohttp import web as _web
-
-    from proxy.testing import stream_events
-    from tests.conftest import config_for as _config_for
-
     events = stream_events("m1", words=("one", " two", " three"))
-    committed = asyncio.Event()
-
-    async def chat(request):
-        resp = _web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(events[0] + events[1])
-        await committed.wait()  # the proxy has passed the first events on: the commit point is behind us
-        await resp.write(events[2] + events[3] + b"data: not json\n\n")
-        await resp.write_eof()
-        return resp
-
-    app = _web.Application()
-    app.router.add_post("/openai/v1/chat/completions", chat)
-    server = await aiohttp_server(app)
-    base = await start_proxy(_config_for(f"http://127.0.0.1:{server.port}/openai/v1", {"tier-test": ["m1"]}))
-    async with _aiohttp.ClientSession() as s:
-        async with s.post(base + "/v1/chat/completions", json={"model": "tier-test", "stream": True,
-                                                               "messages": [{"role": "user", "content": "x"}]}) as r:
-            body = await r.content.readexactly(len(events[0] + events[1]))
-            committed.set()
-            body += await r.read()
-    assert body.startswith(events[0] + events[1] + events[2] + events[3]), body
-    tail = body[len(events[0] + events[1] + events[2] + events[3]):]
+    first, good = events[0] + events[1], b"".join(events[:4])
+    upstream = CommitThenFail(events[2] + events[3] + b"data: not json\n\n", "eof", before=first)
+    server = await aiohttp_server(upstream.app())
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1", {"tier-test": ["m1"]}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            body = await resp.content.readexactly(len(first))
+            upstream.gate.set()  # the proxy has passed the first events on: the commit point is behind us
+            body += await resp.read()
+    assert body.startswith(good), body
+    tail = body[len(good):]
     assert tail.count(b"data: ") == 1 and b'"error"' in tail and b"[DONE]" not in tail
 
 
-
-class LateChunkedEnd(ChatUpstream):
-    """Streams the whole answer, [DONE] included, then sends the chunked end 50 ms later, as a server may when
-    its last write and its end of message are separate; records the connection each request came on."""
-
-    def __init__(self) -> None:
-        self.peers: list = []
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        self.peers.append(request.transport.get_extra_info("peername"))
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        await response.write(b"".join(E))
-        await asyncio.sleep(0.05)
-        await response.write_eof()
-        return response
-
-
-async def test_stream_whose_end_lags_its_done_keeps_the_upstream_connection(aiohttp_server, start_proxy):
-    upstream = LateChunkedEnd()
+async def test_stream_whose_end_lags_its_done_keeps_the_upstream_connection(aiohttp_server):
+    upstream = LateEndUpstream(late_s=0.05)
     server = await aiohttp_server(upstream.app())
-    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    app = build_app(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    base = f"http://127.0.0.1:{(await aiohttp_server(app)).port}"
+    pools = app[STATE].upstreams.client._pools
     for _ in range(3):
         r = await call(base, chat(stream=True))
         assert r.status == 200 and r.body == b"".join(E)
-        await asyncio.sleep(0.1)  # the lagging end arrives; the connection goes back to the pool
+        await until(lambda: any(pool.idle for pool in pools.values()), what="the drained connection pooled")
     assert len(upstream.peers) == 3 and len(set(upstream.peers)) == 1  # no new connection (or TLS handshake) each
