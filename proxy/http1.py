@@ -9,9 +9,10 @@ uses. aiohttp still serves the clients, and still carries the off-path calls (ca
 the OTLP exporter uses this client too.
 
 One `Client` holds a pool per origin. `request()` writes the request head and body (in one write unless the
-body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`) or as it comes (`readany`, with reading
-paused while more than `HIGH_WATER` bytes wait unread). `release()` gives a fully read keep-alive connection
-back to the pool; anything else closes it. Cancelling a request (a deadline) closes its connection.
+body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`) or
+as it comes (`readany`, with reading paused while more than `HIGH_WATER` bytes wait unread). `release()`
+gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest has arrived);
+anything else closes it. Cancelling a request (a deadline) closes its connection.
 """
 
 from __future__ import annotations
@@ -376,12 +377,13 @@ class _Pool:
                     lambda: _Connection(self), sock=sock, ssl=tls, server_hostname=origin.host if tls else None,
                 )
         except BaseException as exc:
-            if sock is not None:
+            if sock is not None:  # the loop never took it (as aiohttp does: uvloop would leak it otherwise)
                 sock.close()
+            where = f"{origin.host}:{origin.port}"
             if isinstance(exc, TimeoutError):
-                raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} in {connect_timeout_s:g}s") from None
-            if isinstance(exc, (OSError, UnicodeError)):  # OSError includes ssl.SSLError; UnicodeError: a name IDNA cannot encode
-                raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}"[:200]) from None
+                raise ConnectTimeout(f"no connection to {where} in {connect_timeout_s:g}s") from None
+            if isinstance(exc, (OSError, UnicodeError)):  # OSError covers ssl.SSLError; UnicodeError: a bad IDNA name
+                raise ConnectFailed(f"cannot connect to {where}: {exc}"[:200]) from None
             raise
         return conn
 

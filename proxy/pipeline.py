@@ -32,8 +32,8 @@ INFO, WARNING = logging.INFO, logging.WARNING
 _DROP_REQUEST_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-        "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding", "authorization",
-        "accept-encoding", "cookie", "x-api-key", "api-key",
+        "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
+        "authorization", "accept-encoding", "cookie", "x-api-key", "api-key",
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
