@@ -7,6 +7,7 @@ decisions. With tracing off and metrics off every hook returns at once.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import orjson
 
@@ -191,17 +192,11 @@ class Observer:
         return hit
 
 
-class _NoOrigin:
-    """Where a skipped attempt went: nowhere, so no server.address / server.port (None is not exported)."""
-
-    host = None
-    port = None
-
-
 class _NoProvider:
-    """The provider of a skipped attempt, as far as its span is concerned."""
+    """The provider of a skipped attempt, as its span sees it: it went nowhere, so no server.address or
+    server.port (None values are not exported)."""
 
-    origin = _NoOrigin
+    origin = SimpleNamespace(host=None, port=None)
 
 
 # --- content, recorded only when the operator turns it on (GenAI message format) -----------------------------

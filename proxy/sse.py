@@ -195,11 +195,16 @@ def _scan_each(complete: bytes, state: StreamState) -> None:
                 return
 
 
+def _separator(complete: bytes) -> bytes:
+    """The blank line that ends the block's events. LF framing, the usual one, is known by one memchr; only a
+    block with a CR is searched for CRLF."""
+    return b"\r\n\r\n" if b"\r" in complete and b"\r\n\r\n" in complete else b"\n\n"
+
+
 def first_data_end(complete: bytes) -> int:
     """Where the first data event of whole events ends (the index after its blank line); -1 when there is
     none yet (comments and bare fields do not count)."""
-    # LF framing, the usual one, is known by one memchr; only a block with a CR is searched for CRLF.
-    sep = b"\r\n\r\n" if b"\r" in complete and b"\r\n\r\n" in complete else b"\n\n"
+    sep = _separator(complete)
     start = 0
     while (cut := complete.find(sep, start)) >= 0:
         event = complete[start:cut]
@@ -219,7 +224,7 @@ def has_data(complete: bytes) -> bool:
 def well_formed_prefix(complete: bytes) -> bytes:
     """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
     end = 0
-    sep = b"\r\n\r\n" if b"\r\n\r\n" in complete else b"\n\n"
+    sep = _separator(complete)
     while end < len(complete):
         cut = complete.find(sep, end)
         if cut < 0:

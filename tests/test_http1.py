@@ -24,6 +24,15 @@ async def post(client: Client, port: int, path: str = "/echo", body: bytes = b"{
     return await client.request(origin_of(port, tls), "POST", path, headers or {}, body, 2.0)
 
 
+async def exchange(client: Client, port: int) -> tuple[int, bytes]:
+    """One whole request on `client`: the answer's status and body, the connection released."""
+    response = await post(client, port)
+    try:
+        return response.status, await response.read()
+    finally:
+        response.release()
+
+
 @pytest.fixture
 async def client():
     c = Client()
@@ -442,9 +451,7 @@ async def test_a_second_response_to_one_request_is_not_taken_for_the_first(clien
     assert (response.status, await response.read()) == (200, b"ok")
     response.release()
     await asyncio.wait_for(server.gone.wait(), 5)  # the connection that said too much was closed, not pooled
-    response = await post(client, port)
-    assert (response.status, await response.read()) == (200, b"second")
-    response.release()
+    assert await exchange(client, port) == (200, b"second")
     assert server.count == 2
 
 
@@ -461,9 +468,7 @@ async def test_bytes_after_a_complete_response_close_the_connection_even_in_piec
     assert await response.read() == b"ok"
     await asyncio.wait_for(server.gone.wait(), 5)  # arrived while the response was held: the connection closes
     response.release()
-    response = await post(client, port)
-    assert (response.status, await response.read()) == (200, b"second")
-    response.release()
+    assert await exchange(client, port) == (200, b"second")
     assert server.count == 2
 
 
@@ -536,9 +541,8 @@ async def test_bytes_while_idle_in_the_pool_close_the_connection(client, raw_ser
     response.release()
     released.set()
     await asyncio.wait_for(server.gone.wait(), 5)
-    response = await post(client, port)
-    assert await response.read() == b"second"
-    response.release()
+    _, body = await exchange(client, port)
+    assert body == b"second"
     assert server.count == 2
 
 

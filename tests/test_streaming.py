@@ -266,6 +266,14 @@ class LateAnswerUpstream(ChatUpstream):
         return web.Response(status=self.status, body=self.body, headers={"Content-Type": self.content_type})
 
 
+async def behind_keepalives(late, aiohttp_server, start_proxy):
+    """Starts `late` and a proxy that sends keep-alives every 20 ms while it waits; returns (late, base URL)."""
+    server = await aiohttp_server(late.app())
+    config = config_for(f"http://127.0.0.1:{server.port}/openai/v1", server={"keepalive_s": 0.02},
+                        provider={"first_byte_timeout_s": 1, "timeout_s": 2})
+    return late, await start_proxy(config)
+
+
 def error_events(body: bytes) -> list[dict]:
     """The error objects of the SSE body's data events; each event's data lines are joined as SSE says."""
     found = []
@@ -292,11 +300,7 @@ def error_events(body: bytes) -> list[dict]:
 )
 async def test_client_error_after_keepalives_is_one_error_event(body, aiohttp_server, start_proxy):
     # The 200 went out with the first comment: the upstream's 422 can only be told as one error event.
-    late = LateAnswerUpstream(0.2, 422, body)
-    server = await aiohttp_server(late.app())
-    config = config_for(f"http://127.0.0.1:{server.port}/openai/v1", server={"keepalive_s": 0.02},
-                        provider={"first_byte_timeout_s": 1, "timeout_s": 2})
-    base = await start_proxy(config)
+    late, base = await behind_keepalives(LateAnswerUpstream(0.2, 422, body), aiohttp_server, start_proxy)
 
     r = await call(base, chat(stream=True))
 
@@ -312,11 +316,8 @@ async def test_client_error_after_keepalives_is_one_error_event(body, aiohttp_se
 
 
 async def test_client_error_without_json_after_keepalives_is_one_error_event(aiohttp_server, start_proxy):
-    late = LateAnswerUpstream(0.2, 422, b"Unprocessable Entity\n\nsee the docs", content_type="text/plain")
-    server = await aiohttp_server(late.app())
-    config = config_for(f"http://127.0.0.1:{server.port}/openai/v1", server={"keepalive_s": 0.02},
-                        provider={"first_byte_timeout_s": 1, "timeout_s": 2})
-    base = await start_proxy(config)
+    upstream = LateAnswerUpstream(0.2, 422, b"Unprocessable Entity\n\nsee the docs", content_type="text/plain")
+    _, base = await behind_keepalives(upstream, aiohttp_server, start_proxy)
     r = await call(base, chat(stream=True))
     assert r.status == 200
     (error,) = error_events(r.body)
