@@ -77,7 +77,7 @@ def summarize(collapsed: Path, top: int) -> str:
     out += ["", f"total time, proxy and aiohttp frames below the event loop (top {top})"]
     shown = [(f, n) for f, n in total.most_common()
              if ("(proxy/" in f or "(policies/" in f or "(aiohttp/" in f)
-             and "(proxy/cli.py" not in f and "run_app (aiohttp/web.py" not in f]
+             and "(proxy/app/cli.py" not in f and "run_app (aiohttp/web.py" not in f]
     out += [f"  {100 * n / samples:5.1f}%  {f}" for f, n in shown[:top]]
     return "\n".join(out)
 

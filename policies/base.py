@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from proxy.errors import ProxyError
+from proxy.app.errors import ProxyError
 
 if TYPE_CHECKING:
-    from proxy.context import RequestContext
+    from proxy.pipeline.context import RequestContext
 
 
 class Decision:

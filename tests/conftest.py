@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from proxy.config import Config, parse_config
-from proxy.server import build_app
-from proxy.testing import ScriptedUpstream
+from proxy.app.config import Config, parse_config
+from proxy.app.server import build_app
+from proxy.sim.testing import ScriptedUpstream
 
 
 def config_for(upstream_url: str, chains: dict[str, list[str]] | None = None, **tables) -> Config:

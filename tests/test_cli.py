@@ -18,7 +18,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.simulator import start_simulator
+from proxy.sim.simulator import start_simulator
 
 _SCRIPT = Path(sys.executable).with_name("groq-proxy")
 GROQ_PROXY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy"]

@@ -12,7 +12,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from proxy.testing import Behaviour, sse, status, stream_events
+from proxy.sim.testing import Behaviour, sse, status, stream_events
 from tests.conftest import config_for
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]

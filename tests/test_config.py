@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from proxy.config import CONFIG_ENV, ConfigError, default_config_text, load_config, parse_config
-from proxy.routing import Router
+from proxy.app.config import CONFIG_ENV, ConfigError, default_config_text, load_config, parse_config
+from proxy.routing.router import Router
 
 SECRET = "gsk_test_SECRET_value_0123456789"
 ENV = {"GROQ_KEY": SECRET}

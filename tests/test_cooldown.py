@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from proxy.config import RoutingConfig
-from proxy.cooldown import Cooldowns
-from proxy.testing import Behaviour, ok, status, stream_events
+from proxy.app.config import RoutingConfig
+from proxy.routing.cooldown import Cooldowns
+from proxy.sim.testing import Behaviour, ok, status, stream_events
 from tests.conftest import config_for
 from tests.test_fallback import attempt_lines, call, chat, content_of
 

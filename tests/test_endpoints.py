@@ -10,9 +10,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.config import parse_config
-from proxy.server import build_app, readyz
-from proxy.testing import status
+from proxy.app.config import parse_config
+from proxy.app.server import build_app, readyz
+from proxy.sim.testing import status
 from tests.conftest import config_for
 
 PREFIXES = ["/v1", "/openai/v1"]
@@ -361,7 +361,7 @@ async def test_health_in_simulated_mode(start_proxy):
 
 
 async def test_retrieve_one_model_by_id_including_ids_with_a_slash(aiohttp_server, start_proxy):
-    from proxy.testing import ScriptedUpstream
+    from proxy.sim.testing import ScriptedUpstream
     from tests.conftest import config_for
 
     up = await aiohttp_server(ScriptedUpstream().app())

@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import Config, parse_config
-from proxy.logs import JsonFormatter
-from proxy.testing import Behaviour, ChatUpstream, completion, status, stream_events
+from proxy.app.config import Config, parse_config
+from proxy.telemetry.logs import JsonFormatter
+from proxy.sim.testing import Behaviour, ChatUpstream, completion, status, stream_events
 from tests.conftest import closed_port_url, config_for
 
 KEY = "sk-test-secret-upstream-key"

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (proxy/http1.py) against real local servers: aiohttp apps on port 0 for the
+"""The upstream HTTP/1.1 client (proxy/upstream/http1.py) against real local servers: aiohttp apps on port 0 for the
 ordinary cases, raw asyncio servers for what an aiohttp server will not do (garbage, 1xx, early closes)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy import http1
-from proxy.http1 import BadResponse, Client, ConnectFailed, ConnectTimeout, Disconnected, Origin
-from proxy.testing import LateEndUpstream
+from proxy.upstream import http1
+from proxy.upstream.http1 import BadResponse, Client, ConnectFailed, ConnectTimeout, Disconnected, Origin
+from proxy.sim.testing import LateEndUpstream
 from tests.conftest import closed_port_url, read_request, until
 
 

@@ -6,7 +6,7 @@ import logging
 
 import orjson
 
-from proxy import logs
+from proxy.telemetry import logs
 
 
 def test_info_lines_written_directly_match_the_formatter_and_are_redacted(capsys):

@@ -16,10 +16,10 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.config import parse_config
-from proxy.latency import CATEGORIES, TIER_DEFAULTS, RollingP95, Thresholds, default_thresholds
-from proxy.metrics import Counter, Histogram
-from proxy.testing import USAGE, Behaviour, status
+from proxy.app.config import parse_config
+from proxy.routing.latency import CATEGORIES, TIER_DEFAULTS, RollingP95, Thresholds, default_thresholds
+from proxy.telemetry.metrics import Counter, Histogram
+from proxy.sim.testing import USAGE, Behaviour, status
 
 KEY = "sk-test-secret-upstream-key"
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.config import parse_config
-from proxy.testing import ScriptedUpstream, status
+from proxy.app.config import parse_config
+from proxy.sim.testing import ScriptedUpstream, status
 from tests.conftest import config_for
 from tests.test_cli import GROQ_PROXY, clean_env
 

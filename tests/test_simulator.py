@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.simulator import (
+from proxy.sim.simulator import (
     SIMULATED_HEADER,
     SimulatorConfig,
     _go_duration,

@@ -1,6 +1,6 @@
 import aiohttp
 
-from proxy.testing import status
+from proxy.sim.testing import status
 from tests.conftest import config_for
 
 

@@ -7,8 +7,8 @@ import random
 import orjson
 import pytest
 
-from proxy.sse import EventSplitter, StreamState, has_data, inspect_event, scan
-from proxy.testing import USAGE, chat_chunk, sse, stream_events
+from proxy.upstream.sse import EventSplitter, StreamState, has_data, inspect_event, scan
+from proxy.sim.testing import USAGE, chat_chunk, sse, stream_events
 
 OTHER_USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
 
@@ -246,7 +246,7 @@ def test_the_fast_path_and_the_careful_path_agree_on_every_block():
     every kind of event, cut into blocks at random event boundaries, they must learn the same things."""
     import random
 
-    from proxy.sse import _scan_each
+    from proxy.upstream.sse import _scan_each
 
     kinds = [
         lambda i: b'data: {"id":"c%d","model":"m","choices":[{"index":0,"delta":{"content":"w%d"},"finish_reason":null}]}\n\n' % (i, i),

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from policies.base import Policy, PolicyChain
-from proxy.server import STATE, build_app
-from proxy.testing import USAGE, Behaviour, ChatUpstream, LateEndUpstream, chat_chunk, sse, stream_events
+from proxy.app.server import STATE, build_app
+from proxy.sim.testing import USAGE, Behaviour, ChatUpstream, LateEndUpstream, chat_chunk, sse, stream_events
 from tests.conftest import config_for, until
 from tests.test_fallback import (
     MESSAGES,

@@ -20,12 +20,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from proxy.config import Config, parse_config
-from proxy.latency import CATEGORIES
-from proxy.otlp import Encoder, Exporter
-from proxy.server import STATE, build_app
-from proxy.testing import USAGE, Behaviour, ChatUpstream, status, stream_events
-from proxy.tracing import KIND_CLIENT, KIND_SERVER, SEMCONV_SCHEMA, STATUS_ERROR, STATUS_UNSET, Span, Tracer
+from proxy.app.config import Config, parse_config
+from proxy.routing.latency import CATEGORIES
+from proxy.telemetry.otlp import Encoder, Exporter
+from proxy.app.server import STATE, build_app
+from proxy.sim.testing import USAGE, Behaviour, ChatUpstream, status, stream_events
+from proxy.telemetry.tracing import KIND_CLIENT, KIND_SERVER, SEMCONV_SCHEMA, STATUS_ERROR, STATUS_UNSET, Span, Tracer
 from tests.conftest import until
 from tests.otlp_receiver import decode, otlp  # noqa: F401  (otlp is a fixture)
 

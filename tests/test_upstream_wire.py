@@ -1,4 +1,4 @@
-"""What the proxy's own upstream client (proxy/http1.py) means for a user of the gateway, checked through the
+"""What the proxy's own upstream client (proxy/upstream/http1.py) means for a user of the gateway, checked through the
 whole proxy: base URLs of every shape, answers aiohttp's ClientSession used to smooth over (compressed,
 redirected, empty), slow and short-lived upstreams, and the provider key kept out of every failure.
 
@@ -17,9 +17,9 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy.config import Config, parse_config
-from proxy.testing import completion, stream_events
-from proxy.upstream import Provider
+from proxy.app.config import Config, parse_config
+from proxy.sim.testing import completion, stream_events
+from proxy.upstream.providers import Provider
 from tests.conftest import config_for, read_request
 from tests.test_fallback import KEY, QUICK, attempt_lines, call, chat, config_with, content_of
 

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import struct
 
-from proxy.http1 import Client, UpstreamError, split_url
-from proxy.logs import emit
-from proxy.tracing import SEMCONV_SCHEMA, Span, Tracer
+from proxy.upstream.http1 import Client, UpstreamError, split_url
+from proxy.telemetry.logs import emit
+from proxy.telemetry.tracing import SEMCONV_SCHEMA, Span, Tracer
 
 _pack_d = struct.Struct("<d").pack
 _pack_q = struct.Struct("<Q").pack

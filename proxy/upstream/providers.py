@@ -1,4 +1,4 @@
-"""The upstream side: one shared HTTP client (proxy/http1.py), per-provider origins, paths and headers, and
+"""The upstream side: one shared HTTP client (proxy/upstream/http1.py), per-provider origins, paths and headers, and
 the rule that decides whether a failed attempt falls over to the next model or goes back to the client."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.config import Config, ProviderConfig
-from proxy.http1 import Client, Origin, split_url
+from proxy.app.config import Config, ProviderConfig
+from proxy.upstream.http1 import Client, Origin, split_url
 
 # Statuses that say nothing about the request itself: the next model may well answer.
 # 401/403 are here too: they are about the proxy's provider key, not the client's request.

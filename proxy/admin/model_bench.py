@@ -13,8 +13,8 @@ from typing import Callable
 import aiohttp
 import orjson
 
-from proxy.errors import bad_request
-from proxy.latency import Thresholds
+from proxy.app.errors import bad_request
+from proxy.routing.latency import Thresholds
 
 
 @dataclass(frozen=True)

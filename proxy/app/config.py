@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from proxy.latency import Thresholds, default_thresholds
+from proxy.routing.latency import Thresholds, default_thresholds
 
 CONFIG_ENV = "GROQ_PROXY_CONFIG"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -393,7 +393,7 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
 
 
 def default_config_text() -> str:
-    return resources.files("proxy").joinpath("default_config.toml").read_text()
+    return resources.files("proxy.app").joinpath("default_config.toml").read_text()
 
 
 def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from proxy.config import Target
-from proxy.routing import Route
+from proxy.app.config import Target
+from proxy.routing.router import Route
 
 
 class Attempt:

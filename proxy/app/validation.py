@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.errors import ProxyError, bad_request
+from proxy.app.errors import ProxyError, bad_request
 
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed")

@@ -14,16 +14,16 @@ import orjson
 from aiohttp import web
 
 from policies.base import PolicyChain, Reject
-from proxy.client_stream import ClientGone, ClientStream
-from proxy.config import Config
-from proxy.context import Attempt, RequestContext
-from proxy.cooldown import Cooldowns
-from proxy.errors import ProxyError
-from proxy.http1 import BadResponse, ConnectFailed, ConnectTimeout, UpstreamError
-from proxy.logs import emit, redact
-from proxy.observe import Observer, output_from_choices, output_from_stream
-from proxy.sse import EventSplitter, StreamState, first_data_end, scan, well_formed_prefix
-from proxy.upstream import AttemptFailed, Provider, Upstreams, classify
+from proxy.pipeline.client_stream import ClientGone, ClientStream
+from proxy.app.config import Config
+from proxy.pipeline.context import Attempt, RequestContext
+from proxy.routing.cooldown import Cooldowns
+from proxy.app.errors import ProxyError
+from proxy.upstream.http1 import BadResponse, ConnectFailed, ConnectTimeout, UpstreamError
+from proxy.telemetry.logs import emit, redact
+from proxy.telemetry.observe import Observer, output_from_choices, output_from_stream
+from proxy.upstream.sse import EventSplitter, StreamState, first_data_end, scan, well_formed_prefix
+from proxy.upstream.providers import AttemptFailed, Provider, Upstreams, classify
 
 INFO, WARNING = logging.INFO, logging.WARNING
 

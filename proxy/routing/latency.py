@@ -11,7 +11,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from proxy.logs import emit
+from proxy.telemetry.logs import emit
 
 CATEGORIES = ("excellent", "good", "acceptable", "poor", "critical")
 

@@ -12,7 +12,7 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.errors import ProxyError
+from proxy.app.errors import ProxyError
 
 KEEPALIVE = b": keep-alive\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from proxy.config import RoutingConfig
+from proxy.app.config import RoutingConfig
 
 
 class Cooldowns:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from proxy.config import Config, Target
-from proxy.errors import ProxyError
+from proxy.app.config import Config, Target
+from proxy.app.errors import ProxyError
 
 
 @dataclass(frozen=True, slots=True)

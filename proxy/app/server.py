@@ -13,23 +13,23 @@ import orjson
 from aiohttp import web
 
 from policies.base import PolicyChain
-from proxy.config import Config
-from proxy.context import RequestContext
-from proxy.cooldown import Cooldowns
-from proxy.errors import ProxyError
-from proxy.latency import default_thresholds
-from proxy.logs import emit, register_secrets
-from proxy.metrics import ProxyMetrics
-from proxy.observe import Observer
-from proxy.otlp import Encoder, Exporter
-from proxy.pipeline import Pipeline
-from proxy.routing import Router
-from proxy.tracing import Tracer
-from proxy.upstream import Upstreams
-from proxy.validation import read_json, validate_chat, validate_embeddings
+from proxy.app.config import Config
+from proxy.pipeline.context import RequestContext
+from proxy.routing.cooldown import Cooldowns
+from proxy.app.errors import ProxyError
+from proxy.routing.latency import default_thresholds
+from proxy.telemetry.logs import emit, register_secrets
+from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.observe import Observer
+from proxy.telemetry.otlp import Encoder, Exporter
+from proxy.pipeline.pipeline import Pipeline
+from proxy.routing.router import Router
+from proxy.telemetry.tracing import Tracer
+from proxy.upstream.providers import Upstreams
+from proxy.app.validation import read_json, validate_chat, validate_embeddings
 
 if TYPE_CHECKING:
-    from proxy.simulator import SimulatorConfig
+    from proxy.sim.simulator import SimulatorConfig
 
 PREFIXES = ("/v1", "/openai/v1")
 
@@ -120,7 +120,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def admin_benchmark(request: web.Request) -> web.Response:
     """POST /admin/benchmark: the model benchmark, run through this proxy over loopback."""
-    from proxy.model_bench import BenchRequest, run_benchmark
+    from proxy.admin.model_bench import BenchRequest, run_benchmark
 
     state = request.app[STATE]
     key = state.config.server.admin_key
@@ -177,7 +177,7 @@ async def _lifecycle(app: web.Application):
     state = app[STATE]
     sim_runner = None
     if state.simulate:
-        from proxy.simulator import SimulatorConfig, start_simulator
+        from proxy.sim.simulator import SimulatorConfig, start_simulator
 
         sim_runner, url = await start_simulator(state.simulator_config or SimulatorConfig())
         state.config = state.config.with_base_urls(url)

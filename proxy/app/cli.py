@@ -9,9 +9,9 @@ import logging
 import os
 import sys
 
-from proxy.config import CONFIG_ENV, Config, ConfigError, load_config
-from proxy.errors import ProxyError
-from proxy.logs import emit, setup_logging
+from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
+from proxy.app.errors import ProxyError
+from proxy.telemetry.logs import emit, setup_logging
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -43,8 +43,8 @@ def decide_simulation(args, config: Config) -> bool:
 def cmd_serve(args) -> int:
     from aiohttp import web
 
-    from proxy import catalogue
-    from proxy.server import build_app
+    from proxy.admin import catalogue
+    from proxy.app.server import build_app
 
     config = load_config(args.config)
     setup_logging(config.server.log_level)
@@ -82,14 +82,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from proxy.simulator import config_from_args, run_simulator
+    from proxy.sim.simulator import config_from_args, run_simulator
 
     run_simulator(config_from_args(args), args.host, args.port)
     return 0
 
 
 def cmd_models(args) -> int:
-    from proxy import catalogue
+    from proxy.admin import catalogue
 
     config = load_config(args.config)
     runner = None
@@ -97,7 +97,7 @@ def cmd_models(args) -> int:
     async def run() -> str:
         nonlocal config, runner
         if decide_simulation(args, config):
-            from proxy.simulator import start_simulator
+            from proxy.sim.simulator import start_simulator
 
             print("groq-proxy: no key and no config: checking against the built-in simulator", file=sys.stderr)
             runner, url = await start_simulator()
@@ -129,8 +129,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench_model(args) -> int:
-    from proxy.latency import default_thresholds
-    from proxy.model_bench import BenchRequest, render, run_benchmark
+    from proxy.routing.latency import default_thresholds
+    from proxy.admin.model_bench import BenchRequest, render, run_benchmark
 
     config = load_config(args.config)
     setup_logging("warning")
@@ -152,7 +152,7 @@ def cmd_bench_model(args) -> int:
         # No running proxy named: start one in this process on a free port, on the same config.
         from aiohttp import web
 
-        from proxy.server import build_app
+        from proxy.app.server import build_app
 
         simulate = decide_simulation(args, config)
         if not simulate and _missing_keys(config):
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     simulate = sub.add_parser("simulate", help="run the Groq-like simulator as an upstream")
-    from proxy.simulator import add_simulate_arguments
+    from proxy.sim.simulator import add_simulate_arguments
 
     add_simulate_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import orjson
 
-from proxy.config import Config
-from proxy.context import Attempt, RequestContext
-from proxy.latency import RollingP95, default_thresholds
-from proxy.logs import redact
-from proxy.metrics import ProxyMetrics
-from proxy.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
+from proxy.app.config import Config
+from proxy.pipeline.context import Attempt, RequestContext
+from proxy.routing.latency import RollingP95, default_thresholds
+from proxy.telemetry.logs import redact
+from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
 _FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled"})
 _REQUEST_CLOSING = (

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from proxy.config import Config
-from proxy.logs import redact
+from proxy.app.config import Config
+from proxy.telemetry.logs import redact
 
 _GROQ_SUFFIX = "/openai/v1"
 
