@@ -789,3 +789,28 @@ def test_encoder_long_strings_and_many_spans():
     decoded = decode(_roundtrip(spans).SerializeToString())
     assert [len(s.name) for s in decoded] == [0, 100, 200, 300]
     assert [len(s.attributes["text"]) for s in decoded] == [0, 9000, 18000, 27000]
+
+
+# --- the names come from opentelemetry-semantic-conventions, at a pinned version -------------------------------
+
+
+def test_attribute_names_come_from_the_semantic_conventions_package():
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
+    from opentelemetry.semconv.attributes import error_attributes, http_attributes, server_attributes
+
+    from proxy.telemetry import semconv
+
+    for name in ("GEN_AI_OPERATION_NAME", "GEN_AI_PROVIDER_NAME", "GEN_AI_REQUEST_MODEL", "GEN_AI_RESPONSE_MODEL",
+                 "GEN_AI_RESPONSE_FINISH_REASONS", "GEN_AI_USAGE_INPUT_TOKENS", "GEN_AI_USAGE_OUTPUT_TOKENS"):
+        assert getattr(semconv, name) == getattr(gen_ai_attributes, name)
+    assert semconv.HTTP_RESPONSE_STATUS_CODE == http_attributes.HTTP_RESPONSE_STATUS_CODE
+    assert semconv.SERVER_PORT == server_attributes.SERVER_PORT
+    assert semconv.ERROR_TYPE == error_attributes.ERROR_TYPE
+
+
+def test_pinned_schema_is_the_installed_conventions_release():
+    """A newer semconv package may rename GenAI attributes: upgrading it must be a deliberate change of the pin
+    (SCHEMA_URL, the README, pyproject's `opentelemetry-semantic-conventions~=`), not a silent one."""
+    from opentelemetry.semconv.schemas import Schemas
+
+    assert SEMCONV_SCHEMA == list(Schemas)[-1].value == "https://opentelemetry.io/schemas/1.44.0"

@@ -14,6 +14,7 @@ import logging
 import struct
 
 from proxy.upstream.http1 import Client, UpstreamError, split_url
+from proxy.telemetry import semconv as sc
 from proxy.telemetry.logs import emit
 from proxy.telemetry.tracing import SEMCONV_SCHEMA, Span, Tracer
 
@@ -57,9 +58,9 @@ def _any_value(value) -> bytes:
 
 # Attributes whose values differ on (nearly) every span: caching them would only fill memory.
 _VOLATILE = frozenset({
-    "groq_proxy.request_id", "gen_ai.response.id", "groq_proxy.time_to_first_chunk_ms",
-    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.input.messages", "gen_ai.output.messages",
-    "gen_ai.request.max_tokens", "gen_ai.request.temperature",
+    sc.REQUEST_ID, sc.GEN_AI_RESPONSE_ID, sc.TIME_TO_FIRST_CHUNK_MS, sc.GEN_AI_USAGE_INPUT_TOKENS,
+    sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.GEN_AI_INPUT_MESSAGES, sc.GEN_AI_OUTPUT_MESSAGES, sc.GEN_AI_REQUEST_MAX_TOKENS,
+    sc.GEN_AI_REQUEST_TEMPERATURE,
 })
 
 
