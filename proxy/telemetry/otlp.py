@@ -4,7 +4,8 @@ Hand encoding because the generic path (SDK span objects, then the message class
 than the proxy spends on a whole request. Most attribute pairs repeat request after request (operation,
 provider, model, outcome), so each distinct pair is encoded once and reused. The task encodes in small
 slices and yields between them, so export never holds up a request; a collector that fails gets the batch
-again after a backoff (see `Exporter`), and a dead one costs dropped spans and nothing else. The encoding is checked against the official protobuf classes in the tests.
+again after a backoff (see `Exporter`), and a dead one costs dropped spans and nothing else. The encoding is
+checked against the official protobuf classes in the tests.
 """
 
 from __future__ import annotations
