@@ -9,6 +9,8 @@ field, ids and nanosecond times included.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import aiohttp
@@ -259,3 +261,68 @@ def test_sdk_exporter_mistakes_are_start_up_errors(telemetry, env, message):
     with pytest.raises(ConfigError) as err:
         telemetry_of(telemetry, env)
     assert str(err.value) == message
+
+
+# --- the whole command: `groq-proxy serve` with OTEL_TRACES_EXPORTER=console ------------------------------------
+
+
+async def test_serve_with_the_console_exporter_prints_the_request_tree(tmp_path, unused_tcp_port):
+    import asyncio
+    import os
+    import signal
+
+    config_file = tmp_path / "proxy.toml"
+    config_file.write_text('[providers.groq]\nbase_url = "https://api.groq.com/openai/v1"\n\n'
+                           '[models.tier-fast]\nchain = ["groq:openai/gpt-oss-20b"]\n\n'
+                           '[telemetry]\nexporter = "sdk"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GROQ_"))}
+    env.update(OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="console-test")
+    groq_proxy = os.path.join(os.path.dirname(sys.executable), "groq-proxy")
+    proc = await asyncio.create_subprocess_exec(
+        groq_proxy, "serve", "--simulate", "--config", str(config_file), "--port", str(unused_tcp_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        base = f"http://127.0.0.1:{unused_tcp_port}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):  # a safety net of 30 s for the process to start and bind
+                assert proc.returncode is None, "groq-proxy exited"
+                try:
+                    async with session.get(base + "/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("groq-proxy not ready in 30 s")
+            async with session.post(base + "/v1/chat/completions",
+                                    json={"model": "tier-fast", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+                assert resp.status == 200
+                request_id = resp.headers["x-request-id"]
+        proc.send_signal(signal.SIGTERM)  # shutting down flushes the SDK's batch processor to the console
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    spans = [json.loads(chunk) for chunk in _json_objects(out.decode())]
+    server = next(s for s in spans if s["kind"] == "SpanKind.SERVER")
+    (attempt,) = [s for s in spans if s["kind"] == "SpanKind.CLIENT"]
+    assert server["name"] == "POST /v1/chat/completions" and attempt["name"] == "chat openai/gpt-oss-20b"
+    assert server["attributes"]["groq_proxy.request_id"] == request_id
+    assert attempt["context"]["trace_id"] == server["context"]["trace_id"]
+    assert attempt["parent_id"] == server["context"]["span_id"]
+    assert server["resource"]["attributes"]["service.name"] == "console-test"
+
+
+def _json_objects(text: str) -> list[str]:
+    """The top-level JSON objects the console exporter printed one after another."""
+    decoder, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        start = text.find("{", pos)
+        if start < 0:
+            return out
+        _, end = decoder.raw_decode(text, start)
+        out.append(text[start:end])
+        pos = end

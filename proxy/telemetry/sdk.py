@@ -13,8 +13,10 @@ nanoseconds the spans already carry. Each exporter gets a `BatchSpanProcessor`, 
 auto-configuration (`opentelemetry.sdk._configuration._init_tracing`) gives it, and exports from that
 processor's thread. The SDK's OTLP exporters retry with backoff themselves.
 
-Cost: the re-creation is tens of microseconds per span on the event loop, in the export task, and only when
-this exporter is chosen.
+Cost, only when this exporter is chosen: re-creating a span costs about 80 us on the event loop (in the export
+task, not in a request) and the SDK's OTLP exporter encodes it again in its thread; at saturation the proxy
+served 700-1,200 req/s this way against 3,400-3,900 with the built-in exporter (README, "The OpenTelemetry SDK
+exporter").
 """
 
 from __future__ import annotations
