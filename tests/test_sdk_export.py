@@ -235,6 +235,8 @@ def test_grpc_is_refused_by_the_builtin_exporter_with_the_way_out():
     ({"OTEL_TRACES_EXPORTER": "console,otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
      (True, ("console", "otlp_proto_http"))),
     ({"OTEL_TRACES_EXPORTER": "none"}, (False, ())),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, (False, ())),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, (True, ("otlp_proto_grpc",))),  # the SDK's to interpret
     ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, (False, ("console",))),
     ({}, (False, ("otlp_proto_grpc",))),
 ])

@@ -328,7 +328,7 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         url = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
     else:
         url = None
-    if url is not None:
+    if url is not None and exporter == "otlp":  # with "sdk" the endpoint is the SDK exporter's to read
         _check_url(url, f"{where}.endpoint")
     sampler = (env.get("OTEL_TRACES_SAMPLER") or "").lower()
     if sampler and sampler not in _SAMPLERS:
@@ -348,8 +348,10 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         raise ConfigError(f"{where}.sample_ratio: must be between 0 and 1, got {ratio}")
     enabled = raw.get("enabled")
     if enabled is None:
-        # With "sdk", OTEL_TRACES_EXPORTER=console (say) turns tracing on as an endpoint does.
-        chosen = url is not None or (exporter == "sdk" and bool(env.get("OTEL_TRACES_EXPORTER") and sdk_exporters))
+        if exporter == "sdk":  # OTEL_TRACES_EXPORTER=console (say) turns tracing on as an endpoint does; none, off
+            chosen = bool(sdk_exporters) and (url is not None or bool(env.get("OTEL_TRACES_EXPORTER")))
+        else:
+            chosen = url is not None
         enabled = chosen and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
     headers = {}
     for item in (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):

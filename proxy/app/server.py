@@ -45,7 +45,7 @@ class ProxyState:
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
     observer: Observer | None = None
-    exporter: Exporter | None = None
+    exporter: Exporter | None = None  # or proxy.telemetry.sdk.SdkExporter, which has the same surface
     models: list = field(default_factory=list)
     models_body: bytes = b""
 
