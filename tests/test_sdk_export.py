@@ -328,3 +328,16 @@ def _json_objects(text: str) -> list[str]:
         _, end = decoder.raw_decode(text, start)
         out.append(text[start:end])
         pos = end
+
+
+async def test_spans_the_sdk_exporter_gives_up_are_counted_as_export_failed(otlp, sdk_env):
+    sdk_env(OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=otlp.traces_url)
+    otlp.fail_status = 400  # not retryable: the SDK's exporter reports the batch failed at once
+    tracer = Tracer()
+    for i in range(4):
+        tracer.end(Span(i + 1, 0, "s", KIND_SERVER, {}))
+    exporter = SdkExporter(tracer, "refused", ("otlp_proto_http",), interval_s=3600)
+    await exporter.close()
+
+    assert len(otlp.rejected) == 4 and otlp.spans == []
+    assert exporter.failed == 4 and exporter.exported == 0
