@@ -87,6 +87,8 @@ class TelemetryConfig:
     metrics: bool = True
     export_interval_s: float = 0.1
     parent_based: bool = True  # follow the caller's sampled flag (OTEL_TRACES_SAMPLER=parentbased_*)
+    exporter: str = "otlp"  # "otlp": the built-in OTLP/HTTP exporter; "sdk": the OpenTelemetry SDK's exporters
+    sdk_exporters: tuple[str, ...] = ()  # with "sdk": the trace exporter entry points OTEL_TRACES_EXPORTER selects
 
 
 @dataclass(frozen=True)
@@ -293,14 +295,30 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
     """The [telemetry] table; where a key is not set, the standard OTEL_* variables apply."""
     where = "telemetry"
     _check_keys(raw, {"enabled", "endpoint", "service_name", "sample_ratio", "record_content", "metrics",
-                      "export_interval_s"}, where)
+                      "export_interval_s", "exporter"}, where)
     for key in ("enabled", "record_content", "metrics"):
         if key in raw and not isinstance(raw[key], bool):
             raise ConfigError(f"{where}.{key}: must be true or false, got {raw[key]!r}")
+    exporter = raw.get("exporter", "otlp")
+    if exporter not in ("otlp", "sdk"):
+        raise ConfigError(f'{where}.exporter: must be "otlp" (the built-in OTLP/HTTP exporter) or "sdk" '
+                          f"(the OpenTelemetry SDK's exporters), got {exporter!r}")
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-    if protocol and protocol != "http/protobuf":
-        raise ConfigError(f"telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported; "
-                          "use http/protobuf (OTLP/HTTP, port 4318)")
+    sdk_exporters: tuple[str, ...] = ()
+    if exporter == "sdk":
+        if "endpoint" in raw:
+            raise ConfigError(f'{where}.endpoint: not used with exporter = "sdk": the SDK\'s exporters read '
+                              "OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)")
+        from proxy.telemetry.sdk import exporter_names  # the SDK is imported only by those who chose it
+
+        try:
+            sdk_exporters = exporter_names(env)
+        except ValueError as exc:
+            raise ConfigError(f"telemetry: {exc}") from None
+    elif protocol and protocol != "http/protobuf":
+        raise ConfigError(f"telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported by the built-in "
+                          'exporter; use http/protobuf (OTLP/HTTP, port 4318), or set [telemetry] exporter = "sdk" '
+                          "for the OpenTelemetry SDK's exporters (grpc included)")
     endpoint = _string(raw, "endpoint", where, None)
     if endpoint is not None:
         url = endpoint.rstrip("/") if endpoint.endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
@@ -310,7 +328,7 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         url = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
     else:
         url = None
-    if url is not None:
+    if url is not None and exporter == "otlp":  # with "sdk" the endpoint is the SDK exporter's to read
         _check_url(url, f"{where}.endpoint")
     sampler = (env.get("OTEL_TRACES_SAMPLER") or "").lower()
     if sampler and sampler not in _SAMPLERS:
@@ -330,7 +348,11 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         raise ConfigError(f"{where}.sample_ratio: must be between 0 and 1, got {ratio}")
     enabled = raw.get("enabled")
     if enabled is None:
-        enabled = url is not None and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
+        if exporter == "sdk":  # OTEL_TRACES_EXPORTER=console (say) turns tracing on as an endpoint does; none, off
+            chosen = bool(sdk_exporters) and (url is not None or bool(env.get("OTEL_TRACES_EXPORTER")))
+        else:
+            chosen = url is not None
+        enabled = chosen and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
     headers = {}
     for item in (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):
         if "=" in item:
@@ -347,6 +369,8 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         # Small, frequent batches: measured under load, a 1 s batch cost the proxy twice the throughput of 0.1 s.
         export_interval_s=float(_number(raw, "export_interval_s", where, 0.1, minimum=0.01)),
         parent_based=not sampler or sampler.startswith("parentbased_") or "sample_ratio" in raw,
+        exporter=exporter,
+        sdk_exporters=sdk_exporters,
     )
 
 

@@ -45,7 +45,7 @@ class ProxyState:
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
     observer: Observer | None = None
-    exporter: Exporter | None = None
+    exporter: Exporter | None = None  # or proxy.telemetry.sdk.SdkExporter, which has the same surface
     models: list = field(default_factory=list)
     models_body: bytes = b""
 
@@ -198,7 +198,13 @@ async def _lifecycle(app: web.Application):
     state.models_body = orjson.dumps({"object": "list", "data": state.models})
     telemetry = config.telemetry
     tracer = Tracer(telemetry.sample_ratio, parent_based=telemetry.parent_based) if telemetry.tracing else None
-    if tracer is not None:
+    if tracer is not None and telemetry.exporter == "sdk":
+        from proxy.telemetry.sdk import SdkExporter  # the SDK is imported only by those who chose it
+
+        state.exporter = SdkExporter(tracer, telemetry.service_name, telemetry.sdk_exporters,
+                                     interval_s=telemetry.export_interval_s)
+        state.exporter.start()
+    elif tracer is not None:
         state.exporter = Exporter(tracer, Encoder(telemetry.service_name), telemetry.traces_url,
                                   dict(telemetry.headers), interval_s=telemetry.export_interval_s)
         state.exporter.start()
