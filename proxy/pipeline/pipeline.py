@@ -42,9 +42,9 @@ _SIMULATED = {"x-groq-proxy-simulated": "true"}
 def _forwarded_headers(request: web.Request) -> dict[str, str]:
     """The client's end-to-end headers that go upstream with every attempt."""
     drop = _DROP_REQUEST_HEADERS
-    connection = request.headers.get("Connection")
-    if connection:  # headers the client named in Connection are hop-by-hop too (RFC 9110, 7.6.1)
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
+    if "Connection" in request.headers:  # headers the client named in Connection are hop-by-hop too (RFC 9110, 7.6.1)
+        for line in request.headers.getall("Connection"):  # every line: a field sent twice is one list
+            drop = drop | {token.strip().lower() for token in line.split(",")}
     headers = {}
     for name, value in request.headers.items():
         lower = name.lower()
