@@ -131,7 +131,8 @@ async def test_first_byte_and_total_timeouts_together_are_504(upstream, aiohttp_
     scripted, url = upstream
     scripted.behaviours["m2"] = HANG
     slow = await aiohttp_server(StallingUpstream().app())
-    providers = {"slow": {"base_url": f"http://127.0.0.1:{slow.port}/openai/v1", **QUICK}, "up": {"base_url": url, **QUICK}}
+    providers = {"slow": {"base_url": f"http://127.0.0.1:{slow.port}/openai/v1", **QUICK},
+                 "up": {"base_url": url, **QUICK}}
     base = await start_proxy(config_with(providers, {"tier-test": ["slow:m1", "up:m2"]}))
 
     r = await call(base, chat())

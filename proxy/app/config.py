@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from proxy.routing.latency import Thresholds, default_thresholds
 
@@ -297,9 +297,11 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
     for key in ("enabled", "record_content", "metrics"):
         if key in raw and not isinstance(raw[key], bool):
             raise ConfigError(f"{where}.{key}: must be true or false, got {raw[key]!r}")
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
+        else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = env.get(variable)
     if protocol and protocol != "http/protobuf":
-        raise ConfigError(f"telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported; "
+        raise ConfigError(f"telemetry: {variable}={protocol} is not supported; "
                           "use http/protobuf (OTLP/HTTP, port 4318)")
     endpoint = _string(raw, "endpoint", where, None)
     if endpoint is not None:
@@ -332,10 +334,15 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
     if enabled is None:
         enabled = url is not None and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
     headers = {}
-    for item in (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):
+    variable = "OTEL_EXPORTER_OTLP_TRACES_HEADERS" if env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") \
+        else "OTEL_EXPORTER_OTLP_HEADERS"
+    for item in (env.get(variable) or "").split(","):
         if "=" in item:
             k, v = item.split("=", 1)
-            headers[k.strip()] = v.strip()
+            k, v = k.strip(), unquote(v.strip())  # percent-encoded, as the W3C baggage format the SDKs read
+            if any(ord(c) < 0x20 or c == "\x7f" for c in k + v):  # would split the export's request; never echoed
+                raise ConfigError(f"telemetry: {variable}: the header {k[:40]!r} holds a control character")
+            headers[k] = v
     return TelemetryConfig(
         tracing=bool(enabled),
         traces_url=url or "http://127.0.0.1:4318/v1/traces",
