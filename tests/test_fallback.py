@@ -138,7 +138,7 @@ FALLOVER_CASES = {
     "400_model_decommissioned": (status(400, "model_decommissioned", "m1 was decommissioned"), "model_decommissioned"),
     "413_rate_limit_exceeded": (status(413, "rate_limit_exceeded", "Request too large for TPM"), "rate_limit_exceeded"),
     "401_provider_key": (status(401, "invalid_api_key", "Invalid API Key"), "status_401"),
-    "upstream_closes": (Behaviour("close"), None),
+    "upstream_closes": (Behaviour("close"), "upstream_closed"),
     "first_event_is_error": (Behaviour("error_event", cut_after=0), None),
     "ends_before_any_event": (Behaviour("cut", cut_after=0), None),
     "first_event_malformed": (Behaviour("malformed", cut_after=0), "malformed"),
@@ -168,9 +168,8 @@ async def test_failure_before_first_event_falls_over_to_next_model(case, stream,
         assert r.body == b"".join(stream_events("m2"))  # nothing of m1's attempt reached the client
     lines = attempt_lines(proxy_log)
     assert [(x["target"], x["outcome"]) for x in lines] == [("up:m1", "fell_over"), ("up:m2", "answered")]
-    expected = reason or (STREAM_REASONS if stream else PLAIN_REASONS).get(case)
-    if expected:
-        assert lines[0]["reason"] == expected
+    expected = reason or (STREAM_REASONS if stream else PLAIN_REASONS)[case]
+    assert lines[0]["reason"] == expected
     assert lines[0]["next"] == "up:m2"
 
 
