@@ -415,11 +415,11 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     waits = [a.retry_after for a in attempts if a.retry_after]
     sent = [a for a in attempts if a.sent]  # never empty: when every model is cooling down, one is probed
     rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
-    if rate_limited and waits:
-        wait = max(1, round(min(waits)))
+    if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
+        headers = {"retry-after": str(max(1, round(min(waits))))} if waits else {}
         return ProxyError(
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
-            headers={"retry-after": str(wait), "x-should-retry": "true"},
+            headers={**headers, "x-should-retry": "true"},
         )
     if all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
         status = 504

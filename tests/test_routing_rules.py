@@ -1,0 +1,107 @@
+"""Rules of the README's "How a request is routed" that had no test of their own: the order in which a model name is
+resolved when two kinds of name collide, the provider a bare real model name goes to, and the status of an answer
+when every model was rate-limited. Through the real proxy against `ScriptedUpstream`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.app.config import parse_config
+from proxy.sim.testing import status
+from tests.conftest import config_for
+from tests.test_fallback import KEY, call, chat
+
+STREAMS = pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+
+
+def config(url: str, models: dict[str, list[str]], aliases: dict[str, str] | None = None,
+           providers: tuple[str, ...] = ("up",)):
+    """Providers (in this order) all at `url`, each with its own key so a request shows which one it went to."""
+    raw = {
+        "server": {"keepalive_s": 0},
+        "providers": {p: {"base_url": url, "api_key_env": f"KEY_{p.upper()}"} for p in providers},
+        "models": {name: {"chain": chain} for name, chain in models.items()},
+        "aliases": aliases or {},
+    }
+    return parse_config(raw, env={f"KEY_{p.upper()}": f"{KEY}-{p}" for p in providers})
+
+
+def provider_of(request: dict) -> str:
+    return CIMultiDict(request["headers"])["Authorization"].rsplit("-", 1)[1]
+
+
+async def test_a_virtual_model_wins_over_a_real_model_of_the_same_name(upstream, start_proxy):
+    scripted, url = upstream
+    models = {"m1": ["up:m2", "up:m3"], "tier-other": ["up:m1"]}  # `m1` is a virtual model and a real one
+    base = await start_proxy(config(url, models))
+
+    r = await call(base, chat("m1"))
+
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
+    assert scripted.models_sent() == ["m2"]
+
+
+async def test_an_alias_wins_over_a_real_model_of_the_same_name(upstream, start_proxy):
+    scripted, url = upstream
+    models = {"tier-test": ["up:m1", "up:m2"]}
+    base = await start_proxy(config(url, models, aliases={"m1": "up:m2", "up:m1": "tier-test"}))
+
+    bare = await call(base, chat("m1"))  # an alias, and a bare real model a chain names
+    explicit = await call(base, chat("up:m1"))  # an alias, and an explicit provider:model
+
+    assert bare.status == 200 and bare.headers["x-groq-proxy-model"] == "m2"
+    assert explicit.status == 200 and explicit.headers["x-groq-proxy-model"] == "m1"
+    assert scripted.models_sent() == ["m2", "m1"]
+
+
+async def test_an_alias_of_a_virtual_model_falls_over_along_its_chain(upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(503)
+    base = await start_proxy(config(url, {"tier-test": ["up:m1", "up:m2"]}, aliases={"old-name": "tier-test"}))
+    r = await call(base, chat("old-name", stream=True))
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2" and r.headers["x-groq-proxy-attempts"] == "2"
+
+
+async def test_a_bare_real_model_goes_to_the_first_provider_whatever_the_chain_order(upstream, start_proxy):
+    scripted, url = upstream
+    # `m1` is named at both providers; the chain lists the second provider's first. The first provider in the
+    # config is the one bare names refer to.
+    models = {"tier-test": ["second:m1", "first:m1"]}
+    base = await start_proxy(config(url, models, providers=("first", "second")))
+
+    r = await call(base, chat("m1"))
+
+    assert r.status == 200
+    assert r.headers["x-groq-proxy-provider"] == "first"
+    assert [provider_of(q) for q in scripted.requests] == ["first"]
+
+
+@STREAMS
+async def test_every_model_rate_limited_without_retry_after_is_still_a_429(stream, upstream, start_proxy):
+    # Every model said 429 without saying for how long: a rate limit, for the client to back off from, not a
+    # 502 "all models failed" that tells it never to retry (and fires the all-models-failing alert).
+    scripted, url = upstream
+    for m in ("m1", "m2"):
+        scripted.behaviours[m] = status(429, "rate_limit_exceeded", "tokens per minute")
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+
+    r = await call(base, chat(stream=stream))
+
+    assert r.status == 429, r.body
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "up:m1: 429" in error["message"] and "up:m2: 429" in error["message"]
+    assert r.headers.get("x-should-retry") != "false"
+    assert "retry-after" not in r.headers  # no model said when: the proxy does not make a time up
+
+
+@STREAMS
+async def test_rate_limited_and_failed_together_is_not_a_429(stream, upstream, start_proxy):
+    scripted, url = upstream
+    scripted.behaviours.update(m1=status(429, "rate_limit_exceeded", retry_after="5"), m2=status(500))
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+    r = await call(base, chat(stream=stream))
+    assert r.status == 502, r.body
+    assert "retry-after" not in r.headers
