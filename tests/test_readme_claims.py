@@ -316,3 +316,19 @@ def test_an_otlp_header_that_decodes_to_a_control_character_is_refused_without_e
     message = str(info.value)
     assert message.startswith("telemetry: OTEL_EXPORTER_OTLP_TRACES_HEADERS: the header 'x-token'"), message
     assert "secret" not in message
+
+
+@pytest.mark.parametrize(("env", "telemetry", "expected"), [
+    # OTEL_SDK_DISABLED=true turns tracing off "unless enabled = true" in the table
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, {"enabled": True},
+     (True, "http://c:4318/v1/traces")),
+    # "/v1/traces is appended unless already there"
+    ({}, {"endpoint": "http://c:4318/v1/traces"}, (True, "http://c:4318/v1/traces")),
+    ({}, {"endpoint": "http://c:4318/"}, (True, "http://c:4318/v1/traces")),
+    ({}, {"endpoint": "http://c:4318/prefix"}, (True, "http://c:4318/prefix/v1/traces")),
+    # an endpoint set but tracing turned off in the table
+    ({}, {"endpoint": "http://c:4318", "enabled": False}, (False, "http://c:4318/v1/traces")),
+])
+def test_telemetry_endpoint_and_switch_rules(env, telemetry, expected):
+    t = parse_config({**BASE_RAW, "telemetry": telemetry}, env=env).telemetry
+    assert (t.tracing, t.traces_url) == expected

@@ -5,13 +5,14 @@ when every model was rate-limited. Through the real proxy against `ScriptedUpstr
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from multidict import CIMultiDict
 
 from proxy.app.config import parse_config
-from proxy.sim.testing import status
+from proxy.sim.testing import Behaviour, status, stream_events
 from tests.conftest import config_for
-from tests.test_fallback import KEY, call, chat
+from tests.test_fallback import KEY, call, chat, sse_blocks
 
 STREAMS = pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 
@@ -105,3 +106,25 @@ async def test_rate_limited_and_failed_together_is_not_a_429(stream, upstream, s
     r = await call(base, chat(stream=stream))
     assert r.status == 502, r.body
     assert "retry-after" not in r.headers
+
+
+async def test_after_keepalives_the_chunks_name_the_model_that_answered(upstream, start_proxy):
+    # The 200 and its headers went out with the first keep-alive, before any model answered: the headers name
+    # no model (not the one that was tried first), and the chunks' `model` field names the one that answered.
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("hang", delay_s=5)
+    provider = {"first_byte_timeout_s": 0.2, "timeout_s": 0.5}
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}, server={"keepalive_s": 0.02},
+                                        provider=provider))
+
+    r = await call(base, chat(stream=True))
+
+    assert r.status == 200
+    assert r.headers["x-request-id"].startswith("req_")
+    assert "x-groq-proxy-model" not in r.headers and "x-groq-proxy-provider" not in r.headers
+    blocks = sse_blocks(r.body)
+    assert blocks[0] == b": keep-alive"
+    events = [b for b in blocks if b.startswith(b"data: ")]
+    assert b"".join(e + b"\n\n" for e in events) == b"".join(stream_events("m2"))
+    assert {orjson.loads(e[6:])["model"] for e in events if e != b"data: [DONE]"} == {"m2"}
+    assert scripted.models_sent() == ["m1", "m2"]
