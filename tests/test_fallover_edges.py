@@ -21,6 +21,12 @@ from tests.test_fallback import KEY, MESSAGES, StallingUpstream, attempt_lines, 
 
 QUICK = {"first_byte_timeout_s": 0.2, "timeout_s": 0.5}
 HANG = Behaviour("hang", delay_s=5)
+
+
+def quick_and_normal(url: str, chains: dict[str, list[str]]):
+    """Provider `slow` (short deadlines, for the models made to hang) and `up` (the default ones, so an answer
+    from a healthy model is never mistaken for a timeout on a busy machine), both at the scripted upstream."""
+    return config_with({"slow": {"base_url": url, **QUICK}, "up": url}, chains)
 STREAMS = pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 
 
@@ -107,21 +113,21 @@ def _all_failed(r) -> str:
 async def test_one_timeout_and_one_500_is_502_not_504(stream, upstream, start_proxy):
     scripted, url = upstream
     scripted.behaviours.update(m1=HANG, m2=status(500, message="internal"))
-    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}, provider=QUICK))
+    base = await start_proxy(quick_and_normal(url, {"tier-test": ["slow:m1", "up:m2"]}))
 
     r = await call(base, chat(stream=stream))
 
     assert r.status == 502, r.body
     assert r.headers["x-should-retry"] == "false"
     message = _all_failed(r)
-    assert "up:m1: no first" in message and "up:m2: 500: internal" in message
+    assert "slow:m1: no first" in message and "up:m2: 500: internal" in message
 
 
 @STREAMS
 async def test_a_500_then_a_timeout_is_502_not_504(stream, upstream, start_proxy):
     scripted, url = upstream
     scripted.behaviours.update(m1=status(500), m2=HANG)
-    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}, provider=QUICK))
+    base = await start_proxy(quick_and_normal(url, {"tier-test": ["up:m1", "slow:m2"]}))
     r = await call(base, chat(stream=stream))
     assert r.status == 502, r.body
 
@@ -163,25 +169,19 @@ async def test_a_refused_connection_and_a_500_is_502_not_503(stream, upstream, s
     assert "dead:m1" in _all_failed(r)
 
 
-async def _cool_down_m1(scripted, base) -> None:
-    """m1 says 429 with a long retry-after once (m2 answers): from then on m1 is skipped."""
-    scripted.behaviours["m1"] = status(429, "rate_limit_exceeded", retry_after="60")
-    first = await call(base, chat())
-    assert first.status == 200 and first.headers["x-groq-proxy-model"] == "m2"
-
-
-async def test_a_skipped_model_does_not_stop_the_others_timing_out_from_being_504(upstream, start_proxy, proxy_log):
+async def test_a_skipped_model_does_not_stop_the_others_timing_out_from_being_504(upstream, start_proxy):
     scripted, url = upstream
-    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}, provider=QUICK))
-    await _cool_down_m1(scripted, base)
-    scripted.behaviours["m2"] = HANG
+    chains = {"tier-test": ["up:m1", "slow:m2"], "warm": ["up:m1", "up:m3"]}
+    base = await start_proxy(quick_and_normal(url, chains))
+    scripted.behaviours.update(m1=status(429, "rate_limit_exceeded", retry_after="60"), m2=HANG)
+    assert (await call(base, chat("warm"))).headers["x-groq-proxy-model"] == "m3"  # m1 now cooling down
 
     r = await call(base, chat())
 
     assert r.status == 504, r.body
     message = _all_failed(r)
-    assert "up:m1: skipped (cooling down" in message and "up:m2: no first" in message
-    assert scripted.models_sent() == ["m1", "m2", "m2"]  # m1 was not called the second time
+    assert "up:m1: skipped (cooling down" in message and "slow:m2: no first" in message
+    assert scripted.models_sent() == ["m1", "m3", "m2"]  # m1 was not called the second time
 
 
 async def test_a_skipped_model_does_not_stop_the_others_unreachable_from_being_503(upstream, start_proxy):

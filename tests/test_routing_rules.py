@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 from proxy.app.config import parse_config
 from proxy.sim.testing import Behaviour, status, stream_events
 from tests.conftest import config_for
-from tests.test_fallback import KEY, call, chat, sse_blocks
+from tests.test_fallback import KEY, call, chat, config_with, sse_blocks
 
 STREAMS = pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 
@@ -113,9 +113,8 @@ async def test_after_keepalives_the_chunks_name_the_model_that_answered(upstream
     # no model (not the one that was tried first), and the chunks' `model` field names the one that answered.
     scripted, url = upstream
     scripted.behaviours["m1"] = Behaviour("hang", delay_s=5)
-    provider = {"first_byte_timeout_s": 0.2, "timeout_s": 0.5}
-    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}, server={"keepalive_s": 0.02},
-                                        provider=provider))
+    providers = {"slow": {"base_url": url, "first_byte_timeout_s": 0.2, "timeout_s": 0.5}, "up": url}
+    base = await start_proxy(config_with(providers, {"tier-test": ["slow:m1", "up:m2"]}, server={"keepalive_s": 0.02}))
 
     r = await call(base, chat(stream=True))
 
