@@ -127,3 +127,18 @@ async def test_after_keepalives_the_chunks_name_the_model_that_answered(upstream
     assert b"".join(e + b"\n\n" for e in events) == b"".join(stream_events("m2"))
     assert {orjson.loads(e[6:])["model"] for e in events if e != b"data: [DONE]"} == {"m2"}
     assert scripted.models_sent() == ["m1", "m2"]
+
+
+@pytest.mark.parametrize("wait_ms", ["2500", "2100", "900"])
+async def test_the_clients_retry_after_is_never_before_the_models_wait_ends(wait_ms, upstream, start_proxy):
+    # A model that said 429 with `retry-after-ms` is skipped until then: a client told to come back sooner would
+    # only find every model still cooling down. Whole seconds, rounded up.
+    scripted, url = upstream
+    for m in ("m1", "m2"):
+        scripted.behaviours[m] = status(429, "rate_limit_exceeded", retry_after_ms=wait_ms)
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+
+    r = await call(base, chat())
+
+    assert r.status == 429, r.body
+    assert int(r.headers["retry-after"]) == -(-int(wait_ms) // 1000)  # the ceiling, in seconds

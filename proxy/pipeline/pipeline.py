@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import orjson
@@ -416,7 +417,7 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     sent = [a for a in attempts if a.sent]  # never empty: when every model is cooling down, one is probed
     rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
     if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
-        headers = {"retry-after": str(max(1, round(min(waits))))} if waits else {}
+        headers = {"retry-after": str(max(1, math.ceil(min(waits))))} if waits else {}  # never before then
         return ProxyError(
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={**headers, "x-should-retry": "true"},
