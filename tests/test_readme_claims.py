@@ -333,3 +333,29 @@ def test_an_otlp_header_that_decodes_to_a_control_character_is_refused_without_e
 def test_telemetry_endpoint_and_switch_rules(env, telemetry, expected):
     t = parse_config({**BASE_RAW, "telemetry": telemetry}, env=env).telemetry
     assert (t.tracing, t.traces_url) == expected
+
+
+# --- the simulator says so --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_answers_and_errors_from_the_simulator_say_they_are_simulated(stream, start_proxy):
+    config = parse_config({"server": {"keepalive_s": 0},
+                           "providers": {"groq": {"base_url": "http://127.0.0.1:9/openai/v1"}},
+                           "models": {"tier-fast": {"chain": ["groq:openai/gpt-oss-20b"]}}}, env={})
+    base = await start_proxy(config, simulate=True)
+
+    answer = await call(base, chat("tier-fast", stream=stream))
+    refused = await call(base, chat("tier-fast", stream=stream, n=2))  # the simulator's own 400, passed back
+
+    assert answer.status == 200 and answer.headers["x-groq-proxy-simulated"] == "true"
+    assert answer.headers["x-groq-proxy-model"] == "openai/gpt-oss-20b"
+    assert refused.status == 400 and refused.json()["error"]["param"] == "n"
+    assert refused.headers["x-groq-proxy-simulated"] == "true"
+
+
+async def test_a_configured_upstream_is_not_called_simulated(upstream, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(keyless_config(url))
+    r = await call(base, chat())
+    assert r.status == 200 and "x-groq-proxy-simulated" not in r.headers
