@@ -6,7 +6,8 @@
 - `OTEL_EXPORTER_OTLP_PROTOCOL` other than `http/protobuf` is a start-up config error naming the variable;
 - `OTEL_EXPORTER_OTLP_TRACES_HEADERS` reach the collector as request headers and never appear in a log line;
 - a `sample_ratio` between 0 and 1 records some traces and not others, decided from the trace id, and a caller's
-  sampled flag wins over it.
+  sampled flag wins over it;
+- answers from the simulator, its errors included, say so in `x-groq-proxy-simulated`.
 """
 
 from __future__ import annotations
