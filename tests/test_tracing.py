@@ -215,7 +215,7 @@ async def test_request_that_fell_over_twice_is_one_server_span_with_three_attemp
     assert t["gen_ai.usage.input_tokens"] == USAGE["prompt_tokens"]
     assert t["gen_ai.usage.output_tokens"] == USAGE["completion_tokens"]
     ttfc = t["groq_proxy.time_to_first_chunk_ms"]
-    assert isinstance(ttfc, float) and ttfc >= 0
+    assert isinstance(ttfc, float) and 0 < ttfc <= server.duration_ns / 1e6  # within the request it belongs to
 
     # Each attempt told its upstream which span it belongs to.
     assert scripted.models_sent() == ["m1", "m2", "m3"]

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from proxy.routing.latency import Thresholds, default_thresholds
 
@@ -303,7 +303,9 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
     if exporter not in ("otlp", "sdk"):
         raise ConfigError(f'{where}.exporter: must be "otlp" (the built-in OTLP/HTTP exporter) or "sdk" '
                           f"(the OpenTelemetry SDK's exporters), got {exporter!r}")
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
+        else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = env.get(variable)
     sdk_exporters: tuple[str, ...] = ()
     if exporter == "sdk":
         if "endpoint" in raw:
@@ -316,7 +318,7 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         except ValueError as exc:
             raise ConfigError(f"telemetry: {exc}") from None
     elif protocol and protocol != "http/protobuf":
-        raise ConfigError(f"telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported by the built-in "
+        raise ConfigError(f"telemetry: {variable}={protocol} is not supported by the built-in "
                           'exporter; use http/protobuf (OTLP/HTTP, port 4318), or set [telemetry] exporter = "sdk" '
                           "for the OpenTelemetry SDK's exporters (grpc included)")
     endpoint = _string(raw, "endpoint", where, None)
@@ -354,10 +356,15 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
             chosen = url is not None
         enabled = chosen and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
     headers = {}
-    for item in (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):
+    variable = "OTEL_EXPORTER_OTLP_TRACES_HEADERS" if env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") \
+        else "OTEL_EXPORTER_OTLP_HEADERS"
+    for item in (env.get(variable) or "").split(","):
         if "=" in item:
             k, v = item.split("=", 1)
-            headers[k.strip()] = v.strip()
+            k, v = k.strip(), unquote(v.strip())  # percent-encoded, as the W3C baggage format the SDKs read
+            if any(ord(c) < 0x20 or c == "\x7f" for c in k + v):  # would split the export's request; never echoed
+                raise ConfigError(f"telemetry: {variable}: the header {k[:40]!r} holds a control character")
+            headers[k] = v
     return TelemetryConfig(
         tracing=bool(enabled),
         traces_url=url or "http://127.0.0.1:4318/v1/traces",
