@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.app.errors import ProxyError, bad_request
+from proxy.telemetry.logs import emit
 
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed")
+
+
+MAX_JSON_DEPTH = 128  # the body object is level 1; real requests (tool schemas included) stay far below
+READ_TIMEOUT = web.AppKey("read_timeout_s", float)  # server.request_read_timeout_s, set by build_app
 
 
 async def read_json(request: web.Request, limit: int) -> dict:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+    raw = await _read_body(request, limit)
     if not raw:
         raise bad_request("The request body is empty; send a JSON object.")
     try:
@@ -27,7 +33,62 @@ async def read_json(request: web.Request, limit: int) -> dict:
         raise bad_request("We could not parse the JSON body of your request: it is not valid JSON.") from None
     if not isinstance(body, dict):
         raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.")
+    # orjson reads 1,024 levels but writes only 254: deeper bodies would fail when sent upstream. No body can
+    # nest deeper than it has brackets, so the walk runs only for bodies with many of them.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+        raise bad_request(f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.",
+                          code="json_too_deep")
     return body
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body. One that arrived with the head is read at once; one still arriving must not stall for more
+    than server.request_read_timeout_s between two reads (408), and a client that leaves during the upload
+    is a 499, not an error of the proxy."""
+    content = request.content
+    try:
+        if content.is_eof():
+            return await request.read()
+        timeout = request.app[READ_TIMEOUT]
+        loop = asyncio.get_running_loop()
+        chunks, size = [], 0
+        async with asyncio.timeout(timeout) as deadline:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+                deadline.reschedule(loop.time() + timeout)
+        return b"".join(chunks)
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+    except TimeoutError:
+        emit(logging.INFO, "request_timeout", status=408, path=request.path, timeout_s=timeout)
+        request.protocol.close()  # no keep-alive after this answer, and no more of this body is read
+        content.feed_eof()
+        raise ProxyError(408, f"The request body stalled: nothing arrived for {timeout:g} s.",
+                         code="request_timeout") from None
+    except (ConnectionError, RequestPayloadError):
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            emit(logging.INFO, "client_closed", status=499, during="upload", path=request.path)
+            raise ProxyError(499, "The client closed the connection during the upload.",
+                             code="client_closed_request") from None
+        raise bad_request("The request body could not be read (a broken chunked or compressed encoding).") from None
+
+
+def _deeper_than(value, limit: int) -> bool:
+    level, depth = [value], 1
+    while level:
+        if depth > limit:
+            return True
+        below = []
+        for container in level:
+            for item in (container.values() if type(container) is dict else container):
+                if type(item) is dict or type(item) is list:
+                    below.append(item)
+        level, depth = below, depth + 1
+    return False
 
 
 def _too_large(limit: int) -> ProxyError:
