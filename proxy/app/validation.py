@@ -67,7 +67,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         request.protocol.close()  # no keep-alive after this answer, and no more of this body is read
         content.feed_eof()
         raise ProxyError(408, f"The request body stalled: nothing arrived for {timeout:g} s.",
-                         code="request_timeout") from None
+                         code="request_timeout", headers={"Connection": "close"}) from None
     except (ConnectionError, RequestPayloadError):
         transport = request.transport
         if transport is None or transport.is_closing():
