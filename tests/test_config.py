@@ -416,11 +416,16 @@ def test_connect_timeout_defaults_within_a_short_total():
     assert provider.connect_timeout_s == 60.0  # equal to the default total: allowed
 
 
-@pytest.mark.parametrize("url", ["http://my host/v1", "http://host/v 1", "http://host\t/v1", "http://host/v1\n",
-                                 "https://api.groq.com/openai/v1 "])
-def test_a_base_url_with_whitespace_is_refused(url):
+@pytest.mark.parametrize("url", ["http://my host/v1", "http://api.groq.com /v1", "https:// api.groq.com",
+                                 "http://host\t/v1", "http://host/v1\n", "http://host/o\x00/v1"])
+def test_a_base_url_with_a_space_in_the_host_or_a_control_character_is_refused(url):
     message = config_error(with_change("providers.groq.base_url", url))
-    assert message.startswith("providers.groq.base_url: must not hold spaces or control characters"), message
+    assert message.startswith("providers.groq.base_url: must not hold control characters, nor spaces in the host")
+
+
+def test_a_space_in_the_path_is_allowed_and_sent_percent_encoded():
+    config = parse_config(with_change("providers.groq.base_url", "http://h/my models/v1"), env=ENV)
+    assert config.providers["groq"].base_url == "http://h/my models/v1"  # tests/test_upstream_wire.py: %20
 
 
 @pytest.mark.parametrize("name", ["a:b", "groq:", ":x", " "])

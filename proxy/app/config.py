@@ -249,8 +249,10 @@ def _check_url(url: str, where: str) -> None:
     """An http(s) URL with a host and a valid port, and no credentials in it (they are never shown back)."""
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: must start with http:// or https://, got {url!r}")
-    if any(c.isspace() or not c.isprintable() for c in url):
-        raise ConfigError(f"{where}: must not hold spaces or control characters (encode them: %20), got {url!r}")
+    host = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    if any(not c.isprintable() for c in url) or any(c.isspace() for c in host):
+        # urlsplit would drop a tab or newline without a word, and no host has a space.
+        raise ConfigError(f"{where}: must not hold control characters, nor spaces in the host, got {url!r}")
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not hold credentials (user:password@); a provider's key is read from "
