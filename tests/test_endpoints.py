@@ -460,3 +460,31 @@ async def test_aiohttps_own_400_carries_a_request_id(upstream, start_proxy):
     assert head.startswith(b"HTTP/1.0 400 ")
     assert re.search(rb"x-request-id: " + REQUEST_ID.encode(), head)
     assert orjson.loads(body)["error"]["code"] == "bad_http_request"
+
+
+async def test_a_handler_that_raises_is_an_openai_500_with_a_request_id_and_one_log_line(upstream, aiohttp_server,
+                                                                                        caplog):
+    """A bug outside the chat and embeddings handlers reaches aiohttp's handle_error: the answer is still ours."""
+    import logging
+    import re
+
+    from proxy.app.server import STATE
+
+    class Broken(list):
+        def __iter__(self):
+            raise RuntimeError("a bug in the proxy")
+
+    _, url = upstream
+    server = await aiohttp_server(build_app(config_for(url)))
+    server.app[STATE].models = Broken()
+    with caplog.at_level(logging.ERROR, logger="groq_proxy"):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{server.port}/v1/models/tier-test") as resp:
+                body = await resp.json()
+                assert resp.status == 500
+                request_id = resp.headers["x-request-id"]
+    assert re.fullmatch(REQUEST_ID, request_id)
+    assert body["error"]["type"] == "server_error" and request_id in body["error"]["message"]
+    assert "a bug" not in body["error"]["message"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "internal_error"]
+    assert record.fields["request_id"] == request_id and record.exc_info[0] is RuntimeError
