@@ -352,14 +352,14 @@ def nested(depth: int, shape: str = "list") -> bytes:
 
 
 @pytest.mark.parametrize("shape", ["list", "object"])
-@pytest.mark.parametrize("depth", [129, 254, 255, 1023])
+@pytest.mark.parametrize("depth", [255, 256, 1023])
 async def test_json_nested_past_the_depth_limit_is_400(upstream, start_proxy, depth, shape):
-    """Before: 129 to 253 levels went upstream; 254 and more parsed, then failed to serialize upstream: a 500
-    `internal_error` with a traceback."""
+    """Before: 255 levels and more parsed, then failed to serialize upstream: a 500 `internal_error` with a
+    traceback."""
     scripted, url = upstream
     base = await start_proxy(config_for(url))
     error = error_of(*await send(f"{base}/v1/chat/completions", data=nested(depth, shape)), 400)
-    assert error["code"] == "json_too_deep" and "128 levels" in error["message"]
+    assert error["code"] == "json_too_deep" and "254 levels" in error["message"]
     assert scripted.requests == []
 
 
@@ -367,19 +367,9 @@ async def test_json_nested_past_the_depth_limit_is_400(upstream, start_proxy, de
 async def test_json_nested_exactly_to_the_limit_goes_upstream(upstream, start_proxy, shape):
     scripted, url = upstream
     base = await start_proxy(config_for(url))
-    status, _, raw = await send(f"{base}/v1/chat/completions", data=nested(128, shape))
+    status, _, raw = await send(f"{base}/v1/chat/completions", data=nested(254, shape))
     assert status == 200, raw
     assert len(scripted.requests) == 1
-
-
-async def test_brackets_inside_strings_do_not_count_as_depth(upstream, start_proxy):
-    """The bracket count only decides whether to walk the body; the walk decides."""
-    scripted, url = upstream
-    base = await start_proxy(config_for(url))
-    text = "[" * 5000 + "{" * 5000
-    status, _, raw = await send(f"{base}/v1/chat/completions", json=chat(messages=[{"role": "user", "content": text}]))
-    assert status == 200, raw
-    assert scripted.requests[0]["body"]["messages"][0]["content"] == text
 
 
 # --- a body that arrives slowly ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Checks on a request body before anything is sent upstream: bad input is the client's 400, never our 500."""
+"""Reading and checking a request body before anything is sent upstream: bad input is the client's 4xx, never
+our 500, and a client that stalls or leaves mid-upload is told apart from one that sent a bad body."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed")
 
 
-MAX_JSON_DEPTH = 128  # the body object is level 1; real requests (tool schemas included) stay far below
+# The body object is level 1. orjson reads 1,024 levels but writes only this many: a deeper body parsed, then
+# failed when it was sent upstream (a 500). No real request comes near it.
+MAX_JSON_DEPTH = 254
 READ_TIMEOUT = web.AppKey("read_timeout_s", float)  # server.request_read_timeout_s, set by build_app
 
 
@@ -33,11 +36,14 @@ async def read_json(request: web.Request, limit: int) -> dict:
         raise bad_request("We could not parse the JSON body of your request: it is not valid JSON.") from None
     if not isinstance(body, dict):
         raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.")
-    # orjson reads 1,024 levels but writes only 254: deeper bodies would fail when sent upstream. No body can
-    # nest deeper than it has brackets, so the walk runs only for bodies with many of them.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+    try:
+        # The one way a parsed body fails to encode is depth, and trying costs less than any depth check
+        # (measured: 0.2 us for a 200-byte body, 4.4 us for 23 kB; counting the raw body's brackets took
+        # 0.4 and 19 us, walking the parsed body 0.8 and 31 us).
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
         raise bad_request(f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.",
-                          code="json_too_deep")
+                          code="json_too_deep") from None
     return body
 
 
@@ -75,20 +81,6 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             raise ProxyError(499, "The client closed the connection during the upload.",
                              code="client_closed_request") from None
         raise bad_request("The request body could not be read (a broken chunked or compressed encoding).") from None
-
-
-def _deeper_than(value, limit: int) -> bool:
-    level, depth = [value], 1
-    while level:
-        if depth > limit:
-            return True
-        below = []
-        for container in level:
-            for item in (container.values() if type(container) is dict else container):
-                if type(item) is dict or type(item) is list:
-                    below.append(item)
-        level, depth = below, depth + 1
-    return False
 
 
 def _too_large(limit: int) -> ProxyError:
