@@ -319,6 +319,7 @@ async def test_serve_port_zero_prints_the_port_it_bound(tmp_path):
         await proc.stop()
     assert not base.endswith(":0")
     assert proc.stderr.count("listening on") == 1
+    assert proc.process.returncode == 0  # SIGTERM: a graceful stop, as under web.run_app
 
 
 async def test_a_config_file_that_is_not_utf8_exits_naming_the_file(tmp_path):

@@ -73,8 +73,7 @@ class Served:
             time.sleep(0.02)
 
     def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=SAFETY_S)
-        return sock
+        return socket.create_connection(("127.0.0.1", self.port), timeout=SAFETY_S)
 
 
 @pytest.fixture(scope="module")

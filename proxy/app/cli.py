@@ -11,7 +11,7 @@ import sys
 
 from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
 from proxy.app.errors import ProxyError
-from proxy.app.listen import ListenError, check_port, print_banner, serve
+from proxy.app.listen import ListenError, check_port, serve
 from proxy.telemetry.logs import emit, setup_logging
 
 
@@ -22,6 +22,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we ship for
         return asyncio.new_event_loop()
+
+
+def _say(line: str, stream=None) -> None:
+    """A line for people and supervisors, flushed at once (tests and scripts wait for "listening")."""
+    print(line, file=stream or sys.stderr, flush=True)
 
 
 def _missing_keys(config: Config) -> list[str]:
@@ -77,8 +82,7 @@ def cmd_serve(args) -> int:
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
-    serve(app, host, port, print_banner("groq-proxy listening on {url} (" + source.replace("{", "{{")
-                                        .replace("}", "}}") + ")"), loop, access_log=None)
+    serve(app, host, port, lambda url: _say(f"groq-proxy listening on {url} ({source})"), loop, access_log=None)
     return 0
 
 
@@ -117,7 +121,7 @@ def cmd_simulate(args) -> int:
         raise ProxyError(400, f"simulate: {exc}") from None
     # No access log: as a load target it would be the bottleneck.
     serve(build_simulator_app(config), args.host, args.port,
-          print_banner("groq simulator listening on {url}/openai/v1 (and /v1)", file=sys.stdout), _new_loop(),
+          lambda url: _say(f"groq simulator listening on {url}/openai/v1 (and /v1)", sys.stdout), _new_loop(),
           access_log=None)
     return 0
 

@@ -14,21 +14,16 @@ server in the process (the embedded simulator, test upstreams) keeps aiohttp's b
 from __future__ import annotations
 
 import logging
-import os
 
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.app.errors import ProxyError
+from proxy.app.errors import ProxyError, new_request_id
 from proxy.telemetry.logs import emit
 
 HTTP_LOGGER = logging.getLogger("groq_proxy.http")  # a child of the JSON logger: anything aiohttp logs is a line
 
 _aiohttp_handle_error = RequestHandler.handle_error
-
-
-def request_id() -> str:
-    return "req_" + os.urandom(12).hex()
 
 
 def install() -> None:
@@ -40,7 +35,7 @@ def _handle_error(self: RequestHandler, request, status: int = 500, exc: BaseExc
                   message: str | None = None):
     if self.logger is not HTTP_LOGGER:
         return _aiohttp_handle_error(self, request, status, exc, message)
-    rid = request_id()
+    rid = new_request_id()
     if isinstance(exc, HttpProcessingError):
         error = _parse_error(self, exc)
         emit(logging.INFO, "bad_http_request", request_id=rid, status=error.status, reason=error.code,

@@ -10,7 +10,6 @@ the app's cleanup (in-flight requests get the runner's shutdown timeout).
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Callable
 
 from aiohttp import web
@@ -73,8 +72,3 @@ def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
         task.cancel()
     if tasks:
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-
-
-def print_banner(text: str, *, file=None) -> Callable[[str], None]:
-    """A banner callback: `text` with `{url}` filled in, flushed at once (tests and supervisors wait on it)."""
-    return lambda url: print(text.format(url=url), file=file or sys.stderr, flush=True)

@@ -4,7 +4,6 @@ what the app owns (the upstream session, the embedded simulator)."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,8 +15,8 @@ from policies.base import PolicyChain
 from proxy.app.config import Config
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
-from proxy.app.errors import ProxyError
 from proxy.app import http_errors
+from proxy.app.errors import ProxyError, new_request_id
 from proxy.routing.latency import default_thresholds
 from proxy.telemetry.logs import emit, register_secrets
 from proxy.telemetry.metrics import ProxyMetrics
@@ -54,8 +53,7 @@ class ProxyState:
 STATE = web.AppKey("state", ProxyState)
 
 
-def _request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+_request_id = new_request_id
 
 
 def _id_header() -> dict[str, str]:
