@@ -179,6 +179,15 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_an_internal_error(served):
     assert not [line for line in served.log_lines() if line["event"] == "internal_error"]
 
 
+def test_a_body_that_does_not_decompress_is_400_and_logs_no_error(served):
+    """Before: a 500 `internal_error`, then aiohttp's own "Unhandled exception" traceback as it went on reading."""
+    raw = exchange(served, b"POST /v1/chat/completions HTTP/1.1\r\n" + HOST + b"Content-Encoding: gzip\r\n"
+                   b"Content-Length: 12\r\n\r\nnot gzip !!!")
+    error, headers = openai_error(raw, 400)
+    assert "could not be read" in error["message"]
+    assert not [line for line in served.log_lines() if line["level"] == "error"], served.stderr()
+
+
 @pytest.mark.parametrize(
     "sent",
     [

@@ -70,8 +70,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise _too_large(limit) from None
     except TimeoutError:
         emit(logging.INFO, "request_timeout", status=408, path=request.path, timeout_s=timeout)
-        request.protocol.close()  # no keep-alive after this answer, and no more of this body is read
-        content.feed_eof()
+        _stop_reading(request)
         raise ProxyError(408, f"The request body stalled: nothing arrived for {timeout:g} s.",
                          code="request_timeout", headers={"Connection": "close"}) from None
     except (ConnectionError, RequestPayloadError):
@@ -80,7 +79,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             emit(logging.INFO, "client_closed", status=499, during="upload", path=request.path)
             raise ProxyError(499, "The client closed the connection during the upload.",
                              code="client_closed_request") from None
+        _stop_reading(request)
         raise bad_request("The request body could not be read (a broken chunked or compressed encoding).") from None
+
+
+def _stop_reading(request: web.Request) -> None:
+    """No keep-alive after this answer and no more of this body read: aiohttp would otherwise go on reading
+    (and discarding) it for up to 10 s after the answer, and log a broken body's error as unhandled."""
+    request.protocol.close()
+    request.content.feed_eof()
 
 
 def _too_large(limit: int) -> ProxyError:
