@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from proxy.sim.simulator import start_simulator
-from tests.procs import GROQ_PROXY, READY_WITHIN_S, Proc, clean_env, free_port, run, start_serving, wait_ready  # noqa: F401
+from tests.procs import READY_WITHIN_S, Proc, clean_env, free_port, run, start_serving, wait_ready
 
 SECRET = "gsk_cli_test_SECRET_9f8e7d6c5b4a"
 MISSING_A = "llama-3.3-70b-versatile"  # retired: the simulator does not list it

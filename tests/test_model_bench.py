@@ -12,7 +12,7 @@ import pytest
 from proxy.app.config import parse_config
 from proxy.sim.testing import ScriptedUpstream, status
 from tests.conftest import config_for
-from tests.test_cli import GROQ_PROXY, clean_env
+from tests.procs import GROQ_PROXY, clean_env
 
 BENCH = {"model": "tier-test", "prompt": "Write a short story about a robot", "runs": 3, "max_tokens": 20}
 
