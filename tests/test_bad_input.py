@@ -376,20 +376,20 @@ async def test_json_nested_exactly_to_the_limit_goes_upstream(upstream, start_pr
 
 
 async def test_a_body_that_trickles_in_with_short_gaps_is_read_whole(upstream, start_proxy):
-    """server.request_read_timeout_s bounds the gap between two reads, not the whole upload: 20 pieces 50 ms
+    """server.request_read_timeout_s bounds the gap between two reads, not the whole upload: 40 pieces 50 ms
     apart take twice the timeout and still go through."""
     import asyncio
 
     scripted, url = upstream
-    base = await start_proxy(config_for(url, server={"request_read_timeout_s": 0.5}))
+    base = await start_proxy(config_for(url, server={"request_read_timeout_s": 1.0}))
     host, port = base.removeprefix("http://").split(":")
     body = padded(400)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body))
-        for i in range(0, len(body), 20):
-            writer.write(body[i : i + 20])
+        for i in range(0, len(body), 10):
+            writer.write(body[i : i + 10])
             await writer.drain()
             await asyncio.sleep(0.05)
         raw = await asyncio.wait_for(reader.read(), 20)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.procs import GROQ_PROXY, clean_env
 
-READ_TIMEOUT_S = 0.5
+READ_TIMEOUT_S = 1.0  # short for the test, yet far above any gap between two writes of a test below
 SAFETY_S = 20.0  # only against a hang: every wait below ends on an event (a byte, a close, a log line)
 CHAT = b'{"model": "t", "messages": [{"role": "user", "content": "hi"}]}'
 
@@ -177,6 +177,9 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_an_internal_error(served):
     line = served.wait_for_log(event="client_closed", during="upload")
     assert line["status"] == 499 and line["path"] == "/v1/chat/completions"
     assert not [line for line in served.log_lines() if line["event"] == "internal_error"]
+    metrics = exchange(served, b"GET /metrics HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n").decode()
+    counted = re.findall(r'^groq_proxy_requests_total\{[^}]*status="(\d+)"\} (\d+)', metrics, re.MULTILINE)
+    assert ("499", "1") in counted and not [s for s, _ in counted if s == "500"], counted
 
 
 def test_a_body_that_does_not_decompress_is_400_and_logs_no_error(served):
