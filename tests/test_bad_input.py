@@ -373,3 +373,61 @@ async def test_no_odd_value_in_any_field_causes_a_server_error(upstream, start_p
                             assert raw.rstrip().endswith(b"data: [DONE]"), case
                         else:
                             assert "error" not in orjson.loads(raw), case
+
+
+# --- nesting depth ----------------------------------------------------------------------------------------
+
+
+def nested(depth: int, shape: str = "list") -> bytes:
+    """A chat body whose deepest value sits `depth` levels down (the body object is level 1)."""
+    inner = depth - 1
+    value = ("[" * inner + "]" * inner) if shape == "list" else ('{"a":' * (inner - 1) + "{}" + "}" * (inner - 1))
+    return b'{"model": "tier-test", "messages": [{"role": "user", "content": "hi"}], "x": ' + value.encode() + b"}"
+
+
+@pytest.mark.parametrize("shape", ["list", "object"])
+@pytest.mark.parametrize("depth", [255, 256, 1023])
+async def test_json_nested_past_the_depth_limit_is_400(upstream, start_proxy, depth, shape):
+    """Before: 255 levels and more parsed, then failed to serialize upstream: a 500 `internal_error` with a
+    traceback."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    error = error_of(*await send(f"{base}/v1/chat/completions", data=nested(depth, shape)), 400)
+    assert error["code"] == "json_too_deep" and "254 levels" in error["message"]
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize("shape", ["list", "object"])
+async def test_json_nested_exactly_to_the_limit_goes_upstream(upstream, start_proxy, shape):
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    status, _, raw = await send(f"{base}/v1/chat/completions", data=nested(254, shape))
+    assert status == 200, raw
+    assert len(scripted.requests) == 1
+
+
+# --- a body that arrives slowly ------------------------------------------------------------------------------
+
+
+async def test_a_body_that_trickles_in_with_short_gaps_is_read_whole(upstream, start_proxy):
+    """server.request_read_timeout_s bounds the gap between two reads, not the whole upload: 40 pieces 50 ms
+    apart take twice the timeout and still go through."""
+    import asyncio
+
+    scripted, url = upstream
+    base = await start_proxy(config_for(url, server={"request_read_timeout_s": 1.0}))
+    host, port = base.removeprefix("http://").split(":")
+    body = padded(400)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 10):
+            writer.write(body[i : i + 10])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        raw = await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+    assert scripted.requests[0]["body"]["messages"] == orjson.loads(body)["messages"]

@@ -12,7 +12,7 @@ import pytest
 from proxy.app.config import parse_config
 from proxy.sim.testing import ScriptedUpstream, status
 from tests.conftest import config_for
-from tests.test_cli import GROQ_PROXY, clean_env
+from tests.procs import GROQ_PROXY, clean_env
 
 # The README's standard row (a virtual model whose name names no tier): ms limits of each category.
 STANDARD = ((300, "excellent"), (500, "good"), (800, "acceptable"), (1600, "poor"))

@@ -33,6 +33,10 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     keepalive_s: float = 15.0
     log_level: str = "info"
+    request_read_timeout_s: float = 75.0
+    max_url_bytes: int = 4096
+    max_header_bytes: int = 8190
+    max_headers: int = 100
     admin_key_env: str | None = None
     admin_key: str | None = field(default=None, repr=False)
 
@@ -168,9 +172,13 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     return value
 
 
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env",
+                "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers"}
+
+
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     where = "server"
-    _check_keys(raw, {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env"}, where)
+    _check_keys(raw, _SERVER_KEYS, where)
     admin_env = _env_name(raw, "admin_key_env", where)
     if admin_env and not env.get(admin_env):
         raise ConfigError(f"server.admin_key_env: the variable {admin_env} is not set")
@@ -188,6 +196,11 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         log_level=level,
         admin_key_env=admin_env,
         admin_key=env.get(admin_env) if admin_env else None,
+        request_read_timeout_s=float(_number(raw, "request_read_timeout_s", where, 75.0, minimum=0.01)),
+        # Below these a real client's request would not fit (a long model id in the URL, a large cookie).
+        max_url_bytes=_number(raw, "max_url_bytes", where, 4096, minimum=256, integer=True),
+        max_header_bytes=_number(raw, "max_header_bytes", where, 8190, minimum=1024, integer=True),
+        max_headers=_number(raw, "max_headers", where, 100, minimum=16, integer=True),
     )
 
 
@@ -195,6 +208,9 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     where = f"providers.{name}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a table")
+    if ":" in name or not name.strip():
+        raise ConfigError(f"{where}: a provider name must be non-empty and hold no ':' (it separates provider "
+                          "and model in 'provider:model')")
     if "api_key" in raw:
         raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
     _check_keys(raw, {"base_url", "api_key_env", "timeout_s", "first_byte_timeout_s", "connect_timeout_s"}, where)
@@ -207,13 +223,16 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     first_byte = _number(raw, "first_byte_timeout_s", where, min(10.0, timeout), minimum=0.001)
     if first_byte > timeout:
         raise ConfigError(f"{where}.first_byte_timeout_s: must not exceed timeout_s ({first_byte} > {timeout})")
+    connect = _number(raw, "connect_timeout_s", where, min(5.0, timeout), minimum=0.001)
+    if connect > timeout:
+        raise ConfigError(f"{where}.connect_timeout_s: must not exceed timeout_s ({connect} > {timeout})")
     return ProviderConfig(
         name=name,
         base_url=base_url.rstrip("/"),
         api_key_env=key_env,
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
-        connect_timeout_s=float(_number(raw, "connect_timeout_s", where, 5.0, minimum=0.001)),
+        connect_timeout_s=float(connect),
         api_key=_api_key(env, key_env, where),
     )
 
@@ -232,6 +251,10 @@ def _check_url(url: str, where: str) -> None:
     """An http(s) URL with a host and a valid port, and no credentials in it (they are never shown back)."""
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: must start with http:// or https://, got {url!r}")
+    host = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    if any(not c.isprintable() for c in url) or any(c.isspace() for c in host):
+        # urlsplit would drop a tab or newline without a word, and no host has a space.
+        raise ConfigError(f"{where}: must not hold control characters, nor spaces in the host, got {url!r}")
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not hold credentials (user:password@); a provider's key is read from "
@@ -384,10 +407,14 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
 def _parse_routing(raw: Mapping) -> RoutingConfig:
     where = "routing"
     _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s"}, where)
+    cooldown = _number(raw, "cooldown_s", where, 30.0)
+    cap = _number(raw, "max_cooldown_s", where, max(300.0, cooldown))
+    if cap < cooldown:
+        raise ConfigError(f"{where}.max_cooldown_s: must be at least cooldown_s ({cap} < {cooldown})")
     return RoutingConfig(
         cooldown_after_failures=_number(raw, "cooldown_after_failures", where, 3, minimum=1, integer=True),
-        cooldown_s=float(_number(raw, "cooldown_s", where, 30.0)),
-        max_cooldown_s=float(_number(raw, "max_cooldown_s", where, 300.0)),
+        cooldown_s=float(cooldown),
+        max_cooldown_s=float(cap),
     )
 
 
@@ -435,9 +462,12 @@ def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str]
         text, source = default_config_text(), "<default>"
     else:
         try:
-            text, source = Path(path).read_text(), str(path)
+            text, source = Path(path).read_text(encoding="utf-8"), str(path)
         except OSError as exc:
             raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                              "TOML files are UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
