@@ -214,7 +214,11 @@ async def _lifecycle(app: web.Application):
 
 
 def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    # handler_cancellation: a client that hangs up cancels its handler (aiohttp >= 3.9 no longer does by
+    # default), so the upstream call in flight stops with it. Set on the app, it holds under web.run_app and
+    # under any runner or test server alike, at no cost per request.
+    app = web.Application(client_max_size=config.server.max_body_bytes,
+                          handler_args={"handler_cancellation": True})
     app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
     app.cleanup_ctx.append(_lifecycle)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),

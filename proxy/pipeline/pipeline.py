@@ -37,6 +37,7 @@ _DROP_REQUEST_HEADERS = frozenset(
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def _forwarded_headers(request: web.Request) -> dict[str, str]:
@@ -97,7 +98,7 @@ class Pipeline:
     # --- the request -------------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
+        ctx.base_headers = base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
         if self.policies:
             decision = await self.policies.on_request(ctx, self.observer.decision)
             if isinstance(decision, Reject):
@@ -105,8 +106,11 @@ class Pipeline:
         body = ctx.body
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
-        forwarded = _forwarded_headers(request)
-        client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
+        ctx.forwarded = _forwarded_headers(request)
+        if ctx.stream:
+            ctx.client = ClientStream(request, self._keepalive_s, base_headers)
+        # A client that leaves cancels this task (the app sets aiohttp's handler_cancellation): the attempt in
+        # flight ends with it, its upstream connection is closed, and no further model is tried.
         try:
             skipped = []
             for index, target in enumerate(ctx.route.chain):
@@ -117,7 +121,7 @@ class Pipeline:
                     self._skipped(ctx, attempt, wait)
                     skipped.append(attempt)
                     continue
-                response = await self._try(ctx, index, target, body, forwarded, client, base_headers)
+                response = await self._try(ctx, index, target)
                 if response is not None:
                     return response
             if skipped and len(skipped) == len(ctx.route.chain):
@@ -125,55 +129,57 @@ class Pipeline:
                 # cool-down of refusals, so probe the model whose cool-down ends first: one call, never more
                 # (what Envoy calls panic mode). If it fails, the error below says so.
                 first = min(skipped, key=lambda a: a.retry_after)
-                response = await self._try(ctx, first.index, first.target, body, forwarded, client, base_headers)
+                response = await self._try(ctx, first.index, first.target)
                 if response is not None:
                     return response
             error = all_failed_error(ctx)
-            if client is not None:
-                return await client.fail(error, base_headers)
+            if ctx.client is not None:
+                return await ctx.client.fail(error, base_headers)
             return error.to_response(base_headers)
         finally:
-            if client is not None:
-                await client.stop_keepalive()
+            if ctx.client is not None:
+                await ctx.client.stop_keepalive()
             if self.policies:
                 await self.policies.after(ctx)
 
-    async def _try(self, ctx, index, target, body, forwarded, client, base_headers) -> web.StreamResponse | None:
+    async def _try(self, ctx: RequestContext, index: int, target) -> web.StreamResponse | None:
         """One attempt at one model: the response, or None when it failed in a way the next model may not."""
         attempt = Attempt(index, target)
         ctx.attempts.append(attempt)
         provider = self.upstreams.providers[target.provider]
+        body = ctx.body
         body["model"] = target.model
         payload = orjson.dumps(body)
-        headers = {**forwarded, **provider.headers}
+        headers = {**ctx.forwarded, **provider.headers}
         self.observer.attempt_started(ctx, attempt, provider, headers)
         try:
-            if client is not None:
-                return await self._stream(ctx, attempt, provider, payload, headers, client, base_headers)
-            return await self._plain(ctx, attempt, provider, payload, headers, base_headers)
+            if ctx.client is not None:
+                return await self._stream(ctx, attempt, provider, payload, headers)
+            return await self._plain(ctx, attempt, provider, payload, headers)
         except AttemptFailed as failure:
             self._fell_over(ctx, attempt, failure)
             return None
+        except asyncio.CancelledError:
+            if attempt.ended is None:  # the client went away while this attempt was in flight
+                attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
+                self._end(ctx, attempt, INFO)
+            raise
 
     # --- one attempt, not streamed ----------------------------------------------------------------------
 
-    async def _plain(self, ctx, attempt: Attempt, provider: Provider, payload, headers, base_headers):
+    async def _plain(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
         path = provider.chat_path if ctx.operation == "chat" else provider.embeddings_path
-        loop = asyncio.get_running_loop()
-        start = loop.time()
         resp = None
         try:
-            async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
+            # Groq sends nothing of a plain answer until all of it is generated, so a first-byte deadline would
+            # cut generation short: the whole attempt is bounded by timeout_s (the connect by connect_timeout_s).
+            async with asyncio.timeout(provider.total_s):
                 resp = await self.upstreams.client.request(
                     provider.origin, "POST", path, headers, payload, provider.connect_s
                 )
                 attempt.first_byte = time.perf_counter()
-                if not resp.complete:  # a small body usually came with the headers: no new deadline then
-                    deadline.reschedule(start + provider.total_s)
                 body = await resp.read()
         except TimeoutError:
-            if attempt.first_byte is None:
-                raise AttemptFailed("first_byte_timeout", f"no first byte in {provider.first_byte_s:g}s") from None
             raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
         except UpstreamError as exc:
             raise _upstream_failure(exc) from None
@@ -182,35 +188,37 @@ class Pipeline:
                 resp.release()
         attempt.status = status = resp.status
         if status != 200:
-            failure = classify(status, body, resp.headers)
+            failure = classify(status, body, resp.headers, chain=ctx.route.virtual is not None)
             if failure is not None:
                 raise failure
-            return self._passed_back(ctx, attempt, status, body, resp, base_headers)
+            return self._passed_back(ctx, attempt, status, body, resp)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise AttemptFailed("malformed", "200 with a body that is not JSON") from None
-        if not isinstance(obj, dict) or "error" in obj:
-            raise AttemptFailed("malformed", "200 with an error or a non-object body")
+        if ctx.operation == "chat":
+            choices = _completion_choices(obj)
+            attempt.finish_reasons = [c.get("finish_reason") for c in choices]
+            if self.observer.record_content:
+                attempt.content = output_from_choices(choices)
+        else:
+            _check_embeddings(obj)
         attempt.usage = obj.get("usage")
         attempt.response_id = obj.get("id")
         attempt.response_model = obj.get("model")
-        choices = obj.get("choices")
-        if choices and isinstance(choices, list):
-            attempt.finish_reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
-            if self.observer.record_content:
-                attempt.content = output_from_choices(choices)
         self._answered(ctx, attempt)
-        headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         headers["Content-Type"] = "application/json"
         return web.Response(body=body, headers=headers)
 
     # --- one attempt, streamed --------------------------------------------------------------------------
 
-    async def _stream(self, ctx, attempt: Attempt, provider: Provider, payload, headers, client, base_headers):
+    async def _stream(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
+        client: ClientStream = ctx.client
         loop = asyncio.get_running_loop()
         start = loop.time()
         state = StreamState()
+        splitter = EventSplitter()
         resp = None
         committed = False
         recorded = None
@@ -222,17 +230,16 @@ class Pipeline:
                 attempt.status = resp.status
                 if resp.status != 200:
                     body = await resp.read()
-                    failure = classify(resp.status, body, resp.headers)
+                    failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
                     if failure is not None:
                         raise failure
                     if client.prepared:  # keep-alives went out: the status can no longer change
                         attempt.outcome = "passed_back"
                         self._end(ctx, attempt, INFO)
                         return await client.finish(_error_event(resp.status, body))
-                    return self._passed_back(ctx, attempt, resp.status, body, resp, base_headers)
+                    return self._passed_back(ctx, attempt, resp.status, body, resp)
                 if not resp.content_type.startswith("text/event-stream"):
                     raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
-                splitter = EventSplitter()
                 first = b""
                 # Before the commit point: read until the first data event; comments do not count. Whatever
                 # arrived with it has not reached the client either, so a failure in it still falls over.
@@ -247,7 +254,9 @@ class Pipeline:
                     raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
                 if state.malformed:
                     raise AttemptFailed("malformed", state.malformed)
-                if not state.done:  # the whole stream may have come at once: then no new deadline is needed
+                # The first event came: from here the rest of the stream has until timeout_s. (When the whole
+                # stream came at once no new deadline is needed.)
+                if not state.done:
                     deadline.reschedule(start + provider.total_s)
                 attempt.response_id, attempt.response_model = state.response_id, state.response_model
 
@@ -306,6 +315,11 @@ class Pipeline:
             self._end(ctx, attempt, WARNING)
             return await client.finish()
         if not state.done:
+            if state.finish_reasons and not splitter.tail.strip():
+                # It ended cleanly, on a whole event, after its finish chunk: the answer is complete, only the
+                # end marker is missing. The client gets one, as OpenAI ends every stream.
+                self._answered(ctx, attempt)
+                return await client.finish(DONE_EVENT)
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream closed the stream early")
         self._answered(ctx, attempt)
         return await client.finish()
@@ -332,11 +346,11 @@ class Pipeline:
             "x-groq-proxy-attempts": str(ctx.sent_attempts),
         }
 
-    def _passed_back(self, ctx, attempt: Attempt, status: int, body: bytes, resp, base_headers) -> web.Response:
+    def _passed_back(self, ctx, attempt: Attempt, status: int, body: bytes, resp) -> web.Response:
         """A 4xx caused by the request itself: the client gets the upstream's answer unchanged."""
         attempt.outcome = "passed_back"
         self._end(ctx, attempt, INFO)
-        headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         headers["Content-Type"] = resp.headers.get("content-type", "application/json")
         return web.Response(status=status, body=redact(body.decode(errors="replace")).encode(), headers=headers)
 
@@ -381,6 +395,37 @@ class Pipeline:
             fields["next"] = following[0].key if following else None
         fields.update((k, v) for k, v in extra.items() if v is not None)
         emit(level, "attempt", **fields)
+
+
+def _completion_choices(obj) -> list[dict]:
+    """The choices of a 200 that is a chat completion: a JSON object without `error`, whose `choices` is a
+    non-empty list of objects each with a `message` object. Anything else is not an answer: AttemptFailed."""
+    if not isinstance(obj, dict):
+        raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
+    if "error" in obj:
+        raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise AttemptFailed("malformed", "200 without choices: not a chat completion")
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            raise AttemptFailed("malformed", "200 with a choice that has no message: not a chat completion")
+    return choices
+
+
+def _check_embeddings(obj) -> None:
+    """A 200 that is an embeddings answer: a JSON object without `error`, whose `data` is a non-empty list of
+    objects each with an `embedding`. Anything else is not an answer: AttemptFailed."""
+    if not isinstance(obj, dict):
+        raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
+    if "error" in obj:
+        raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
+    data = obj.get("data")
+    if not isinstance(data, list) or not data:
+        raise AttemptFailed("malformed", "200 without data: not an embeddings list")
+    for item in data:
+        if not isinstance(item, dict) or "embedding" not in item:
+            raise AttemptFailed("malformed", "200 with a data item that has no embedding")
 
 
 def _error_event(status: int, body: bytes) -> bytes:
