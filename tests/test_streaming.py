@@ -490,3 +490,42 @@ async def test_stream_whose_end_lags_its_done_keeps_the_upstream_connection(aioh
         assert r.status == 200 and r.body == b"".join(E)
         await until(lambda: any(pool.idle for pool in pools.values()), what="the drained connection pooled")
     assert len(upstream.peers) == 3 and len(set(upstream.peers)) == 1  # no new connection (or TLS handshake) each
+
+
+# --- a clean end after the finish chunk -------------------------------------------------------------------------
+
+
+async def test_stream_ending_cleanly_after_its_finish_chunk_without_done_is_an_answer(upstream, start_proxy, proxy_log):
+    # Some servers end the stream after the chunk with finish_reason and never send [DONE]. The answer is all
+    # there: the client gets it and then the end marker every OpenAI stream ends with; the model is not blamed.
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("ok", events=E[:-1])
+    base = await start_proxy(config_for(url, routing={"cooldown_after_failures": 1, "cooldown_s": 30}))
+
+    r = await call(base, chat(stream=True))
+    assert r.status == 200
+    assert r.body == b"".join(E[:-1]) + b"data: [DONE]\n\n"
+    assert await openai_stream_text(base) == "Hello there!"  # no APIError: a complete answer
+    assert scripted.models_sent() == ["m1", "m1"]  # not cooling down after two such streams
+    lines = attempt_lines(proxy_log)
+    assert [(x["outcome"], x.get("reason")) for x in lines] == [("answered", None), ("answered", None)]
+
+
+async def test_stream_ending_after_its_finish_chunk_inside_an_event_is_still_broken(aiohttp_server, start_proxy, proxy_log):
+    # The finish chunk came, then half an event and the end: not a clean end.
+    base, upstream = await start_commit_case_with(aiohttp_server, start_proxy, E[2] + E[3] + E[4] + HALF, "eof")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            first = await resp.content.readuntil(b"\n\n")
+            upstream.gate.set()
+            body = first + await resp.read()
+    assert len(error_events(body)) == 1 and b"[DONE]" not in body
+    (line,) = attempt_lines(proxy_log)
+    assert (line["outcome"], line["reason"]) == ("failed_after_commit", "upstream_closed")
+
+
+async def start_commit_case_with(aiohttp_server, start_proxy, after: bytes, end: str) -> tuple[str, CommitThenFail]:
+    upstream = CommitThenFail(after, end)
+    server = await aiohttp_server(upstream.app())
+    config = config_for(f"http://127.0.0.1:{server.port}/openai/v1", provider=COMMIT_TIMEOUTS)
+    return await start_proxy(config), upstream
