@@ -613,3 +613,77 @@ async def test_first_model_answering_is_one_attempt(upstream, start_proxy, proxy
     assert r.headers["x-upstream-request-id"] == "req_up"
     assert scripted.models_sent() == ["m1"]
     assert [(f["target"], f["outcome"]) for f in attempt_lines(proxy_log)] == [("up:m1", "answered")]
+
+
+# --- a 200 that is not an answer ---------------------------------------------------------------------------
+
+NOT_A_COMPLETION = {
+    "empty_object": {},
+    "choices_not_a_list": {"choices": "nope"},
+    "choices_empty": {"choices": []},
+    "choice_not_an_object": {"choices": [1]},
+    "choice_without_message": {"choices": [{"index": 0, "finish_reason": "stop"}]},
+    "message_not_an_object": {"choices": [{"index": 0, "message": "hi"}]},
+    "error_object": {"error": {"message": "overloaded", "type": "server_error"}},
+    "error_beside_choices": {"error": "partial", **completion("m1")},
+    "array": [completion("m1")],
+    "string": "Hello there!",
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_A_COMPLETION))
+async def test_200_that_is_not_a_chat_completion_falls_over(case, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(NOT_A_COMPLETION[case]))
+    base = await start_proxy(config_for(url))
+
+    r = await call(base, chat())
+
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
+    assert r.json() == completion("m2")
+    first = attempt_lines(proxy_log)[0]
+    assert (first["target"], first["outcome"], first["reason"]) == ("up:m1", "fell_over", "malformed")
+
+
+async def test_smallest_chat_completion_is_an_answer(upstream, start_proxy):
+    # What a completion must have, and no more: choices, each an object with a message object.
+    scripted, url = upstream
+    smallest = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(smallest))
+    base = await start_proxy(config_for(url))
+    r = await call(base, chat())
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m1" and r.json() == smallest
+
+
+NOT_EMBEDDINGS = {
+    "empty_object": {},
+    "data_not_a_list": {"object": "list", "data": "nope"},
+    "data_empty": {"object": "list", "data": []},
+    "item_not_an_object": {"object": "list", "data": [[0.1, 0.2]]},
+    "item_without_embedding": {"object": "list", "data": [{"object": "embedding", "index": 0}]},
+    "error_object": {"error": {"message": "overloaded", "type": "server_error"}},
+    "a_chat_completion": completion("m1"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_EMBEDDINGS))
+async def test_200_that_is_not_an_embeddings_list_falls_over(case, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(NOT_EMBEDDINGS[case]))
+    base = await start_proxy(config_for(url))
+
+    r = await call(base, {"model": "tier-test", "input": "hello"}, path="/v1/embeddings")
+
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
+    assert r.json()["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+    first = attempt_lines(proxy_log)[0]
+    assert (first["target"], first["outcome"], first["reason"]) == ("up:m1", "fell_over", "malformed")
+
+
+async def test_smallest_embeddings_list_is_an_answer(upstream, start_proxy):
+    scripted, url = upstream
+    smallest = {"data": [{"embedding": [0.5]}]}
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(smallest))
+    base = await start_proxy(config_for(url))
+    r = await call(base, {"model": "tier-test", "input": "hello"}, path="/v1/embeddings")
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m1" and r.json() == smallest
