@@ -356,6 +356,18 @@ async def test_all_timed_out_is_504_without_client_retry(stream, upstream, start
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_some_timed_out_others_failed_is_502_not_504(stream, upstream, start_proxy):
+    # 504 says every model timed out; one timeout among other failures is the mixed case.
+    scripted, url = upstream
+    scripted.behaviours.update(m1=Behaviour("hang", delay_s=5), m2=status(503), m3=status(503))
+    base = await start_proxy(config_for(url, provider=QUICK))
+    r = await call(base, chat(stream=stream))
+    assert r.status == 502
+    assert error_of(r)["code"] == "all_models_failed"
+    assert scripted.models_sent() == ["m1", "m2", "m3"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_all_connections_refused_is_503(stream, start_proxy):
     dead = closed_port_url()
     config = config_with({"up": dead}, {"tier-test": ["up:m1", "up:m2"]})

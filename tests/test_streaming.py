@@ -23,6 +23,7 @@ from tests.test_fallback import (
     attempt_lines,
     call,
     chat,
+    config_with,
     sse_blocks,
 )
 
@@ -459,6 +460,30 @@ async def test_failure_after_commit_counts_towards_cooldown(upstream, start_prox
     assert second.body == b"".join(stream_events("m2"))
     assert second.headers["x-groq-proxy-model"] == "m2"
     assert scripted.models_sent() == ["m1", "m2"]  # m1 was skipped the second time
+
+
+async def test_error_event_after_commit_counts_towards_cooldown(upstream, aiohttp_server, start_proxy, proxy_log):
+    # An upstream error event after the first event reached the client is the model failing, like a cut: it
+    # counts towards the model's cool-down.
+    scripted, url = upstream
+    gated = CommitThenFail(UPSTREAM_ERROR, "eof")
+    gated_server = await aiohttp_server(gated.app())
+    config = config_with({"gated": f"http://127.0.0.1:{gated_server.port}/openai/v1", "up": url},
+                         {"tier-test": ["gated:m1", "up:m2"]}, routing={"cooldown_after_failures": 1, "cooldown_s": 30})
+    base = await start_proxy(config)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            async with asyncio.timeout(5):  # a deadlock guard, not a speed limit
+                first = await resp.content.readuntil(b"\n\n")
+            gated.gate.set()
+            body = first + await resp.read()
+    assert body.startswith(E[0] + E[1]) and len(error_events(body)) == 1
+    second = await call(base, chat(stream=True))
+    assert second.body == b"".join(stream_events("m2"))
+    assert gated.requests == 1 and scripted.models_sent() == ["m2"]  # m1 was skipped the second time
+    assert [(x["target"], x["outcome"], x.get("reason")) for x in attempt_lines(proxy_log)] == [
+        ("gated:m1", "failed_after_commit", "upstream_error_event"), ("gated:m1", "skipped", "cooldown"),
+        ("up:m2", "answered", None)]
 
 
 async def test_good_events_before_a_malformed_one_in_the_same_chunk_still_reach_the_client(aiohttp_server, start_proxy):
