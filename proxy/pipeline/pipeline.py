@@ -211,19 +211,23 @@ class Pipeline:
         headers["Content-Type"] = "application/json"
         return web.Response(body=body, headers=headers)
 
-    # --- one attempt, streamed --------------------------------------------------------------------------
+    # --- one attempt, streamed: opened until its first data event, then forwarded past the commit point ------
 
     async def _stream(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
-        client: ClientStream = ctx.client
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        state = StreamState()
-        splitter = EventSplitter()
+        opened = await self._open(ctx, attempt, provider, payload, headers)
+        if not isinstance(opened, _Opened):
+            return opened  # the upstream's client error, passed back
+        return await self._forward(ctx, attempt, provider, opened)
+
+    async def _open(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
+        """Sends the request and reads until the first data event, within first_byte_timeout_s. Nothing has
+        reached the client yet, so any failure here falls over (AttemptFailed). Returns the opened stream, or
+        the response that passes the upstream's client error back."""
+        start = asyncio.get_running_loop().time()
         resp = None
-        committed = False
-        recorded = None
+        opened = None
         try:
-            async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
+            async with asyncio.timeout_at(start + provider.first_byte_s):
                 resp = await self.upstreams.client.request(
                     provider.origin, "POST", provider.chat_path, headers, payload, provider.connect_s
                 )
@@ -233,38 +237,50 @@ class Pipeline:
                     failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
                     if failure is not None:
                         raise failure
-                    if client.prepared:  # keep-alives went out: the status can no longer change
+                    if ctx.client.prepared:  # keep-alives went out: the status can no longer change
                         attempt.outcome = "passed_back"
                         self._end(ctx, attempt, INFO)
-                        return await client.finish(_error_event(resp.status, body))
+                        return await ctx.client.finish(_error_event(resp.status, body))
                     return self._passed_back(ctx, attempt, resp.status, body, resp)
                 if not resp.content_type.startswith("text/event-stream"):
                     raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
+                splitter = EventSplitter()
                 first = b""
-                # Before the commit point: read until the first data event; comments do not count. Whatever
-                # arrived with it has not reached the client either, so a failure in it still falls over.
+                # Comments do not count as a first event. Whatever arrived with the first event has not reached
+                # the client either, so a failure in it still falls over.
                 while first_data_end(first) < 0:
                     chunk = await resp.readany()
                     if not chunk:
                         raise AttemptFailed("upstream_closed", "the stream ended before its first event")
                     first += splitter.feed(chunk)
-                attempt.first_byte = time.perf_counter()
-                scan(first, state)
-                if state.error is not None:
-                    raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
-                if state.malformed:
-                    raise AttemptFailed("malformed", state.malformed)
-                # The first event came: from here the rest of the stream has until timeout_s. (When the whole
-                # stream came at once no new deadline is needed.)
-                if not state.done:
-                    deadline.reschedule(start + provider.total_s)
-                attempt.response_id, attempt.response_model = state.response_id, state.response_model
+            attempt.first_byte = time.perf_counter()
+            state = StreamState()
+            scan(first, state)
+            if state.error is not None:
+                raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
+            if state.malformed:
+                raise AttemptFailed("malformed", state.malformed)
+            attempt.response_id, attempt.response_model = state.response_id, state.response_model
+            opened = _Opened(resp, splitter, first, state, start)
+            return opened
+        except TimeoutError:
+            raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
+        except UpstreamError as exc:
+            raise _upstream_failure(exc) from None
+        finally:
+            if resp is not None and opened is None:  # failed, or passed back: this response goes no further
+                resp.release()
 
-                # The commit point: from here on, no falling over.
-                committed = True
-                recorded = [first] if self.observer.record_content else None
+    async def _forward(self, ctx: RequestContext, attempt: Attempt, provider: Provider, opened: "_Opened"):
+        """The commit point, then the rest of the stream as it comes, until timeout_s from the attempt's start.
+        A failure from here on ends the stream with one error event."""
+        client: ClientStream = ctx.client
+        resp, splitter, state = opened.resp, opened.splitter, opened.state
+        recorded = [opened.first] if self.observer.record_content else None
+        try:
+            async with asyncio.timeout_at(opened.start + provider.total_s):
                 await client.commit(
-                    {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first, last=state.done
+                    {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, opened.first, last=state.done
                 )
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
@@ -284,25 +300,16 @@ class Pipeline:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
             return client.response
-        except AttemptFailed:
-            raise
         except TimeoutError:
-            if not committed:
-                if attempt.first_byte is None:
-                    raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
-                raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
         except UpstreamError as exc:
             failure = _upstream_failure(exc)
-            if not committed:
-                raise failure from None
             return await self._broken(ctx, attempt, client, failure.reason, failure.detail)
         finally:
-            if resp is not None:
-                # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
-                resp.release(drain=state.done)
+            # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
+            resp.release(drain=state.done)
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
-        if committed and recorded is not None:
+        if recorded is not None:
             attempt.content = output_from_stream(b"".join(recorded))
         if state.malformed:
             return await self._broken(ctx, attempt, client, "malformed", state.malformed)
@@ -395,6 +402,16 @@ class Pipeline:
             fields["next"] = following[0].key if following else None
         fields.update((k, v) for k, v in extra.items() if v is not None)
         emit(level, "attempt", **fields)
+
+
+class _Opened:
+    """A stream up to its commit point: the response, the first data event (with whatever came with it) read
+    and scanned, and when the attempt started (its timeout_s counts from there)."""
+
+    __slots__ = ("resp", "splitter", "first", "state", "start")
+
+    def __init__(self, resp, splitter: EventSplitter, first: bytes, state: StreamState, start: float) -> None:
+        self.resp, self.splitter, self.first, self.state, self.start = resp, splitter, first, state, start
 
 
 def _completion_choices(obj) -> list[dict]:
