@@ -2,6 +2,10 @@
 
 The commit point is explicit. Before the first data event reaches the client, any attempt failure moves on
 to the next model of the chain. After it, a failure ends the stream with one SSE error event.
+
+Deadlines: a plain answer has timeout_s for the whole (Groq sends nothing of it before all of it is generated);
+a stream has first_byte_timeout_s to its first data event (`_open`), then timeout_s (`_forward`). A client that
+hangs up cancels the handler's task, and with it the attempt in flight and the rest of the chain.
 """
 
 from __future__ import annotations
