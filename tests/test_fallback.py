@@ -502,6 +502,28 @@ async def test_client_credentials_and_hop_by_hop_headers_stay_at_the_proxy(strea
     assert request["body"] == {"model": "m1", "messages": MESSAGES, **({"stream": True} if stream else {})}
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_headers_named_in_connection_and_client_credentials_are_not_forwarded(stream, upstream, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    sent = {
+        "Connection": "keep-alive, X-Hop-Only",  # the client says X-Hop-Only is for this hop alone
+        "X-Hop-Only": "hop-value",
+        "Cookie": "session=cookie-value",
+        "x-api-key": "x-api-key-value",
+        "api-key": "api-key-value",
+        "X-End-To-End": "kept",
+    }
+    r = await call(base, chat(stream=stream), headers=sent)
+    assert r.status == 200
+    (request,) = scripted.requests
+    got = CIMultiDict(request["headers"])
+    for name in ("X-Hop-Only", "Cookie", "x-api-key", "api-key"):
+        assert name not in got, name
+    assert "-value" not in str(request["headers"])
+    assert got["X-End-To-End"] == "kept"
+
+
 async def test_every_response_has_a_request_id(upstream, start_proxy):
     scripted, url = upstream
     scripted.behaviours.update(pb=status(422), f1=status(500), f2=status(503))
