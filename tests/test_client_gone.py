@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import openai
 import orjson
 import pytest
 
@@ -189,3 +190,30 @@ chain = ["hang:m1", "up:m2"]
     attempts = [x for x in proc.log_lines() if x.get("event") == "attempt"]
     assert [(x["target"], x["outcome"], x["reason"]) for x in attempts] == [
         ("hang:m1", "cancelled", "client_disconnected")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_openai_client_call_given_up_cancels_the_upstream_call(stream, raw_server, upstream, aiohttp_server):
+    # What an application does when its own deadline passes: it cancels the SDK call, and httpx drops the
+    # connection. The provider must stop generating, and no other model may be asked.
+    recorder = HangUpRecorder(b"")
+    port = await raw_server(recorder.handler)
+    scripted, url = upstream
+    app = build_app(config_with({"hang": f"http://127.0.0.1:{port}/openai/v1", "up": url},
+                                {"tier-test": ["hang:m1", "up:m2"]}))
+    server = await aiohttp_server(app)
+    after = After()
+    app[STATE].pipeline.policies = PolicyChain([after])
+
+    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0) as client:
+        call = asyncio.create_task(client.chat.completions.create(model="tier-test", messages=MESSAGES, stream=stream))
+        async with asyncio.timeout(SAFETY_S):
+            await recorder.received.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        async with asyncio.timeout(SAFETY_S):
+            await recorder.closed.wait()
+            await after.ran.wait()
+    assert scripted.requests == []
+    assert [(a.outcome, a.reason) for a in after.contexts[0].attempts] == [("cancelled", "client_disconnected")]
