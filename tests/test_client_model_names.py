@@ -39,6 +39,10 @@ class ByPrefix(ChatUpstream):
             error = {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
                                "type": "invalid_request_error", "code": "model_not_found"}}
             return web.json_response(error, status=404)
+        if kind == "retired":
+            error = {"error": {"message": f"The model `{model}` has been decommissioned.",
+                               "type": "invalid_request_error", "code": "model_decommissioned"}}
+            return web.json_response(error, status=400)
         if kind == "busy":
             return web.json_response({"error": {"message": "slow down", "code": "rate_limit_exceeded"}}, status=429,
                                      headers={"retry-after": "30"})
@@ -100,18 +104,21 @@ async def test_made_up_model_names_grow_neither_metrics_nor_memory(aiohttp_serve
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-async def test_provider_404_for_a_model_the_client_named_goes_back_to_it(stream, aiohttp_server, start_proxy, proxy_log):
+@pytest.mark.parametrize("model,status,code", [("gone-made-up", 404, "model_not_found"),
+                                               ("retired-old", 400, "model_decommissioned")])
+async def test_provider_answer_about_a_model_the_client_named_goes_back_to_it(model, status, code, stream,
+                                                                              aiohttp_server, start_proxy, proxy_log):
     upstream = await aiohttp_server(ByPrefix().app())
     base = await start_proxy(config_for(f"http://127.0.0.1:{upstream.port}/openai/v1"))
 
-    r = await call(base, chat("up:gone-made-up", stream=stream))
+    r = await call(base, chat(f"up:{model}", stream=stream))
 
-    assert r.status == 404, r.body
+    assert r.status == status, r.body
     error = r.json()["error"]
-    assert error["code"] == "model_not_found" and "gone-made-up" in error["message"]  # the provider's own answer
+    assert error["code"] == code and model in error["message"]  # the provider's own answer
     assert "x-should-retry" not in r.headers
     (line,) = attempt_lines(proxy_log)
-    assert (line["target"], line["outcome"], line["status"]) == ("up:gone-made-up", "passed_back", 404)
+    assert (line["target"], line["outcome"], line["status"]) == (f"up:{model}", "passed_back", status)
 
 
 async def test_provider_404_reaches_the_openai_client_as_not_found(aiohttp_server, start_proxy):
