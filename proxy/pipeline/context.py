@@ -46,7 +46,13 @@ class Attempt:
 
 
 class RequestContext:
-    __slots__ = ("request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span")
+    """One request: what was asked, and what every attempt of it shares (the headers that go upstream with each,
+    the headers every answer carries, the client's stream), so that an attempt starts with one call."""
+
+    __slots__ = (
+        "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
+        "forwarded", "base_headers", "client",
+    )
 
     def __init__(
         self, request_id: str, operation: str, route: Route, body: dict, stream: bool, started: float | None = None
@@ -60,6 +66,9 @@ class RequestContext:
         self.attempts: list[Attempt] = []
         self.answered: Attempt | None = None
         self.span: Any = None
+        self.forwarded: dict[str, str] = {}  # the client's end-to-end headers, sent upstream with every attempt
+        self.base_headers: dict[str, str] = {}  # on every response to this request, errors included
+        self.client: Any = None  # the ClientStream of a streamed request, None otherwise
 
     @property
     def sent_attempts(self) -> int:
