@@ -196,7 +196,7 @@ async def _lifecycle(app: web.Application):
             simulator=url,
         )
     config = state.config
-    register_secrets(*(p.api_key for p in config.providers.values()))
+    register_secrets(*(key for p in config.providers.values() for key in (p.api_keys or (p.api_key,))))
     upstreams = Upstreams(config)
     await upstreams.open()
     state.upstreams = upstreams
