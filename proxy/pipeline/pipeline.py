@@ -637,7 +637,7 @@ def _describe(error) -> str:
     return str(error)[:200]
 
 
-_RATE_REASONS = frozenset({"rate_limited", "cooldown", "rate_limit_predicted", "keys_rested"})
+_RATE_REASONS = frozenset({"rate_limited", "cooldown", "rate_limit_predicted"})
 
 
 def all_failed_error(ctx: RequestContext) -> ProxyError:
@@ -652,7 +652,7 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     name = ctx.route.virtual or ctx.route.requested
     message = redact(f"All {len(ctx.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    sent = [a for a in attempts if a.sent]  # never empty: when every model is cooling down, one is probed
+    sent = [a for a in attempts if a.sent]
     rate_limited = all(a.reason in _RATE_REASONS for a in attempts)
     if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
         headers = {"retry-after": str(max(1, math.ceil(min(waits))))} if waits else {}  # never before then
@@ -660,7 +660,9 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={**headers, "x-should-retry": "true"},
         )
-    if all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
+    if not sent:  # nothing could be sent: every key of every model is resting (refused keys)
+        status = 503
+    elif all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
         status = 504
     elif all(a.reason in ("connect_error", "connect_timeout") for a in sent):
         status = 503

@@ -89,10 +89,12 @@ class ProxyMetrics:
                                   (), _OVERHEAD)
         self.category = Counter(p + "latency_category_total", "Requests by latency category of their tier.",
                                 ("virtual_model", "category"))
+        self.key_attempts = Counter(p + "key_attempts_total", "Upstream attempts by provider, pool key (its "
+                                    "variable's name) and outcome.", ("provider", "key", "outcome"))
         self.usage_hist = Histogram("gen_ai_client_token_usage", "GenAI token usage per request (semconv).",
                                     ("gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"), _TOKENS)
         self.all = (self.requests, self.duration, self.ttft, self.tokens, self.attempts, self.fallbacks,
-                    self.upstream, self.overhead, self.category, self.usage_hist)
+                    self.upstream, self.overhead, self.category, self.usage_hist, self.key_attempts)
 
     def render(self, exporter=None) -> bytes:
         out: list[str] = []

@@ -36,7 +36,7 @@ class Provider:
     embeddings_path: str
     headers: dict[str, str]  # the first key's (or no key's): what a one-key provider always sends
     key_headers: tuple[dict[str, str], ...]  # one per pool key, in api_key_envs order
-    key_names: tuple[str, ...]  # the variables' names: what spans, logs and metrics call a key
+    key_names: tuple[str, ...]  # a pool's variables' names: what spans, logs and metrics call a key
     first_byte_s: float
     total_s: float
     connect_s: float
@@ -56,7 +56,8 @@ class Provider:
             embeddings_path=f"{base}/embeddings{query}",
             headers=key_headers[0],
             key_headers=key_headers,
-            key_names=cfg.api_key_envs or ("",),
+            # Named only in a pool: with one key there is nothing to tell apart (and nothing extra to record).
+            key_names=cfg.api_key_envs if len(cfg.api_key_envs) > 1 else ("",),
             first_byte_s=cfg.first_byte_timeout_s,
             total_s=cfg.timeout_s,
             connect_s=cfg.connect_timeout_s,
