@@ -165,3 +165,8 @@ async def post_chat(base: str, body: dict, headers: dict | None = None):
         async with session.post(base + "/v1/chat/completions", data=orjson.dumps(body),
                                 headers={"Content-Type": "application/json", **(headers or {})}) as resp:
             return resp.status, resp.headers.copy(), await resp.read()
+
+
+def attempt_fields(caplog) -> list[dict]:
+    """The fields of every `attempt` log line the proxy wrote, in order."""
+    return [r.fields for r in caplog.records if r.name == "groq_proxy" and r.getMessage() == "attempt"]
