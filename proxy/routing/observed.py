@@ -57,6 +57,7 @@ class Series:
 class ObservedLatency:
     def __init__(self, models) -> None:
         """`models`: the `provider:model` keys the config names; no other is tracked."""
+        models = tuple(models)
         self._ttft = {key: Series() for key in models}
         self._total = {key: Series() for key in models}
 
