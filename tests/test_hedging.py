@@ -113,7 +113,7 @@ async def test_the_chain_continues_after_both_racers_fail_with_at_most_one_hedge
     await until(lambda: all(scripted.closed(r) for r in scripted.requests[:2]), what="the racers' connections closed")
 
 
-async def test_x_hedge_turns_hedging_on_and_off_per_request(upstream, start_proxy):
+async def test_x_hedge_turns_hedging_on_and_off_per_request(upstream, start_proxy, proxy_log):
     scripted, url = upstream
     scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=0.3)
     base = await start_proxy(routing_config(url, {"tier-x": ["m1", "m2"]}))
@@ -124,6 +124,8 @@ async def test_x_hedge_turns_hedging_on_and_off_per_request(upstream, start_prox
     scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=60)
     code, headers, _ = await post_chat(base, ask(True), {"x-hedge": "on", "x-hedge-after-ms": "20"})
     assert code == 200 and headers["x-groq-proxy-model"] == "m2"
+    lost = [f for f in attempt_fields(proxy_log) if f["outcome"] == "hedge_lost"]
+    assert [f["target"] for f in lost] == ["up:m1"]  # raced, not fallen over after a first-byte timeout
 
 
 async def test_x_hedge_off_wins_over_the_tier(upstream, start_proxy):
