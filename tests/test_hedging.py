@@ -12,6 +12,7 @@ import pytest
 
 from proxy.sim.testing import Behaviour, status
 from tests.conftest import attempt_fields, post_chat, routing_config, until
+from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -178,3 +179,23 @@ def test_hedge_config_errors_name_the_key():
         routing_config("http://127.0.0.1:1/v1", {"tier-x": {"chain": ["m1"], "hedge_after_ms": "soon"}})
     with pytest.raises(ConfigError, match=r"^models\.tier-x\.max_latency_ms: must be at least 1"):
         routing_config("http://127.0.0.1:1/v1", {"tier-x": {"chain": ["m1"], "max_latency_ms": 0}})
+
+
+async def test_spans_show_the_hedge_the_loser_and_the_key(upstream, otlp, start_proxy):  # noqa: F811
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=60)
+    config = routing_config(url, hedged(["m1", "m2"]), keys=("KEY_A", "KEY_B"),
+                            telemetry={"enabled": True, "endpoint": otlp.url, "export_interval_s": 0.05})
+    code, headers, _ = await post_chat(await start_proxy(config), ask(True))
+    assert code == 200 and headers["x-groq-proxy-model"] == "m2"
+
+    server, attempts = await otlp.wait_for_request(headers["x-request-id"], attempts=2)
+    by_model = {s.attributes["gen_ai.request.model"]: s.attributes for s in attempts}
+    lost, won = by_model["m1"], by_model["m2"]
+    assert lost["groq_proxy.attempt.outcome"] == "hedge_lost" and lost["groq_proxy.attempt.reason"] == "hedge_lost"
+    assert "groq_proxy.attempt.hedge" not in lost
+    assert won["groq_proxy.attempt.outcome"] == "answered" and won["groq_proxy.attempt.hedge"] is True
+    assert {lost["groq_proxy.attempt.key"], won["groq_proxy.attempt.key"]} == {"KEY_A", "KEY_B"}
+    assert server.attributes["groq_proxy.answered_by"] == "up:m2"
+    every_value = repr([s.attributes for s in attempts]) + repr(server.attributes)
+    assert "sk-test-pool-key" not in every_value

@@ -82,6 +82,11 @@ class RequestContext:
         self._tokens: int | None = None
         self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
 
+    @property
+    def tokens_if_estimated(self) -> int | None:
+        """The estimate when something already needed it; None otherwise (it is not made just for this)."""
+        return self._tokens
+
     def estimated_tokens(self) -> int:
         """The request's estimated tokens (prompt and completion limit), computed once, when first asked."""
         if self._tokens is None:

@@ -2,66 +2,43 @@
 parallel, and the first to produce a data event (a stream) or a whole valid answer (a plain request) wins.
 
 Cheap when it does not fire: the primary attempt runs in the handler's own task, and the only cost is one
-`loop.call_later`. Only when the timer fires is a task made, for the hedge. If the hedge wins, the primary is
-interrupted the way `asyncio.timeout` interrupts a task (a cancel it takes back on the way out); the loser's
-upstream connection is closed by that cancellation. Nothing outlives the race: every path out of it, the
-client's departure and the request's deadline included, cancels and awaits the hedge task.
+`loop.call_later` (about 2 us with uvloop; bench/hedge_cost.py measures the whole). Only when the timer fires is
+a task made, for the hedge. If the hedge wins, the primary is interrupted the way `asyncio.timeout` interrupts a
+task (a cancel it takes back on the way out); the loser's upstream connection is closed by that cancellation.
+Nothing outlives the race: every path out of it, the client's departure and the request's deadline included,
+cancels and awaits the hedge task.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
-
-
-class _Interrupt:
-    """A scope in the current task that another callback can end: `interrupt()` cancels the task, and the scope
-    swallows that one cancellation on exit. A no-op once the scope has been left."""
-
-    __slots__ = ("_task", "active", "fired")
-
-    def __init__(self) -> None:
-        self._task = None
-        self.active = False
-        self.fired = False
-
-    async def __aenter__(self) -> "_Interrupt":
-        self._task = asyncio.current_task()
-        self.active = True
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        self.active = False
-        if self.fired:
-            self._task.uncancel()
-            return exc_type is asyncio.CancelledError
-        return False
-
-    def interrupt(self) -> None:
-        if self.active and not self.fired:
-            self.fired = True
-            self._task.cancel()
+from typing import Any, Awaitable, Callable, Coroutine
 
 
 async def race(
-    primary: Callable[[], Awaitable[Any]],
+    primary: Coroutine[Any, Any, Any],
     hedge: Callable[[], Awaitable[Any] | None],
     delay_s: float,
     lost: Callable[[Any], None],
     discard: Callable[[Any], None],
 ) -> tuple[Any, bool]:
-    """Runs `primary()`; after `delay_s` without a result, `hedge()` too (it returns None when there is no model
+    """Runs `primary`; after `delay_s` without a result, `hedge()` too (it returns None when there is no model
     left to hedge with). Returns (the first result that is not None, whether the hedge was started); None when
     both failed. `lost(winner)` is called before the loser is cancelled, so its attempts in flight can be marked;
     `discard(result)` closes a loser that finished too."""
     loop = asyncio.get_running_loop()
-    scope = _Interrupt()
+    me = asyncio.current_task()
+    cancelling = me.cancelling()
     task: asyncio.Task | None = None
+    racing = True  # the primary is being awaited: only then may the hedge interrupt it
+    interrupted = False
 
     def hedge_done(t: asyncio.Task) -> None:
-        if not t.cancelled() and t.exception() is None and t.result() is not None:
+        nonlocal interrupted
+        if racing and not interrupted and not t.cancelled() and t.exception() is None and t.result() is not None:
             lost(t.result())  # marks the primary's attempt in flight as the loser
-            scope.interrupt()
+            interrupted = True
+            me.cancel()
 
     def fire() -> None:
         nonlocal task
@@ -71,13 +48,18 @@ async def race(
             task.add_done_callback(hedge_done)
 
     timer = loop.call_later(delay_s, fire)
-    result = None
     try:
-        async with scope:
-            result = await primary()
-        timer.cancel()
-        if scope.fired:  # the hedge won
+        try:
+            result = await primary
+        except asyncio.CancelledError:
+            racing = False
+            # Taken back only when the cancel was the hedge's alone: a client leaving (or the deadline) in the
+            # same moment still ends the request, as asyncio.timeout does it.
+            if not interrupted or me.uncancel() > cancelling:
+                raise
             return task.result(), True
+        racing = False
+        timer.cancel()
         if task is None:
             return result, False
         if result is not None:
@@ -92,6 +74,7 @@ async def race(
             return result, True
         return await task, True  # the primary failed: the hedge goes on alone
     finally:
+        racing = False
         timer.cancel()
         if task is not None and not task.done():
             task.cancel()

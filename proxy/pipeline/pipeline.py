@@ -167,27 +167,24 @@ class Pipeline:
             if wait:
                 skipped.append(self._skip(ctx, index, target, "cooldown", f"cooling down for {wait:.1f}s more", wait))
                 continue
-            if plan.hedge_s is None or hedges >= plan.max_hedges or position >= len(chain):
+            if plan.hedge_after_ms is None or hedges >= plan.max_hedges or position >= len(chain):
                 result = await self._model(ctx, index, target)
             else:
                 delay = plan.hedge_delay(target, ctx.stream, self.routing.observed)
                 if delay is None:
                     result = await self._model(ctx, index, target)
                 else:
-                    taken = []
-
-                    def hedge():
+                    def hedge():  # called only when the timer fires: the next model not cooling down
                         nonlocal position
-                        while position < len(chain):  # the next model not cooling down
+                        while position < len(chain):
                             nxt = position
                             position += 1
                             if not self.cooldowns.remaining(chain[nxt].key):
-                                taken.append(nxt)
                                 return self._model(ctx, nxt, chain[nxt], hedge=True)
                         return None
 
                     result, started = await race(
-                        lambda: self._model(ctx, index, target), hedge, delay,
+                        self._model(ctx, index, target), hedge, delay,
                         lambda winner: self._mark_losers(ctx, winner), self._discard,
                     )
                     if started:
@@ -281,7 +278,7 @@ class Pipeline:
             payload = orjson.dumps(body)
         headers = {**ctx.forwarded, **provider.key_headers[attempt.key]}
         self.observer.attempt_started(ctx, attempt, provider, headers)
-        self.routing.limits.spend(target.key, attempt.key, ctx._tokens)
+        self.routing.limits.spend(target.key, attempt.key, ctx.tokens_if_estimated)
         try:
             if ctx.client is not None:
                 return await self._open(ctx, attempt, provider, payload, headers)

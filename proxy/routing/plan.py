@@ -13,12 +13,11 @@ from proxy.routing.observed import ObservedLatency
 
 
 class Plan:
-    __slots__ = ("deadline_s", "hedge_s", "hedge_after_ms", "max_hedges")
+    __slots__ = ("deadline_s", "hedge_after_ms", "max_hedges")
 
     def __init__(self, target_ms: float | None = None, hedge_after_ms=None, max_hedges: int = 1) -> None:
         self.deadline_s = target_ms / 1000.0 if target_ms is not None else None
-        self.hedge_after_ms = hedge_after_ms  # None: no hedging; a number; or "auto"
-        self.hedge_s = None if hedge_after_ms is None else 0.0  # not None when hedging is on
+        self.hedge_after_ms = hedge_after_ms  # None: no hedging; milliseconds; or "auto"
         self.max_hedges = max_hedges
 
     def hedge_delay(self, target, stream: bool, observed: ObservedLatency) -> float | None:

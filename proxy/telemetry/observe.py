@@ -83,7 +83,13 @@ class Observer:
                 category = thresholds.category(latency * 1000.0)
                 self.rolling.add(virtual, model, latency * 1000.0, thresholds)
             elif ctx.attempts and status == 200:  # a stream that failed after its 200 went out
-                status = 499 if ctx.attempts[-1].outcome == "cancelled" else 502
+                last = next((a for a in reversed(ctx.attempts) if a.outcome != "hedge_lost"), ctx.attempts[-1])
+                if last.reason == "client_disconnected":
+                    status = 499
+                elif last.reason == "deadline_exceeded":
+                    status = 504
+                else:
+                    status = 502
         if self.metrics is not None:
             m = self.metrics
             key = (virtual, model, str(status))
