@@ -58,6 +58,16 @@ async def test_with_a_latency_target_the_fastest_tier_expected_to_meet_it(upstre
     assert scripted.models_sent() == ["m1", "m2"]
 
 
+async def test_the_routing_hints_are_not_sent_upstream(upstream, aiohttp_server):
+    scripted, url = upstream
+    base, _ = await proxy(aiohttp_server, url)
+    hints = {"x-model-tier": "fast", "x-request-type": "chat", "x-max-latency-ms": "5000", "x-hedge": "off",
+             "x-hedge-after-ms": "100"}
+    assert (await post_chat(base, {"model": "auto", "messages": MESSAGES}, hints))[0] == 200
+    sent = {name.lower() for name in scripted.requests[0]["headers"]}
+    assert not sent & set(hints)
+
+
 async def test_the_metrics_name_the_tier_chosen(upstream, aiohttp_server):
     scripted, url = upstream
     base, _ = await proxy(aiohttp_server, url)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -134,6 +135,10 @@ async def test_a_stream_begun_ends_with_the_error_event_at_its_deadline(aiohttp_
     error = orjson.loads(events[-1][len(b"data: "):])["error"]
     assert error["code"] == "deadline_exceeded"
     await asyncio.wait_for(stall.disconnected.wait(), 10)
+    async with aiohttp.ClientSession() as session:  # counted as the 504 it is, not as a client gone (499)
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    assert 'groq_proxy_requests_total{virtual_model="tier-x",model="none",status="504"} 1' in text
 
 
 async def test_the_openai_client_gets_a_504_it_can_read(upstream, start_proxy):

@@ -45,6 +45,8 @@ _DROP_REQUEST_HEADERS = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
         "authorization", "accept-encoding", "cookie", "x-api-key", "api-key",
+        # the proxy's own routing hints (proxy/routing/hints.py): for the proxy, not the provider
+        "x-max-latency-ms", "x-hedge", "x-hedge-after-ms", "x-model-tier", "x-request-type",
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
