@@ -27,7 +27,7 @@ def ask(stream: bool = False) -> dict:
 
 def model_tasks() -> list[asyncio.Task]:
     """Hedge tasks still alive (each runs Pipeline._model)."""
-    return [t for t in asyncio.all_tasks() if not t.done() and t.get_coro().__qualname__.endswith("._model")]
+    return [t for t in asyncio.all_tasks() if not t.done() and getattr(t.get_coro(), "__qualname__", "").endswith("._model")]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -199,3 +199,18 @@ async def test_spans_show_the_hedge_the_loser_and_the_key(upstream, otlp, start_
     assert server.attributes["groq_proxy.answered_by"] == "up:m2"
     every_value = repr([s.attributes for s in attempts]) + repr(server.attributes)
     assert "sk-test-pool-key" not in every_value
+
+
+async def test_the_openai_client_streams_the_hedge_winner(upstream, start_proxy):
+    import openai
+
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=60)
+    base = await start_proxy(routing_config(url, hedged(["m1", "m2"])))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0) as client:
+        stream = await client.chat.completions.create(model="tier-x", messages=MESSAGES, stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there!"
+    assert {c.model for c in chunks} == {"m2"}
+    await until(lambda: scripted.closed(scripted.requests[0]), what="m1's connection closed")
+    assert model_tasks() == []
