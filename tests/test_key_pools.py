@@ -79,9 +79,10 @@ async def test_every_key_rate_limited_on_a_model_moves_the_chain_on(upstream, st
 
 async def test_every_key_refused_is_a_failure_with_every_key_resting_named(upstream, start_proxy):
     scripted, url = upstream
-    scripted.behaviours["m1"] = status(401, "invalid_api_key")
+    scripted.behaviours["m1"] = status(401, "invalid_api_key", message=f"Invalid API Key {A} / {B}")
     base = await start_proxy(routing_config(url, {"tier-x": ["m1"]}, keys=("KEY_A", "KEY_B")))
-    assert (await post_chat(base, body()))[0] == 502
+    code, _, raw = await post_chat(base, body())
+    assert code == 502 and b"Invalid API Key [redacted] / [redacted]" in raw  # every pool value is a secret
     code, _, raw = await post_chat(base, body())
     assert code == 503 and b"every key is resting" in raw and len(scripted.requests) == 2
 
