@@ -11,6 +11,7 @@ import pytest
 from proxy.app.config import ConfigError
 from proxy.app.server import STATE, build_app
 from tests.conftest import post_chat, routing_config
+from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TIERS = {"tier-fast": ["m1"], "tier-standard": ["m2"], "tier-premium": ["m3"]}
@@ -104,3 +105,17 @@ def test_config_errors_name_the_key(routing, message):
     with pytest.raises(ConfigError) as err:
         routing_config("http://127.0.0.1:1/v1", TIERS, routing=routing)
     assert str(err.value).startswith(message)
+
+
+async def test_the_span_names_the_tier_chosen(upstream, otlp, aiohttp_server):  # noqa: F811
+    scripted, url = upstream
+    config = routing_config(url, TIERS, routing=ROUTING,
+                            telemetry={"enabled": True, "endpoint": otlp.url, "export_interval_s": 0.05})
+    server = await aiohttp_server(build_app(config))
+    code, headers, _ = await post_chat(f"http://127.0.0.1:{server.port}", {"model": "auto", "messages": MESSAGES},
+                                       {"x-request-type": "summarization"})
+    assert code == 200
+    span, attempts = await otlp.wait_for_request(headers["x-request-id"], attempts=1)
+    assert span.attributes["groq_proxy.virtual_model"] == "tier-standard"
+    assert span.attributes["gen_ai.request.model"] == "auto" and span.attributes["gen_ai.response.model"] == "m2"
+    assert attempts[0].attributes["groq_proxy.virtual_model"] == "tier-standard"

@@ -214,3 +214,18 @@ async def test_the_openai_client_streams_the_hedge_winner(upstream, start_proxy)
     assert {c.model for c in chunks} == {"m2"}
     await until(lambda: scripted.closed(scripted.requests[0]), what="m1's connection closed")
     assert model_tasks() == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_deadline_ends_a_race_and_closes_both_racers(stream, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("hang", delay_s=60)
+    scripted.behaviours["m2"] = Behaviour("hang", delay_s=60)
+    base = await start_proxy(routing_config(url, hedged(["m1", "m2"])))
+    code, _, raw = await post_chat(base, ask(stream), {"x-max-latency-ms": "400"})
+    assert code == 504 and orjson.loads(raw)["error"]["code"] == "deadline_exceeded"
+    assert scripted.models_sent() == ["m1", "m2"]
+    await until(lambda: all(scripted.closed(r) for r in scripted.requests), what="both racers' connections closed")
+    assert model_tasks() == []
+    reasons = {f["target"]: f["reason"] for f in attempt_fields(proxy_log)}
+    assert reasons == {"up:m1": "deadline_exceeded", "up:m2": "deadline_exceeded"}

@@ -9,6 +9,8 @@ counts as meeting the target, as for a chain.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from proxy.app.config import TIER_PREFIX, Config
 from proxy.app.errors import ProxyError
 from proxy.routing.hints import MODEL_TIER, REQUEST_TYPE
@@ -18,7 +20,10 @@ from proxy.routing.router import Route, Router
 
 class TierChooser:
     def __init__(self, config: Config, router: Router, observed: ObservedLatency) -> None:
-        self._router = router
+        auto = config.routing.auto_model
+        # Each tier's route as the auto model's: the client asked for `auto` (gen_ai.request.model says so),
+        # the tier chosen is the virtual model (spans, metrics, x-groq-proxy-model).
+        self._routes = {name: replace(router.virtual(name), requested=auto) for name in config.models} if auto else {}
         self._observed = observed
         self._models = config.models
         types = dict(config.routing.request_types)
@@ -43,7 +48,7 @@ class TierChooser:
 
     def choose(self, headers, hints, stream: bool) -> Route:
         if hints.tier is not None:
-            return self._router.virtual(self._named(hints.tier))
+            return self._routes[self._named(hints.tier)]
         kind = headers.get(REQUEST_TYPE)
         tier = self._types.get(kind, self._default) if kind is not None else self._default
         target = hints.max_latency_ms
@@ -53,4 +58,4 @@ class TierChooser:
                 ranked = sorted((self._expected(t, stream) or 0.0, i, t) for i, t in enumerate(self._tiers))
                 meeting = [t for e, _, t in ranked if e <= target]
                 tier = meeting[0] if meeting else ranked[0][2]
-        return self._router.virtual(tier)
+        return self._routes[tier]
