@@ -229,3 +229,23 @@ async def test_the_deadline_ends_a_race_and_closes_both_racers(stream, upstream,
     assert model_tasks() == []
     reasons = {f["target"]: f["reason"] for f in attempt_fields(proxy_log)}
     assert reasons == {"up:m1": "deadline_exceeded", "up:m2": "deadline_exceeded"}
+
+
+async def test_a_hedge_that_does_not_fire_makes_no_task(upstream, start_proxy, monkeypatch):
+    scripted, url = upstream
+    base = await start_proxy(routing_config(url, {"tier-x": {"chain": ["m1", "m2"], "hedge": True,
+                                                             "hedge_after_ms": 10000}}))
+    loop = asyncio.get_running_loop()
+    made = []
+    create_task = loop.create_task
+
+    def counting(coro, **kwargs):
+        made.append(getattr(coro, "__qualname__", ""))
+        return create_task(coro, **kwargs)
+
+    monkeypatch.setattr(loop, "create_task", counting)
+    for stream in (False, True):
+        code, headers, _ = await post_chat(base, ask(stream))
+        assert code == 200 and headers["x-groq-proxy-model"] == "m1"
+    assert not [name for name in made if name.endswith("._model")]
+    assert scripted.models_sent() == ["m1", "m1"]
