@@ -25,13 +25,15 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", default="1,16")
     parser.add_argument("--modes", default="non-stream,stream")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="both proxies plain: shows the spread between two identical sides on this machine")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hedge-cost-") as tmp:
         workdir = Path(tmp)
         upstream, upstream_port = start_upstream(workdir, False, None)
         procs = {}
         try:
-            for side, extra in (("proxy", ""), ("proxy+hedge", HEDGED)):
+            for side, extra in (("proxy", ""), ("proxy+hedge", "" if args.calibrate else HEDGED)):
                 procs[side] = start_proxy(workdir, upstream_port, "info", None, side, tier_extra=extra)
                 check_answers(procs[side][1], PROXY_PATH, via_proxy=True)
             wrk = Wrk(workdir, 1, None)
