@@ -4,6 +4,7 @@ ordinary cases, raw asyncio servers for what an aiohttp server will not do (garb
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 
 import pytest
@@ -229,16 +230,15 @@ async def test_idle_connection_closed_by_the_server_is_not_reused(client, aiohtt
     assert len(server_app.peers) == 2
 
 
-async def test_idle_connection_older_than_the_limit_is_replaced(client, counted, monkeypatch):
+async def test_idle_connection_older_than_the_limit_is_replaced(client, counted):
     server_app, port = counted
-    response = await post(client, port)
-    await response.read()
-    response.release()
-    monkeypatch.setattr(http1, "IDLE_S", 0.0)
-    response = await post(client, port)
-    await response.read()
-    response.release()
-    assert len(server_app.peers) == 2
+    client.limit_idle(origin_of(port), 0.05)
+    client.limit_idle(origin_of(port), 30.0)  # the lowest limit given wins
+    assert await exchange(client, port) == (200, b"{}")
+    conn = client._pools[origin_of(port)].idle[-1]
+    await asyncio.sleep(0.1)  # longer than the limit (the server would keep it open for minutes)
+    assert await exchange(client, port) == (200, b"{}")
+    assert conn.closed and len(server_app.peers) == 2
 
 
 async def test_streamed_body_over_the_high_water_mark_pauses_reading_and_loses_nothing(client, aiohttp_server):
@@ -585,21 +585,30 @@ async def test_cancelled_body_read_closes_the_connection(client, raw_server):
 
 
 async def test_cancelled_connect_and_tls_handshake_leave_nothing_behind(client, raw_server, black_hole_url):
-    silent = asyncio.Event()
+    hello, gone = asyncio.Event(), asyncio.Event()
 
     async def never_answers_the_hello(reader, writer):
+        await reader.read(1)  # the ClientHello is arriving: the handshake is under way
+        hello.set()
         await reader.read()  # returns when the client gives up
-        silent.set()
+        gone.set()
 
     port = await raw_server(never_answers_the_hello)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05):
-            await post(client, port, tls=True)
-    await asyncio.wait_for(silent.wait(), 5)
+    request = asyncio.create_task(post(client, port, tls=True))
+    # Cancelled once the server has the hello, not after a fixed time: on a busy machine a short timeout can
+    # end while the name lookup is still in the thread pool, and the handshake would never be tested.
+    await asyncio.wait_for(hello.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await asyncio.wait_for(gone.wait(), 5)  # the socket was closed, not left to the garbage collector
+    assert not client._pools[origin_of(port, True)].idle
+
     black_hole = int(black_hole_url.split(":")[2].split("/")[0])
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05):
+        async with asyncio.timeout(0.2):  # in the lookup or the connect: either way nothing may stay open
             await client.request(origin_of(black_hole), "POST", "/x", {}, b"{}", 10.0)
+    gc.collect()  # an unclosed socket would warn now (ResourceWarning), and warnings are errors here
 
 
 async def test_non_ascii_header_values_go_out_as_the_client_sent_them(client, raw_server):
