@@ -21,7 +21,7 @@ from proxy.app.config import Config, parse_config
 from proxy.sim.testing import completion, stream_events
 from proxy.upstream.providers import Provider
 from tests.conftest import config_for, read_request
-from tests.test_fallback import KEY, QUICK, attempt_lines, call, chat, config_with, content_of
+from tests.test_fallback import KEY, attempt_lines, call, chat, config_with, content_of
 
 
 class Recording:
@@ -373,7 +373,9 @@ async def test_body_that_trickles_past_the_deadline_is_a_timeout(stream, raw_ser
             writer.write(bytes((byte,)))
 
     port = await raw_server(endless)
-    base = await start_proxy(single(f"http://127.0.0.1:{port}/v1", **QUICK))
+    # The head (and first event) come at once, so the first-byte deadline is generous: only the whole-answer
+    # deadline is meant to pass, and a busy machine must not make the first one pass instead.
+    base = await start_proxy(single(f"http://127.0.0.1:{port}/v1", first_byte_timeout_s=2, timeout_s=2))
 
     r = await call(base, chat(stream=stream))
 
