@@ -476,40 +476,36 @@ class Client:
         pool = self._pools.get(origin) or self._pool(origin)
         head = _request_head(method, pool.target, path, origin.host_header, pool.proxy_lines, headers, len(body))
         conn = await pool.connection(connect_timeout_s)
-        try:
-            return await _exchange(conn, head, body)
-        except Disconnected:
-            if not conn.reused or conn.answered:
+        while True:
+            if conn.closed:  # lost between its connect and now: nothing was sent, nothing would ever answer
+                raise Disconnected("the connection closed before the request went out")
+            conn.answered = False
+            response = conn.response = Response(conn)
+            response._head = asyncio.get_running_loop().create_future()
+            try:
+                conn.transport.write(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    conn.transport.write(body)
+                await response._head
+                return response
+            except Disconnected:
+                response.close()
+                if not conn.reused or conn.answered:
+                    raise
+            except BaseException:  # a deadline or a broken connection: its state is unknown, so it is closed
+                response.close()
                 raise
-        # The upstream closed the pooled connection while it was idle (our request crossed its FIN): no byte of
-        # an answer came, so the request goes once more, on a new connection; a failure there is the model's.
-        return await _exchange(await pool.connect(connect_timeout_s), head, body)
+            finally:
+                response._head = None
+            # The upstream closed the pooled connection while it was idle (our request crossed its FIN): no byte
+            # of an answer came, so the request goes once more, on a new connection (never reused: so only once).
+            conn = await pool.connect(connect_timeout_s)
 
     async def close(self) -> None:
         self.closed = True
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-
-
-async def _exchange(conn: _Connection, head: bytes, body: bytes) -> Response:
-    """Writes one request on `conn` and waits for the head of its answer."""
-    if conn.closed:  # lost between its connect and now: nothing was sent, nothing would ever answer
-        raise Disconnected("the connection closed before the request went out")
-    conn.answered = False
-    response = conn.response = Response(conn)
-    response._head = asyncio.get_running_loop().create_future()
-    try:
-        conn.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            conn.transport.write(body)
-        await response._head
-    except BaseException:  # a deadline or a broken connection: its state is unknown, so it is closed
-        response.close()
-        raise
-    finally:
-        response._head = None
-    return response
 
 
 def keep_alive_limit(value: str, idle_s: float) -> float:
