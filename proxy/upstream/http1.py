@@ -4,7 +4,7 @@ Why not aiohttp's ClientSession, which the proxy used first: measured on the ben
 ClientSession spends about 95 us of its 147 us per request in the client (request and response objects,
 payload registry, timers, connector bookkeeping); the same pass-through with this client serves 3x the
 requests. The proxy needs little of what ClientSession offers (one method, bytes in, bytes or a stream out,
-no cookies, redirects, proxies or compression), so this module does just that, on the parser aiohttp itself
+no cookies, redirects or compression), so this module does just that, on the parser aiohttp itself
 uses. aiohttp still serves the clients, and still carries the off-path calls (catalogue check, model bench);
 the OTLP exporter uses this client too.
 
@@ -15,11 +15,13 @@ unread). `release()` gives a fully read keep-alive connection back to the pool (
 has arrived); anything else closes it. Cancelling a request (a deadline) closes its connection.
 
 A pooled connection can die while idle: the upstream (or a load balancer before it) closes it after its own
-idle timeout, and its FIN may cross our next request on the wire. Mature clients (browsers, Go's net/http,
-urllib3) resend such a request, and so does this one: a request that got no byte of an answer on a reused
-connection goes once more on a new one, so a healthy model is never charged for it. A connection is not
-reused after its pool's idle limit (`pool_idle_s`, 15 s by default, as aiohttp's keep-alive timeout: below
-the 60 s of common load balancers) nor, when the upstream says `Keep-Alive: timeout=N`, near N.
+idle timeout, and its FIN may cross our next request on the wire. Browsers resend such a request whatever
+its method (Go's net/http and aiohttp only when it is idempotent), and so does this one: a request that got
+no byte of an answer on a reused connection goes once more on a new one, so a healthy model is never charged
+for it. A POST is safe to resend here: the alternative, falling over, asks the next model to generate it
+again anyway. A connection is not reused after its pool's idle limit (`pool_idle_s`, 15 s by default, as
+aiohttp's keep-alive timeout: below the 60 s of common load balancers) nor, when the upstream says
+`Keep-Alive: timeout=N`, near N.
 
 The forward proxy of `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`, unless `NO_PROXY` names the host, is chosen
 once per origin when its pool is made (proxy/upstream/proxy_env.py); a pool is one origin through one route.

@@ -110,7 +110,8 @@ class EventSplitter:
     __slots__ = ("tail",)
 
     def __init__(self) -> None:
-        self.tail = bytearray()  # the start of an event whose blank line has not come: never holds a blank line
+        # The start of an event whose blank line has not come (never a blank line): a bytearray once needed.
+        self.tail: bytes | bytearray = b""
 
     def feed(self, chunk: bytes) -> bytes:
         """Returns the complete events now available (possibly b''), exactly as received. EventTooLarge when
@@ -119,8 +120,8 @@ class EventSplitter:
         if not tail:  # the usual case: whole events, passed on as the very bytes object that came
             end = _events_end(chunk, 0)
             if end < len(chunk):
-                tail += chunk[end:]
-                _check(tail)
+                self.tail = bytearray(chunk[end:])
+                _check(self.tail)
             return chunk[:end]
         # A blank line can only be in the new bytes, or straddle the join (a CRLF one starts 3 bytes back at most).
         start = max(len(tail) - 3, 0)
