@@ -291,17 +291,18 @@ def empty(status: int, **headers):
 
 
 EMPTY_ANSWERS = {
-    "204": (empty(204), "status_204"),
-    "202": (empty(202), "status_202"),
-    "200_empty_json": (empty(200, **{"Content-Type": "application/json"}), None),
-    "200_empty_stream": (empty(200, **{"Content-Type": "text/event-stream"}), None),
+    # case -> (answer, the reason logged for a plain request, for a streamed one)
+    "204": (empty(204), "status_204", "status_204"),
+    "202": (empty(202), "status_202", "status_202"),
+    "200_empty_json": (empty(200, **{"Content-Type": "application/json"}), "malformed", "malformed"),
+    "200_empty_stream": (empty(200, **{"Content-Type": "text/event-stream"}), "malformed", "upstream_closed"),
 }
 
 
 @pytest.mark.parametrize("case", list(EMPTY_ANSWERS))
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_empty_answer_is_not_an_answer(case, stream, aiohttp_server, upstream, start_proxy, proxy_log):
-    answer, reason = EMPTY_ANSWERS[case]
+    answer, plain_reason, stream_reason = EMPTY_ANSWERS[case]
     _, config = await chain_behind(aiohttp_server, upstream, answer)
     base = await start_proxy(config)
 
@@ -309,9 +310,7 @@ async def test_empty_answer_is_not_an_answer(case, stream, aiohttp_server, upstr
 
     assert_m2_answered(r, stream)
     lines = attempt_lines(proxy_log)
-    assert lines[0]["outcome"] == "fell_over"
-    if reason:
-        assert lines[0]["reason"] == reason
+    assert (lines[0]["outcome"], lines[0]["reason"]) == ("fell_over", stream_reason if stream else plain_reason)
 
 
 # --- slow, trickling and short-lived upstreams --------------------------------------------------------------
