@@ -16,9 +16,9 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy.upstream.http1 import Client, ConnectFailed, Origin
+from proxy.upstream.http1 import Client, ConnectFailed, ConnectTimeout, Origin
 from proxy.upstream.proxy_env import NoProxy, ProxyEnv
-from tests.conftest import closed_port_url, config_for
+from tests.conftest import closed_port_url, config_for, until
 from tests.forward_proxy import ForwardProxy
 from tests.test_fallback import KEY, attempt_lines, call, chat, content_of
 from tests.test_upstream_wire import Recording
@@ -153,6 +153,22 @@ async def test_a_proxy_that_cannot_be_reached_is_named_without_its_credentials(c
 
     assert str(failed.value).startswith(f"cannot connect to api.groq.test:443 through proxy 127.0.0.1:{port}: ")
     assert_no_secret(str(failed.value))
+
+
+async def test_a_proxy_that_never_answers_connect_is_a_connect_timeout_naming_it(raw_server, clients):
+    asked = []
+
+    async def silent(reader, writer):
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.read()
+
+    port = await raw_server(silent)
+    client = clients({"HTTPS_PROXY": proxy_url(port)})
+    with pytest.raises(ConnectTimeout, match=f"^no connection to api.groq.test:443 through proxy 127.0.0.1:{port} in "):
+        await client.request(Origin.of("https", "api.groq.test", None), "POST", "/", {}, b"{}", 0.3)
+    await until(lambda: asked, what="the proxy reading the CONNECT")  # sent before the client gave up
+    assert asked == [b"CONNECT api.groq.test:443 HTTP/1.1\r\nHost: api.groq.test:443\r\n"
+                     + f"Proxy-Authorization: {PROXY_AUTH}\r\n\r\n".encode()]
 
 
 @pytest.mark.parametrize("value, problem", [
