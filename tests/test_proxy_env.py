@@ -165,7 +165,8 @@ async def test_a_proxy_that_never_answers_connect_is_a_connect_timeout_naming_it
     port = await raw_server(silent)
     client = clients({"HTTPS_PROXY": proxy_url(port)})
     with pytest.raises(ConnectTimeout, match=f"^no connection to api.groq.test:443 through proxy 127.0.0.1:{port} in "):
-        await client.request(Origin.of("https", "api.groq.test", None), "POST", "/", {}, b"{}", 0.3)
+        # 1 s: room for the lookup, the connect and the CONNECT on a busy machine; then the silence ends it.
+        await client.request(Origin.of("https", "api.groq.test", None), "POST", "/", {}, b"{}", 1.0)
     await until(lambda: asked, what="the proxy reading the CONNECT")  # sent before the client gave up
     assert asked == [b"CONNECT api.groq.test:443 HTTP/1.1\r\nHost: api.groq.test:443\r\n"
                      + f"Proxy-Authorization: {PROXY_AUTH}\r\n\r\n".encode()]
