@@ -55,7 +55,7 @@ async def test_a_slow_first_model_is_beaten_by_the_hedge_and_its_connection_clos
 async def test_the_first_model_wins_when_it_answers_first_and_the_hedge_is_closed(stream, upstream, start_proxy,
                                                                                   proxy_log):
     scripted, url = upstream
-    scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=0.3)
+    scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=1.0)  # well after the hedge starts, at 50 ms
     scripted.behaviours["m2"] = Behaviour("hang", delay_s=60)
     base = await start_proxy(routing_config(url, hedged(["m1", "m2"])))
 
@@ -81,7 +81,7 @@ async def test_a_lost_hedge_charges_no_cooldown(upstream, start_proxy):
 
 async def test_a_failed_hedge_lets_the_first_continue(upstream, start_proxy):
     scripted, url = upstream
-    scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=0.3)
+    scripted.behaviours["m1"] = Behaviour("slow_first", delay_s=1.0)
     scripted.behaviours["m2"] = status(503)
     base = await start_proxy(routing_config(url, hedged(["m1", "m2", "m3"])))
     code, headers, _ = await post_chat(base, ask(True))
@@ -89,14 +89,18 @@ async def test_a_failed_hedge_lets_the_first_continue(upstream, start_proxy):
     assert scripted.models_sent() == ["m1", "m2"]
 
 
-async def test_a_failed_first_lets_the_hedge_continue(upstream, start_proxy):
+async def test_a_failed_first_lets_the_hedge_continue(upstream, start_proxy, proxy_log):
     scripted, url = upstream
+    # m1 fails at 1.0 s (timeout_s); the hedge starts at 0.5 s and answers at 1.25 s, before its own 1.5 s.
     scripted.behaviours["m1"] = Behaviour("hang", delay_s=60)
-    scripted.behaviours["m2"] = Behaviour("slow_first", delay_s=0.2)
-    config = routing_config(url, hedged(["m1", "m2", "m3"]), provider={"timeout_s": 0.3, "first_byte_timeout_s": 0.1})
+    scripted.behaviours["m2"] = Behaviour("slow_first", delay_s=0.75)
+    config = routing_config(url, hedged(["m1", "m2", "m3"], hedge_after_ms=500),
+                            provider={"timeout_s": 1.0, "first_byte_timeout_s": 1.0})
     code, headers, _ = await post_chat(await start_proxy(config), ask(False))
     assert code == 200 and headers["x-groq-proxy-model"] == "m2"
     assert scripted.models_sent() == ["m1", "m2"]
+    fields = {f["target"]: f for f in attempt_fields(proxy_log)}
+    assert fields["up:m1"]["outcome"] == "fell_over" and fields["up:m1"]["reason"] == "timeout"
 
 
 async def test_the_chain_continues_after_both_racers_fail_with_at_most_one_hedge(upstream, start_proxy, proxy_log):
@@ -222,7 +226,7 @@ async def test_the_deadline_ends_a_race_and_closes_both_racers(stream, upstream,
     scripted.behaviours["m1"] = Behaviour("hang", delay_s=60)
     scripted.behaviours["m2"] = Behaviour("hang", delay_s=60)
     base = await start_proxy(routing_config(url, hedged(["m1", "m2"])))
-    code, _, raw = await post_chat(base, ask(stream), {"x-max-latency-ms": "400"})
+    code, _, raw = await post_chat(base, ask(stream), {"x-max-latency-ms": "1000"})
     assert code == 504 and orjson.loads(raw)["error"]["code"] == "deadline_exceeded"
     assert scripted.models_sent() == ["m1", "m2"]
     await until(lambda: all(scripted.closed(r) for r in scripted.requests), what="both racers' connections closed")
