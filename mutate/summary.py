@@ -3,11 +3,13 @@ file:line and the change, printed and kept in survivors.txt beside mutmut's own 
 
 mutmut names a mutant after its function (`proxy.upstream.sse.xǁSseScannerǁfeed__mutmut_7`) and `mutmut show`
 prints its diff against the function alone, so the line is found by looking the removed line up in the file,
-from the function's `def` on.
+from the function's `def` on. The diffs come from mutmut's copy of the file, where every mutant is a function
+of its own beside the original (`mutmut show` per survivor took minutes on a big module).
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 import subprocess
@@ -38,11 +40,32 @@ def where(name: str, removed: str) -> str:
     return f"{path} ({func})"
 
 
-def show(name: str) -> str:
-    """`path:line: - old  + new` for one mutant."""
-    diff = subprocess.run([MUTMUT, "show", name], capture_output=True, text=True).stdout.splitlines()
-    removed = [ln[1:] for ln in diff if ln.startswith("-") and not ln.startswith("---")]
-    added = [ln[1:] for ln in diff if ln.startswith("+") and not ln.startswith("+++")]
+def function_bodies(path: Path) -> dict[str, list[str]]:
+    """Every function of mutmut's copy of a file (the original as `..._mutmut_orig`, each mutant as
+    `..._mutmut_N`), by name, without its `def` line: read once, instead of one `mutmut show` a survivor."""
+    bodies: dict[str, list[str]] = {}
+    name, indent, body = None, 0, []
+    for line in (Path("mutants") / path).read_text().splitlines():
+        stripped = line.lstrip()
+        depth = len(line) - len(stripped)
+        if name is not None and stripped and depth <= indent:
+            bodies[name], name = body, None
+        if name is None and (m := re.match(r"(?:async )?def (\S+?)\(", stripped)):
+            name, indent, body = m.group(1), depth, []
+        elif name is not None:
+            body.append(line)
+    if name is not None:
+        bodies[name] = body
+    return bodies
+
+
+def show(name: str, bodies: dict[str, list[str]]) -> str:
+    """`path:line: old  ->  new` for one mutant."""
+    func = name.rpartition(".")[2]
+    orig = bodies.get(func.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", [])
+    diff = list(difflib.ndiff(orig, bodies.get(func, [])))
+    removed = [ln[2:] for ln in diff if ln.startswith("- ")]
+    added = [ln[2:] for ln in diff if ln.startswith("+ ")]
     old = removed[0] if removed else ""
     return f"{where(name, old)}: {old.strip()}  ->  {' / '.join(a.strip() for a in added) or '(removed)'}"
 
@@ -58,7 +81,9 @@ def main(module: str, patterns: list[str]) -> None:
     rate = f"{len(survived) / ran * 100:.1f}%" if ran else "-"
     lines = [f"{module}: {ran} mutants run ({len(status)} selected), {caught} caught, {len(survived)} survived "
              f"({rate}); " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
-    lines += [f"  {show(k)}" + ("  [no test reaches it]" if status[k] == "no tests" else "") for k in survived]
+    paths = {Path(*k.rpartition(".")[0].split(".")).with_suffix(".py") for k in survived}
+    bodies = {n: b for path in paths for n, b in function_bodies(path).items()}
+    lines += [f"  {show(k, bodies)}" + ("  [no test reaches it]" if status[k] == "no tests" else "") for k in survived]
     text = "\n".join(lines)
     Path("survivors.txt").write_text(text + "\n")
     print(text)
