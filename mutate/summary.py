@@ -59,15 +59,29 @@ def function_bodies(path: Path) -> dict[str, list[str]]:
     return bodies
 
 
-def show(name: str, bodies: dict[str, list[str]]) -> str:
-    """`path:line: old  ->  new` for one mutant."""
+_STRING = re.compile(r"""[rRbBfFuU]{0,2}("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')""")
+
+
+def wording_only(old: str, new: str) -> bool:
+    """Whether a mutant changes nothing but the words of a message: the lines are equal with their string
+    literals blanked, and each literal that changed is prose (three words or more, not bytes)."""
+    if _STRING.sub('""', old) != _STRING.sub('""', new):
+        return False
+    changed = set(_STRING.findall(old)) - set(_STRING.findall(new))
+    return all(not lit.startswith(("b", "B")) and len(lit.split()) >= 3 for lit in
+               (m.group(0) for m in _STRING.finditer(old) if m.group(1) in changed))
+
+
+def show(name: str, bodies: dict[str, list[str]]) -> tuple[str, bool]:
+    """`path:line: old  ->  new` for one mutant, and whether it changes only a message's wording."""
     func = name.rpartition(".")[2]
     orig = bodies.get(func.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", [])
     diff = list(difflib.ndiff(orig, bodies.get(func, [])))
     removed = [ln[2:] for ln in diff if ln.startswith("- ")]
     added = [ln[2:] for ln in diff if ln.startswith("+ ")]
     old = removed[0] if removed else ""
-    return f"{where(name, old)}: {old.strip()}  ->  {' / '.join(a.strip() for a in added) or '(removed)'}"
+    text = f"{where(name, old)}: {old.strip()}  ->  {' / '.join(a.strip() for a in added) or '(removed)'}"
+    return text, len(removed) == len(added) == 1 and wording_only(old, added[0])
 
 
 def main(module: str, patterns: list[str]) -> None:
@@ -83,7 +97,13 @@ def main(module: str, patterns: list[str]) -> None:
              f"({rate}); " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
     paths = {Path(*k.rpartition(".")[0].split(".")).with_suffix(".py") for k in survived}
     bodies = {n: b for path in paths for n, b in function_bodies(path).items()}
-    lines += [f"  {show(k, bodies)}" + ("  [no test reaches it]" if status[k] == "no tests" else "") for k in survived]
+    shown = {k: show(k, bodies) for k in survived}
+    wording = [k for k in survived if shown[k][1]]
+    lines[0] += f"; {len(wording)} of the survivors only reword a message"
+    lines += [f"  {shown[k][0]}" + ("  [no test reaches it]" if status[k] == "no tests" else "")
+              for k in survived if k not in wording]
+    if wording:
+        lines += ["  only the wording of a message:"] + [f"    {shown[k][0]}" for k in wording]
     text = "\n".join(lines)
     Path("survivors.txt").write_text(text + "\n")
     print(text)
