@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.run import HOST, PROXY_PATH, Wrk, check_answers, measure, start_proxy, start_upstream
+from bench.load import Wrk, measure
+from bench.sides import HOST, PROXY_PATH, check_answers, start_proxy, start_upstream
 
 HEDGED = "hedge = true\nhedge_after_ms = 10000\n"
 
