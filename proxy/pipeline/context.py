@@ -15,7 +15,7 @@ class Attempt:
 
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
-        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content",
+        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "events",
     )
 
     def __init__(self, index: int, target: Target) -> None:
@@ -35,6 +35,7 @@ class Attempt:
         self.response_model: str | None = None
         self.span: Any = None  # the telemetry span of this attempt, when tracing is on
         self.content: str | None = None  # the completion, only when the operator turned content recording on
+        self.events = 0  # SSE data events that reached the client: a cut stream's token estimate
 
     @property
     def elapsed_ms(self) -> float:
@@ -46,7 +47,10 @@ class Attempt:
 
 
 class RequestContext:
-    __slots__ = ("request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span")
+    __slots__ = (
+        "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
+        "headers", "identity", "request_type", "module", "policy",
+    )
 
     def __init__(
         self, request_id: str, operation: str, route: Route, body: dict, stream: bool, started: float | None = None
@@ -60,6 +64,21 @@ class RequestContext:
         self.attempts: list[Attempt] = []
         self.answered: Attempt | None = None
         self.span: Any = None
+        # Set by the policy chain (policies.chain.PolicyChain.begin) when policies or [auth] are configured.
+        self.headers: Any = None  # the client's request headers
+        self.identity: Any = None  # policies.Identity
+        self.request_type = "default"  # x-request-type
+        self.module: str | None = None  # x-module
+        self.policy: Any = None  # policies.chain.PolicyState: the request's claims, settlements, added headers
+
+    @property
+    def virtual_model(self) -> str | None:
+        return self.route.virtual
+
+    @property
+    def usage(self) -> dict | None:
+        """The usage the upstream reported for the answer, once known."""
+        return self.answered.usage if self.answered is not None else None
 
     @property
     def sent_attempts(self) -> int:

@@ -13,7 +13,9 @@ import time
 import orjson
 from aiohttp import web
 
-from policies.base import PolicyChain, Reject
+from policies.base import CONTINUE, Skip
+from policies.chain import PolicyChain
+from proxy.pipeline.respond import respond
 from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
@@ -34,6 +36,7 @@ _DROP_REQUEST_HEADERS = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
         "authorization", "accept-encoding", "cookie", "x-api-key", "api-key",
+        "x-request-type", "x-module",  # the proxy's own: what the request is for, read by the policies
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
@@ -98,16 +101,22 @@ class Pipeline:
 
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
-        if self.policies:
-            decision = await self.policies.on_request(ctx, self.observer.decision)
-            if isinstance(decision, Reject):
-                return decision.error.to_response(base_headers)
         body = ctx.body
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
-        forwarded = _forwarded_headers(request)
-        client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
+        policies = self.policies
+        client = None
         try:
+            # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
+            if policies:
+                policies.begin(ctx, request.headers)
+                decision = await policies.on_request(ctx)
+                if decision is not CONTINUE:
+                    return await respond(request, decision, base_headers)
+                if ctx.policy.headers:
+                    base_headers.update(ctx.policy.headers)
+            forwarded = _forwarded_headers(request)
+            client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
             skipped = []
             for index, target in enumerate(ctx.route.chain):
                 wait = self.cooldowns.remaining(target.key)
@@ -116,6 +125,8 @@ class Pipeline:
                     ctx.attempts.append(attempt)
                     self._skipped(ctx, attempt, wait)
                     skipped.append(attempt)
+                    continue
+                if policies and policies.has_before_attempt and await self._policy_skips(ctx, index, target):
                     continue
                 response = await self._try(ctx, index, target, body, forwarded, client, base_headers)
                 if response is not None:
@@ -135,8 +146,21 @@ class Pipeline:
         finally:
             if client is not None:
                 await client.stop_keepalive()
-            if self.policies:
-                await self.policies.after(ctx)
+            if policies:
+                if ctx.answered is not None:
+                    await policies.on_response(ctx, ctx.answered)
+                await policies.after(ctx)
+
+    async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
+        """A policy's before_attempt may pass over this model: recorded as a skipped attempt."""
+        attempt = Attempt(index, target)
+        decision = await self.policies.before_attempt(ctx, attempt)
+        if not isinstance(decision, Skip):
+            return False
+        ctx.attempts.append(attempt)
+        attempt.outcome, attempt.reason, attempt.detail = "skipped", "policy", decision.reason
+        self._end(ctx, attempt, INFO)
+        return True
 
     async def _try(self, ctx, index, target, body, forwarded, client, base_headers) -> web.StreamResponse | None:
         """One attempt at one model: the response, or None when it failed in a way the next model may not."""
@@ -202,6 +226,8 @@ class Pipeline:
                 attempt.content = output_from_choices(choices)
         self._answered(ctx, attempt)
         headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
+            headers.update(ctx.policy.headers)
         headers["Content-Type"] = "application/json"
         return web.Response(body=body, headers=headers)
 
@@ -254,9 +280,11 @@ class Pipeline:
                 # The commit point: from here on, no falling over.
                 committed = True
                 recorded = [first] if self.observer.record_content else None
-                await client.commit(
-                    {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, first, last=state.done
-                )
+                answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+                if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
+                    answer_headers.update(ctx.policy.headers)
+                attempt.events = first.count(b"data:")
+                await client.commit(answer_headers, first, last=state.done)
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
                     if not chunk:
@@ -269,6 +297,7 @@ class Pipeline:
                             await client.write(well_formed_prefix(complete))
                             break
                         await client.write(complete)
+                        attempt.events += complete.count(b"data:")
                         if recorded is not None:
                             recorded.append(complete)
         except ClientGone:
@@ -337,6 +366,8 @@ class Pipeline:
         attempt.outcome = "passed_back"
         self._end(ctx, attempt, INFO)
         headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        if ctx.policy is not None and ctx.policy.headers:
+            headers.update(ctx.policy.headers)
         headers["Content-Type"] = resp.headers.get("content-type", "application/json")
         return web.Response(status=status, body=redact(body.decode(errors="replace")).encode(), headers=headers)
 
@@ -379,6 +410,8 @@ class Pipeline:
         if attempt.outcome == "fell_over" or attempt.outcome == "skipped":
             following = ctx.route.chain[attempt.index + 1 :]
             fields["next"] = following[0].key if following else None
+        if ctx.identity is not None:  # with policies or [auth]: who asked and what for
+            fields["key_id"], fields["request_type"], fields["module"] = ctx.identity.key, ctx.request_type, ctx.module
         fields.update((k, v) for k, v in extra.items() if v is not None)
         emit(level, "attempt", **fields)
 

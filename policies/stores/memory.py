@@ -1,0 +1,141 @@
+"""The memory store: counters in plain dicts, for one process.
+
+Every operation runs without an `await` in between, so on one event loop it is atomic the way the Redis
+script is. It is the default; it is also what makes a limit per process: a gateway that runs several
+processes must use Redis (`policies.config.check_workers` refuses otherwise).
+
+aiolimiter would serve one rate limit, but it takes its capacity one limiter at a time: a request refused by
+its second limit would already have spent the first. The GCRA here checks every claim before taking any,
+exactly as the Redis script does, so both stores agree on every decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Callable, Sequence
+
+from policies.stores.base import BUDGET, GCRA, SLOT, Admission, Claim, Settlement
+
+
+class MemoryStore:
+    backend = "memory"
+    available = True
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._tat: dict[str, float] = {}
+        self._budgets: dict[str, list] = {}  # key -> [used, reserved, expires_at]
+        self._slots: dict[str, int] = {}
+        self._freed = asyncio.Event()
+        self._next_prune = 0.0
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {"backend": "memory", "status": "ok"}
+
+    async def admit(self, claims: Sequence[Claim]) -> Admission:
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        failed, retry, over = -1, 0.0, []
+        remaining, reset = [], []
+        for i, c in enumerate(claims):
+            fits, wait, left, back = self._check(c, now)
+            remaining.append(left)
+            reset.append(back)
+            if not fits:
+                if c.soft:
+                    over.append(i)
+                elif failed < 0:
+                    failed, retry = i, wait
+        if failed >= 0:
+            return Admission(False, failed, retry, tuple(over), tuple(remaining), tuple(reset))
+        for c in claims:
+            self._take(c, now)
+        return Admission(True, -1, 0.0, tuple(over), tuple(remaining), tuple(reset))
+
+    def _check(self, c: Claim, now: float) -> tuple[bool, float, float, float]:
+        """(fits, retry_after, remaining after taking it, seconds until it resets)."""
+        if c.kind == GCRA:
+            step = c.param / c.limit
+            tat = max(self._tat.get(c.key, now), now)
+            new = tat + c.amount * step
+            if c.amount > c.limit:
+                return False, -1.0, max(0.0, (now + c.param - tat) // step), tat - now
+            fits = new - c.param <= now
+            return fits, new - c.param - now, (now + c.param - new) // step, new - now
+        if c.kind == BUDGET:
+            rec = self._budgets.get(c.key)
+            used = 0 if rec is None or rec[2] <= now else rec[0] + rec[1]
+            left = c.limit - used - c.amount
+            return left >= 0, c.param - now, left, c.param - now
+        held = self._slots.get(c.key, 0)
+        return held + 1 <= c.limit, 0.0, c.limit - held - 1, 0.0
+
+    def _take(self, c: Claim, now: float) -> None:
+        if c.kind == GCRA:
+            self._tat[c.key] = max(self._tat.get(c.key, now), now) + c.amount * c.param / c.limit
+        elif c.kind == BUDGET:
+            rec = self._budgets.get(c.key)
+            if rec is None or rec[2] <= now:
+                rec = self._budgets[c.key] = [0, 0, c.param]
+            rec[1] += c.amount
+        else:
+            self._slots[c.key] = self._slots.get(c.key, 0) + 1
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        now = self.clock()
+        freed = False
+        for s in settlements:
+            if s.kind == GCRA:
+                tat = self._tat.get(s.key)
+                if tat is not None:
+                    self._tat[s.key] = max(now, tat + (s.used - s.reserved) * s.param / s.limit)
+            elif s.kind == BUDGET:
+                rec = self._budgets.get(s.key)
+                if rec is not None and rec[2] > now:
+                    rec[0] += s.used
+                    rec[1] = max(0, rec[1] - s.reserved)
+            elif s.kind == SLOT:
+                held = self._slots.get(s.key, 0)
+                if held > 1:
+                    self._slots[s.key] = held - 1
+                else:
+                    self._slots.pop(s.key, None)
+                freed = True
+        if freed:
+            self._freed.set()
+            self._freed = asyncio.Event()
+
+    async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
+        now = self.clock()
+        out = []
+        for c in claims:
+            if c.kind == GCRA:
+                tat = self._tat.get(c.key, now)
+                out.append((max(0.0, math.ceil((tat - now) * c.limit / c.param - 1e-9)), 0.0))
+            elif c.kind == BUDGET:
+                rec = self._budgets.get(c.key)
+                out.append((0, 0) if rec is None or rec[2] <= now else (rec[0], rec[1]))
+            else:
+                out.append((self._slots.get(c.key, 0), 0))
+        return out
+
+    async def changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._freed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _prune(self, now: float) -> None:
+        """Drops what has expired, so identities that came once (a client's `user` field) do not pile up."""
+        self._next_prune = now + 60.0
+        self._budgets = {k: v for k, v in self._budgets.items() if v[2] > now}
+        self._tat = {k: v for k, v in self._tat.items() if v > now}
