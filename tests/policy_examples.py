@@ -25,6 +25,16 @@ class RequireModule(Policy):
         self.seen[ctx.module] = self.seen.get(ctx.module, 0) + 1
 
 
+class Recorder(Policy):
+    """Keeps who asked and what for, as the chain put it on each request's context."""
+
+    seen: list = []
+
+    async def on_request(self, ctx):
+        self.seen.append((ctx.identity, ctx.request_type, ctx.module, ctx.virtual_model))
+        return CONTINUE
+
+
 class Journal(Policy):
     """Keeps the order its hooks ran in, in a list shared by every Journal of a test."""
 
