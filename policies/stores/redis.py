@@ -167,7 +167,7 @@ class RedisStore:
 
     async def _keep(self) -> None:
         """Renews this replica's slot leases every third of a lease, and probes a Redis that went away."""
-        from redis.exceptions import RedisError
+        from redis.exceptions import NoScriptError, RedisError
 
         renew_every = self.lease_s / 3
         next_renew = time.monotonic() + renew_every
@@ -179,13 +179,12 @@ class RedisStore:
             if time.monotonic() >= next_renew and self._leases:
                 next_renew = time.monotonic() + renew_every
                 held = list(self._leases.items())
+                args = (len(held), *(k for _, k in held), self.lease_s, *(lease for lease, _ in held))
                 try:
-                    await self._client.evalsha(self._renew[1], len(held), *(k for _, k in held), self.lease_s,
-                                               *(lease for lease, _ in held))
-                except RedisError as exc:
-                    if "NOSCRIPT" in str(exc):
+                    try:
+                        await self._client.evalsha(self._renew[1], *args)
+                    except NoScriptError:
                         await self._client.script_load(self._renew[0])
-                    else:
-                        self._down(exc)
-                except OSError as exc:
+                        await self._client.evalsha(self._renew[1], *args)
+                except (RedisError, OSError) as exc:
                     self._down(exc)
