@@ -65,11 +65,14 @@ def completion_limit(body: dict) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_UNUSED = frozenset({"fell_over", "passed_back", "skipped"})  # the upstream refused or failed: nothing generated
+
+
 def used_tokens(ctx) -> int:
     """What a request used, to settle its reservation: the usage the upstream reported (`usage` of an answer,
     `x_groq.usage` or `usage` of a stream), else, for a stream cut short or a client gone, the prompt's
     estimate plus one token per content event that went out (each chunk of a Groq stream carries about one;
-    the first, the role chunk, carries none). An attempt that failed before answering used nothing."""
+    the first, the role chunk, carries none). An attempt that failed before any answer used nothing."""
     total = 0
     for attempt in ctx.attempts:
         usage = attempt.usage
@@ -78,6 +81,6 @@ def used_tokens(ctx) -> int:
             if not isinstance(tokens, int):
                 tokens = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
             total += tokens
-        elif attempt.outcome in ("failed_after_commit", "cancelled"):
+        elif attempt.outcome == "cancelled" or (attempt.first_byte is not None and attempt.outcome not in _UNUSED):
             total += ctx.policy.prompt_tokens + max(0, (getattr(attempt, "events", 0) or 0) - 1)
     return total
