@@ -223,3 +223,23 @@ async def test_concurrency_queues_up_to_wait_s(aiohttp_server, start_proxy):
     hold.set()
     assert (await first)[0] == 200 and (await second)[0] == 200
     assert up.started == 2
+
+
+# --- shadow mode ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_shadow_limits_count_but_never_refuse(upstream, start_proxy, redis_store_table, backend):
+    scripted, url = upstream
+    store = {"store": redis_store_table} if backend == "redis" else {}
+    base = await start_proxy(config_for(url, **store, policies=[
+        {"use": "rate_limit", "requests_per_minute": 2, "mode": "shadow"},
+        {"use": "concurrency", "per": "global", "limit": 1, "mode": "shadow"}]))
+    statuses = [r[0] for r in await asyncio.gather(*(post(base) for _ in range(5)))]
+    assert statuses == [200] * 5
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            metrics = await resp.text()
+    line = 'groq_proxy_policy_decisions_total{policy="rate_limit",decision="reject",mode="shadow"} 3'
+    assert line in metrics
+    assert 'groq_proxy_policy_decisions_total{policy="rate_limit",decision="continue",mode="shadow"} 2' in metrics
