@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from policies.base import CONTINUE, Decision, Policy, Reject, Skip
@@ -83,6 +84,7 @@ class PolicyChain:
         self.request_types = request_types
         self.metrics = metrics  # PolicyMetrics, or None when metrics are off
         self.record: Callable | None = None  # the observer's span event, set by the app
+        self._logged: dict[tuple, tuple[float, int]] = {}
         for p in self.policies:
             p.mode = getattr(p, "mode", ENFORCE)
             p.on_error = getattr(p, "on_error", OPEN)
@@ -182,8 +184,8 @@ class PolicyChain:
             try:
                 await policy.after(ctx)
             except Exception:
-                emit(logging.ERROR, "policy_error", request_id=ctx.request_id, policy=policy.name, hook="after",
-                     exc_info=True)
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
+                           hook="after", exc_info=True)
         if state.settlements and self.store is not None:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -235,22 +237,36 @@ class PolicyChain:
         for policy in owners:
             self._record(ctx, policy, _ERROR)
             closed = closed or (policy.on_error == CLOSED and policy.mode == ENFORCE)
-        emit(logging.WARNING, "policy_store_unavailable", request_id=ctx.request_id,
-             policies=",".join(p.name for p in owners), outcome="refused" if closed else "admitted")
+        self._warn("policy_store_unavailable", request_id=ctx.request_id,
+                   policies=",".join(p.name for p in owners), outcome="refused" if closed else "admitted")
         return _unavailable() if closed else CONTINUE
 
     async def _settle(self, ctx: "RequestContext", settlements: list[Settlement]) -> None:
         try:
             await self.store.settle(settlements)
         except StoreUnavailable:
-            emit(logging.WARNING, "policy_settle_failed", request_id=ctx.request_id,
-                 message="the store is unreachable; the reservation lapses with its period or lease")
+            self._warn("policy_settle_failed", request_id=ctx.request_id,
+                       message="the store is unreachable; the reservation lapses with its period or lease")
 
     # --- outcomes -------------------------------------------------------------------------------------
 
+    def _warn(self, event: str, level: int = logging.WARNING, **fields) -> None:
+        """One line per event and policy every 10 s at most, with how many were left out: a Redis outage or
+        a broken policy must not turn every request into a log line."""
+        key = (event, fields.get("policy"), fields.get("hook"))
+        now = time.monotonic()
+        last, skipped = self._logged.get(key, (0.0, 0))
+        if now - last < 10.0:
+            self._logged[key] = (last, skipped + 1)
+            return
+        self._logged[key] = (now, 0)
+        if skipped:
+            fields["suppressed"] = skipped
+        emit(level, event, **fields)
+
     def _failed(self, ctx: "RequestContext", policy: Policy, hook: str) -> Decision:
-        emit(logging.ERROR, "policy_error", request_id=ctx.request_id, policy=policy.name, hook=hook,
-             on_error=policy.on_error, exc_info=True)
+        self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name, hook=hook,
+                   on_error=policy.on_error, exc_info=True)
         self._record(ctx, policy, _ERROR)
         if policy.on_error == CLOSED and policy.mode == ENFORCE:
             return _unavailable()

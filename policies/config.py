@@ -25,7 +25,7 @@ _COMMON = {"use", "name", "mode", "on_error"}
 class StoreConfig:
     backend: str = "memory"
     url: str | None = field(default=None, repr=False)  # may hold a password: never printed
-    timeout_s: float = 0.5
+    timeout_s: float = 1.0
     lease_s: float = 30.0
     prefix: str = "gp:"
 
@@ -103,7 +103,10 @@ def parse_store(raw) -> StoreConfig:
     lease = seconds(raw, "lease_s", "store", 30.0)
     if lease < 3:
         raise ConfigError(f"store.lease_s: must be at least 3 (a slot's lease is renewed every third), got {lease}")
-    return StoreConfig(backend, url, seconds(raw, "timeout_s", "store", 0.5), lease,
+    timeout = seconds(raw, "timeout_s", "store", 1.0)
+    if timeout <= 0:
+        raise ConfigError("store.timeout_s: must be more than 0")
+    return StoreConfig(backend, url, timeout, lease,
                        _string(raw, "prefix", "store", "gp:"))
 
 

@@ -36,6 +36,7 @@ chain = ["up:m1"]
 backend = "redis"
 url = "{redis_url}"
 prefix = "{prefix}"
+timeout_s = 10  # a healthy Redis on a loaded machine: this test is about atomicity, not about timeouts
 
 {policies}
 """
@@ -45,7 +46,7 @@ prefix = "{prefix}"
 async def two_proxies(tmp_path, aiohttp_server, redis_url):
     """`await two_proxies(policies_toml)`: two `groq-proxy serve` processes on one Redis in front of a
     UsageUpstream; returns (upstream, [base URLs])."""
-    processes = []
+    processes, logs = [], []
 
     async def start(policies: str):
         up = UsageUpstream(words=5)
@@ -56,9 +57,10 @@ async def two_proxies(tmp_path, aiohttp_server, redis_url):
         bases = []
         for _ in range(2):
             port = free_port()
+            logs.append(open(tmp_path / f"proxy-{port}.log", "wb"))  # kept for a failure's post-mortem
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", str(port), "--no-check"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=subprocess.DEVNULL, stderr=logs[-1]))
             bases.append(f"http://127.0.0.1:{port}")
         async with aiohttp.ClientSession() as session:
             for base in bases:
@@ -80,10 +82,13 @@ async def two_proxies(tmp_path, aiohttp_server, redis_url):
         p.terminate()
     for p in processes:
         p.wait(10)
+    for log in logs:
+        log.close()
 
 
 async def test_two_processes_200_concurrent_against_50_a_minute_admit_50(two_proxies):
-    up, bases = await two_proxies('[[policies]]\nuse = "rate_limit"\nrequests_per_minute = 50\n')
+    up, bases = await two_proxies('[[policies]]\nuse = "rate_limit"\nrequests_per_minute = 50\n'
+                                  'on_error = "closed"\n')  # a store error would show as a 503, never as an admission
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -99,12 +104,13 @@ async def test_two_processes_200_concurrent_against_50_a_minute_admit_50(two_pro
     assert {status for _, status in results} <= {200, 429}
     refilled = math.ceil(elapsed * 50 / 60)  # GCRA refills one request every 1.2 s
     assert 50 <= len(admitted) <= 50 + refilled, (len(admitted), elapsed)
-    assert set(admitted) == {0, 1}  # both processes admitted some: one shared bucket, not two of 50
+    # Each process got 100 of the requests: with a bucket each, each would have admitted 50.
 
 
 async def test_concurrent_streams_settle_exactly_to_reported_usage(two_proxies):
     limit = 900
-    up, bases = await two_proxies(f'[[policies]]\nuse = "token_budget"\nper = "global"\ntokens = {limit}\n')
+    up, bases = await two_proxies(f'[[policies]]\nuse = "token_budget"\nper = "global"\ntokens = {limit}\n'
+                                  'on_error = "closed"\n')
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 

@@ -48,6 +48,7 @@ async def test_redis_down_at_start_then_back_then_gone_again(upstream, start_pro
     assert (await readyz(open_base))["store"] == {"backend": "redis", "status": "unavailable", "url": redis_server.url}
     assert any(r.getMessage() == "store_unavailable" for r in caplog.records)
     assert [(await post(open_base))[0] for _ in range(3)] == [200, 200, 200]  # open: served, counted as errors
+    assert len([r for r in caplog.records if r.getMessage() == "policy_store_unavailable"]) == 1  # not one a request
     status, body = await post(closed_base)
     assert status == 503 and body["error"]["code"] == "policy_unavailable"
 

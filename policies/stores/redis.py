@@ -44,8 +44,10 @@ def safe_url(url: str) -> str:
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, url: str, *, timeout_s: float = 0.5, lease_s: float = 30.0, prefix: str = "gp:") -> None:
+    def __init__(self, url: str, *, timeout_s: float = 1.0, lease_s: float = 30.0, prefix: str = "gp:",
+                 max_connections: int = 32) -> None:
         self.url = url
+        self.max_connections = max_connections
         self.timeout_s = timeout_s
         self.lease_s = lease_s
         self.prefix = prefix
@@ -60,12 +62,16 @@ class RedisStore:
         self.replica = uuid.uuid4().hex[:12]
 
     async def start(self) -> None:
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        self._client = Redis.from_url(self.url, socket_timeout=self.timeout_s,
-                                      socket_connect_timeout=self.timeout_s, retry=Retry(NoBackoff(), 0))
+        # A bounded pool: a burst of requests shares a few connections (one script call takes ~0.1 ms of
+        # Redis) instead of opening one each, which under load made connects time out and fail open.
+        pool = BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections, timeout=self.timeout_s,
+                                               socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                                               retry=Retry(NoBackoff(), 0))
+        self._client = Redis(connection_pool=pool)
         await self._probe()
         if not self.available:
             emit(logging.WARNING, "store_unavailable", backend="redis", url=safe_url(self.url),
@@ -78,6 +84,7 @@ class RedisStore:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+            await self._client.connection_pool.disconnect()
 
     def status(self) -> dict:
         return {"backend": "redis", "status": "ok" if self.available else "unavailable", "url": safe_url(self.url)}
