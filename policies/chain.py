@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from policies.base import CONTINUE, Decision, Policy, Reject, Skip
-from policies.estimate import completion_limit, estimate
+from policies.estimate import completion_limit, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
 from policies.stores.base import SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
 from proxy.telemetry.logs import emit
@@ -35,28 +35,36 @@ class PolicyState:
     """What the policies hold for one request: their claims, whether the store admitted them, the headers
     they add to the answer, the settlements to send at the end."""
 
-    __slots__ = ("ran", "claims", "owners", "admitted", "admission", "settlements", "headers", "_prompt", "body")
+    __slots__ = ("ran", "claims", "owners", "by_owner", "admitted", "admission", "settlements", "headers", "_prompt",
+                 "_used", "body")
 
     def __init__(self, body: dict) -> None:
         self.body = body
         self.ran = 0
         self.claims: list[Claim] = []
         self.owners: list[Policy] = []
+        self.by_owner: dict[Policy, list[Claim]] = {}
         self.admitted = False
         self.admission: Admission | None = None
         self.settlements: list[Settlement] = []
         self.headers: dict[str, str] = {}
         self._prompt: int | None = None
+        self._used: int | None = None
 
     def claim(self, policy: Policy, claim: Claim) -> None:
         self.claims.append(claim)
         self.owners.append(policy)
+        mine = self.by_owner.get(policy)
+        if mine is None:
+            self.by_owner[policy] = [claim]
+        else:
+            mine.append(claim)
 
     def claims_of(self, policy: Policy) -> list[Claim]:
         """The policy's claims that the store took (none when the request was refused or the store was down)."""
         if not self.admitted:
-            return []
-        return [c for c, o in zip(self.claims, self.owners) if o is policy]
+            return _NONE
+        return self.by_owner.get(policy, _NONE)
 
     def settle(self, settlement: Settlement) -> None:
         self.settlements.append(settlement)
@@ -71,6 +79,15 @@ class PolicyState:
     @property
     def completion_limit(self) -> int | None:
         return completion_limit(self.body)
+
+    def used_tokens(self, ctx) -> int:
+        """What the request used (`policies.estimate.used_tokens`), worked out once for every policy."""
+        if self._used is None:
+            self._used = used_tokens(ctx)
+        return self._used
+
+
+_NONE: list = []
 
 
 class PolicyChain:
@@ -207,9 +224,10 @@ class PolicyChain:
             if admission.ok:
                 state.admitted = True
                 state.admission = admission
-                over = {state.owners[i] for i in admission.over}
-                for policy in dict.fromkeys(state.owners):
-                    self._record(ctx, policy, _SHADOW_REJECT if policy in over else CONTINUE)
+                over = admission.over
+                for policy in state.by_owner:
+                    shadow_refused = over and any(state.owners[i] is policy for i in over)
+                    self._record(ctx, policy, _SHADOW_REJECT if shadow_refused else CONTINUE)
                 _ratelimit_headers(state, admission)
                 return CONTINUE
             policy = state.owners[admission.failed]
@@ -231,8 +249,8 @@ class PolicyChain:
             return decision
 
     def _store_down(self, ctx: "RequestContext", state: PolicyState) -> Decision:
-        owners = dict.fromkeys(state.owners)
-        state.claims, state.owners = [], []
+        owners = list(state.by_owner)
+        state.claims, state.owners, state.by_owner = [], [], {}
         closed = False
         for policy in owners:
             self._record(ctx, policy, _ERROR)
@@ -276,7 +294,7 @@ class PolicyChain:
         label = decision.label
         if self.metrics is not None:
             self.metrics.decisions.inc((policy.name, label, policy.mode))
-        if self.record is not None:
+        if ctx.span is not None and self.record is not None:
             self.record(ctx, policy.name, label, mode=policy.mode)
         if label != "continue":
             fields = {"request_id": ctx.request_id, "policy": policy.name, "decision": label, "mode": policy.mode}
@@ -304,24 +322,25 @@ def _unavailable() -> Reject:
 def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
     """x-ratelimit-* of the tightest throughput limit of each kind (requests, tokens) that applied."""
     tightest: dict[str, tuple] = {}
-    for claim, remaining, reset in zip(state.claims, admission.remaining, admission.reset):
+    remaining_all, reset_all = admission.remaining, admission.reset
+    for i, claim in enumerate(state.claims):
         kind = claim.header
         if kind is None:
             continue
-        remaining = max(0, int(remaining))
+        remaining = remaining_all[i]
         best = tightest.get(kind)
         if best is None or remaining < best[1]:
-            tightest[kind] = (claim.limit, remaining, reset)
+            tightest[kind] = (claim.limit, remaining, reset_all[i])
+    headers = state.headers
     for kind, (limit, remaining, reset) in tightest.items():
-        state.headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-        state.headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-        state.headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
+        headers["x-ratelimit-limit-" + kind] = str(limit)
+        headers["x-ratelimit-remaining-" + kind] = str(int(remaining) if remaining > 0 else 0)
+        headers["x-ratelimit-reset-" + kind] = duration(reset)
 
 
 def duration(seconds: float) -> str:
     """Groq's way of writing a reset time: `7.66s`, `2m59.56s`."""
-    seconds = max(0.0, seconds)
     if seconds < 60:
-        return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
+        return "%.2fs" % (seconds if seconds > 0 else 0.0)
     minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.2f}".rstrip("0").rstrip(".") + "s"
+    return "%dm%.2fs" % (minutes, rest)

@@ -8,6 +8,7 @@ holding it renews; a replica that dies stops renewing and its slots free themsel
 
 from __future__ import annotations
 
+import itertools
 import os
 from types import MappingProxyType
 from typing import Mapping
@@ -19,6 +20,8 @@ from policies.stores.base import SLOT, Claim, Settlement
 from proxy.app.config import ConfigError
 
 PER = ("model", "global", "key")
+_PROCESS = os.urandom(6).hex() + ":"  # a lease id is unique across replicas: this process's id and a count
+_leases = itertools.count()
 
 
 class Concurrency(Policy):
@@ -51,7 +54,7 @@ class Concurrency(Policy):
             limit = self.limits.get(ctx.route.virtual or ctx.route.requested, limit)
         if limit is not None:
             ctx.policy.claim(self, Claim(SLOT, f"cc:{self.name}:{scope(ctx, self.per)}", limit, 1, 0.0,
-                                         soft=self.mode == "shadow", lease=os.urandom(8).hex()))
+                                         self.mode == "shadow", _PROCESS + str(next(_leases))))
         return CONTINUE
 
     def refused(self, ctx, claim: Claim, admission) -> Reject:

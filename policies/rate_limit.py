@@ -18,7 +18,6 @@ from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
 from policies.chain import duration
-from policies.estimate import used_tokens
 from policies.schema import check_keys, choice, count, seconds
 from policies.scopes import scope
 from policies.stores.base import GCRA, Claim, Settlement
@@ -37,6 +36,7 @@ class RateLimit(Policy):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self.wait_s = wait_s
         self.default_completion = default_completion
+        self._keys: dict[str, tuple[str, str]] = {}
 
     @classmethod
     def options(cls, raw: Mapping, where: str) -> dict:
@@ -49,13 +49,18 @@ class RateLimit(Policy):
                 "default_completion": count(raw, "default_completion", where, 1000)}
 
     def claims_for(self, ctx, tokens: int = 0) -> list[Claim]:
-        base = f"rl:{self.name}:{scope(ctx, self.per)}"
+        who = scope(ctx, self.per)
+        keys = self._keys.get(who)
+        if keys is None:
+            if len(self._keys) > 10000:  # identities from clients' `user` fields: keep the cache bounded
+                self._keys.clear()
+            keys = self._keys[who] = (f"rl:{self.name}:{who}:r", f"rl:{self.name}:{who}:t")
         soft = self.mode == "shadow"
         out = []
         if self.rpm:
-            out.append(Claim(GCRA, base + ":r", self.rpm, 1, PERIOD_S, soft=soft, header="requests"))
+            out.append(Claim(GCRA, keys[0], self.rpm, 1, PERIOD_S, soft, "", "requests"))
         if self.tpm:
-            out.append(Claim(GCRA, base + ":t", self.tpm, tokens, PERIOD_S, soft=soft, header="tokens"))
+            out.append(Claim(GCRA, keys[1], self.tpm, tokens, PERIOD_S, soft, "", "tokens"))
         return out
 
     async def on_request(self, ctx) -> Decision:
@@ -86,7 +91,7 @@ class RateLimit(Policy):
     async def after(self, ctx) -> None:
         claims = [c for c in ctx.policy.claims_of(self) if c.header == "tokens"]
         if claims:
-            used = used_tokens(ctx)
+            used = ctx.policy.used_tokens(ctx)
             for claim in claims:
                 ctx.policy.settle(Settlement(GCRA, claim.key, reserved=claim.amount, used=used,
                                              limit=claim.limit, param=claim.param))

@@ -9,10 +9,10 @@ the estimation error of the requests in flight. A spent budget gets 429 `insuffi
 
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
-from policies.estimate import used_tokens
 from policies.schema import check_keys, choice, count
 from policies.scopes import PERIODS, iso, period_bounds, scope
 from policies.stores.base import BUDGET, Claim, Settlement
@@ -27,6 +27,7 @@ class TokenBudget(Policy):
     def __init__(self, tokens: int, per: str = "key", period: str = "day", default_completion: int = 1000) -> None:
         self.tokens, self.per, self.period = tokens, per, period
         self.default_completion = default_completion
+        self._keys: dict[str, tuple[int, float, str]] = {}  # scope -> this period's (start, end, Redis key)
 
     @classmethod
     def options(cls, raw: Mapping, where: str) -> dict:
@@ -39,9 +40,15 @@ class TokenBudget(Policy):
                 "default_completion": count(raw, "default_completion", where, 1000)}
 
     def claim_for(self, ctx, now: float | None = None, amount: int = 0) -> Claim:
-        start, end = period_bounds(self.period, now)
-        key = f"tb:{self.name}:{scope(ctx, self.per)}:{start}"
-        return Claim(BUDGET, key, self.tokens, amount, float(end), soft=self.mode == "shadow")
+        now = time.time() if now is None else now
+        who = scope(ctx, self.per)
+        known = self._keys.get(who)
+        if known is None or not known[0] <= now < known[1]:
+            if len(self._keys) > 10000:  # identities from clients' `user` fields: keep the cache bounded
+                self._keys.clear()
+            start, end = period_bounds(self.period, now)
+            known = self._keys[who] = (start, float(end), f"tb:{self.name}:{who}:{start}")
+        return Claim(BUDGET, known[2], self.tokens, amount, known[1], self.mode == "shadow")
 
     async def on_request(self, ctx) -> Decision:
         state = ctx.policy
@@ -65,6 +72,6 @@ class TokenBudget(Policy):
     async def after(self, ctx) -> None:
         claims = ctx.policy.claims_of(self)
         if claims:
-            used = used_tokens(ctx)
+            used = ctx.policy.used_tokens(ctx)
             for claim in claims:
                 ctx.policy.settle(Settlement(BUDGET, claim.key, reserved=claim.amount, used=used, param=claim.param))

@@ -58,8 +58,8 @@ class Admission:
     failed: int = -1
     retry_after: float = 0.0
     over: tuple[int, ...] = ()
-    remaining: tuple[float, ...] = ()
-    reset: tuple[float, ...] = ()
+    remaining: Sequence[float] = ()
+    reset: Sequence[float] = ()
 
 
 class Store(Protocol):

@@ -46,8 +46,27 @@ class MemoryStore:
             self._prune(now)
         failed, retry, over = -1, 0.0, []
         remaining, reset = [], []
+        tats, budgets, slots = self._tat, self._budgets, self._slots
         for i, c in enumerate(claims):
-            fits, wait, left, back = self._check(c, now)
+            kind = c.kind
+            if kind == GCRA:  # inline: this loop runs for every request
+                step = c.param / c.limit
+                tat = tats.get(c.key, now)
+                if tat < now:
+                    tat = now
+                new = tat + c.amount * step
+                if c.amount > c.limit:
+                    fits, wait, left, back = False, -1.0, (now + c.param - tat) // step, tat - now
+                else:
+                    fits, wait, left, back = new - c.param <= now, new - c.param - now, (now + c.param - new) // step, new - now
+            elif kind == BUDGET:
+                rec = budgets.get(c.key)
+                used = 0 if rec is None or rec[2] <= now else rec[0] + rec[1]
+                left = c.limit - used - c.amount
+                fits, wait, back = left >= 0, c.param - now, c.param - now
+            else:
+                held = slots.get(c.key, 0)
+                fits, wait, left, back = held < c.limit, 0.0, c.limit - held - 1, 0.0
             remaining.append(left)
             reset.append(back)
             if not fits:
@@ -56,39 +75,20 @@ class MemoryStore:
                 elif failed < 0:
                     failed, retry = i, wait
         if failed >= 0:
-            return Admission(False, failed, retry, tuple(over), tuple(remaining), tuple(reset))
+            return Admission(False, failed, retry, tuple(over), remaining, reset)
         for c in claims:
-            self._take(c, now)
-        return Admission(True, -1, 0.0, tuple(over), tuple(remaining), tuple(reset))
-
-    def _check(self, c: Claim, now: float) -> tuple[bool, float, float, float]:
-        """(fits, retry_after, remaining after taking it, seconds until it resets)."""
-        if c.kind == GCRA:
-            step = c.param / c.limit
-            tat = max(self._tat.get(c.key, now), now)
-            new = tat + c.amount * step
-            if c.amount > c.limit:
-                return False, -1.0, max(0.0, (now + c.param - tat) // step), tat - now
-            fits = new - c.param <= now
-            return fits, new - c.param - now, (now + c.param - new) // step, new - now
-        if c.kind == BUDGET:
-            rec = self._budgets.get(c.key)
-            used = 0 if rec is None or rec[2] <= now else rec[0] + rec[1]
-            left = c.limit - used - c.amount
-            return left >= 0, c.param - now, left, c.param - now
-        held = self._slots.get(c.key, 0)
-        return held + 1 <= c.limit, 0.0, c.limit - held - 1, 0.0
-
-    def _take(self, c: Claim, now: float) -> None:
-        if c.kind == GCRA:
-            self._tat[c.key] = max(self._tat.get(c.key, now), now) + c.amount * c.param / c.limit
-        elif c.kind == BUDGET:
-            rec = self._budgets.get(c.key)
-            if rec is None or rec[2] <= now:
-                rec = self._budgets[c.key] = [0, 0, c.param]
-            rec[1] += c.amount
-        else:
-            self._slots[c.key] = self._slots.get(c.key, 0) + 1
+            kind = c.kind
+            if kind == GCRA:
+                tat = tats.get(c.key, now)
+                tats[c.key] = (tat if tat > now else now) + c.amount * c.param / c.limit
+            elif kind == BUDGET:
+                rec = budgets.get(c.key)
+                if rec is None or rec[2] <= now:
+                    rec = budgets[c.key] = [0, 0, c.param]
+                rec[1] += c.amount
+            else:
+                slots[c.key] = slots.get(c.key, 0) + 1
+        return Admission(True, -1, 0.0, tuple(over), remaining, reset)
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:
         now = self.clock()
