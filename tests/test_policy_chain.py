@@ -184,3 +184,14 @@ async def test_after_runs_when_the_client_goes_away_mid_stream(aiohttp_server, s
             await resp.content.readany()
     hold.set()  # the upstream goes on; the proxy finds the client gone on its next write
     await until(lambda: any(e[0] == "after" for e in Journal.events), what="after() of an abandoned stream")
+
+
+async def test_a_policy_skipping_every_model_gets_503_not_a_timeout(upstream, start_proxy):
+    """Before: with no attempt sent, the all-failed error took the timeout branch (504)."""
+    scripted, url = upstream
+    config = config_for(url, chains={"tier-test": ["m1"]}, policies=journal({"label": "a", "decide": "skip_m1"}))
+    base = await start_proxy(config)
+    status, _, body = await post(base)
+    assert status == 503 and orjson.loads(body)["error"]["code"] == "all_models_failed"
+    assert "skipped (m1 is not for this request)" in orjson.loads(body)["error"]["message"]
+    assert scripted.requests == []

@@ -446,7 +446,7 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     name = ctx.route.virtual or ctx.route.requested
     message = redact(f"All {len(ctx.route.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    sent = [a for a in attempts if a.sent]  # never empty: when every model is cooling down, one is probed
+    sent = [a for a in attempts if a.sent]  # empty only when a policy skipped what was not cooling down
     rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
     if rate_limited and waits:
         wait = max(1, round(min(waits)))
@@ -454,7 +454,9 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={"retry-after": str(wait), "x-should-retry": "true"},
         )
-    if all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
+    if not sent:
+        status = 503
+    elif all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
         status = 504
     elif all(a.reason in ("connect_error", "connect_timeout") for a in sent):
         status = 503

@@ -23,13 +23,16 @@ async def respond(request: web.Request, decision: Decision, base_headers: dict[s
         headers.setdefault("Content-Type", "application/json")
         return web.Response(status=decision.status, body=body, headers=headers)
     response = web.StreamResponse(status=decision.status, headers={**SSE_HEADERS, **headers})
-    await response.prepare(request)
     events = decision.events
-    if hasattr(events, "__aiter__"):
-        async for event in events:
-            await response.write(event)
-    else:
-        for event in events:
-            await response.write(event)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        if hasattr(events, "__aiter__"):
+            async for event in events:
+                await response.write(event)
+        else:
+            for event in events:
+                await response.write(event)
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away: nothing more to say to it
+        pass
     return response
