@@ -164,7 +164,7 @@ class PolicyChain:
             self._record(ctx, policy, decision)
             if policy.mode == ENFORCE:
                 return decision
-        if state.claims:
+        if state.claims and self.store is not None:
             return await self._admit(ctx, state)
         return CONTINUE
 
