@@ -116,6 +116,10 @@ class PolicyChain:
     def has_before_attempt(self) -> bool:
         return bool(self._before)
 
+    @property
+    def has_on_response(self) -> bool:
+        return bool(self._on_response)
+
     # --- who is asking ----------------------------------------------------------------------------------
 
     def authenticate(self, headers) -> Identity | None:

@@ -178,3 +178,21 @@ async def test_redis_down_at_start_is_reported_not_fatal(redis_server):
         assert (await store.admit([Claim(GCRA, "g", 100, 1, 60.0)])).ok
     finally:
         await store.close()
+
+
+async def test_redis_batches_concurrent_requests_each_still_all_or_nothing(redis_url):
+    store = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await store.start()
+    try:
+        before = store.round_trips
+        results = await asyncio.gather(*(
+            store.admit([Claim(SLOT, "s", 100, 1, 0.0, lease=f"l{i}"), Claim(GCRA, "g", 10, 1, 60.0)])
+            for i in range(50)))
+        assert sum(r.ok for r in results) == 10
+        assert [r.failed for r in results if not r.ok] == [1] * 40  # the limit refused them, not the slot
+        assert await store.read([Claim(SLOT, "s", 100, 1, 0.0)]) == [(10, 0)]  # refused ones took no slot
+        assert store.round_trips - before < 50  # they shared calls
+        await asyncio.gather(*(store.settle([Settlement(SLOT, "s", lease=f"l{i}")]) for i in range(50)))
+        assert await store.read([Claim(SLOT, "s", 100, 1, 0.0)]) == [(0, 0)]
+    finally:
+        await store.close()

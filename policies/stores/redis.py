@@ -4,9 +4,10 @@ A request costs two round trips, whatever the number of policies: `admit` at adm
 budget that applies, checked and reserved in one script) and `settle` at the end. redis-py's asyncio client
 spends 50-85 us of CPU per EVALSHA here (more with many arguments), about a third of what the proxy spends
 on a whole request, so a round trip per policy would have cost more than the policies themselves. Requests
-that reach the store in the same turn of the event loop share one call (the script handles each request
-all or nothing, one after the other), and a call's claims travel as one argument: under load a request's
-share of the Redis client's CPU is a fraction of one EVALSHA.
+that reach the store together share one call (the script handles each request
+all or nothing, one after the other): while one call is on its way the next requests queue and go
+together, and a call's claims travel as one argument, so under load a request's share of the Redis
+client's CPU is a fraction of one EVALSHA.
 
 The scripts are sent by SHA-1; on NOSCRIPT (a restarted or flushed server) the script is loaded and the
 call repeated. Redis's own clock (`TIME` inside the scripts) is the one clock every replica agrees on.
@@ -76,6 +77,7 @@ class RedisStore:
         self._admits: list = []  # (claims, future) waiting for the next script call
         self._settles: list = []
         self._sending: set = set()
+        self._busy: set = set()  # the kinds (admit, settle) with a call on its way
         self.replica = uuid.uuid4().hex[:12]
 
     async def start(self) -> None:
@@ -117,22 +119,36 @@ class RedisStore:
         await self._queue(self._settles, settlements, self._send_settles)
 
     def _queue(self, pending: list, item, send) -> asyncio.Future:
-        """Requests that ask in the same turn of the event loop share one script call (up to `BATCH`)."""
+        """Batches: while a call of this kind is on its way, the requests that come meanwhile wait and go
+        together in the next one (up to `BATCH` a call). Under load a batch grows with the round trip; a
+        lone request goes at once."""
         if not self.available and time.monotonic() < self._retry_at:
             raise StoreUnavailable("redis is unreachable")
         future = asyncio.get_running_loop().create_future()
-        if not pending:
-            asyncio.get_running_loop().call_soon(self._flush, pending, send)
         pending.append((item, future))
-        return future
-
-    def _flush(self, pending: list, send) -> None:
-        while pending:
-            batch = pending[:BATCH]
-            del pending[:BATCH]
-            task = asyncio.ensure_future(send(batch))
+        if send not in self._busy:
+            self._busy.add(send)
+            task = asyncio.ensure_future(self._drain(pending, send))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
+        return future
+
+    async def _drain(self, pending: list, send) -> None:
+        try:
+            while pending:
+                batch = pending[:BATCH]
+                del pending[:BATCH]
+                try:
+                    await send(batch)
+                except BaseException as exc:  # whatever went wrong, no request may wait forever
+                    _fail(batch, exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        _fail(pending, exc)
+                        pending.clear()
+                        raise
+                    emit(logging.ERROR, "store_error", backend="redis", error=type(exc).__name__)
+        finally:
+            self._busy.discard(send)
 
     async def _send_admits(self, batch: list) -> None:
         keys, words = [], [str(len(batch))]

@@ -147,7 +147,7 @@ class Pipeline:
             if client is not None:
                 await client.stop_keepalive()
             if policies:
-                if ctx.answered is not None:
+                if ctx.answered is not None and policies.has_on_response:
                     await policies.on_response(ctx, ctx.answered)
                 await policies.after(ctx)
 
