@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.run import (
-    HOST, LUA_DONE, PLAIN_BODY, STREAM_BODY, BenchError, Process, free_port, http_call, proxy_argv,
+    HOST, LUA_DONE, PLAIN_BODY, STREAM_BODY, BenchError, Process, cpu_seconds, free_port, http_call, proxy_argv,
     start_passthrough, start_upstream,
 )
 from policies.identity import hash_key
@@ -168,15 +168,19 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(upstream)
             redis, redis_port = start_redis(workdir)
             procs.append(redis)
-            ports = {}
+            ports, pids = {}, {}
             passthrough, ports["pass-through"] = start_passthrough(workdir, upstream_port, None)
             procs.append(passthrough)
+            pids["pass-through"] = passthrough.pid
             for side in SIDES[1:]:
                 proc, ports[side] = start_proxy(workdir, side, upstream_port, redis_port)
                 procs.append(proc)
+                pids[side] = proc.pid
             for side in SIDES:
                 check(ports[side], side, body)
             results: dict[str, list[float]] = {side: [] for side in SIDES}
+            cpu: dict[str, list[float]] = {side: [] for side in SIDES}  # us of the side's process per request
+            redis_cpu: list[float] = []
             errors: dict[str, int] = {side: 0 for side in SIDES}
             for r in range(args.rounds):
                 order = SIDES[r % len(SIDES):] + SIDES[: r % len(SIDES)]
@@ -184,20 +188,30 @@ def main(argv: list[str] | None = None) -> int:
                     path = "/v1/chat/completions"
                     url = f"http://{HOST}:{ports[side]}{path}"
                     wrk(url, script, args.connections, args.warmup)
+                    before, redis_before = cpu_seconds(pids[side]), cpu_seconds(redis.pid)
                     raw = wrk(url, script, args.connections, args.duration)
                     rps = raw["requests"] / (raw["duration_us"] / 1e6)
                     results[side].append(rps)
+                    if raw["requests"]:
+                        cpu[side].append((cpu_seconds(pids[side]) - before) * 1e6 / raw["requests"])
+                        if side == "policies-redis":
+                            redis_cpu.append((cpu_seconds(redis.pid) - redis_before) * 1e6 / raw["requests"])
                     errors[side] += sum(v for k, v in raw.items() if k.startswith("err_"))
-                    print(f"round {r + 1} {side:16s} {rps:9.0f} req/s", file=sys.stderr, flush=True)
+                    print(f"round {r + 1} {side:16s} {rps:9.0f} req/s {cpu[side][-1] if cpu[side] else 0:6.0f} us cpu/req",
+                          file=sys.stderr, flush=True)
         finally:
             for proc in reversed(procs):
                 proc.stop()
     median = {side: statistics.median(v) for side, v in results.items()}
+    us = {side: statistics.median(v) if v else 0.0 for side, v in cpu.items()}
     print(f"\n{args.mode}, {args.connections} connections, median of {args.rounds} rounds of {args.duration:g} s")
-    print(f"{'side':18s} {'req/s':>9s} {'x proxy':>8s} {'x pass-through':>15s} {'errors':>7s}")
+    print(f"{'side':18s} {'req/s':>9s} {'x proxy':>8s} {'x pass-through':>15s} {'cpu us/req':>11s} {'errors':>7s}")
     for side in SIDES:
         print(f"{side:18s} {median[side]:9.0f} {median[side] / median['proxy']:8.2f} "
-              f"{median[side] / median['pass-through']:15.2f} {errors[side]:7d}")
+              f"{median[side] / median['pass-through']:15.2f} {us[side]:11.0f} {errors[side]:7d}")
+    print(f"redis-server: {statistics.median(redis_cpu) if redis_cpu else 0:.0f} us cpu per request of policies-redis")
+    print("cpu us/req is the CPU of that side's own process per request: on a shared machine it moves less than "
+          "req/s")
     memory_ok = median["policies-memory"] >= 0.85 * median["proxy"]
     redis_ok = median["policies-redis"] >= 0.6 * median["pass-through"]
     print(f"targets: memory >= 0.85 x proxy: {'met' if memory_ok else 'MISSED'}; "
