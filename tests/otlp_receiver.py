@@ -3,7 +3,8 @@
 It answers `POST /v1/traces` the way a collector does (an empty `ExportTraceServiceResponse` protobuf),
 decodes each body with the official `opentelemetry-proto` classes and keeps every span as a plain
 `ReceivedSpan`. Attribute values come back as Python values (str, bool, int, float, list, dict, bytes), ids
-as lower-case hex. A test can make it answer with an error status, or hold each export until it says so.
+as lower-case hex. A test can make it answer with an error status (always, or the next N times, with a
+Retry-After), or hold each export until it says so.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     posts: int = 0  # every POST, including those answered with an error or still held
     fail_status: int | None = None  # answer every export with this status; its spans go to `rejected`
+    fail_next: int = 0  # answer this many more exports with `fail_next_status` (spans to `rejected`), then accept
+    fail_next_status: int = 503
+    retry_after: str | None = None  # sent as Retry-After with every failure
+    post_times: list[float] = field(default_factory=list)  # loop time of every POST
     rejected: list[ReceivedSpan] = field(default_factory=list)
     hold: asyncio.Event | None = None  # when set to an unset Event: each export waits for it
     held: int = 0  # exports waiting on `hold` right now
@@ -141,6 +146,7 @@ class OtlpReceiver:
         body = await request.read()
         async with self._changed:
             self.posts += 1
+            self.post_times.append(asyncio.get_running_loop().time())
             self._changed.notify_all()
         if self.hold is not None:
             self.held += 1
@@ -156,15 +162,20 @@ class OtlpReceiver:
             spans = decode(body)
         except Exception as exc:  # a real collector answers 400 to a body it cannot parse
             return web.Response(status=400, text=f"cannot decode: {exc}")
+        fail = self.fail_status
+        if fail is None and self.fail_next > 0:
+            self.fail_next -= 1
+            fail = self.fail_next_status
         async with self._changed:
-            if self.fail_status is not None:
+            if fail is not None:
                 self.rejected.extend(spans)
             else:
                 self.exports.append(Export(dict(request.headers), body, spans))
                 self.spans.extend(spans)
             self._changed.notify_all()
-        if self.fail_status is not None:
-            return web.Response(status=self.fail_status, text="collector unavailable")
+        if fail is not None:
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else None
+            return web.Response(status=fail, text="collector unavailable", headers=headers)
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf")
 
     async def wait_for(self, predicate: Callable[["OtlpReceiver"], object], timeout: float = 5.0):

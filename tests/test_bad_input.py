@@ -316,9 +316,37 @@ CHAT_FIELDS = ["model", "messages", "stream", "max_tokens", "max_completion_toke
                "seed", "stop", "tools", "stream_options"]
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return _int(v) or isinstance(v, float)
+
+
+# Which odd values each field lets through to the upstream: the types the proxy checks (README: "wrong types"
+# get a 4xx); what it does not check (ranges, the embeddings' encoding_format) is the upstream's to judge.
+ACCEPTED = {
+    "model": lambda v: False,  # no odd value names a model: 400, or 404 for "x"
+    "messages": lambda v: False,
+    "stream": lambda v: v is None or isinstance(v, bool),
+    "max_tokens": lambda v: v is None or (_int(v) and v >= 1),
+    "max_completion_tokens": lambda v: v is None or (_int(v) and v >= 1),
+    "temperature": lambda v: v is None or _number(v),
+    "top_p": lambda v: v is None or _number(v),
+    "n": lambda v: v is None or _int(v),
+    "seed": lambda v: v is None or _int(v),
+    "stop": lambda v: v is None or isinstance(v, (str, list)),
+    "tools": lambda v: v is None or isinstance(v, list),
+    "stream_options": lambda v: v is None or isinstance(v, dict),
+    "input": lambda v: v == "x",
+    "encoding_format": lambda v: True,
+}
+
+
 async def test_no_odd_value_in_any_field_causes_a_server_error(upstream, start_proxy):
-    """Each field set to each odd value: either the proxy answers 4xx itself, or the request is valid enough
-    to go upstream (which answers ok here). Never a 5xx, never a non-JSON body."""
+    """Each field set to each odd value: the proxy answers 4xx itself, naming the field, exactly when the value
+    has the wrong type; otherwise the request goes upstream (which answers ok here). Never a 5xx."""
     scripted, url = upstream
     base = await start_proxy(config_for(url))
     async with aiohttp.ClientSession() as session:
@@ -331,11 +359,75 @@ async def test_no_odd_value_in_any_field_causes_a_server_error(upstream, start_p
                     before = len(scripted.requests)
                     async with session.post(base + path, data=orjson.dumps({**good, field: value})) as resp:
                         raw = await resp.read()
-                        assert resp.status < 500, (path, field, value, raw)
-                        if resp.status != 200:
-                            error_of(resp.status, resp.headers, raw, resp.status)
-                            assert len(scripted.requests) == before, (field, value)
-                        elif path.endswith("completions") and resp.content_type == "text/event-stream":
-                            assert raw.rstrip().endswith(b"data: [DONE]")
+                        case = (path, field, value, raw)
+                        if not ACCEPTED[field](value):
+                            expected = 404 if (field, value) == ("model", "x") else 400
+                            error = error_of(resp.status, resp.headers, raw, expected)
+                            assert error["param"] == field or error["param"].startswith(field + "["), case
+                            assert len(scripted.requests) == before, case
+                            continue
+                        assert resp.status == 200, case
+                        assert len(scripted.requests) == before + 1, case
+                        assert scripted.requests[-1]["body"][field] == value, case  # as the client sent it
+                        if path.endswith("completions") and value is True and field == "stream":
+                            assert raw.rstrip().endswith(b"data: [DONE]"), case
                         else:
-                            assert "error" not in orjson.loads(raw)
+                            assert "error" not in orjson.loads(raw), case
+
+
+# --- nesting depth ----------------------------------------------------------------------------------------
+
+
+def nested(depth: int, shape: str = "list") -> bytes:
+    """A chat body whose deepest value sits `depth` levels down (the body object is level 1)."""
+    inner = depth - 1
+    value = ("[" * inner + "]" * inner) if shape == "list" else ('{"a":' * (inner - 1) + "{}" + "}" * (inner - 1))
+    return b'{"model": "tier-test", "messages": [{"role": "user", "content": "hi"}], "x": ' + value.encode() + b"}"
+
+
+@pytest.mark.parametrize("shape", ["list", "object"])
+@pytest.mark.parametrize("depth", [255, 256, 1023])
+async def test_json_nested_past_the_depth_limit_is_400(upstream, start_proxy, depth, shape):
+    """Before: 255 levels and more parsed, then failed to serialize upstream: a 500 `internal_error` with a
+    traceback."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    error = error_of(*await send(f"{base}/v1/chat/completions", data=nested(depth, shape)), 400)
+    assert error["code"] == "json_too_deep" and "254 levels" in error["message"]
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize("shape", ["list", "object"])
+async def test_json_nested_exactly_to_the_limit_goes_upstream(upstream, start_proxy, shape):
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    status, _, raw = await send(f"{base}/v1/chat/completions", data=nested(254, shape))
+    assert status == 200, raw
+    assert len(scripted.requests) == 1
+
+
+# --- a body that arrives slowly ------------------------------------------------------------------------------
+
+
+async def test_a_body_that_trickles_in_with_short_gaps_is_read_whole(upstream, start_proxy):
+    """server.request_read_timeout_s bounds the gap between two reads, not the whole upload: 40 pieces 50 ms
+    apart take twice the timeout and still go through."""
+    import asyncio
+
+    scripted, url = upstream
+    base = await start_proxy(config_for(url, server={"request_read_timeout_s": 1.0}))
+    host, port = base.removeprefix("http://").split(":")
+    body = padded(400)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 10):
+            writer.write(body[i : i + 10])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        raw = await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:200]
+    assert scripted.requests[0]["body"]["messages"] == orjson.loads(body)["messages"]

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -19,95 +17,11 @@ import orjson
 import pytest
 
 from proxy.sim.simulator import start_simulator
+from tests.procs import READY_WITHIN_S, Proc, clean_env, free_port, run, start_serving, wait_ready
 
-_SCRIPT = Path(sys.executable).with_name("groq-proxy")
-GROQ_PROXY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "proxy"]
 SECRET = "gsk_cli_test_SECRET_9f8e7d6c5b4a"
-READY_WITHIN_S = 30.0
 MISSING_A = "llama-3.3-70b-versatile"  # retired: the simulator does not list it
 MISSING_B = "made-up/model-9000"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without anything that would pick a config or a key."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ_", "TEST_UPSTREAM"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A subprocess whose stdout and stderr go to files (no pipe can fill up and block it)."""
-
-    def __init__(self, tmp_path: Path, name: str) -> None:
-        self.out_path = tmp_path / f"{name}.out"
-        self.err_path = tmp_path / f"{name}.err"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self, *args: str, env: dict[str, str]) -> "Proc":
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.process = await asyncio.create_subprocess_exec(
-                *GROQ_PROXY, *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, env=env
-            )
-        return self
-
-    async def wait(self, timeout: float = 30.0) -> int:
-        return await asyncio.wait_for(self.process.wait(), timeout)
-
-    async def stop(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def log_lines(self) -> list[dict]:
-        """The JSON log lines of stderr (other lines, like the listening banner, are skipped)."""
-        lines = []
-        for line in self.stderr.splitlines():
-            if line.startswith("{"):
-                lines.append(orjson.loads(line))
-        return lines
-
-
-async def run(tmp_path: Path, name: str, *args: str, env: dict[str, str]) -> Proc:
-    """Runs a command to its end."""
-    proc = await Proc(tmp_path, name).start(*args, env=env)
-    try:
-        await proc.wait()
-    finally:
-        await proc.stop()
-    return proc
-
-
-async def wait_ready(proc: Proc, base: str) -> None:
-    deadline = asyncio.get_running_loop().time() + READY_WITHIN_S
-    async with aiohttp.ClientSession() as session:
-        while True:
-            assert proc.process.returncode is None, f"exited {proc.process.returncode}: {proc.stderr}"
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{base}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            assert asyncio.get_running_loop().time() < deadline, f"not ready in {READY_WITHIN_S}s: {proc.stderr}"
-            await asyncio.sleep(0.05)
 
 
 def write_config(tmp_path: Path, sim_url: str, *, name: str = "config.toml", extra: str = "") -> Path:
@@ -354,3 +268,213 @@ async def test_models_against_the_simulate_command(tmp_path):
     assert [e["available"] for e in entries] == [False, True, True, False, True]
     assert f"listening on {sim_url}" in sim.stdout
     assert_no_secret(proc, sim)
+
+
+# --- start-up mistakes: one line, no traceback, nothing printed as "listening" ------------------------------
+
+
+def one_line_error(proc: Proc) -> str:
+    """The one non-JSON line a failed start prints (JSON log lines written before it are allowed)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "listening" not in proc.stderr, proc.stderr
+    lines = proc.other_lines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("groq-proxy: ")
+    return lines[0]
+
+
+async def test_serve_on_a_port_in_use_exits_with_one_line_and_never_says_listening(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await run(tmp_path, "serve", "serve", "--simulate", "--port", str(port), env=clean_env())
+    assert proc.process.returncode == 1
+    line = one_line_error(proc)
+    assert f"cannot listen on http://127.0.0.1:{port}" in line and "address already in use" in line
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1"])
+async def test_serve_with_a_port_out_of_range_exits_naming_it(tmp_path, port):
+    """Before: 99999 listened on 34463 (the OS took it modulo 65536); -1 ended in a traceback."""
+    proc = await run(tmp_path, "serve", "serve", "--simulate", "--port", port, env=clean_env())
+    assert proc.process.returncode == 2
+    assert one_line_error(proc) == f"groq-proxy: --port: must be a port number from 0 to 65535, got {port}"
+
+
+async def test_serve_on_a_host_that_does_not_resolve_exits_with_one_line(tmp_path):
+    proc = await run(tmp_path, "serve", "serve", "--simulate", "--host", "no-such-host.invalid", "--port", "0",
+                     env=clean_env())
+    assert proc.process.returncode == 1
+    assert one_line_error(proc).startswith("groq-proxy: cannot listen on http://no-such-host.invalid:0: ")
+
+
+async def test_serve_port_zero_prints_the_port_it_bound(tmp_path):
+    proc, base = await start_serving(tmp_path, "serve", "--simulate", env=clean_env())
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await proc.stop()
+    assert not base.endswith(":0")
+    assert proc.stderr.count("listening on") == 1
+    assert proc.process.returncode == 0  # SIGTERM: a graceful stop, as under web.run_app
+
+
+async def test_a_config_file_that_is_not_utf8_exits_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(VALID.encode() + "# café\n".encode("latin-1"))
+    proc = await run(tmp_path, "serve", "serve", "--config", str(path), "--port", "0", env=clean_env())
+    assert proc.process.returncode == 2
+    assert one_line_error(proc) == (f"groq-proxy: config error: config: {path} is not UTF-8 text "
+                                    f"(byte {len(VALID) + 5} is 0xe9); TOML files are UTF-8")
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--rate-429", "2", "--rate-429: must be a share between 0 and 1, got 2.0"),
+        ("--rate-429", "-0.1", "--rate-429: must be a share between 0 and 1, got -0.1"),
+        ("--rate-5xx", "1.5", "--rate-5xx: must be a share between 0 and 1, got 1.5"),
+        ("--rate-cut", "nan", "--rate-cut: must be a share between 0 and 1, got nan"),
+        ("--ttft-ms", "-5", "--ttft-ms: must be 0 or more, got -5.0"),
+        ("--tokens-per-s", "-1", "--tokens-per-s: must be 0 or more, got -1.0"),
+        ("--retry-after", "-2", "--retry-after: must be 0 or more, got -2"),
+        ("--port", "70000", "--port: must be a port number from 0 to 65535, got 70000"),
+    ],
+)
+async def test_simulate_refuses_values_out_of_range_in_one_line(tmp_path, flag, value, says):
+    proc = await run(tmp_path, "simulate", "simulate", flag, value, env=clean_env())
+    assert proc.process.returncode == 2
+    assert one_line_error(proc) == f"groq-proxy: {says}"
+
+
+async def test_simulate_refuses_shares_that_add_up_to_more_than_one(tmp_path):
+    proc = await run(tmp_path, "simulate", "simulate", "--rate-429", "0.6", "--rate-5xx", "0.6", env=clean_env())
+    assert proc.process.returncode == 2
+    assert one_line_error(proc) == "groq-proxy: simulate: rate_429 + rate_5xx must not exceed 1"
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ("[routing]\ncooldown_s = 60\nmax_cooldown_s = 30\n", "routing.max_cooldown_s"),
+        ('[providers.slow]\nbase_url = "http://h/v1"\ntimeout_s = 2\nconnect_timeout_s = 5\n',
+         "providers.slow.connect_timeout_s"),
+        ('[providers.spaced]\nbase_url = "http://my host/v1"\n', "providers.spaced.base_url"),
+        ('[providers."a:b"]\nbase_url = "http://h/v1"\n', "providers.a:b"),
+    ],
+)
+async def test_serve_refuses_inconsistent_config_naming_the_key(tmp_path, extra, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(VALID + extra)
+    proc = await run(tmp_path, "serve", "serve", "--config", str(path), "--port", "0", env=clean_env())
+    assert proc.process.returncode == 2
+    assert one_line_error(proc).startswith(f"groq-proxy: config error: {key}: ")
+
+
+# --- what the README says each flag does, run as a user runs it ---------------------------------------------
+
+
+async def test_serve_simulate_answers_from_the_simulator_even_with_a_config_and_key(tmp_path):
+    """--simulate wins over a config whose provider cannot be reached and a key that is set."""
+    dead = f"http://127.0.0.1:{free_port()}/openai/v1"
+    path = tmp_path / "dead.toml"
+    path.write_text(f'[providers.groq]\nbase_url = "{dead}"\napi_key_env = "SIM_KEY"\n'
+                    '[models.tier-fast]\nchain = ["groq:openai/gpt-oss-20b"]\n')
+    proc, base = await start_serving(tmp_path, "serve", "--simulate", "--config", str(path),
+                                     env=clean_env(SIM_KEY=SECRET))
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="client", max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="tier-fast", messages=[{"role": "user", "content": "hello"}])
+    finally:
+        await proc.stop()
+    assert raw.headers["x-groq-proxy-simulated"] == "true"
+    assert raw.parse().choices[0].message.content
+    assert [line["event"] for line in proc.log_lines() if line["level"] == "warning"] == ["simulated_upstream"]
+    assert "(simulated upstream)" in proc.stderr
+    assert_no_secret(proc)
+
+
+async def test_serve_no_check_skips_the_catalogue_check(tmp_path, simulator):
+    """With --strict the same config refuses to start (two models missing); with --no-check it is never asked."""
+    path = write_config(tmp_path, simulator)
+    proc, base = await start_serving(tmp_path, "serve", "--strict", "--no-check", "--config", str(path),
+                                     env=clean_env(SIM_KEY=SECRET))
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="client", max_retries=0) as client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="tier-fast", messages=[{"role": "user", "content": "hello"}])
+    finally:
+        await proc.stop()
+    assert raw.headers["x-groq-proxy-model"] == "openai/gpt-oss-20b"
+    events = {line["event"] for line in proc.log_lines()}
+    assert "model_missing" not in events and "catalogue_unavailable" not in events
+    assert "refusing to start" not in proc.stderr
+    assert_no_secret(proc)
+
+
+async def test_models_simulate_checks_against_the_built_in_simulator(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/openai/v1"
+    path = tmp_path / "dead.toml"
+    path.write_text(f'[providers.groq]\nbase_url = "{dead}"\napi_key_env = "SIM_KEY"\n'
+                    f'[models.t]\nchain = ["groq:openai/gpt-oss-20b", "groq:{MISSING_B}"]\n')
+    proc = await run(tmp_path, "models", "models", "--simulate", "--json", "--config", str(path),
+                     env=clean_env(SIM_KEY=SECRET))
+    assert proc.process.returncode == 0, proc.stderr
+    report = orjson.loads(proc.stdout)
+    assert report["providers"]["groq"]["error"] is None
+    assert "openai/gpt-oss-20b" in report["providers"]["groq"]["models"]
+    assert [(e["target"], e["available"]) for e in report["entries"]] == [
+        ("groq:openai/gpt-oss-20b", True), (f"groq:{MISSING_B}", False)]
+    assert "built-in simulator" in proc.stderr
+    assert_no_secret(proc)
+
+
+async def test_bench_model_url_measures_a_running_proxy(tmp_path):
+    proxy, base = await start_serving(tmp_path, "serve", "--simulate", env=clean_env())
+    try:
+        bench = await run(tmp_path, "bench", "bench-model", "--url", base, "--model", "tier-fast", "--runs", "2",
+                          "--max-tokens", "5", "--json", env=clean_env())
+        await proxy.wait_for_log(lambda _: sum(line["event"] == "attempt" for line in proxy.log_lines()) >= 2)
+    finally:
+        await proxy.stop()
+    assert bench.process.returncode == 0, bench.stderr
+    report = orjson.loads(bench.stdout)
+    assert report["summary"]["succeeded"] == 2 and report["summary"]["answered_by"] == {"openai/gpt-oss-20b": 2}
+    # The runs went through that proxy: it logged one answered attempt per run, and nothing else served them.
+    answered = [line for line in proxy.log_lines() if line["event"] == "attempt"]
+    assert len(answered) == 2
+    assert all(line["requested"] == "tier-fast" and line["outcome"] == "answered" for line in answered)
+
+
+SIM_VALID = '[providers.groq]\nbase_url = "http://127.0.0.1:9/v1"\n[models.t]\nchain = ["groq:openai/gpt-oss-20b"]\n'
+
+
+async def test_log_level_warning_writes_no_info_lines(tmp_path):
+    path = tmp_path / "quiet.toml"
+    path.write_text(SIM_VALID + '[server]\nlog_level = "warning"\n')
+    proc, base = await start_serving(tmp_path, "serve", "--simulate", "--config", str(path), env=clean_env())
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="client", max_retries=0) as client:
+            await client.chat.completions.create(model="t", messages=[{"role": "user", "content": "hello"}])
+    finally:
+        await proc.stop()  # at exit the writer flushes whatever it holds: an info line would be there by now
+    levels = [line["level"] for line in proc.log_lines()]
+    assert levels == ["warning"], proc.stderr  # the simulated-upstream warning, and no attempt line
+
+
+async def test_log_level_info_writes_the_attempt_line(tmp_path):
+    """The other side of the filter: the same request at the default level logs its attempt."""
+    path = tmp_path / "info.toml"
+    path.write_text(SIM_VALID)
+    proc, base = await start_serving(tmp_path, "serve", "--simulate", "--config", str(path), env=clean_env())
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="client", max_retries=0) as client:
+            await client.chat.completions.create(model="t", messages=[{"role": "user", "content": "hello"}])
+        line = await proc.wait_for_log(lambda line: line["event"] == "attempt")
+    finally:
+        await proc.stop()
+    assert line["level"] == "info" and line["requested"] == "t"

@@ -347,3 +347,109 @@ def test_a_key_with_whitespace_or_control_characters_is_refused_without_echoing_
 def test_server_table_is_checked_before_providers():
     with pytest.raises(ConfigError, match=r"^server\.bogus"):
         parse_config({"server": {"bogus": 1}}, env={})
+
+
+# --- the edges of each rule (each test fails if the line that makes the rule is changed) -------------------
+
+
+@pytest.mark.parametrize("pasted", ["gsk_abc123", "sk_live_abc", "gsk_" + "x" * 30])
+def test_a_key_shaped_like_a_variable_name_pasted_into_api_key_env_is_refused(pasted):
+    """`gsk_abc123` is a valid variable name: only the key-prefix rule stops it."""
+    message = config_error(with_change("providers.groq.api_key_env", pasted))
+    assert message.startswith("providers.groq.api_key_env: must be the name of an environment variable")
+    assert pasted not in message
+
+
+def test_a_variable_name_over_40_characters_is_taken_for_a_key():
+    assert parse_config(with_change("providers.groq.api_key_env", "A" * 40), env=ENV).providers["groq"].api_key_env
+    message = config_error(with_change("providers.groq.api_key_env", "A" * 41))
+    assert message.startswith("providers.groq.api_key_env: must be the name") and "A" * 41 not in message
+
+
+@pytest.mark.parametrize("port", [0, 1, 65535])
+def test_every_port_up_to_65535_is_accepted(port):
+    assert parse_config(with_change("server.port", port), env=ENV).server.port == port
+
+
+def test_port_65536_is_refused():
+    assert config_error(with_change("server.port", 65536)) == "server.port: must be at most 65535, got 65536"
+
+
+@pytest.mark.parametrize("values", [(50, 40, 150, 300), (50, 100, 150, 149), (300, 50, 100, 150)])
+def test_latency_thresholds_that_fall_are_refused(values):
+    table = dict(zip(("excellent", "good", "acceptable", "poor"), values))
+    message = config_error(with_change("models.tier-a.latency_ms", table))
+    assert message.startswith("models.tier-a.latency_ms: thresholds must rise")
+
+
+def test_latency_thresholds_that_rise_or_stay_are_accepted():
+    table = {"excellent": 100, "good": 100, "acceptable": 150, "poor": 150}
+    latency = parse_config(with_change("models.tier-a.latency_ms", table), env=ENV).models["tier-a"].latency
+    assert (latency.excellent_ms, latency.good_ms, latency.acceptable_ms, latency.poor_ms) == (100, 100, 150, 150)
+
+
+# --- consistency between keys, and names that cannot work ---------------------------------------------------
+
+
+def test_max_cooldown_below_cooldown_is_refused():
+    message = config_error(with_change("routing", {"cooldown_s": 60, "max_cooldown_s": 59.5}))
+    assert message == "routing.max_cooldown_s: must be at least cooldown_s (59.5 < 60)"
+
+
+def test_max_cooldown_equal_to_cooldown_and_a_long_cooldown_alone_are_accepted():
+    routing = parse_config(with_change("routing", {"cooldown_s": 60, "max_cooldown_s": 60}), env=ENV).routing
+    assert (routing.cooldown_s, routing.max_cooldown_s) == (60, 60)
+    routing = parse_config(with_change("routing", {"cooldown_s": 600}), env=ENV).routing
+    assert (routing.cooldown_s, routing.max_cooldown_s) == (600, 600)  # the 300 s default cap rises to it
+
+
+def test_connect_timeout_above_the_total_is_refused():
+    message = config_error(with_change("providers.groq", {"base_url": "http://h/v1", "timeout_s": 3,
+                                                          "connect_timeout_s": 4}))
+    assert message == "providers.groq.connect_timeout_s: must not exceed timeout_s (4 > 3)"
+
+
+def test_connect_timeout_defaults_within_a_short_total():
+    provider = parse_config(with_change("providers.local.timeout_s", 2), env=ENV).providers["local"]
+    assert (provider.connect_timeout_s, provider.timeout_s) == (2.0, 2.0)
+    provider = parse_config(with_change("providers.local.connect_timeout_s", 60), env=ENV).providers["local"]
+    assert provider.connect_timeout_s == 60.0  # equal to the default total: allowed
+
+
+@pytest.mark.parametrize("url", ["http://my host/v1", "http://api.groq.com /v1", "https:// api.groq.com",
+                                 "http://host\t/v1", "http://host/v1\n", "http://host/o\x00/v1"])
+def test_a_base_url_with_a_space_in_the_host_or_a_control_character_is_refused(url):
+    message = config_error(with_change("providers.groq.base_url", url))
+    assert message.startswith("providers.groq.base_url: must not hold control characters, nor spaces in the host")
+
+
+def test_a_space_in_the_path_is_allowed_and_sent_percent_encoded():
+    config = parse_config(with_change("providers.groq.base_url", "http://h/my models/v1"), env=ENV)
+    assert config.providers["groq"].base_url == "http://h/my models/v1"  # tests/test_upstream_wire.py: %20
+
+
+@pytest.mark.parametrize("name", ["a:b", "groq:", ":x", " "])
+def test_a_provider_name_that_cannot_appear_in_provider_model_is_refused(name):
+    raw = copy.deepcopy(BASE)
+    raw["providers"][name] = {"base_url": "http://h/v1"}
+    message = config_error(raw)
+    assert message.startswith(f"providers.{name}: a provider name must be non-empty and hold no ':'")
+
+
+def test_the_server_limits_default_and_are_checked():
+    server = parse_config(BASE, env=ENV).server
+    assert (server.request_read_timeout_s, server.max_url_bytes, server.max_header_bytes, server.max_headers) == (
+        75.0, 4096, 8190, 100)
+    for key, value, says in [("request_read_timeout_s", 0, "at least 0.01"), ("request_read_timeout_s", "30", "number"),
+                             ("max_url_bytes", 100, "at least 256"), ("max_header_bytes", 8190.5, "integer"),
+                             ("max_headers", 8, "at least 16")]:
+        assert config_error(with_change(f"server.{key}", value)).startswith(f"server.{key}: must"), key
+        assert says in config_error(with_change(f"server.{key}", value))
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"config: {path} is not UTF-8 text (byte 20 is 0xe9); TOML files are UTF-8"

@@ -380,3 +380,113 @@ async def test_retrieve_one_model_by_id_including_ids_with_a_slash(aiohttp_serve
         async with s.post(base + "/healthz") as r:
             assert r.status == 405
             assert (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+# --- x-request-id on every response -------------------------------------------------------------------------
+
+REQUEST_ID = r"req_[0-9a-f]{24}"
+
+EVERY_KIND_OF_ANSWER = [
+    ("GET", "/v1/models", None, 200),
+    ("GET", "/openai/v1/models", None, 200),
+    ("HEAD", "/v1/models", None, 200),
+    ("GET", "/v1/models/tier-test", None, 200),
+    ("GET", "/openai/v1/models/m1", None, 200),
+    ("GET", "/v1/models/nope", None, 404),
+    ("GET", "/healthz", None, 200),
+    ("GET", "/readyz", None, 200),
+    ("GET", "/metrics", None, 200),
+    ("GET", "/nowhere", None, 404),
+    ("POST", "/v1/completions", b"{}", 404),
+    ("PUT", "/v1/models", b"{}", 405),
+    ("POST", "/healthz", b"{}", 405),
+    ("GET", "/v1/chat/completions", None, 405),
+    ("POST", "/admin/benchmark", b"{}", 400),
+    ("GET", "/v1/usage", None, 200),
+    ("GET", "/admin/usage?user=x", None, 403),
+    ("POST", "/admin/benchmark", b"x" * 5000, 413),  # over client_max_size (server.max_body_bytes)
+    ("POST", "/v1/chat/completions", b"{}", 400),
+    ("POST", "/v1/embeddings", b"x" * 5000, 413),
+]
+
+
+@pytest.mark.parametrize("method, path, data, expected", EVERY_KIND_OF_ANSWER,
+                         ids=[f"{m} {p} {s}" for m, p, _, s in EVERY_KIND_OF_ANSWER])
+async def test_every_response_carries_a_request_id(upstream, start_proxy, method, path, data, expected):
+    """Before: /v1/models, /v1/models/{id}, /healthz, /readyz, /metrics, the 404s, 405s and the admin
+    answers had none."""
+    import re
+
+    _, url = upstream
+    base = await start_proxy(config_for(url, server={"max_body_bytes": 4096}))
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, base + path, data=data) as resp:
+            await resp.read()
+            assert resp.status == expected
+            assert re.fullmatch(REQUEST_ID, resp.headers["x-request-id"])
+
+
+async def test_request_ids_differ_and_a_clients_own_is_not_echoed(upstream, start_proxy):
+    """The proxy's id keys its logs and traces, so it is always its own (a client's value could collide, or
+    carry anything): the client's `x-request-id` is neither echoed nor trusted."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    seen = set()
+    async with aiohttp.ClientSession() as session:
+        for path, body in (("/v1/models", None), ("/healthz", None), ("/v1/chat/completions",
+                                                                      {"model": "tier-test", "messages": MESSAGES})):
+            for _ in range(2):
+                async with session.request("POST" if body else "GET", base + path, json=body,
+                                           headers={"x-request-id": "client-chosen"}) as resp:
+                    await resp.read()
+                    assert resp.status == 200
+                    seen.add(resp.headers["x-request-id"])
+    assert len(seen) == 6 and all(rid.startswith("req_") for rid in seen)
+
+
+async def test_aiohttps_own_400_carries_a_request_id(upstream, start_proxy):
+    """A request line aiohttp cannot parse never reaches a handler; its answer is still ours."""
+    import asyncio
+    import re
+
+    _, url = upstream
+    base = await start_proxy(config_for(url))
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 ")
+    assert re.search(rb"x-request-id: " + REQUEST_ID.encode(), head)
+    assert orjson.loads(body)["error"]["code"] == "bad_http_request"
+
+
+async def test_a_handler_that_raises_is_an_openai_500_with_a_request_id_and_one_log_line(upstream, aiohttp_server,
+                                                                                        caplog):
+    """A bug outside the chat and embeddings handlers reaches aiohttp's handle_error: the answer is still ours."""
+    import logging
+    import re
+
+    from proxy.app.server import STATE
+
+    class Broken(list):
+        def __iter__(self):
+            raise RuntimeError("a bug in the proxy")
+
+    _, url = upstream
+    server = await aiohttp_server(build_app(config_for(url)))
+    server.app[STATE].models = Broken()
+    with caplog.at_level(logging.ERROR, logger="groq_proxy"):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{server.port}/v1/models/tier-test") as resp:
+                body = await resp.json()
+                assert resp.status == 500
+                request_id = resp.headers["x-request-id"]
+    assert re.fullmatch(REQUEST_ID, request_id)
+    assert body["error"]["type"] == "server_error" and request_id in body["error"]["message"]
+    assert "a bug" not in body["error"]["message"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "internal_error"]
+    assert record.fields["request_id"] == request_id and record.exc_info[0] is RuntimeError

@@ -137,8 +137,12 @@ def test_parser_reads_what_the_renderer_writes_with_escapes():
     out: list[str] = []
     counter.render(out)
     hist.render(out)
+    text = "".join(out)
+    # The renderer's own escaping, checked on the bytes (not only through the test's parser): \ " and newline.
+    assert 't_total{a="quote \\" back \\\\ new\\nline"} 2\n' in text, text
+    assert 't_seconds_bucket{a="x",le="0.1"} 2\n' in text and 't_seconds_bucket{a="x",le="+Inf"} 4\n' in text, text
 
-    scrape = Scrape("".join(out))
+    scrape = Scrape(text)
 
     assert scrape.value("t_total", a='quote " back \\ new\nline') == 2
     assert scrape.value("t_total", a="plain") == 0.5

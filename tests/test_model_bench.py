@@ -12,7 +12,15 @@ import pytest
 from proxy.app.config import parse_config
 from proxy.sim.testing import ScriptedUpstream, status
 from tests.conftest import config_for
-from tests.test_cli import GROQ_PROXY, clean_env
+from tests.procs import GROQ_PROXY, clean_env
+
+# The README's standard row (a virtual model whose name names no tier): ms limits of each category.
+STANDARD = ((300, "excellent"), (500, "good"), (800, "acceptable"), (1600, "poor"))
+
+
+def standard_category(ms: float) -> str:
+    return next((name for limit, name in STANDARD if ms <= limit), "critical")
+
 
 BENCH = {"model": "tier-test", "prompt": "Write a short story about a robot", "runs": 3, "max_tokens": 20}
 
@@ -35,15 +43,27 @@ async def test_admin_benchmark_reports_each_run_and_the_summary(upstream, start_
         assert r["model"] == "m2"
         assert 0 < r["ttft_ms"] <= r["latency_ms"]
         assert r["completion_tokens"] == 3 and r["tokens_per_s"] > 0
-        assert r["category"] in ("excellent", "good", "acceptable", "poor", "critical")
+        assert r["category"] == standard_category(r["ttft_ms"])  # a stream is judged by its first token
     assert summary["succeeded"] == 3 and summary["answered_by"] == {"m2": 3}
     assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p95"]
     assert summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p95"]
-    assert summary["category"] in ("excellent", "good", "acceptable", "poor", "critical")
+    assert summary["category"] == standard_category(summary["ttft_ms"]["p95"])
     # The runs were real streamed requests with the asked-for fields, through the chain.
     sent = [r["body"] for r in scripted.requests]
     assert len(sent) == 6 and all(b["stream"] is True and b["max_tokens"] == 20 for b in sent)
     assert sent[0]["messages"] == [{"role": "user", "content": BENCH["prompt"]}]
+
+
+async def test_admin_benchmark_judges_by_the_tiers_own_thresholds(upstream, start_proxy):
+    scripted, url = upstream
+    zero = {"excellent": 0, "good": 0, "acceptable": 0, "poor": 0}  # any time above 0 ms is critical
+    raw = {"server": {"keepalive_s": 0}, "providers": {"up": {"base_url": url}},
+           "models": {"tier-test": {"chain": ["up:m1"], "latency_ms": zero}}}
+    base = await start_proxy(parse_config(raw, env={}))
+    code, report = await admin(base, {**BENCH, "runs": 2})
+    assert code == 200
+    assert [r["category"] for r in report["runs"]] == ["critical", "critical"]
+    assert report["summary"]["category"] == "critical"
 
 
 async def test_admin_benchmark_counts_failed_runs(upstream, start_proxy):

@@ -326,40 +326,46 @@ async def test_embeddings_float_and_base64(client):
 
 
 @pytest.mark.parametrize(
-    "path,raw",
+    "path,raw,param",
     [
-        (CHAT, b"{not json"),
-        (CHAT, b""),
-        (CHAT, b"\xff\xfe"),
-        (CHAT, b"[1, 2]"),
-        (CHAT, orjson.dumps({"messages": [{"role": "user", "content": "x"}]})),
-        (CHAT, orjson.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]})),
-        (CHAT, orjson.dumps({"model": MODEL})),
-        (CHAT, orjson.dumps({"model": MODEL, "messages": []})),
-        (CHAT, orjson.dumps({"model": MODEL, "messages": "hi"})),
-        (CHAT, orjson.dumps({"model": MODEL, "messages": [{"content": "no role"}]})),
-        (CHAT, orjson.dumps({"model": MODEL, "messages": ["hi"]})),
-        (CHAT, orjson.dumps(chat_body(n=2))),
-        (CHAT, orjson.dumps(chat_body(n=True))),
-        (CHAT, orjson.dumps(chat_body(max_tokens=0))),
-        (CHAT, orjson.dumps(chat_body(max_tokens="10"))),
-        (CHAT, orjson.dumps(chat_body(max_completion_tokens=10**9))),
-        (CHAT, orjson.dumps(chat_body(stream="yes"))),
-        (EMBEDDINGS, b"{"),
-        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text"})),
-        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text", "input": []})),
-        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text", "input": [1, 2]})),
-        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text", "input": "x", "encoding_format": "hex"})),
+        (CHAT, b"{not json", None),
+        (CHAT, b"", None),
+        (CHAT, b"\xff\xfe", None),
+        (CHAT, b"[1, 2]", None),
+        (CHAT, orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "model"),
+        (CHAT, orjson.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}), "model"),
+        (CHAT, orjson.dumps({"model": MODEL}), "messages"),
+        (CHAT, orjson.dumps({"model": MODEL, "messages": []}), "messages"),
+        (CHAT, orjson.dumps({"model": MODEL, "messages": "hi"}), "messages"),
+        (CHAT, orjson.dumps({"model": MODEL, "messages": [{"content": "no role"}]}), "messages.0"),
+        (CHAT, orjson.dumps({"model": MODEL, "messages": ["hi"]}), "messages.0"),
+        (CHAT, orjson.dumps(chat_body(n=2)), "n"),
+        (CHAT, orjson.dumps(chat_body(n=True)), "n"),
+        (CHAT, orjson.dumps(chat_body(max_tokens=0)), "max_tokens"),
+        (CHAT, orjson.dumps(chat_body(max_tokens="10")), "max_tokens"),
+        (CHAT, orjson.dumps(chat_body(max_completion_tokens=10**9)), "max_completion_tokens"),
+        (CHAT, orjson.dumps(chat_body(stream="yes")), "stream"),
+        (EMBEDDINGS, b"{", None),
+        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text"}), "input"),
+        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text", "input": []}), "input"),
+        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text", "input": [1, 2]}), "input"),
+        (EMBEDDINGS, orjson.dumps({"model": "nomic-embed-text", "input": "x", "encoding_format": "hex"}),
+         "encoding_format"),
     ],
 )
-async def test_bad_input_is_a_400_json_error(client, path, raw):
+async def test_bad_input_is_a_400_json_error(client, path, raw, param):
     resp = await client.post(path, data=raw, headers={"content-type": "application/json"})
     assert resp.status == 400
     assert resp.content_type == "application/json"
     assert resp.headers[SIMULATED_HEADER] == "true"
     error = (await resp.json())["error"]
     assert error["type"] == "invalid_request_error"
-    assert error["message"]
+    assert error.get("param") == param  # the field at fault, as Groq names it; none for a body that is not an object
+    if param:
+        assert error["message"].startswith(f"'{param}' : "), error["message"]
+    else:
+        assert error["message"] in ("We could not parse the JSON body of your request.",
+                                    "The request body must be a JSON object."), error["message"]
 
 
 async def test_odd_but_valid_input_is_accepted(client):

@@ -7,6 +7,7 @@ Checked twice where a client library matters: with raw bytes from aiohttp, and w
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import openai
@@ -422,7 +423,11 @@ async def test_failure_after_first_event_raises_in_openai_client(case, aiohttp_s
                 for choice in chunk.choices:
                     text += choice.delta.content or ""
     assert text == ("Hello there" if case == "ends_without_done" else "Hello")  # what came first was delivered
-    assert info.value.message
+    if case == "upstream_error_event":  # the upstream's own error event, passed through as it came
+        assert info.value.message == "overloaded mid-stream"
+    else:  # the proxy's: which model broke, and the request to look up
+        assert info.value.message.startswith("up:m1 failed mid-stream: "), info.value.message
+        assert re.search(r"\(request req_[0-9a-f]+\)$", info.value.message), info.value.message
     assert upstream.requests == 1
 
 

@@ -215,7 +215,7 @@ async def test_request_that_fell_over_twice_is_one_server_span_with_three_attemp
     assert t["gen_ai.usage.input_tokens"] == USAGE["prompt_tokens"]
     assert t["gen_ai.usage.output_tokens"] == USAGE["completion_tokens"]
     ttfc = t["groq_proxy.time_to_first_chunk_ms"]
-    assert isinstance(ttfc, float) and ttfc >= 0
+    assert isinstance(ttfc, float) and 0 < ttfc <= server.duration_ns / 1e6  # within the request it belongs to
 
     # Each attempt told its upstream which span it belongs to.
     assert scripted.models_sent() == ["m1", "m2", "m3"]
@@ -568,7 +568,14 @@ async def test_provider_key_never_reaches_the_collector(upstream, otlp, start_pr
 # --- export: endpoints, failures, never in the way ------------------------------------------------------------
 
 
-async def test_dead_collector_costs_only_the_spans(upstream, aiohttp_server, proxy_log):
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """Export retries with millisecond waits, so a test sees every retry without waiting seconds."""
+    monkeypatch.setattr(Exporter, "backoff_s", 0.01)
+    monkeypatch.setattr(Exporter, "max_backoff_s", 0.05)
+
+
+async def test_dead_collector_costs_only_the_spans(upstream, aiohttp_server, proxy_log, quick_retries):
     scripted, url = upstream
     scripted.behaviours["m1"] = status(503)
     dead = f"http://127.0.0.1:{closed_port()}"
@@ -590,16 +597,18 @@ async def test_dead_collector_costs_only_the_spans(upstream, aiohttp_server, pro
     assert warnings[0].fields["error"].startswith("ConnectFailed: cannot connect to 127.0.0.1:")
 
 
-async def test_collector_that_fails_then_recovers(upstream, otlp, start_proxy, proxy_log):
+async def test_collector_that_keeps_failing_gets_the_batch_retried_then_given_up(upstream, otlp, start_proxy,
+                                                                                   proxy_log, quick_retries):
     scripted, url = upstream
     otlp.fail_status = 503
     base = await start_proxy(traced_config(url, otlp.url))
 
     _, lost, _ = await call(base, chat())
     lost_id = lost["x-request-id"]
-    await otlp.wait_for(lambda r: any(s.attributes.get("groq_proxy.request_id") == lost_id for s in r.rejected))
-    assert len(otlp.rejected) == 2  # the server span and its one attempt, both refused
     await until(lambda: records(proxy_log, "trace_export_failed"), what="export failure logged")
+    # The server span and its one attempt, refused on the first POST and on each of the 3 retries.
+    assert len(otlp.rejected) == 2 * (1 + Exporter.retries)
+    assert len({s.span_id for s in otlp.rejected}) == 2
     otlp.fail_status = None
     _, kept, _ = await call(base, chat())
     await otlp.wait_for_request(kept["x-request-id"], attempts=1)
@@ -608,8 +617,104 @@ async def test_collector_that_fails_then_recovers(upstream, otlp, start_proxy, p
     failed = records(proxy_log, "trace_export_failed")
     assert len(failed) == 1 and failed[0].fields["error"] == "status 503"
     assert len(records(proxy_log, "trace_export_recovered", logging.INFO)) == 1
-    assert otlp.request_span(lost_id) is None  # dropped, not retried forever
+    assert otlp.request_span(lost_id) is None  # given up after its retries, not retried forever
     assert {s.span_id for s in otlp.spans}.isdisjoint(s.span_id for s in otlp.rejected)
+
+
+async def test_collector_that_fails_twice_then_accepts_gets_every_span_once(upstream, aiohttp_server, otlp,
+                                                                            quick_retries):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(503)  # a fallback: one failed attempt, one answered
+    otlp.fail_next = 2
+    app = build_app(traced_config(url, otlp.url))
+    server = await aiohttp_server(app)
+    exporter = app[STATE].exporter
+
+    code, headers, _ = await call(f"http://127.0.0.1:{server.port}", chat())
+
+    assert code == 200
+    request_span, attempts = await otlp.wait_for_request(headers["x-request-id"], attempts=2)
+    assert [a.attributes["groq_proxy.attempt.outcome"] for a in attempts] == ["fell_over", "answered"]
+    await until(lambda: exporter.exported == 3, what="all three spans exported")
+    assert len(otlp.spans) == 3 and len({s.span_id for s in otlp.spans}) == 3  # every span, none twice
+    assert otlp.fail_next == 0 and exporter.retried == 2 and exporter.failed == 0
+    assert {s.span_id for s in otlp.rejected} <= {s.span_id for s in otlp.spans}
+
+
+async def test_export_retry_waits_for_the_collectors_retry_after(otlp, monkeypatch):
+    monkeypatch.setattr(Exporter, "backoff_s", 0.001)
+    otlp.fail_next, otlp.fail_next_status, otlp.retry_after = 1, 429, "1"
+    tracer = Tracer()
+    tracer.end(Span(7, 0, "s", KIND_SERVER, {}))
+    exporter = Exporter(tracer, Encoder("retry-after"), otlp.traces_url, interval_s=3600)
+    exporter.start()
+    try:
+        await exporter.flush()
+    finally:
+        await exporter.close()
+
+    assert otlp.posts == 2 and exporter.exported == 1 and exporter.retried == 1
+    assert otlp.post_times[1] - otlp.post_times[0] >= 0.95  # it waited the second the collector asked for
+
+
+@pytest.mark.parametrize("refusal", [400, 401, 413])
+async def test_export_refused_for_good_is_not_retried(refusal, otlp, quick_retries):
+    otlp.fail_next, otlp.fail_next_status = 1, refusal
+    tracer = Tracer()
+    for i in range(3):
+        tracer.end(Span(i + 1, 0, "s", KIND_SERVER, {}))
+    exporter = Exporter(tracer, Encoder("refused"), otlp.traces_url, interval_s=3600)
+    exporter.start()
+    try:
+        await exporter.flush()
+    finally:
+        await exporter.close()
+
+    assert otlp.posts == 1 and exporter.retried == 0
+    assert exporter.failed == 3 and exporter.exported == 0 and not tracer.queue
+
+
+def test_retry_after_header_forms():
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    from proxy.telemetry.otlp import _retry_after
+
+    assert _retry_after("3") == 3.0
+    assert _retry_after(None) is None and _retry_after("soon") is None and _retry_after("-1") is None
+    later = _retry_after(format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True))
+    assert 25 < later <= 30
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+
+
+async def test_collector_that_always_fails_keeps_memory_bounded_and_the_proxy_serving(upstream, aiohttp_server, otlp,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(Exporter, "backoff_s", 0.02)
+    monkeypatch.setattr(Exporter, "max_backoff_s", 0.1)
+    scripted, url = upstream
+    otlp.fail_status = 503
+    app = build_app(traced_config(url, otlp.url))
+    server = await aiohttp_server(app)
+    base = f"http://127.0.0.1:{server.port}"
+    exporter = app[STATE].exporter
+    tracer = exporter.tracer
+    tracer.max_queue = 20
+
+    for _ in range(40):  # two spans each: 80 spans, four times what the queue may hold
+        code, _, _ = await call(base, chat())
+        assert code == 200
+        assert len(tracer.queue) <= 20  # a batch being retried stays inside the bound
+
+    # Every span ended is accounted for: given up after its retries, dropped on a full queue, or still queued.
+    await until(lambda: exporter.failed + tracer.dropped + len(tracer.queue) == 80, what="all 80 spans accounted")
+    await until(lambda: exporter.failed > 0, what="a batch given up")
+    assert tracer.dropped > 0 and exporter.exported == 0 and otlp.spans == []
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    assert f'groq_proxy_trace_spans_dropped_total{{reason="queue_full"}} {tracer.dropped}' in text
+    assert 'groq_proxy_trace_spans_dropped_total{reason="export_failed"} ' in text
+    otlp.fail_status = None  # the collector is back: the shutdown's last flush goes through at once
 
 
 async def test_export_waiting_on_a_stuck_collector_does_not_hold_requests(upstream, otlp, start_proxy):
@@ -789,3 +894,28 @@ def test_encoder_long_strings_and_many_spans():
     decoded = decode(_roundtrip(spans).SerializeToString())
     assert [len(s.name) for s in decoded] == [0, 100, 200, 300]
     assert [len(s.attributes["text"]) for s in decoded] == [0, 9000, 18000, 27000]
+
+
+# --- the names come from opentelemetry-semantic-conventions, at a pinned version -------------------------------
+
+
+def test_attribute_names_come_from_the_semantic_conventions_package():
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
+    from opentelemetry.semconv.attributes import error_attributes, http_attributes, server_attributes
+
+    from proxy.telemetry import semconv
+
+    for name in ("GEN_AI_OPERATION_NAME", "GEN_AI_PROVIDER_NAME", "GEN_AI_REQUEST_MODEL", "GEN_AI_RESPONSE_MODEL",
+                 "GEN_AI_RESPONSE_FINISH_REASONS", "GEN_AI_USAGE_INPUT_TOKENS", "GEN_AI_USAGE_OUTPUT_TOKENS"):
+        assert getattr(semconv, name) == getattr(gen_ai_attributes, name)
+    assert semconv.HTTP_RESPONSE_STATUS_CODE == http_attributes.HTTP_RESPONSE_STATUS_CODE
+    assert semconv.SERVER_PORT == server_attributes.SERVER_PORT
+    assert semconv.ERROR_TYPE == error_attributes.ERROR_TYPE
+
+
+def test_pinned_schema_is_the_installed_conventions_release():
+    """A newer semconv package may rename GenAI attributes: upgrading it must be a deliberate change of the pin
+    (SCHEMA_URL, the README, pyproject's `opentelemetry-semantic-conventions~=`), not a silent one."""
+    from opentelemetry.semconv.schemas import Schemas
+
+    assert SEMCONV_SCHEMA == list(Schemas)[-1].value == "https://opentelemetry.io/schemas/1.44.0"

@@ -11,6 +11,7 @@ import sys
 
 from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
 from proxy.app.errors import ProxyError
+from proxy.app.listen import ListenError, check_port, serve
 from proxy.telemetry.logs import emit, setup_logging
 
 
@@ -21,6 +22,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we ship for
         return asyncio.new_event_loop()
+
+
+def _say(line: str, stream=None) -> None:
+    """A line for people and supervisors, flushed at once (tests and scripts wait for "listening")."""
+    print(line, file=stream or sys.stderr, flush=True)
 
 
 def _missing_keys(config: Config) -> list[str]:
@@ -41,11 +47,11 @@ def decide_simulation(args, config: Config) -> bool:
 
 
 def cmd_serve(args) -> int:
-    from aiohttp import web
-
     from proxy.admin import catalogue
     from proxy.app.server import build_app
 
+    if args.port is not None:
+        _check_port_arg(args.port)
     config = load_config(args.config)
     setup_logging(config.server.log_level)
     simulate = decide_simulation(args, config)
@@ -71,20 +77,52 @@ def cmd_serve(args) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     app = build_app(config, simulate=simulate)
-    print(f"groq-proxy listening on http://{host}:{port} ({'simulated upstream' if simulate else config.source})",
-          file=sys.stderr, flush=True)
+    source = "simulated upstream" if simulate else config.source
     # Start-up objects live as long as the process: keep them out of the collector's full passes, and
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
-    web.run_app(app, host=host, port=port, access_log=None, print=None, loop=loop, handle_signals=True)
+    serve(app, host, port, lambda url: _say(f"groq-proxy listening on {url} ({source})"), loop, access_log=None)
     return 0
 
 
-def cmd_simulate(args) -> int:
-    from proxy.sim.simulator import config_from_args, run_simulator
+_SHARES = ("rate_429", "rate_5xx", "rate_cut")
+_NON_NEGATIVE = ("ttft_ms", "tokens_per_s", "completion_tokens", "retry_after")
 
-    run_simulator(config_from_args(args), args.host, args.port)
+
+def check_simulate_args(args) -> None:
+    """The simulator's knobs, refused in one line when out of range (a share above 1 would fail every request
+    and look like a proxy bug; a negative delay would crash the first request)."""
+    for name in _SHARES:
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            raise ProxyError(400, f"--{name.replace('_', '-')}: must be a share between 0 and 1, got {value}")
+    for name in _NON_NEGATIVE:
+        value = getattr(args, name)
+        if not value >= 0:  # also refuses nan
+            raise ProxyError(400, f"--{name.replace('_', '-')}: must be 0 or more, got {value}")
+    _check_port_arg(args.port)
+
+
+def _check_port_arg(port: int) -> None:
+    try:
+        check_port(port)
+    except ListenError as exc:  # a usage error (exit 2), not a failure to listen (exit 1)
+        raise ProxyError(400, str(exc)) from None
+
+
+def cmd_simulate(args) -> int:
+    from proxy.sim.simulator import build_simulator_app, config_from_args
+
+    check_simulate_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # what the flags cannot say alone, e.g. --rate-429 plus --rate-5xx above 1
+        raise ProxyError(400, f"simulate: {exc}") from None
+    # No access log: as a load target it would be the bottleneck.
+    serve(build_simulator_app(config), args.host, args.port,
+          lambda url: _say(f"groq simulator listening on {url}/openai/v1 (and /v1)", sys.stdout), _new_loop(),
+          access_log=None)
     return 0
 
 
@@ -234,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except ProxyError as exc:
         print(f"groq-proxy: {exc.message}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"groq-proxy: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from proxy.routing.latency import Thresholds, default_thresholds
 
@@ -33,6 +33,10 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     keepalive_s: float = 15.0
     log_level: str = "info"
+    request_read_timeout_s: float = 75.0
+    max_url_bytes: int = 4096
+    max_header_bytes: int = 8190
+    max_headers: int = 100
     admin_key_env: str | None = None
     admin_key: str | None = field(default=None, repr=False)
 
@@ -87,6 +91,8 @@ class TelemetryConfig:
     metrics: bool = True
     export_interval_s: float = 0.1
     parent_based: bool = True  # follow the caller's sampled flag (OTEL_TRACES_SAMPLER=parentbased_*)
+    exporter: str = "otlp"  # "otlp": the built-in OTLP/HTTP exporter; "sdk": the OpenTelemetry SDK's exporters
+    sdk_exporters: tuple[str, ...] = ()  # with "sdk": the trace exporter entry points OTEL_TRACES_EXPORTER selects
 
 
 @dataclass(frozen=True)
@@ -167,9 +173,13 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     return value
 
 
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env",
+                "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers"}
+
+
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     where = "server"
-    _check_keys(raw, {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env"}, where)
+    _check_keys(raw, _SERVER_KEYS, where)
     admin_env = _env_name(raw, "admin_key_env", where)
     if admin_env and not env.get(admin_env):
         raise ConfigError(f"server.admin_key_env: the variable {admin_env} is not set")
@@ -187,6 +197,11 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         log_level=level,
         admin_key_env=admin_env,
         admin_key=env.get(admin_env) if admin_env else None,
+        request_read_timeout_s=float(_number(raw, "request_read_timeout_s", where, 75.0, minimum=0.01)),
+        # Below these a real client's request would not fit (a long model id in the URL, a large cookie).
+        max_url_bytes=_number(raw, "max_url_bytes", where, 4096, minimum=256, integer=True),
+        max_header_bytes=_number(raw, "max_header_bytes", where, 8190, minimum=1024, integer=True),
+        max_headers=_number(raw, "max_headers", where, 100, minimum=16, integer=True),
     )
 
 
@@ -194,6 +209,9 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     where = f"providers.{name}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a table")
+    if ":" in name or not name.strip():
+        raise ConfigError(f"{where}: a provider name must be non-empty and hold no ':' (it separates provider "
+                          "and model in 'provider:model')")
     if "api_key" in raw:
         raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
     _check_keys(raw, {"base_url", "api_key_env", "timeout_s", "first_byte_timeout_s", "connect_timeout_s"}, where)
@@ -206,13 +224,16 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     first_byte = _number(raw, "first_byte_timeout_s", where, min(10.0, timeout), minimum=0.001)
     if first_byte > timeout:
         raise ConfigError(f"{where}.first_byte_timeout_s: must not exceed timeout_s ({first_byte} > {timeout})")
+    connect = _number(raw, "connect_timeout_s", where, min(5.0, timeout), minimum=0.001)
+    if connect > timeout:
+        raise ConfigError(f"{where}.connect_timeout_s: must not exceed timeout_s ({connect} > {timeout})")
     return ProviderConfig(
         name=name,
         base_url=base_url.rstrip("/"),
         api_key_env=key_env,
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
-        connect_timeout_s=float(_number(raw, "connect_timeout_s", where, 5.0, minimum=0.001)),
+        connect_timeout_s=float(connect),
         api_key=_api_key(env, key_env, where),
     )
 
@@ -231,6 +252,10 @@ def _check_url(url: str, where: str) -> None:
     """An http(s) URL with a host and a valid port, and no credentials in it (they are never shown back)."""
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: must start with http:// or https://, got {url!r}")
+    host = re.split(r"[/?#]", url.split("://", 1)[1], maxsplit=1)[0]
+    if any(not c.isprintable() for c in url) or any(c.isspace() for c in host):
+        # urlsplit would drop a tab or newline without a word, and no host has a space.
+        raise ConfigError(f"{where}: must not hold control characters, nor spaces in the host, got {url!r}")
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not hold credentials (user:password@); a provider's key is read from "
@@ -294,14 +319,32 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
     """The [telemetry] table; where a key is not set, the standard OTEL_* variables apply."""
     where = "telemetry"
     _check_keys(raw, {"enabled", "endpoint", "service_name", "sample_ratio", "record_content", "metrics",
-                      "export_interval_s"}, where)
+                      "export_interval_s", "exporter"}, where)
     for key in ("enabled", "record_content", "metrics"):
         if key in raw and not isinstance(raw[key], bool):
             raise ConfigError(f"{where}.{key}: must be true or false, got {raw[key]!r}")
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-    if protocol and protocol != "http/protobuf":
-        raise ConfigError(f"telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported; "
-                          "use http/protobuf (OTLP/HTTP, port 4318)")
+    exporter = raw.get("exporter", "otlp")
+    if exporter not in ("otlp", "sdk"):
+        raise ConfigError(f'{where}.exporter: must be "otlp" (the built-in OTLP/HTTP exporter) or "sdk" '
+                          f"(the OpenTelemetry SDK's exporters), got {exporter!r}")
+    variable = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") \
+        else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = env.get(variable)
+    sdk_exporters: tuple[str, ...] = ()
+    if exporter == "sdk":
+        if "endpoint" in raw:
+            raise ConfigError(f'{where}.endpoint: not used with exporter = "sdk": the SDK\'s exporters read '
+                              "OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)")
+        from proxy.telemetry.sdk import exporter_names  # the SDK is imported only by those who chose it
+
+        try:
+            sdk_exporters = exporter_names(env)
+        except ValueError as exc:
+            raise ConfigError(f"telemetry: {exc}") from None
+    elif protocol and protocol != "http/protobuf":
+        raise ConfigError(f"telemetry: {variable}={protocol} is not supported by the built-in "
+                          'exporter; use http/protobuf (OTLP/HTTP, port 4318), or set [telemetry] exporter = "sdk" '
+                          "for the OpenTelemetry SDK's exporters (grpc included)")
     endpoint = _string(raw, "endpoint", where, None)
     if endpoint is not None:
         url = endpoint.rstrip("/") if endpoint.endswith("/v1/traces") else endpoint.rstrip("/") + "/v1/traces"
@@ -311,7 +354,7 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         url = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces"
     else:
         url = None
-    if url is not None:
+    if url is not None and exporter == "otlp":  # with "sdk" the endpoint is the SDK exporter's to read
         _check_url(url, f"{where}.endpoint")
     sampler = (env.get("OTEL_TRACES_SAMPLER") or "").lower()
     if sampler and sampler not in _SAMPLERS:
@@ -331,12 +374,21 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         raise ConfigError(f"{where}.sample_ratio: must be between 0 and 1, got {ratio}")
     enabled = raw.get("enabled")
     if enabled is None:
-        enabled = url is not None and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
+        if exporter == "sdk":  # OTEL_TRACES_EXPORTER=console (say) turns tracing on as an endpoint does; none, off
+            chosen = bool(sdk_exporters) and (url is not None or bool(env.get("OTEL_TRACES_EXPORTER")))
+        else:
+            chosen = url is not None
+        enabled = chosen and env.get("OTEL_SDK_DISABLED", "").lower() != "true"
     headers = {}
-    for item in (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "").split(","):
+    variable = "OTEL_EXPORTER_OTLP_TRACES_HEADERS" if env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") \
+        else "OTEL_EXPORTER_OTLP_HEADERS"
+    for item in (env.get(variable) or "").split(","):
         if "=" in item:
             k, v = item.split("=", 1)
-            headers[k.strip()] = v.strip()
+            k, v = k.strip(), unquote(v.strip())  # percent-encoded, as the W3C baggage format the SDKs read
+            if any(ord(c) < 0x20 or c == "\x7f" for c in k + v):  # would split the export's request; never echoed
+                raise ConfigError(f"telemetry: {variable}: the header {k[:40]!r} holds a control character")
+            headers[k] = v
     return TelemetryConfig(
         tracing=bool(enabled),
         traces_url=url or "http://127.0.0.1:4318/v1/traces",
@@ -348,16 +400,22 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
         # Small, frequent batches: measured under load, a 1 s batch cost the proxy twice the throughput of 0.1 s.
         export_interval_s=float(_number(raw, "export_interval_s", where, 0.1, minimum=0.01)),
         parent_based=not sampler or sampler.startswith("parentbased_") or "sample_ratio" in raw,
+        exporter=exporter,
+        sdk_exporters=sdk_exporters,
     )
 
 
 def _parse_routing(raw: Mapping) -> RoutingConfig:
     where = "routing"
     _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s"}, where)
+    cooldown = _number(raw, "cooldown_s", where, 30.0)
+    cap = _number(raw, "max_cooldown_s", where, max(300.0, cooldown))
+    if cap < cooldown:
+        raise ConfigError(f"{where}.max_cooldown_s: must be at least cooldown_s ({cap} < {cooldown})")
     return RoutingConfig(
         cooldown_after_failures=_number(raw, "cooldown_after_failures", where, 3, minimum=1, integer=True),
-        cooldown_s=float(_number(raw, "cooldown_s", where, 30.0)),
-        max_cooldown_s=float(_number(raw, "max_cooldown_s", where, 300.0)),
+        cooldown_s=float(cooldown),
+        max_cooldown_s=float(cap),
     )
 
 
@@ -412,9 +470,12 @@ def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str]
         text, source = default_config_text(), "<default>"
     else:
         try:
-            text, source = Path(path).read_text(), str(path)
+            text, source = Path(path).read_text(encoding="utf-8"), str(path)
         except OSError as exc:
             raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config: {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                              "TOML files are UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

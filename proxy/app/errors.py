@@ -6,8 +6,15 @@ errors the proxy makes itself.
 
 from __future__ import annotations
 
+import os
+
 import orjson
 from aiohttp import web
+
+
+def new_request_id() -> str:
+    """`req_` and 24 hex digits: the id of one request in its answer's x-request-id, its log lines and trace."""
+    return "req_" + os.urandom(12).hex()
 
 
 class ProxyError(Exception):

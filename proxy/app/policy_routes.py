@@ -16,7 +16,7 @@ from policies.stores.base import StoreUnavailable
 from policies.stores.memory import MemoryStore
 from policies.usage import usage_report
 from proxy.app.config import Config
-from proxy.app.errors import ProxyError
+from proxy.app.errors import ProxyError, new_request_id
 from proxy.telemetry.logs import emit, register_secrets
 from proxy.telemetry.metrics import Counter
 
@@ -65,8 +65,12 @@ async def close_chain(chain: PolicyChain) -> None:
         await chain.store.close()
 
 
+def _id() -> dict[str, str]:
+    return {"x-request-id": new_request_id()}
+
+
 def _json(obj: dict) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+    return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=_id())
 
 
 async def _report(request: web.Request, identity: Identity, only: str | None) -> web.Response:
@@ -80,7 +84,7 @@ async def _report(request: web.Request, identity: Identity, only: str | None) ->
         return _json(await usage_report(chain, identity, list(state.config.models), only))
     except StoreUnavailable:
         return ProxyError(503, "The usage store is unavailable; try again shortly.", type="server_error",
-                          code="policy_unavailable").to_response()
+                          code="policy_unavailable").to_response(_id())
 
 
 async def my_usage(request: web.Request) -> web.Response:
@@ -91,7 +95,7 @@ async def my_usage(request: web.Request) -> web.Response:
     try:
         identity = chain.authenticate(request.headers)
     except ProxyError as error:
-        return error.to_response()
+        return error.to_response(_id())
     if identity is None:
         identity = body_identity({"user": request.query.get("user")})
     return await _report(request, identity, None)
@@ -105,21 +109,21 @@ async def admin_usage(request: web.Request) -> web.Response:
     admin = state.config.server.admin_key
     if admin is None:
         return ProxyError(403, "/admin/usage needs an admin key: set server.admin_key_env.",
-                          type="authentication_error", code="admin_key_not_configured").to_response()
+                          type="authentication_error", code="admin_key_not_configured").to_response(_id())
     presented = request.headers.get("Authorization", "")
     if not hmac.compare_digest(presented.encode(), f"Bearer {admin}".encode()):
         return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
-                          type="authentication_error", code="invalid_api_key").to_response()
+                          type="authentication_error", code="invalid_api_key").to_response(_id())
     chain = state.pipeline.policies
     given = [(name, request.query[name]) for name in ("key", "user", "team") if request.query.get(name)]
     if len(given) != 1:
-        return ProxyError(400, "Give exactly one of ?key=ID, ?user=NAME or ?team=NAME.", param="key").to_response()
+        return ProxyError(400, "Give exactly one of ?key=ID, ?user=NAME or ?team=NAME.", param="key").to_response(_id())
     kind, value = given[0]
     if kind == "key":
         found = [k for k in (chain.keys.keys if chain.keys else ()) if k.id == value]
         if not found:
             return ProxyError(404, f"No proxy key has the id {value[:64]!r}.", param="key",
-                              code="key_not_found").to_response()
+                              code="key_not_found").to_response(_id())
         identity = found[0].identity
     elif kind == "user":
         identity = Identity(None, value[:256], None)

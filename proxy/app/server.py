@@ -4,7 +4,6 @@ what the app owns (the upstream session, the embedded simulator)."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,7 +15,8 @@ from proxy.app.config import Config
 from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
-from proxy.app.errors import ProxyError
+from proxy.app import http_errors
+from proxy.app.errors import ProxyError, new_request_id
 from proxy.routing.latency import default_thresholds
 from proxy.telemetry.logs import emit, register_secrets
 from proxy.telemetry.metrics import ProxyMetrics
@@ -26,7 +26,7 @@ from proxy.pipeline.pipeline import Pipeline
 from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
 from proxy.upstream.providers import Upstreams
-from proxy.app.validation import read_json, validate_chat, validate_embeddings
+from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
 
 if TYPE_CHECKING:
     from proxy.sim.simulator import SimulatorConfig
@@ -45,7 +45,7 @@ class ProxyState:
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
     observer: Observer | None = None
-    exporter: Exporter | None = None
+    exporter: Exporter | None = None  # or proxy.telemetry.sdk.SdkExporter, which has the same surface
     models: list = field(default_factory=list)
     models_body: bytes = b""
 
@@ -53,8 +53,13 @@ class ProxyState:
 STATE = web.AppKey("state", ProxyState)
 
 
-def _request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+_request_id = new_request_id
+
+
+def _id_header() -> dict[str, str]:
+    """Every response names its request. The proxy makes the id itself and never echoes a client's
+    `x-request-id`: the id keys our logs and traces, so it must be unique and cannot be a client's text."""
+    return {"x-request-id": _request_id()}
 
 
 async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
@@ -97,7 +102,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[STATE].models_body, content_type="application/json")
+    return web.Response(body=request.app[STATE].models_body, content_type="application/json", headers=_id_header())
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -106,18 +111,19 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     for entry in state.models:
         if entry["id"] == model_id:
-            return web.Response(body=orjson.dumps(entry), content_type="application/json")
+            return web.Response(body=orjson.dumps(entry), content_type="application/json", headers=_id_header())
     return ProxyError(404, f"The model `{model_id}` does not exist.", param="model",
-                      code="model_not_found").to_response()
+                      code="model_not_found").to_response(_id_header())
 
 
 async def metrics(request: web.Request) -> web.Response:
     observer = request.app[STATE].observer
     if observer is None or observer.metrics is None:
-        return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).", code="unknown_url").to_response()
+        return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).",
+                          code="unknown_url").to_response(_id_header())
     exporter = request.app[STATE].exporter
     return web.Response(body=observer.metrics.render(exporter),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **_id_header()})
 
 
 async def admin_benchmark(request: web.Request) -> web.Response:
@@ -128,22 +134,22 @@ async def admin_benchmark(request: web.Request) -> web.Response:
     key = state.config.server.admin_key
     if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
         return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
-                          type="authentication_error", code="invalid_api_key").to_response()
+                          type="authentication_error", code="invalid_api_key").to_response(_id_header())
     try:
         req = BenchRequest.from_body(await read_json(request, 1 << 20))
         vm = state.config.models.get(req.model)
         state.router.resolve(req.model)
     except ProxyError as error:
-        return error.to_response()
+        return error.to_response(_id_header())
     host, port = request.transport.get_extra_info("sockname")[:2]
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     thresholds = vm.latency if vm else default_thresholds(req.model)
     report = await run_benchmark(f"http://{'[' + host + ']' if ':' in host else host}:{port}", req, thresholds)
-    return web.Response(body=orjson.dumps(report), content_type="application/json")
+    return web.Response(body=orjson.dumps(report), content_type="application/json", headers=_id_header())
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok"}, headers=_id_header())
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -152,11 +158,11 @@ async def readyz(request: web.Request) -> web.Response:
     body = {"status": "ready" if ready else "starting"}
     if ready and state.pipeline.policies.store is not None:  # a store that is down degrades, it does not stop
         body["store"] = state.pipeline.policies.store.status()
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=200 if ready else 503, headers=_id_header())
 
 
 async def not_found(request: web.Request) -> web.Response:
-    return ProxyError(404, f"Unknown path {request.path}.", code="unknown_url").to_response()
+    return ProxyError(404, f"Unknown path {request.path}.", code="unknown_url").to_response(_id_header())
 
 
 def _method_not_allowed(allowed: str):
@@ -164,7 +170,7 @@ def _method_not_allowed(allowed: str):
         error = ProxyError(
             405, f"{request.method} is not allowed on {request.path}; use {allowed}.", code="method_not_allowed"
         )
-        return error.to_response({"Allow": allowed})
+        return error.to_response({"Allow": allowed, **_id_header()})
 
     return handler
 
@@ -203,7 +209,13 @@ async def _lifecycle(app: web.Application):
     state.models_body = orjson.dumps({"object": "list", "data": state.models})
     telemetry = config.telemetry
     tracer = Tracer(telemetry.sample_ratio, parent_based=telemetry.parent_based) if telemetry.tracing else None
-    if tracer is not None:
+    if tracer is not None and telemetry.exporter == "sdk":
+        from proxy.telemetry.sdk import SdkExporter  # the SDK is imported only by those who chose it
+
+        state.exporter = SdkExporter(tracer, telemetry.service_name, telemetry.sdk_exporters,
+                                     interval_s=telemetry.export_interval_s)
+        state.exporter.start()
+    elif tracer is not None:
         state.exporter = Exporter(tracer, Encoder(telemetry.service_name), telemetry.traces_url,
                                   dict(telemetry.headers), interval_s=telemetry.export_interval_s)
         state.exporter.start()
@@ -222,8 +234,20 @@ async def _lifecycle(app: web.Application):
 
 
 def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    server = config.server
+    http_errors.install()
+    handler_args = {
+        "logger": http_errors.HTTP_LOGGER,  # marks the app whose parse errors get the OpenAI shape
+        # aiohttp closes a connection that has no whole request head this long after it opened or after
+        # its last response (so also the idle keep-alive time); read_json applies it to a stalled body.
+        "keepalive_timeout": server.request_read_timeout_s,
+        "max_line_size": server.max_url_bytes,
+        "max_field_size": server.max_header_bytes,
+        "max_headers": server.max_headers,
+    }
+    app = web.Application(client_max_size=server.max_body_bytes, handler_args=handler_args)
     app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
+    app[READ_TIMEOUT] = server.request_read_timeout_s
     app.cleanup_ctx.append(_lifecycle)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
               ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage)]

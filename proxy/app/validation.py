@@ -1,24 +1,33 @@
-"""Checks on a request body before anything is sent upstream: bad input is the client's 400, never our 500."""
+"""Reading and checking a request body before anything is sent upstream: bad input is the client's 4xx, never
+our 500, and a client that stalls or leaves mid-upload is told apart from one that sent a bad body."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.app.errors import ProxyError, bad_request
+from proxy.telemetry.logs import emit
 
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed")
+
+
+# The body object is level 1. orjson reads 1,024 levels but writes only this many: a deeper body parsed, then
+# failed when it was sent upstream (a 500). No real request comes near it.
+MAX_JSON_DEPTH = 254
+READ_TIMEOUT = web.AppKey("read_timeout_s", float)  # server.request_read_timeout_s, set by build_app
 
 
 async def read_json(request: web.Request, limit: int) -> dict:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+    raw = await _read_body(request, limit)
     if not raw:
         raise bad_request("The request body is empty; send a JSON object.")
     try:
@@ -27,7 +36,58 @@ async def read_json(request: web.Request, limit: int) -> dict:
         raise bad_request("We could not parse the JSON body of your request: it is not valid JSON.") from None
     if not isinstance(body, dict):
         raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.")
+    try:
+        # The one way a parsed body fails to encode is depth, and trying costs less than any depth check
+        # (measured: 0.2 us for a 200-byte body, 4.4 us for 23 kB; counting the raw body's brackets took
+        # 0.4 and 19 us, walking the parsed body 0.8 and 31 us).
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise bad_request(f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.",
+                          code="json_too_deep") from None
     return body
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body. One that arrived with the head is read at once; one still arriving must not stall for more
+    than server.request_read_timeout_s between two reads (408), and a client that leaves during the upload
+    is a 499, not an error of the proxy."""
+    content = request.content
+    try:
+        if content.is_eof():
+            return await request.read()
+        timeout = request.app[READ_TIMEOUT]
+        loop = asyncio.get_running_loop()
+        chunks, size = [], 0
+        async with asyncio.timeout(timeout) as deadline:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+                deadline.reschedule(loop.time() + timeout)
+        return b"".join(chunks)
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+    except TimeoutError:
+        emit(logging.INFO, "request_timeout", status=408, path=request.path, timeout_s=timeout)
+        _stop_reading(request)
+        raise ProxyError(408, f"The request body stalled: nothing arrived for {timeout:g} s.",
+                         code="request_timeout", headers={"Connection": "close"}) from None
+    except (ConnectionError, RequestPayloadError):
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            emit(logging.INFO, "client_closed", status=499, during="upload", path=request.path)
+            raise ProxyError(499, "The client closed the connection during the upload.",
+                             code="client_closed_request") from None
+        _stop_reading(request)
+        raise bad_request("The request body could not be read (a broken chunked or compressed encoding).") from None
+
+
+def _stop_reading(request: web.Request) -> None:
+    """No keep-alive after this answer and no more of this body read: aiohttp would otherwise go on reading
+    (and discarding) it for up to 10 s after the answer, and log a broken body's error as unhandled."""
+    request.protocol.close()
+    request.content.feed_eof()
 
 
 def _too_large(limit: int) -> ProxyError:

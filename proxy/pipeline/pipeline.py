@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import orjson
@@ -45,9 +46,9 @@ _SIMULATED = {"x-groq-proxy-simulated": "true"}
 def _forwarded_headers(request: web.Request) -> dict[str, str]:
     """The client's end-to-end headers that go upstream with every attempt."""
     drop = _DROP_REQUEST_HEADERS
-    connection = request.headers.get("Connection")
-    if connection:  # headers the client named in Connection are hop-by-hop too (RFC 9110, 7.6.1)
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
+    if "Connection" in request.headers:  # headers the client named in Connection are hop-by-hop too (RFC 9110, 7.6.1)
+        for line in request.headers.getall("Connection"):  # every line: a field sent twice is one list
+            drop = drop | {token.strip().lower() for token in line.split(",")}
     headers = {}
     for name, value in request.headers.items():
         lower = name.lower()
@@ -448,11 +449,11 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     waits = [a.retry_after for a in attempts if a.retry_after]
     sent = [a for a in attempts if a.sent]  # empty only when a policy skipped what was not cooling down
     rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
-    if rate_limited and waits:
-        wait = max(1, round(min(waits)))
+    if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
+        headers = {"retry-after": str(max(1, math.ceil(min(waits))))} if waits else {}  # never before then
         return ProxyError(
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
-            headers={"retry-after": str(wait), "x-should-retry": "true"},
+            headers={**headers, "x-should-retry": "true"},
         )
     if not sent:
         status = 503

@@ -646,23 +646,3 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         seed=args.seed,
     )
 
-
-def run_simulator(config: SimulatorConfig, host: str, port: int) -> None:
-    """Serve until interrupted. No access log: as a load target it would be the bottleneck."""
-    url_host = f"[{host}]" if ":" in host else host
-    line = f"groq simulator listening on http://{url_host}:{port}/openai/v1 (and /v1)"
-    loop = None
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        pass
-    web.run_app(
-        build_simulator_app(config),
-        host=host,
-        port=port,
-        access_log=None,
-        print=lambda _banner: print(line, flush=True),
-        loop=loop,
-    )

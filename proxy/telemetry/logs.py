@@ -94,6 +94,14 @@ def setup_logging(level: str = "info") -> None:
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+    # What libraries log (aiohttp's server and client, asyncio's "exception never retrieved", Python warnings)
+    # becomes JSON lines too: a multi-line traceback on stderr would break every reader of the log.
+    logging.captureWarnings(True)
+    for name in ("aiohttp", "asyncio", "py.warnings"):
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.propagate = False
+        library.setLevel(max(logging.WARNING, log.level))
     _direct = handler
     atexit.register(handler.flush)
 

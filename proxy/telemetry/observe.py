@@ -16,16 +16,24 @@ from proxy.pipeline.context import Attempt, RequestContext
 from proxy.routing.latency import RollingP95, default_thresholds
 from proxy.telemetry.logs import redact
 from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.semconv import (
+    ANSWERED_BY, ATTEMPTS, ATTEMPT_INDEX, ATTEMPT_OUTCOME, ATTEMPT_REASON, ERROR_TYPE, GEN_AI_INPUT_MESSAGES,
+    GEN_AI_OPERATION_NAME, GEN_AI_OUTPUT_MESSAGES, GEN_AI_PROVIDER_NAME, GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL, GEN_AI_REQUEST_TEMPERATURE, GEN_AI_RESPONSE_FINISH_REASONS, GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL, GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, LATENCY_CATEGORY, POLICY_DECISION, REQUEST_ID, SERVER_ADDRESS,
+    SERVER_PORT, STREAM, TIME_TO_FIRST_CHUNK_MS, URL_PATH, VIRTUAL_MODEL,
+)
 from proxy.telemetry.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
 _FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled"})
 _REQUEST_CLOSING = (
-    "http.response.status_code", "gen_ai.request.model", "groq_proxy.virtual_model", "groq_proxy.attempts",
-    "groq_proxy.stream", "gen_ai.response.model", "groq_proxy.answered_by", "groq_proxy.latency_category",
+    HTTP_RESPONSE_STATUS_CODE, GEN_AI_REQUEST_MODEL, VIRTUAL_MODEL, ATTEMPTS,
+    STREAM, GEN_AI_RESPONSE_MODEL, ANSWERED_BY, LATENCY_CATEGORY,
 )
 _ATTEMPT_CLOSING = (
-    "groq_proxy.attempt.outcome", "http.response.status_code", "gen_ai.response.model",
-    "gen_ai.response.finish_reasons", "groq_proxy.attempt.reason",
+    ATTEMPT_OUTCOME, HTTP_RESPONSE_STATUS_CODE, GEN_AI_RESPONSE_MODEL,
+    GEN_AI_RESPONSE_FINISH_REASONS, ATTEMPT_REASON,
 )
 
 
@@ -48,8 +56,8 @@ class Observer:
         key = (request.method, route, operation)
         static = self._static.get(key)
         if static is None:  # routes are the proxy's own few paths: this stays small
-            static = self._static[key] = (("http.request.method", request.method), ("url.path", route),
-                                          ("http.route", route), ("gen_ai.operation.name", operation))
+            static = self._static[key] = ((HTTP_REQUEST_METHOD, request.method), (URL_PATH, route),
+                                          (HTTP_ROUTE, route), (GEN_AI_OPERATION_NAME, operation))
         return self.tracer.start_request(request.headers.get("traceparent"), f"{request.method} {route}", {}, static)
 
     def request_ended(self, span: Span | None, ctx: RequestContext | None, status: int, started: float) -> None:
@@ -91,7 +99,7 @@ class Observer:
         if span is not None:
             attrs = span.attrs
             if ctx is None:
-                attrs["http.response.status_code"] = status
+                attrs[HTTP_RESPONSE_STATUS_CODE] = status
             else:
                 answered = ctx.answered
                 span.closing = self._shared(_REQUEST_CLOSING, (
@@ -99,20 +107,20 @@ class Observer:
                     (answered.response_model or answered.target.model) if answered else None,
                     answered.target.key if answered else None, category,
                 ))
-                attrs["groq_proxy.request_id"] = ctx.request_id
+                attrs[REQUEST_ID] = ctx.request_id
                 if self.record_content:
-                    attrs["gen_ai.input.messages"] = input_messages(ctx.body)
+                    attrs[GEN_AI_INPUT_MESSAGES] = input_messages(ctx.body)
             # A 4xx the client caused (bad input, a request error passed back) leaves the span unset.
             failed = ctx is not None and ctx.answered is None and ctx.attempts and ctx.attempts[-1].outcome != "passed_back"
             if status >= 500 or failed:
                 span.status = STATUS_ERROR
-                attrs.setdefault("error.type", str(status))
+                attrs.setdefault(ERROR_TYPE, str(status))
             self.tracer.end(span)
 
     def decision(self, ctx: RequestContext, policy: str, decision: str, **attrs) -> None:
         """A policy decision becomes an event on the request's span."""
         if ctx.span is not None:
-            ctx.span.add_event("groq_proxy.policy.decision", {"policy": policy, "decision": decision, **attrs})
+            ctx.span.add_event(POLICY_DECISION, {"policy": policy, "decision": decision, **attrs})
 
     # --- one attempt ------------------------------------------------------------------------------------
 
@@ -129,17 +137,17 @@ class Observer:
             if len(self._static) >= 4096:  # explicit provider:model names are the client's: keep this bounded
                 self._static.clear()
             static = self._static[key] = (
-                ("gen_ai.operation.name", ctx.operation), ("gen_ai.provider.name", target.provider),
-                ("gen_ai.request.model", target.model), ("server.address", origin.host),
-                ("server.port", origin.port), ("groq_proxy.virtual_model", ctx.route.virtual),
-                ("groq_proxy.attempt.index", attempt.index),
+                (GEN_AI_OPERATION_NAME, ctx.operation), (GEN_AI_PROVIDER_NAME, target.provider),
+                (GEN_AI_REQUEST_MODEL, target.model), (SERVER_ADDRESS, origin.host),
+                (SERVER_PORT, origin.port), (VIRTUAL_MODEL, ctx.route.virtual),
+                (ATTEMPT_INDEX, attempt.index),
             )
         attrs = {}
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None:
-            attrs["gen_ai.request.max_tokens"] = max_tokens
+            attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         if body.get("temperature") is not None:
-            attrs["gen_ai.request.temperature"] = float(body["temperature"])
+            attrs[GEN_AI_REQUEST_TEMPERATURE] = float(body["temperature"])
         attempt.span = span = self.tracer.start_child(parent, f"{ctx.operation} {target.model}", KIND_CLIENT, attrs,
                                                       static)
         headers["traceparent"] = span.traceparent
@@ -167,15 +175,15 @@ class Observer:
             attempt.reason if failed else None,
         ))
         if attempt.first_byte is not None:
-            attrs["groq_proxy.time_to_first_chunk_ms"] = round((attempt.first_byte - attempt.started) * 1000.0, 3)
+            attrs[TIME_TO_FIRST_CHUNK_MS] = round((attempt.first_byte - attempt.started) * 1000.0, 3)
         if attempt.response_id:
-            attrs["gen_ai.response.id"] = attempt.response_id
+            attrs[GEN_AI_RESPONSE_ID] = attempt.response_id
         usage = attempt.usage
         if isinstance(usage, dict):
-            attrs["gen_ai.usage.input_tokens"] = usage.get("prompt_tokens")
-            attrs["gen_ai.usage.output_tokens"] = usage.get("completion_tokens")
+            attrs[GEN_AI_USAGE_INPUT_TOKENS] = usage.get("prompt_tokens")
+            attrs[GEN_AI_USAGE_OUTPUT_TOKENS] = usage.get("completion_tokens")
         if attempt.content is not None:
-            attrs["gen_ai.output.messages"] = attempt.content
+            attrs[GEN_AI_OUTPUT_MESSAGES] = attempt.content
         if failed and outcome != "skipped":
             span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
         self.tracer.end(span)

@@ -3,17 +3,23 @@
 Hand encoding because the generic path (SDK span objects, then the message classes) costs more per span
 than the proxy spends on a whole request. Most attribute pairs repeat request after request (operation,
 provider, model, outcome), so each distinct pair is encoded once and reused. The task encodes in small
-slices and yields between them, so export never holds up a request; a dead collector costs dropped spans
-and nothing else. The encoding is checked against the official protobuf classes in the tests.
+slices and yields between them, so export never holds up a request; a collector that fails gets the batch
+again after a backoff (see `Exporter`), and a dead one costs dropped spans and nothing else. The encoding is
+checked against the official protobuf classes in the tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import struct
+import time
+from email.utils import parsedate_to_datetime
+from itertools import islice
 
 from proxy.upstream.http1 import Client, UpstreamError, split_url
+from proxy.telemetry import semconv as sc
 from proxy.telemetry.logs import emit
 from proxy.telemetry.tracing import SEMCONV_SCHEMA, Span, Tracer
 
@@ -57,9 +63,9 @@ def _any_value(value) -> bytes:
 
 # Attributes whose values differ on (nearly) every span: caching them would only fill memory.
 _VOLATILE = frozenset({
-    "groq_proxy.request_id", "gen_ai.response.id", "groq_proxy.time_to_first_chunk_ms",
-    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.input.messages", "gen_ai.output.messages",
-    "gen_ai.request.max_tokens", "gen_ai.request.temperature",
+    sc.REQUEST_ID, sc.GEN_AI_RESPONSE_ID, sc.TIME_TO_FIRST_CHUNK_MS, sc.GEN_AI_USAGE_INPUT_TOKENS,
+    sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.GEN_AI_INPUT_MESSAGES, sc.GEN_AI_OUTPUT_MESSAGES, sc.GEN_AI_REQUEST_MAX_TOKENS,
+    sc.GEN_AI_REQUEST_TEMPERATURE,
 })
 
 
@@ -185,7 +191,18 @@ class Encoder:
 
 
 class Exporter:
-    """Drains the tracer's queue every `interval_s` (or sooner when it fills) and POSTs OTLP/HTTP protobuf."""
+    """Drains the tracer's queue every `interval_s` (or sooner when it fills) and POSTs OTLP/HTTP protobuf.
+
+    A batch stays at the head of the tracer's queue until the collector took it, so a retry never sends a span
+    twice and spans waiting for it count against the queue's bound (more are dropped as `queue_full`). A failed
+    POST is retried `retries` times after an exponential backoff with jitter, or after the collector's
+    `Retry-After` on 429 and 503; each wait is capped at `max_backoff_s`. A batch still refused then, or refused
+    with a status that retrying cannot fix (400, 401, 413...), is given up and counted as `export_failed`.
+    """
+
+    retries = 3
+    backoff_s = 0.5  # the first wait; doubled for each further try, each wait drawn from [half of it, all of it]
+    max_backoff_s = 5.0
 
     def __init__(self, tracer: Tracer, encoder: Encoder, url: str, headers: dict[str, str] | None = None,
                  interval_s: float = 0.1, batch: int = 512, timeout_s: float = 5.0) -> None:
@@ -200,6 +217,7 @@ class Exporter:
         self.timeout_s = timeout_s
         self.exported = 0
         self.failed = 0
+        self.retried = 0  # POSTs sent again after a failure
         self._client: Client | None = None  # the proxy's own HTTP/1.1 client: the export is on the proxy's CPU too
         self._task: asyncio.Task | None = None
         self._failing = False
@@ -216,38 +234,58 @@ class Exporter:
     async def flush(self) -> None:
         queue = self.tracer.queue
         while queue:
+            # A snapshot of the head: the spans stay queued (and counted by the bound) until the batch is done.
+            spans = list(islice(queue, self.batch))
             encoded = []
             encode = self.encoder.span
-            for _ in range(min(self.batch, len(queue))):
-                encoded.append(encode(queue.popleft()))
-                if len(encoded) % 16 == 0:
+            for i, span in enumerate(spans, 1):
+                encoded.append(encode(span))
+                if i % 16 == 0:
                     await asyncio.sleep(0)  # let requests run between slices of encoding (~0.2 ms each)
-            await self._send(self.encoder.request(encoded), len(encoded))
+            delivered = await self._deliver(self.encoder.request(encoded), len(spans))
+            for _ in spans:
+                queue.popleft()  # only this task takes from the head; the tracer appends at the tail
+            if delivered:
+                self.exported += len(spans)
+            else:
+                self.failed += len(spans)
 
-    async def _send(self, body: bytes, count: int) -> None:
+    async def _deliver(self, body: bytes, count: int) -> bool:
+        """Sends one batch, retrying as the class docstring says; True once the collector accepted it."""
+        for attempt in range(self.retries + 1):
+            ok, retryable, retry_after, detail = await self._send(body)
+            if ok:
+                if self._failing:
+                    self._failing = False
+                    emit(logging.INFO, "trace_export_recovered", url=self.url)
+                return True
+            if not retryable or attempt == self.retries:
+                break
+            backoff = self.backoff_s * (1 << attempt) * (0.5 + random.random() / 2)
+            await asyncio.sleep(min(self.max_backoff_s, max(backoff, retry_after or 0.0)))
+            self.retried += 1
+        if not self._failing:  # say it once per outage, not once per batch
+            self._failing = True
+            emit(logging.WARNING, "trace_export_failed", url=self.url, error=detail, dropped=count)
+        return False
+
+    async def _send(self, body: bytes) -> tuple[bool, bool, float | None, str]:
+        """One POST: (accepted, worth retrying, the collector's Retry-After in seconds, what went wrong)."""
         resp = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 resp = await self._client.request(self._origin, "POST", self._path, self.headers, body, self.timeout_s)
                 await resp.read()
-            ok = resp.status < 300
         except (UpstreamError, OSError, TimeoutError) as exc:
-            ok, detail = False, f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
-        else:
-            detail = f"status {resp.status}"
+            return False, True, None, f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
         finally:
             if resp is not None:
                 resp.release()
-        if ok:
-            self.exported += count
-            if self._failing:
-                self._failing = False
-                emit(logging.INFO, "trace_export_recovered", url=self.url)
-        else:
-            self.failed += count
-            if not self._failing:  # say it once per outage, not once per batch
-                self._failing = True
-                emit(logging.WARNING, "trace_export_failed", url=self.url, error=detail, dropped=count)
+        status = resp.status
+        if status < 300:
+            return True, False, None, ""
+        retry_after = _retry_after(resp.headers.get("retry-after")) if status in (429, 503) else None
+        return False, status in _RETRYABLE, retry_after, f"status {status}"
 
     async def close(self) -> None:
         if self._task is not None:
@@ -259,3 +297,23 @@ class Exporter:
             pass
         if self._client is not None:
             await self._client.close()
+
+
+# What the OTLP/HTTP spec calls retryable: the collector is overloaded or briefly away.
+_RETRYABLE = frozenset({429, 502, 503, 504})
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
