@@ -128,7 +128,8 @@ def check(port: int, side: str, body: str) -> None:
     import http.client
 
     conn = http.client.HTTPConnection(HOST, port, timeout=5)
-    for auth, expected in (({"Authorization": f"Bearer {KEY}"}, 200), ({}, 401 if side.startswith("policies") else 200)):
+    keyless = 401 if side.startswith("policies") else 200
+    for auth, expected in (({"Authorization": f"Bearer {KEY}"}, 200), ({}, keyless)):
         conn.request("POST", "/v1/chat/completions", body=body,
                      headers={"Content-Type": "application/json", **auth})
         resp = conn.getresponse()
@@ -197,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                         if side == "policies-redis":
                             redis_cpu.append((cpu_seconds(redis.pid) - redis_before) * 1e6 / raw["requests"])
                     errors[side] += sum(v for k, v in raw.items() if k.startswith("err_"))
-                    print(f"round {r + 1} {side:16s} {rps:9.0f} req/s {cpu[side][-1] if cpu[side] else 0:6.0f} us cpu/req",
-                          file=sys.stderr, flush=True)
+                    used = cpu[side][-1] if cpu[side] else 0.0
+                    print(f"round {r + 1} {side:16s} {rps:9.0f} req/s {used:6.0f} us cpu/req", file=sys.stderr,
+                          flush=True)
         finally:
             for proc in reversed(procs):
                 proc.stop()

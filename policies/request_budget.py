@@ -53,7 +53,8 @@ class RequestBudget(Policy):
             return CONTINUE
         body = ctx.body
         limit = completion_limit(body)
-        field = "max_tokens" if "max_completion_tokens" not in body and "max_tokens" in body else "max_completion_tokens"
+        old_name = "max_completion_tokens" not in body and "max_tokens" in body  # keep the field the client used
+        field = "max_tokens" if old_name else "max_completion_tokens"
         if limit is not None and limit <= completion_budget:
             return CONTINUE
         if limit is not None and self.reject_over:

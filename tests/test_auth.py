@@ -91,8 +91,8 @@ async def test_both_headers_admit_and_neither_the_key_nor_the_proxys_headers_go_
         assert KEY not in str(sent) and OTHER not in str(sent)
         assert sent["authorization"] == "Bearer sk-test-secret-upstream-key"
     lines = [r for r in caplog.records if r.getMessage() == "attempt"]
-    assert [(r.fields["key_id"], r.fields["request_type"], r.fields["module"]) for r in lines] == [("search-app", "chat", "sentinel"),
-                                                                     ("billing", "default", None)]
+    assert [(r.fields["key_id"], r.fields["request_type"], r.fields["module"]) for r in lines] == [
+        ("search-app", "chat", "sentinel"), ("billing", "default", None)]
     assert KEY not in caplog.text and OTHER not in caplog.text
 
 
@@ -106,7 +106,8 @@ async def test_without_auth_identity_is_the_user_field_else_anonymous(upstream, 
 
 async def test_request_type_module_and_key_on_span_and_metrics(upstream, start_proxy, otlp):
     scripted, url = upstream
-    config = config_for(url, auth=auth_table(), policies=[{"use": "request_budget", "types": {"triage": {"prompt": 50}}}],
+    config = config_for(url, auth=auth_table(),
+                        policies=[{"use": "request_budget", "types": {"triage": {"prompt": 50}}}],
                         telemetry={"enabled": True, "endpoint": otlp.url, "export_interval_s": 0.05})
     base = await start_proxy(config)
     _, headers, _ = await post(base, {"x-api-key": KEY, "x-request-type": "triage", "x-module": "sentinel"})

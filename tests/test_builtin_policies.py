@@ -126,7 +126,8 @@ async def test_token_budget_settles_a_cut_stream_to_an_estimate(aiohttp_server, 
     base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1", policies=[
         {"use": "token_budget", "per": "global", "tokens": 100000}]))
     async with aiohttp.ClientSession() as session:
-        async with session.post(base + "/v1/chat/completions", json={**BODY, "stream": True, "max_tokens": 200}) as resp:
+        body = {**BODY, "stream": True, "max_tokens": 200}
+        async with session.post(base + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
             await resp.content.readany()
             status, usage = await get(base, "/v1/usage")

@@ -42,7 +42,8 @@ async def test_custom_policy_from_config_rejects_and_admits(upstream, start_prox
     base = await start_proxy(config)
     status, _, body = await post(base)
     assert status == 403
-    assert orjson.loads(body)["error"] == {"message": "x-module must be one of ['sentinel']", "type": "permission_error",
+    assert orjson.loads(body)["error"] == {"message": "x-module must be one of ['sentinel']",
+                                           "type": "permission_error",
                                            "param": None, "code": "module_not_allowed"}
     assert scripted.requests == []
     status, _, _ = await post(base, headers={"x-module": "sentinel", "x-request-type": "chat"})
@@ -80,7 +81,8 @@ async def test_after_runs_for_every_policy_that_ran_in_reverse_even_when_one_rej
     """Before: a Reject returned before the try whose finally runs after(), so an earlier policy's
     reservation (a concurrency slot) leaked. Now every policy whose on_request ran is settled."""
     scripted, url = upstream
-    config = config_for(url, policies=journal({"label": "a", "name": "a"}, {"label": "b", "name": "b", "decide": "reject"},
+    config = config_for(url, policies=journal({"label": "a", "name": "a"},
+                                              {"label": "b", "name": "b", "decide": "reject"},
                                               {"label": "c", "name": "c"}))
     base = await start_proxy(config)
     status, _, body = await post(base)
@@ -91,7 +93,8 @@ async def test_after_runs_for_every_policy_that_ran_in_reverse_even_when_one_rej
 
 async def test_a_failing_after_does_not_stop_the_others(upstream, start_proxy, caplog):
     scripted, url = upstream
-    config = config_for(url, policies=journal({"label": "a", "name": "a"}, {"label": "b", "name": "b", "fail_in": "after"}))
+    config = config_for(url, policies=journal({"label": "a", "name": "a"},
+                                              {"label": "b", "name": "b", "fail_in": "after"}))
     base = await start_proxy(config)
     status, _, _ = await post(base)
     assert status == 200

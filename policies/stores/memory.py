@@ -58,7 +58,8 @@ class MemoryStore:
                 if c.amount > c.limit:
                     fits, wait, left, back = False, -1.0, (now + c.param - tat) // step, tat - now
                 else:
-                    fits, wait, left, back = new - c.param <= now, new - c.param - now, (now + c.param - new) // step, new - now
+                    wait = new - c.param - now
+                    fits, left, back = wait <= 0, (now + c.param - new) // step, new - now
             elif kind == BUDGET:
                 rec = budgets.get(c.key)
                 used = 0 if rec is None or rec[2] <= now else rec[0] + rec[1]

@@ -117,7 +117,8 @@ async def admin_usage(request: web.Request) -> web.Response:
     chain = state.pipeline.policies
     given = [(name, request.query[name]) for name in ("key", "user", "team") if request.query.get(name)]
     if len(given) != 1:
-        return ProxyError(400, "Give exactly one of ?key=ID, ?user=NAME or ?team=NAME.", param="key").to_response(_id())
+        error = ProxyError(400, "Give exactly one of ?key=ID, ?user=NAME or ?team=NAME.", param="key")
+        return error.to_response(_id())
     kind, value = given[0]
     if kind == "key":
         found = [k for k in (chain.keys.keys if chain.keys else ()) if k.id == value]
