@@ -152,8 +152,8 @@ async def test_token_budget_settles_a_cut_stream_to_an_estimate(aiohttp_server, 
 
 async def test_rate_limit_refuses_with_retry_after_and_its_headers_replace_groqs(upstream, start_proxy):
     scripted, url = upstream
-    scripted.behaviours["m1"] = Behaviour("ok", headers={"x-ratelimit-limit-requests": "14400",
-                                                         "x-ratelimit-remaining-requests": "14399"})
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=completion("m1"), headers={
+        "x-ratelimit-limit-requests": "14400", "x-ratelimit-remaining-requests": "14399"})  # Groq's view
     base = await start_proxy(config_for(url, policies=[
         {"use": "rate_limit", "requests_per_minute": 3, "tokens_per_minute": 100000}]))
     answers = [await post(base) for _ in range(3)]
@@ -244,3 +244,25 @@ async def test_shadow_limits_count_but_never_refuse(upstream, start_proxy, redis
     line = 'groq_proxy_policy_decisions_total{policy="rate_limit",decision="reject",mode="shadow"} 3'
     assert line in metrics
     assert 'groq_proxy_policy_decisions_total{policy="rate_limit",decision="continue",mode="shadow"} 2' in metrics
+
+
+async def test_a_stream_carries_the_proxys_ratelimit_headers_not_groqs(upstream, start_proxy):
+    scripted, url = upstream  # its streams say x-ratelimit-remaining-requests: 99
+    base = await start_proxy(config_for(url, policies=[{"use": "rate_limit", "requests_per_minute": 7}]))
+    status, headers, body = await post(base, {**BODY, "stream": True})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream" and body.endswith(b"data: [DONE]\n\n")
+    assert headers["x-ratelimit-limit-requests"] == "7" and headers["x-ratelimit-remaining-requests"] == "6"
+
+
+async def test_the_estimator_is_replaceable(upstream, start_proxy):
+    from policies import set_estimator
+
+    scripted, url = upstream
+    base = await start_proxy(config_for(url, policies=[{"use": "request_budget"}]))
+    set_estimator(lambda body: 5000)
+    try:
+        status, _, body = await post(base)
+    finally:
+        set_estimator(None)
+    assert status == 400 and "estimated at 5000 tokens" in orjson.loads(body)["error"]["message"]
+    assert (await post(base))[0] == 200
