@@ -196,3 +196,21 @@ async def test_redis_batches_concurrent_requests_each_still_all_or_nothing(redis
         assert await store.read([Claim(SLOT, "s", 100, 1, 0.0)]) == [(0, 0)]
     finally:
         await store.close()
+
+
+async def test_redis_gives_back_what_a_cancelled_request_was_admitted(redis_url):
+    """A request whose client left while its admission was on the way: the slot must not stay taken (its
+    lease would be renewed for ever by this replica)."""
+    store = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await store.start()
+    try:
+        slot = Claim(SLOT, "s", 1, 1, 0.0, lease="gone")
+        budget_claim = budget("b", 100, 40)
+        waiting = asyncio.ensure_future(store.admit([slot, budget_claim]))
+        await asyncio.sleep(0)  # queued: its call is on the way
+        waiting.cancel()
+        await until(lambda: not store._sending, what="the store's calls to finish")
+        assert await store.read([slot, budget_claim]) == [(0, 0), (0, 0)]
+        assert not store._leases
+    finally:
+        await store.close()

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from redis.exceptions import NoScriptError, RedisError
 
-from policies.stores.base import SLOT, Admission, Claim, Settlement, StoreUnavailable
+from policies.stores.base import GCRA, SLOT, Admission, Claim, Settlement, StoreUnavailable
 from proxy.telemetry.logs import emit
 
 
@@ -165,13 +165,24 @@ class RedisStore:
             _fail(batch, exc)
             return
         for (claims, future), (ok, failed, retry, over, remaining, reset) in zip(batch, results):
+            if future.done():  # the request was cancelled (its client left) while its claims were on the way
+                if ok:
+                    self._give_back(claims)
+                continue
             if ok:
                 for c in claims:
                     if c.kind == SLOT:
                         self._leases[c.lease] = prefix + c.key
-            if not future.done():
-                future.set_result(Admission(bool(ok), int(failed), float(retry), tuple(int(i) for i in over),
-                                            [float(r) for r in remaining], [float(r) for r in reset]))
+            future.set_result(Admission(bool(ok), int(failed), float(retry), tuple(int(i) for i in over),
+                                        [float(r) for r in remaining], [float(r) for r in reset]))
+
+    def _give_back(self, claims: Sequence[Claim]) -> None:
+        """Returns what an admission took for a request that is no longer there to settle it."""
+        back = [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param, lease=c.lease)
+                for c in claims if not (c.kind == GCRA and c.header == "requests")]
+        if back:
+            future = self._queue(self._settles, back, self._send_settles)
+            future.add_done_callback(lambda f: f.exception())  # a failure here is already logged by the store
 
     async def _send_settles(self, batch: list) -> None:
         keys, words = [], []
