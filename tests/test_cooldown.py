@@ -35,6 +35,34 @@ def cooldowns(after: int = 3, cooldown_s: float = 30.0, max_s: float = 300.0) ->
 # --- Cooldowns, with an injected clock ----------------------------------------------------------------------
 
 
+def test_failure_counts_of_many_models_are_bounded_oldest_forgotten_first():
+    routing = RoutingConfig(cooldown_after_failures=3, cooldown_s=30, max_cooldown_s=300)
+    cd = Cooldowns(routing, clock=Clock(), max_tracked=3)
+    cd.failed("up:a")
+    for name in ("b", "c", "d"):
+        cd.failed(f"up:{name}")
+    cd.failed("up:b")  # b failed again: now the most recent
+    cd.failed("up:e")
+    assert list(cd._failures) == ["up:d", "up:b", "up:e"]
+    cd.failed("up:b")  # its third failure in a row: the count survived the others
+    assert cd.remaining("up:b") == 30
+
+
+def test_running_cooldowns_are_bounded_expired_ones_go_first():
+    clock = Clock()
+    routing = RoutingConfig(cooldown_after_failures=3, cooldown_s=30, max_cooldown_s=300)
+    cd = Cooldowns(routing, clock=clock, max_tracked=3)
+    cd.failed("up:short", retry_after_s=5)
+    cd.failed("up:long1", retry_after_s=100)
+    cd.failed("up:long2", retry_after_s=100)
+    clock.advance(10)  # `short` has ended, the others run
+    cd.failed("up:new", retry_after_s=50)
+    assert set(cd._until) == {"up:long1", "up:long2", "up:new"}
+    cd.failed("up:newer", retry_after_s=200)  # all running: the one ending first (`new`) makes room
+    assert set(cd._until) == {"up:long1", "up:long2", "up:newer"}
+    assert cd.remaining("up:newer") == 200
+
+
 def test_unknown_model_is_not_cooling_down():
     cd, _ = cooldowns()
     assert cd.remaining("up:m1") == 0.0

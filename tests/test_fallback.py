@@ -126,7 +126,7 @@ def attempt_lines(caplog) -> list[dict]:
 
 # failure name -> (behaviour of m1, the reason the attempt log gives)
 FALLOVER_CASES = {
-    "first_byte_timeout": (Behaviour("hang", delay_s=5), "first_byte_timeout"),
+    "no_answer_in_time": (Behaviour("hang", delay_s=5), None),
     "408": (status(408), "status_408"),
     "409": (status(409), "status_409"),
     "429": (status(429, "rate_limit_exceeded", retry_after="1"), "rate_limited"),
@@ -138,14 +138,19 @@ FALLOVER_CASES = {
     "400_model_decommissioned": (status(400, "model_decommissioned", "m1 was decommissioned"), "model_decommissioned"),
     "413_rate_limit_exceeded": (status(413, "rate_limit_exceeded", "Request too large for TPM"), "rate_limit_exceeded"),
     "401_provider_key": (status(401, "invalid_api_key", "Invalid API Key"), "status_401"),
+    "403_provider_key": (status(403, "permission_denied", "Key not allowed to use this model"), "status_403"),
     "upstream_closes": (Behaviour("close"), "upstream_closed"),
     "first_event_is_error": (Behaviour("error_event", cut_after=0), None),
     "ends_before_any_event": (Behaviour("cut", cut_after=0), None),
     "first_event_malformed": (Behaviour("malformed", cut_after=0), "malformed"),
     "200_not_json": (Behaviour("status", status=200, body=b"<html>Bad gateway</html>"), "malformed"),
 }
-STREAM_REASONS = {"first_event_is_error": "upstream_error_event", "ends_before_any_event": "upstream_closed"}
-PLAIN_REASONS = {"first_event_is_error": "malformed", "ends_before_any_event": "upstream_closed"}
+# A stream has first_byte_timeout_s for its first event; a plain answer only its whole timeout_s (Groq sends nothing
+# of it before all of it is generated).
+STREAM_REASONS = {"first_event_is_error": "upstream_error_event", "ends_before_any_event": "upstream_closed",
+                  "no_answer_in_time": "first_byte_timeout"}
+PLAIN_REASONS = {"first_event_is_error": "malformed", "ends_before_any_event": "upstream_closed",
+                 "no_answer_in_time": "timeout"}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -347,7 +352,19 @@ async def test_all_timed_out_is_504_without_client_retry(stream, upstream, start
     assert r.headers["x-should-retry"] == "false"
     error = error_of(r)
     assert error["code"] == "all_models_failed"
-    assert_lists_attempts(error["message"], ["up:m1", "up:m2", "up:m3"], what="no first")
+    assert_lists_attempts(error["message"], ["up:m1", "up:m2", "up:m3"], what="no first" if stream else "not complete")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_some_timed_out_others_failed_is_502_not_504(stream, upstream, start_proxy):
+    # 504 says every model timed out; one timeout among other failures is the mixed case.
+    scripted, url = upstream
+    scripted.behaviours.update(m1=Behaviour("hang", delay_s=5), m2=status(503), m3=status(503))
+    base = await start_proxy(config_for(url, provider=QUICK))
+    r = await call(base, chat(stream=stream))
+    assert r.status == 502
+    assert error_of(r)["code"] == "all_models_failed"
+    assert scripted.models_sent() == ["m1", "m2", "m3"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -485,6 +502,28 @@ async def test_client_credentials_and_hop_by_hop_headers_stay_at_the_proxy(strea
     assert request["body"] == {"model": "m1", "messages": MESSAGES, **({"stream": True} if stream else {})}
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_headers_named_in_connection_and_client_credentials_are_not_forwarded(stream, upstream, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    sent = {
+        "Connection": "keep-alive, X-Hop-Only",  # the client says X-Hop-Only is for this hop alone
+        "X-Hop-Only": "hop-value",
+        "Cookie": "session=cookie-value",
+        "x-api-key": "x-api-key-value",
+        "api-key": "api-key-value",
+        "X-End-To-End": "kept",
+    }
+    r = await call(base, chat(stream=stream), headers=sent)
+    assert r.status == 200
+    (request,) = scripted.requests
+    got = CIMultiDict(request["headers"])
+    for name in ("X-Hop-Only", "Cookie", "x-api-key", "api-key"):
+        assert name not in got, name
+    assert "-value" not in str(request["headers"])
+    assert got["X-End-To-End"] == "kept"
+
+
 async def test_every_response_has_a_request_id(upstream, start_proxy):
     scripted, url = upstream
     scripted.behaviours.update(pb=status(422), f1=status(500), f2=status(503))
@@ -611,3 +650,77 @@ async def test_first_model_answering_is_one_attempt(upstream, start_proxy, proxy
     assert r.headers["x-upstream-request-id"] == "req_up"
     assert scripted.models_sent() == ["m1"]
     assert [(f["target"], f["outcome"]) for f in attempt_lines(proxy_log)] == [("up:m1", "answered")]
+
+
+# --- a 200 that is not an answer ---------------------------------------------------------------------------
+
+NOT_A_COMPLETION = {
+    "empty_object": {},
+    "choices_not_a_list": {"choices": "nope"},
+    "choices_empty": {"choices": []},
+    "choice_not_an_object": {"choices": [1]},
+    "choice_without_message": {"choices": [{"index": 0, "finish_reason": "stop"}]},
+    "message_not_an_object": {"choices": [{"index": 0, "message": "hi"}]},
+    "error_object": {"error": {"message": "overloaded", "type": "server_error"}},
+    "error_beside_choices": {"error": "partial", **completion("m1")},
+    "array": [completion("m1")],
+    "string": "Hello there!",
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_A_COMPLETION))
+async def test_200_that_is_not_a_chat_completion_falls_over(case, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(NOT_A_COMPLETION[case]))
+    base = await start_proxy(config_for(url))
+
+    r = await call(base, chat())
+
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
+    assert r.json() == completion("m2")
+    first = attempt_lines(proxy_log)[0]
+    assert (first["target"], first["outcome"], first["reason"]) == ("up:m1", "fell_over", "malformed")
+
+
+async def test_smallest_chat_completion_is_an_answer(upstream, start_proxy):
+    # What a completion must have, and no more: choices, each an object with a message object.
+    scripted, url = upstream
+    smallest = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(smallest))
+    base = await start_proxy(config_for(url))
+    r = await call(base, chat())
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m1" and r.json() == smallest
+
+
+NOT_EMBEDDINGS = {
+    "empty_object": {},
+    "data_not_a_list": {"object": "list", "data": "nope"},
+    "data_empty": {"object": "list", "data": []},
+    "item_not_an_object": {"object": "list", "data": [[0.1, 0.2]]},
+    "item_without_embedding": {"object": "list", "data": [{"object": "embedding", "index": 0}]},
+    "error_object": {"error": {"message": "overloaded", "type": "server_error"}},
+    "a_chat_completion": completion("m1"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_EMBEDDINGS))
+async def test_200_that_is_not_an_embeddings_list_falls_over(case, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(NOT_EMBEDDINGS[case]))
+    base = await start_proxy(config_for(url))
+
+    r = await call(base, {"model": "tier-test", "input": "hello"}, path="/v1/embeddings")
+
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
+    assert r.json()["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+    first = attempt_lines(proxy_log)[0]
+    assert (first["target"], first["outcome"], first["reason"]) == ("up:m1", "fell_over", "malformed")
+
+
+async def test_smallest_embeddings_list_is_an_answer(upstream, start_proxy):
+    scripted, url = upstream
+    smallest = {"data": [{"embedding": [0.5]}]}
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(smallest))
+    base = await start_proxy(config_for(url))
+    r = await call(base, {"model": "tier-test", "input": "hello"}, path="/v1/embeddings")
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m1" and r.json() == smallest

@@ -199,6 +199,18 @@ async def test_stream_pacing_and_ttft(aiohttp_client):
     assert len(events) == 1 + 6 + 1 + 1
 
 
+async def test_plain_answer_takes_the_time_its_tokens_would_stream_in(aiohttp_client):
+    # Groq sends nothing of a plain answer until all of it is generated: the simulator likewise answers when
+    # the same answer streamed would have sent its last token.
+    client = await make_client(aiohttp_client, ttft_s=0.05, tokens_per_s=100)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    resp = await client.post(CHAT, json=chat_body(max_tokens=11))
+    body = await resp.json()
+    assert loop.time() - start >= 0.05 + 10 / 100
+    assert body["usage"]["completion_tokens"] == 11
+
+
 async def test_unknown_model_404(client):
     resp = await client.post(CHAT, json={**chat_body(), "model": "nope/model"})
     assert resp.status == 404

@@ -24,6 +24,7 @@ from tests.test_fallback import (
     attempt_lines,
     call,
     chat,
+    config_with,
     sse_blocks,
 )
 
@@ -466,6 +467,30 @@ async def test_failure_after_commit_counts_towards_cooldown(upstream, start_prox
     assert scripted.models_sent() == ["m1", "m2"]  # m1 was skipped the second time
 
 
+async def test_error_event_after_commit_counts_towards_cooldown(upstream, aiohttp_server, start_proxy, proxy_log):
+    # An upstream error event after the first event reached the client is the model failing, like a cut: it
+    # counts towards the model's cool-down.
+    scripted, url = upstream
+    gated = CommitThenFail(UPSTREAM_ERROR, "eof")
+    gated_server = await aiohttp_server(gated.app())
+    config = config_with({"gated": f"http://127.0.0.1:{gated_server.port}/openai/v1", "up": url},
+                         {"tier-test": ["gated:m1", "up:m2"]}, routing={"cooldown_after_failures": 1, "cooldown_s": 30})
+    base = await start_proxy(config)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            async with asyncio.timeout(5):  # a deadlock guard, not a speed limit
+                first = await resp.content.readuntil(b"\n\n")
+            gated.gate.set()
+            body = first + await resp.read()
+    assert body.startswith(E[0] + E[1]) and len(error_events(body)) == 1
+    second = await call(base, chat(stream=True))
+    assert second.body == b"".join(stream_events("m2"))
+    assert gated.requests == 1 and scripted.models_sent() == ["m2"]  # m1 was skipped the second time
+    assert [(x["target"], x["outcome"], x.get("reason")) for x in attempt_lines(proxy_log)] == [
+        ("gated:m1", "failed_after_commit", "upstream_error_event"), ("gated:m1", "skipped", "cooldown"),
+        ("up:m2", "answered", None)]
+
+
 async def test_good_events_before_a_malformed_one_in_the_same_chunk_still_reach_the_client(aiohttp_server, start_proxy):
     """After the commit point, one upstream chunk holding good events and then a malformed one: the client
     gets the good events, then exactly one error event."""
@@ -495,3 +520,42 @@ async def test_stream_whose_end_lags_its_done_keeps_the_upstream_connection(aioh
         assert r.status == 200 and r.body == b"".join(E)
         await until(lambda: any(pool.idle for pool in pools.values()), what="the drained connection pooled")
     assert len(upstream.peers) == 3 and len(set(upstream.peers)) == 1  # no new connection (or TLS handshake) each
+
+
+# --- a clean end after the finish chunk -------------------------------------------------------------------------
+
+
+async def test_stream_ending_cleanly_after_its_finish_chunk_without_done_is_an_answer(upstream, start_proxy, proxy_log):
+    # Some servers end the stream after the chunk with finish_reason and never send [DONE]. The answer is all
+    # there: the client gets it and then the end marker every OpenAI stream ends with; the model is not blamed.
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("ok", events=E[:-1])
+    base = await start_proxy(config_for(url, routing={"cooldown_after_failures": 1, "cooldown_s": 30}))
+
+    r = await call(base, chat(stream=True))
+    assert r.status == 200
+    assert r.body == b"".join(E[:-1]) + b"data: [DONE]\n\n"
+    assert await openai_stream_text(base) == "Hello there!"  # no APIError: a complete answer
+    assert scripted.models_sent() == ["m1", "m1"]  # not cooling down after two such streams
+    lines = attempt_lines(proxy_log)
+    assert [(x["outcome"], x.get("reason")) for x in lines] == [("answered", None), ("answered", None)]
+
+
+async def test_stream_ending_after_its_finish_chunk_inside_an_event_is_still_broken(aiohttp_server, start_proxy, proxy_log):
+    # The finish chunk came, then half an event and the end: not a clean end.
+    base, upstream = await start_commit_case_with(aiohttp_server, start_proxy, E[2] + E[3] + E[4] + HALF, "eof")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", json=chat(stream=True)) as resp:
+            first = await resp.content.readuntil(b"\n\n")
+            upstream.gate.set()
+            body = first + await resp.read()
+    assert len(error_events(body)) == 1 and b"[DONE]" not in body
+    (line,) = attempt_lines(proxy_log)
+    assert (line["outcome"], line["reason"]) == ("failed_after_commit", "upstream_closed")
+
+
+async def start_commit_case_with(aiohttp_server, start_proxy, after: bytes, end: str) -> tuple[str, CommitThenFail]:
+    upstream = CommitThenFail(after, end)
+    server = await aiohttp_server(upstream.app())
+    config = config_for(f"http://127.0.0.1:{server.port}/openai/v1", provider=COMMIT_TIMEOUTS)
+    return await start_proxy(config), upstream

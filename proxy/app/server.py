@@ -237,6 +237,9 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
     server = config.server
     http_errors.install()
     handler_args = {
+        # A client that hangs up cancels its handler (aiohttp >= 3.9 no longer does by default), so the
+        # upstream call in flight stops with it; aiohttp reads the flag only when a connection is lost.
+        "handler_cancellation": True,
         "logger": http_errors.HTTP_LOGGER,  # marks the app whose parse errors get the OpenAI shape
         # aiohttp closes a connection that has no whole request head this long after it opened or after
         # its last response (so also the idle keep-alive time); read_json applies it to a stalled body.

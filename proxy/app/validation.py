@@ -73,14 +73,22 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         _stop_reading(request)
         raise ProxyError(408, f"The request body stalled: nothing arrived for {timeout:g} s.",
                          code="request_timeout", headers={"Connection": "close"}) from None
+    except asyncio.CancelledError:  # handler cancellation: the client hung up while the body was arriving
+        if _client_gone(request):
+            emit(logging.INFO, "client_closed", status=499, during="upload", path=request.path)
+        raise
     except (ConnectionError, RequestPayloadError):
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        if _client_gone(request):
             emit(logging.INFO, "client_closed", status=499, during="upload", path=request.path)
             raise ProxyError(499, "The client closed the connection during the upload.",
                              code="client_closed_request") from None
         _stop_reading(request)
         raise bad_request("The request body could not be read (a broken chunked or compressed encoding).") from None
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _stop_reading(request: web.Request) -> None:

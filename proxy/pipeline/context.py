@@ -47,8 +47,12 @@ class Attempt:
 
 
 class RequestContext:
+    """One request: what was asked, and what every attempt of it shares (the headers that go upstream with each,
+    the headers every answer carries, the client's stream), so that an attempt starts with one call."""
+
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
+        "forwarded", "base_headers", "client",
         "headers", "identity", "request_type", "module", "policy",
     )
 
@@ -64,6 +68,9 @@ class RequestContext:
         self.attempts: list[Attempt] = []
         self.answered: Attempt | None = None
         self.span: Any = None
+        self.forwarded: dict[str, str] = {}  # the client's end-to-end headers, sent upstream with every attempt
+        self.base_headers: dict[str, str] = {}  # on every response to this request, errors included
+        self.client: Any = None  # the ClientStream of a streamed request, None otherwise
         # Set by the policy chain (policies.chain.PolicyChain.begin) when policies or [auth] are configured.
         self.headers: Any = None  # the client's request headers
         self.identity: Any = None  # policies.Identity

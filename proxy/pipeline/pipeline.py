@@ -2,6 +2,10 @@
 
 The commit point is explicit. Before the first data event reaches the client, any attempt failure moves on
 to the next model of the chain. After it, a failure ends the stream with one SSE error event.
+
+Deadlines: a plain answer has timeout_s for the whole (Groq sends nothing of it before all of it is generated);
+a stream has first_byte_timeout_s to its first data event (`_open`), then timeout_s (`_forward`). A client that
+hangs up cancels the handler's task, and with it the attempt in flight and the rest of the chain.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _DROP_REQUEST_HEADERS = frozenset(
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def _forwarded_headers(request: web.Request) -> dict[str, str]:
@@ -101,12 +106,13 @@ class Pipeline:
     # --- the request -------------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
-        base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
+        ctx.base_headers = base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
         body = ctx.body
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
         policies = self.policies
-        client = None
+        # A client that leaves cancels this task (the app sets aiohttp's handler_cancellation): the attempt in
+        # flight ends with it, its upstream connection is closed, and no further model is tried.
         try:
             # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
             if policies:
@@ -116,8 +122,9 @@ class Pipeline:
                     return await respond(request, decision, base_headers)
                 if ctx.policy.headers:
                     base_headers.update(ctx.policy.headers)
-            forwarded = _forwarded_headers(request)
-            client = ClientStream(request, self._keepalive_s, base_headers) if ctx.stream else None
+            ctx.forwarded = _forwarded_headers(request)
+            if ctx.stream:
+                ctx.client = ClientStream(request, self._keepalive_s, base_headers)
             skipped = []
             for index, target in enumerate(ctx.route.chain):
                 wait = self.cooldowns.remaining(target.key)
@@ -129,7 +136,7 @@ class Pipeline:
                     continue
                 if policies and policies.has_before_attempt and await self._policy_skips(ctx, index, target):
                     continue
-                response = await self._try(ctx, index, target, body, forwarded, client, base_headers)
+                response = await self._try(ctx, index, target)
                 if response is not None:
                     return response
             if skipped and len(skipped) == len(ctx.route.chain):
@@ -137,16 +144,16 @@ class Pipeline:
                 # cool-down of refusals, so probe the model whose cool-down ends first: one call, never more
                 # (what Envoy calls panic mode). If it fails, the error below says so.
                 first = min(skipped, key=lambda a: a.retry_after)
-                response = await self._try(ctx, first.index, first.target, body, forwarded, client, base_headers)
+                response = await self._try(ctx, first.index, first.target)
                 if response is not None:
                     return response
             error = all_failed_error(ctx)
-            if client is not None:
-                return await client.fail(error, base_headers)
+            if ctx.client is not None:
+                return await ctx.client.fail(error, base_headers)
             return error.to_response(base_headers)
         finally:
-            if client is not None:
-                await client.stop_keepalive()
+            if ctx.client is not None:
+                await ctx.client.stop_keepalive()
             if policies:
                 if ctx.answered is not None and policies.has_on_response:
                     await policies.on_response(ctx, ctx.answered)
@@ -163,42 +170,44 @@ class Pipeline:
         self._end(ctx, attempt, INFO)
         return True
 
-    async def _try(self, ctx, index, target, body, forwarded, client, base_headers) -> web.StreamResponse | None:
+    async def _try(self, ctx: RequestContext, index: int, target) -> web.StreamResponse | None:
         """One attempt at one model: the response, or None when it failed in a way the next model may not."""
         attempt = Attempt(index, target)
         ctx.attempts.append(attempt)
         provider = self.upstreams.providers[target.provider]
+        body = ctx.body
         body["model"] = target.model
         payload = orjson.dumps(body)
-        headers = {**forwarded, **provider.headers}
+        headers = {**ctx.forwarded, **provider.headers}
         self.observer.attempt_started(ctx, attempt, provider, headers)
         try:
-            if client is not None:
-                return await self._stream(ctx, attempt, provider, payload, headers, client, base_headers)
-            return await self._plain(ctx, attempt, provider, payload, headers, base_headers)
+            if ctx.client is not None:
+                return await self._stream(ctx, attempt, provider, payload, headers)
+            return await self._plain(ctx, attempt, provider, payload, headers)
         except AttemptFailed as failure:
             self._fell_over(ctx, attempt, failure)
             return None
+        except asyncio.CancelledError:
+            if attempt.ended is None:  # the client went away while this attempt was in flight
+                attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
+                self._end(ctx, attempt, INFO)
+            raise
 
     # --- one attempt, not streamed ----------------------------------------------------------------------
 
-    async def _plain(self, ctx, attempt: Attempt, provider: Provider, payload, headers, base_headers):
+    async def _plain(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
         path = provider.chat_path if ctx.operation == "chat" else provider.embeddings_path
-        loop = asyncio.get_running_loop()
-        start = loop.time()
         resp = None
         try:
-            async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
+            # Groq sends nothing of a plain answer until all of it is generated, so a first-byte deadline would
+            # cut generation short: the whole attempt is bounded by timeout_s (the connect by connect_timeout_s).
+            async with asyncio.timeout(provider.total_s):
                 resp = await self.upstreams.client.request(
                     provider.origin, "POST", path, headers, payload, provider.connect_s
                 )
                 attempt.first_byte = time.perf_counter()
-                if not resp.complete:  # a small body usually came with the headers: no new deadline then
-                    deadline.reschedule(start + provider.total_s)
                 body = await resp.read()
         except TimeoutError:
-            if attempt.first_byte is None:
-                raise AttemptFailed("first_byte_timeout", f"no first byte in {provider.first_byte_s:g}s") from None
             raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
         except UpstreamError as exc:
             raise _upstream_failure(exc) from None
@@ -207,85 +216,104 @@ class Pipeline:
                 resp.release()
         attempt.status = status = resp.status
         if status != 200:
-            failure = classify(status, body, resp.headers)
+            failure = classify(status, body, resp.headers, chain=ctx.route.virtual is not None)
             if failure is not None:
                 raise failure
-            return self._passed_back(ctx, attempt, status, body, resp, base_headers)
+            return self._passed_back(ctx, attempt, status, body, resp)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise AttemptFailed("malformed", "200 with a body that is not JSON") from None
-        if not isinstance(obj, dict) or "error" in obj:
-            raise AttemptFailed("malformed", "200 with an error or a non-object body")
+        if ctx.operation == "chat":
+            choices = _completion_choices(obj)
+            attempt.finish_reasons = [c.get("finish_reason") for c in choices]
+            if self.observer.record_content:
+                attempt.content = output_from_choices(choices)
+        else:
+            _check_embeddings(obj)
         attempt.usage = obj.get("usage")
         attempt.response_id = obj.get("id")
         attempt.response_model = obj.get("model")
-        choices = obj.get("choices")
-        if choices and isinstance(choices, list):
-            attempt.finish_reasons = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
-            if self.observer.record_content:
-                attempt.content = output_from_choices(choices)
         self._answered(ctx, attempt)
-        headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
             headers.update(ctx.policy.headers)
         headers["Content-Type"] = "application/json"
         return web.Response(body=body, headers=headers)
 
-    # --- one attempt, streamed --------------------------------------------------------------------------
+    # --- one attempt, streamed: opened until its first data event, then forwarded past the commit point ------
 
-    async def _stream(self, ctx, attempt: Attempt, provider: Provider, payload, headers, client, base_headers):
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        state = StreamState()
+    async def _stream(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
+        opened = await self._open(ctx, attempt, provider, payload, headers)
+        if not isinstance(opened, _Opened):
+            return opened  # the upstream's client error, passed back
+        return await self._forward(ctx, attempt, provider, opened)
+
+    async def _open(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
+        """Sends the request and reads until the first data event, within first_byte_timeout_s. Nothing has
+        reached the client yet, so any failure here falls over (AttemptFailed). Returns the opened stream, or
+        the response that passes the upstream's client error back."""
+        start = asyncio.get_running_loop().time()
         resp = None
-        committed = False
-        recorded = None
+        opened = None
         try:
-            async with asyncio.timeout_at(start + provider.first_byte_s) as deadline:
+            async with asyncio.timeout_at(start + provider.first_byte_s):
                 resp = await self.upstreams.client.request(
                     provider.origin, "POST", provider.chat_path, headers, payload, provider.connect_s
                 )
                 attempt.status = resp.status
                 if resp.status != 200:
                     body = await resp.read()
-                    failure = classify(resp.status, body, resp.headers)
+                    failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
                     if failure is not None:
                         raise failure
-                    if client.prepared:  # keep-alives went out: the status can no longer change
+                    if ctx.client.prepared:  # keep-alives went out: the status can no longer change
                         attempt.outcome = "passed_back"
                         self._end(ctx, attempt, INFO)
-                        return await client.finish(_error_event(resp.status, body))
-                    return self._passed_back(ctx, attempt, resp.status, body, resp, base_headers)
+                        return await ctx.client.finish(_error_event(resp.status, body))
+                    return self._passed_back(ctx, attempt, resp.status, body, resp)
                 if not resp.content_type.startswith("text/event-stream"):
                     raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
                 splitter = EventSplitter()
                 first = b""
-                # Before the commit point: read until the first data event; comments do not count. Whatever
-                # arrived with it has not reached the client either, so a failure in it still falls over.
+                # Comments do not count as a first event. Whatever arrived with the first event has not reached
+                # the client either, so a failure in it still falls over.
                 while first_data_end(first) < 0:
                     chunk = await resp.readany()
                     if not chunk:
                         raise AttemptFailed("upstream_closed", "the stream ended before its first event")
                     first += splitter.feed(chunk)
-                attempt.first_byte = time.perf_counter()
-                scan(first, state)
-                if state.error is not None:
-                    raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
-                if state.malformed:
-                    raise AttemptFailed("malformed", state.malformed)
-                if not state.done:  # the whole stream may have come at once: then no new deadline is needed
-                    deadline.reschedule(start + provider.total_s)
-                attempt.response_id, attempt.response_model = state.response_id, state.response_model
+            attempt.first_byte = time.perf_counter()
+            state = StreamState()
+            scan(first, state)
+            if state.error is not None:
+                raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
+            if state.malformed:
+                raise AttemptFailed("malformed", state.malformed)
+            attempt.response_id, attempt.response_model = state.response_id, state.response_model
+            opened = _Opened(resp, splitter, first, state, start)
+            return opened
+        except TimeoutError:
+            raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
+        except UpstreamError as exc:
+            raise _upstream_failure(exc) from None
+        finally:
+            if resp is not None and opened is None:  # failed, or passed back: this response goes no further
+                resp.release()
 
-                # The commit point: from here on, no falling over.
-                committed = True
-                recorded = [first] if self.observer.record_content else None
+    async def _forward(self, ctx: RequestContext, attempt: Attempt, provider: Provider, opened: "_Opened"):
+        """The commit point, then the rest of the stream as it comes, until timeout_s from the attempt's start.
+        A failure from here on ends the stream with one error event."""
+        client: ClientStream = ctx.client
+        resp, splitter, state = opened.resp, opened.splitter, opened.state
+        recorded = [opened.first] if self.observer.record_content else None
+        try:
+            async with asyncio.timeout_at(opened.start + provider.total_s):
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
-                attempt.events = first.count(b"data:")
-                await client.commit(answer_headers, first, last=state.done)
+                attempt.events = opened.first.count(b"data:")
+                await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
                     if not chunk:
@@ -305,25 +333,16 @@ class Pipeline:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
             return client.response
-        except AttemptFailed:
-            raise
         except TimeoutError:
-            if not committed:
-                if attempt.first_byte is None:
-                    raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
-                raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
         except UpstreamError as exc:
             failure = _upstream_failure(exc)
-            if not committed:
-                raise failure from None
             return await self._broken(ctx, attempt, client, failure.reason, failure.detail)
         finally:
-            if resp is not None:
-                # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
-                resp.release(drain=state.done)
+            # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
+            resp.release(drain=state.done)
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
-        if committed and recorded is not None:
+        if recorded is not None:
             attempt.content = output_from_stream(b"".join(recorded))
         if state.malformed:
             return await self._broken(ctx, attempt, client, "malformed", state.malformed)
@@ -336,6 +355,11 @@ class Pipeline:
             self._end(ctx, attempt, WARNING)
             return await client.finish()
         if not state.done:
+            if state.finish_reasons and not splitter.tail.strip():
+                # It ended cleanly, on a whole event, after its finish chunk: the answer is complete, only the
+                # end marker is missing. The client gets one, as OpenAI ends every stream.
+                self._answered(ctx, attempt)
+                return await client.finish(DONE_EVENT)
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream closed the stream early")
         self._answered(ctx, attempt)
         return await client.finish()
@@ -362,11 +386,11 @@ class Pipeline:
             "x-groq-proxy-attempts": str(ctx.sent_attempts),
         }
 
-    def _passed_back(self, ctx, attempt: Attempt, status: int, body: bytes, resp, base_headers) -> web.Response:
+    def _passed_back(self, ctx, attempt: Attempt, status: int, body: bytes, resp) -> web.Response:
         """A 4xx caused by the request itself: the client gets the upstream's answer unchanged."""
         attempt.outcome = "passed_back"
         self._end(ctx, attempt, INFO)
-        headers = {**base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         if ctx.policy is not None and ctx.policy.headers:
             headers.update(ctx.policy.headers)
         headers["Content-Type"] = resp.headers.get("content-type", "application/json")
@@ -415,6 +439,47 @@ class Pipeline:
             fields["key_id"], fields["request_type"], fields["module"] = ctx.identity.key, ctx.request_type, ctx.module
         fields.update((k, v) for k, v in extra.items() if v is not None)
         emit(level, "attempt", **fields)
+
+
+class _Opened:
+    """A stream up to its commit point: the response, the first data event (with whatever came with it) read
+    and scanned, and when the attempt started (its timeout_s counts from there)."""
+
+    __slots__ = ("resp", "splitter", "first", "state", "start")
+
+    def __init__(self, resp, splitter: EventSplitter, first: bytes, state: StreamState, start: float) -> None:
+        self.resp, self.splitter, self.first, self.state, self.start = resp, splitter, first, state, start
+
+
+def _completion_choices(obj) -> list[dict]:
+    """The choices of a 200 that is a chat completion: a JSON object without `error`, whose `choices` is a
+    non-empty list of objects each with a `message` object. Anything else is not an answer: AttemptFailed."""
+    if not isinstance(obj, dict):
+        raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
+    if "error" in obj:
+        raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise AttemptFailed("malformed", "200 without choices: not a chat completion")
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            raise AttemptFailed("malformed", "200 with a choice that has no message: not a chat completion")
+    return choices
+
+
+def _check_embeddings(obj) -> None:
+    """A 200 that is an embeddings answer: a JSON object without `error`, whose `data` is a non-empty list of
+    objects each with an `embedding`. Anything else is not an answer: AttemptFailed."""
+    if not isinstance(obj, dict):
+        raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
+    if "error" in obj:
+        raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
+    data = obj.get("data")
+    if not isinstance(data, list) or not data:
+        raise AttemptFailed("malformed", "200 without data: not an embeddings list")
+    for item in data:
+        if not isinstance(item, dict) or "embedding" not in item:
+            raise AttemptFailed("malformed", "200 with a data item that has no embedding")
 
 
 def _error_event(status: int, body: bytes) -> bytes:

@@ -10,12 +10,18 @@ from proxy.app.config import Config, Target
 from proxy.app.errors import ProxyError
 
 
+OTHER = "other"  # the metric label of every name only a client knows
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     requested: str
     virtual: str | None  # the virtual model, when the name was one (or an alias of one)
     chain: tuple[Target, ...]
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # What metrics call this route: the virtual model, or a name the config spells (a real model a chain names,
+    # an alias); `other` for a 'provider:model' only the client named, so client input never becomes a label.
+    label: str = OTHER
 
 
 class Router:
@@ -25,14 +31,15 @@ class Router:
         self._providers = frozenset(config.providers)
         routes: dict[str, Route] = {}
         for name, vm in config.models.items():
-            routes[name] = Route(name, name, vm.chain, vm.params)
+            routes[name] = Route(name, name, vm.chain, vm.params, name)
         for target in config.real_targets():
-            routes[target.key] = Route(target.key, None, (target,))
+            routes[target.key] = Route(target.key, None, (target,), label=target.key)
             if target.provider == config.default_provider:
-                routes.setdefault(target.model, Route(target.model, None, (target,)))
+                routes.setdefault(target.model, Route(target.model, None, (target,), label=target.model))
         for alias, to in config.aliases.items():
             resolved = routes[to] if to in routes else Route(alias, None, (Target(*to.split(":", 1)),))
-            routes[alias] = Route(alias, resolved.virtual, resolved.chain, resolved.params)
+            routes[alias] = Route(alias, resolved.virtual, resolved.chain, resolved.params,
+                                  resolved.virtual or alias)
         self._routes = routes
         self._listed = sorted(config.models) + sorted(t.key for t in config.real_targets())
 

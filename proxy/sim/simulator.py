@@ -44,7 +44,7 @@ _JSON = "application/json"
 @dataclass(frozen=True)
 class SimulatorConfig:
     ttft_s: float = 0.0  # delay before the first byte (headers, or the first stream chunk)
-    tokens_per_s: float = 0.0  # stream pace of completion tokens; 0 = as fast as possible
+    tokens_per_s: float = 0.0  # pace of completion tokens (a plain answer waits for all of them); 0 = no wait
     completion_tokens: int = 16  # used when the request sets no max_(completion_)tokens
     rate_429: float = 0.0  # share of chat/embedding requests answered 429
     rate_5xx: float = 0.0  # share answered 503
@@ -409,6 +409,10 @@ class _Simulator:
         if self.config.ttft_s:
             await asyncio.sleep(self.config.ttft_s)
         if not stream:
+            # Groq sends nothing of a plain answer until all of it is generated: it arrives when the same
+            # answer streamed would have sent its last token.
+            if self.config.tokens_per_s and completion_tokens > 1:
+                await asyncio.sleep((completion_tokens - 1) / self.config.tokens_per_s)
             payload = {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -624,7 +628,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     add("--port", type=int, default=8090, help="port to listen on (default 8090)")
     add("--ttft-ms", type=float, default=d.ttft_s * 1000, help="delay before the first byte, ms")
-    add("--tokens-per-s", type=float, default=d.tokens_per_s, help="stream pace; 0 = no pacing")
+    add("--tokens-per-s", type=float, default=d.tokens_per_s,
+        help="generation pace: streams send at it, plain answers wait for it; 0 = no pacing")
     add("--completion-tokens", type=int, default=d.completion_tokens,
         help="tokens generated when the request sets no max_tokens")
     add("--rate-429", type=float, default=d.rate_429, help="share of requests answered 429")

@@ -14,6 +14,7 @@ import orjson
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
 from proxy.routing.latency import RollingP95, default_thresholds
+from proxy.routing.router import OTHER
 from proxy.telemetry.logs import redact
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.semconv import (
@@ -46,6 +47,14 @@ class Observer:
         self._static: dict[tuple, tuple] = {}  # the shared static attributes of spans alike
         self._thresholds = {name: vm.latency for name, vm in config.models.items()}
         self._default = default_thresholds("standard")
+        # Metric labels name only real models the config names; any other (a client's 'provider:model') is
+        # `other`, so the number of series stays what the config makes it.
+        models = {t.model for t in config.real_targets()}
+        models.update(to.split(":", 1)[1] for to in config.aliases.values() if ":" in to)
+        self._models = frozenset(models)
+
+    def model_label(self, model: str) -> str:
+        return model if model in self._models else OTHER
 
     # --- the request ------------------------------------------------------------------------------------
 
@@ -64,9 +73,9 @@ class Observer:
         total = time.perf_counter() - started
         virtual, model, category = "invalid", "none", None
         if ctx is not None:
-            virtual = ctx.route.virtual or ctx.route.requested
+            virtual = ctx.route.label
             answered = ctx.answered
-            model = answered.target.model if answered else "none"
+            model = self.model_label(answered.target.model) if answered else "none"
             thresholds = self._thresholds.get(virtual, self._default)
             if answered is not None:
                 # A stream is judged by its first token (what a user waits for), a plain answer by its whole time.
@@ -95,7 +104,7 @@ class Observer:
                             count = usage.get(field)
                             if isinstance(count, int):
                                 m.tokens.inc((virtual, model, kind), count)
-                                m.usage_hist.observe((ctx.operation, ctx.route.requested, kind), count)
+                                m.usage_hist.observe((ctx.operation, virtual, kind), count)
         if span is not None:
             attrs = span.attrs
             if ctx is None:
@@ -155,11 +164,12 @@ class Observer:
     def attempt_ended(self, ctx: RequestContext, attempt: Attempt) -> None:
         m = self.metrics
         if m is not None:
-            m.attempts.inc((attempt.target.model, attempt.outcome))
+            model = self.model_label(attempt.target.model)
+            m.attempts.inc((model, attempt.outcome))
             if attempt.outcome == "fell_over":
-                m.fallbacks.inc((ctx.route.virtual or ctx.route.requested, attempt.target.model, attempt.reason))
+                m.fallbacks.inc((ctx.route.label, model, attempt.reason))
             if attempt.sent:
-                m.upstream.observe((attempt.target.model,), (attempt.ended or attempt.started) - attempt.started)
+                m.upstream.observe((model,), (attempt.ended or attempt.started) - attempt.started)
         if ctx.span is None:
             return
         span = attempt.span

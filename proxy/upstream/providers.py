@@ -109,8 +109,14 @@ def error_of(body: bytes) -> tuple[str | None, str | None]:
     return None, None
 
 
-def classify(status: int, body: bytes, headers) -> AttemptFailed | None:
-    """An AttemptFailed when this non-200 answer should fall over; None when it belongs to the client."""
+# Codes that say the model itself is not there. In a chain they fall over (the operator's config is stale and the
+# next model may answer); when the client named the one model itself, they are the answer to its request.
+MODEL_CODES = frozenset({"model_not_found", "model_decommissioned"})
+
+
+def classify(status: int, body: bytes, headers, *, chain: bool = True) -> AttemptFailed | None:
+    """An AttemptFailed when this non-200 answer should fall over; None when it belongs to the client.
+    `chain` is False when the client named one real model rather than a virtual model."""
     code, message = error_of(body)
     # Only a 4xx can be the request's fault. Anything else but 200 (a redirect, which is not followed: the key
     # stays with its origin; a 204) is about the provider or its base_url, and means nothing to the client.
@@ -119,6 +125,6 @@ def classify(status: int, body: bytes, headers) -> AttemptFailed | None:
         reason = "rate_limited" if status == 429 else f"status_{status}"
         detail = f"{status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
         return AttemptFailed(reason, detail[:300], status=status, retry_after=retry_after)
-    if code is not None and FALLOVER_CODES.get(status) == code:
+    if code is not None and FALLOVER_CODES.get(status) == code and (chain or code not in MODEL_CODES):
         return AttemptFailed(code, f"{status} {code}" + (f": {message}" if message else ""), status=status)
     return None
