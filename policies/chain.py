@@ -102,6 +102,7 @@ class PolicyChain:
         self.metrics = metrics  # PolicyMetrics, or None when metrics are off
         self.record: Callable | None = None  # the observer's span event, set by the app
         self._logged: dict[tuple, tuple[float, int]] = {}
+        self._keys: dict[tuple, tuple[str, str, str]] = {}  # (policy, decision) -> its metric labels
         for p in self.policies:
             p.mode = getattr(p, "mode", ENFORCE)
             p.on_error = getattr(p, "on_error", OPEN)
@@ -297,7 +298,10 @@ class PolicyChain:
     def _record(self, ctx: "RequestContext", policy: Policy, decision: Decision) -> None:
         label = decision.label
         if self.metrics is not None:
-            self.metrics.decisions.inc((policy.name, label, policy.mode))
+            key = self._keys.get((policy, label))
+            if key is None:  # policies and labels are the config's and the code's: a small, fixed set
+                key = self._keys[(policy, label)] = (policy.name, label, policy.mode)
+            self.metrics.decisions.inc(key)
         if ctx.span is not None and self.record is not None:
             self.record(ctx, policy.name, label, mode=policy.mode)
         if label != "continue":
@@ -323,23 +327,28 @@ def _unavailable() -> Reject:
                   code="policy_unavailable", type="server_error", headers={"retry-after": "1"})
 
 
+_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+          for kind in ("requests", "tokens")}
+
+
 def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
     """x-ratelimit-* of the tightest throughput limit of each kind (requests, tokens) that applied."""
-    tightest: dict[str, tuple] = {}
-    remaining_all, reset_all = admission.remaining, admission.reset
+    tightest: dict[str, int] = {}  # kind -> index of its claim with the least remaining
+    remaining = admission.remaining
     for i, claim in enumerate(state.claims):
         kind = claim.header
-        if kind is None:
-            continue
-        remaining = remaining_all[i]
-        best = tightest.get(kind)
-        if best is None or remaining < best[1]:
-            tightest[kind] = (claim.limit, remaining, reset_all[i])
-    headers = state.headers
-    for kind, (limit, remaining, reset) in tightest.items():
-        headers["x-ratelimit-limit-" + kind] = str(limit)
-        headers["x-ratelimit-remaining-" + kind] = str(int(remaining) if remaining > 0 else 0)
-        headers["x-ratelimit-reset-" + kind] = duration(reset)
+        if kind is not None:
+            best = tightest.get(kind)
+            if best is None or remaining[i] < remaining[best]:
+                tightest[kind] = i
+    if tightest:
+        headers, claims, reset = state.headers, state.claims, admission.reset
+        for kind, i in tightest.items():
+            limit_name, remaining_name, reset_name = _NAMES[kind]
+            left = remaining[i]
+            headers[limit_name] = str(claims[i].limit)
+            headers[remaining_name] = str(int(left)) if left > 0 else "0"
+            headers[reset_name] = duration(reset[i])
 
 
 def duration(seconds: float) -> str:
