@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from policies.identity import hash_key
-from proxy.sim.testing import USAGE, Behaviour, completion
+from proxy.sim.testing import Behaviour, completion
 from tests.conftest import config_for, until
 from tests.policy_examples import UsageUpstream
 

@@ -11,8 +11,7 @@ import orjson
 import pytest
 
 from proxy.app.config import ConfigError
-from proxy.app.server import STATE
-from proxy.sim.testing import USAGE, Behaviour
+from proxy.sim.testing import USAGE
 from tests.conftest import config_for, until
 from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 from tests.policy_examples import Journal, RequireModule, UsageUpstream
