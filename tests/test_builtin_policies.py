@@ -266,3 +266,31 @@ async def test_the_estimator_is_replaceable(upstream, start_proxy):
         set_estimator(None)
     assert status == 400 and "estimated at 5000 tokens" in orjson.loads(body)["error"]["message"]
     assert (await post(base))[0] == 200
+
+
+async def test_a_request_bigger_than_a_minutes_tokens_is_refused_for_good(upstream, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(config_for(url, policies=[{"use": "rate_limit", "tokens_per_minute": 100}]))
+    status, headers, body = await post(base, {**BODY, "max_tokens": 500})
+    error = orjson.loads(body)["error"]
+    assert status == 429 and error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
+    assert headers["x-should-retry"] == "false" and "retry-after" not in headers
+    assert "more than the limit of 100 tokens per minute" in error["message"]
+    assert scripted.requests == []
+
+
+async def test_concurrency_per_key_counts_each_key_apart(aiohttp_server, start_proxy):
+    hold = asyncio.Event()
+    up = UsageUpstream(hold=hold)
+    server = await aiohttp_server(up.app())
+    other = "gp-builtin-other-key"
+    auth = {"keys": [*AUTH["keys"], {"id": "other", "sha256": hash_key(other)}]}
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1", auth=auth, policies=[
+        {"use": "concurrency", "per": "key", "limit": 1}]))
+    first = asyncio.ensure_future(post(base, {**BODY, "stream": True}, {"x-api-key": KEY}))
+    await until(lambda: up.started == 1, what="the first key's stream to start")
+    assert (await post(base, BODY, {"x-api-key": KEY}))[0] == 429  # the same key: its one slot is taken
+    second = asyncio.ensure_future(post(base, {**BODY, "stream": True}, {"x-api-key": other}))
+    await until(lambda: up.started == 2, what="the other key's stream to start")  # its own slot
+    hold.set()
+    assert (await first)[0] == 200 and (await second)[0] == 200
