@@ -68,6 +68,7 @@ class RedisStore:
         self.prefix = prefix
         self.available = False
         self.round_trips = 0  # EVALSHA calls made: what the README's "two per request" is checked against
+        self.renewals = 0  # lease renewals done (not counted in round_trips: one per third of a lease, not per request)
         self._client = None
         self._retry_at = 0.0
         self._admit, self._settle, self._read, self._renew = (_script(n) for n in
@@ -292,5 +293,6 @@ class RedisStore:
                     except NoScriptError:
                         await self._client.script_load(self._renew[0])
                         await self._client.evalsha(self._renew[1], *args)
+                    self.renewals += 1
                 except (RedisError, OSError) as exc:
                     self._down(exc)
