@@ -109,6 +109,7 @@ class PolicyChain:
         cls = Policy
         self._before = tuple(p for p in self.policies if type(p).before_attempt is not cls.before_attempt)
         self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
+        self._settles = frozenset(id(p) for p in self.policies if type(p).after is not cls.after)
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
@@ -202,7 +203,10 @@ class PolicyChain:
         state = ctx.policy
         if state is None:
             return
+        settles = self._settles
         for policy in reversed(self.policies[: state.ran]):
+            if id(policy) not in settles:  # the base class's after(): nothing to settle
+                continue
             try:
                 await policy.after(ctx)
             except Exception:
@@ -219,7 +223,6 @@ class PolicyChain:
     # --- the store ------------------------------------------------------------------------------------
 
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
-        loop = asyncio.get_running_loop()
         deadline = None
         while True:
             try:
@@ -239,7 +242,7 @@ class PolicyChain:
             claim = state.claims[admission.failed]
             wait_s = getattr(policy, "wait_s", 0)
             if wait_s and admission.retry_after >= 0:
-                now = loop.time()
+                now = asyncio.get_running_loop().time()
                 if deadline is None:
                     deadline = now + wait_s
                 left = deadline - now
