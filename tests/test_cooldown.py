@@ -270,14 +270,16 @@ async def test_when_every_model_is_cooling_down_the_first_to_recover_is_probed(s
     assert error["code"] == "all_models_failed" and "All 2 model(s)" in error["message"]
     assert "up:m1: skipped" in error["message"] and "up:m2: skipped" in error["message"]
     assert "up:m1: 500" in error["message"]
-    assert scripted.models_sent() == ["m1", "m2", "m1"]
+    # m2's request went on the connection m1's 500 left in the pool; a close without a byte of an answer there
+    # looks like a stale connection, so the client sends it once more on a new one before it counts.
+    assert scripted.models_sent() == ["m1", "m2", "m2", "m1"]
 
     # The upstream recovers while both cool-downs still run. m1's was restarted by the failed probe, so m2's
     # now ends first: m2 is probed, answers, and the request gets its answer without waiting 30 s.
     scripted.behaviours.update(m1=Behaviour("ok"), m2=Behaviour("ok"))
     r = await call(base, chat(stream=stream))
     assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
-    assert scripted.models_sent() == ["m1", "m2", "m1", "m2"]
+    assert scripted.models_sent() == ["m1", "m2", "m2", "m1", "m2"]
 
 
 async def test_all_cooling_down_after_429s_probes_the_shortest_wait_and_answers_429(upstream, start_proxy):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import orjson
 import pytest
 
-from proxy.upstream.sse import EventSplitter, StreamState, has_data, inspect_event, scan
+from proxy.upstream import sse as scanner
+from proxy.upstream.http1 import BadResponse
+from proxy.upstream.sse import EventSplitter, EventTooLarge, StreamState, has_data, inspect_event, scan
 from proxy.sim.testing import USAGE, chat_chunk, sse, stream_events
 
 OTHER_USAGE = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
@@ -76,6 +79,45 @@ def test_splitter_returns_several_events_of_one_chunk_at_once():
     assert splitter.feed(b"".join(events[:3]) + events[3][:10]) == b"".join(events[:3])
     assert splitter.feed(events[3][10:] + b"".join(events[4:])) == b"".join(events[3:])
     assert splitter.tail == b""
+
+
+def test_an_event_up_to_the_cap_comes_out_whole_and_one_byte_more_is_malformed():
+    event = b"data: " + b"x" * (scanner.MAX_EVENT - 6)  # MAX_EVENT bytes, its blank line still to come
+    splitter = EventSplitter()
+    for i in range(0, len(event), 65536):
+        assert splitter.feed(event[i : i + 65536]) == b""
+    assert splitter.feed(b"\n\n") == event + b"\n\n"
+    with pytest.raises(EventTooLarge, match=f"longer than {scanner.MAX_EVENT} bytes") as refused:
+        for i in range(0, len(event), 65536):
+            splitter.feed(event[i : i + 65536])
+        splitter.feed(b"x")
+    assert isinstance(refused.value, BadResponse)  # the pipeline's `malformed`: falls over, or an error event
+    assert len(splitter.tail) == 0  # what it held is let go
+
+
+def test_a_chunk_longer_than_the_cap_without_a_blank_line_is_malformed():
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: {}\n\n") == b"data: {}\n\n"
+    with pytest.raises(EventTooLarge):
+        splitter.feed(b"data: {}\n\ndata: " + b"y" * scanner.MAX_EVENT)
+
+
+async def test_splitting_is_linear_in_what_it_is_fed(monkeypatch):
+    # 16 MiB with no line break, in 256-byte reads. Joining the held tail to each read (as it once did) copies
+    # 65,536 times 8 MiB on average: minutes of CPU. Looking only at the new bytes: a fraction of a second.
+    monkeypatch.setattr(scanner, "MAX_EVENT", 64 * 1024 * 1024)
+    splitter = EventSplitter()
+    piece = b"z" * 256
+
+    async def feed() -> None:
+        assert splitter.feed(b"data: ") == b""
+        for i in range(65536):
+            assert splitter.feed(piece) == b""
+            if i % 256 == 0:
+                await asyncio.sleep(0)  # lets the safety net below end a run that takes for ever
+
+    await asyncio.wait_for(feed(), 120)  # only a guard against a hang: the linear version needs far less
+    assert splitter.feed(b"\n\n") == b"data: " + piece * 65536 + b"\n\n"
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -49,6 +49,7 @@ class ProviderConfig:
     timeout_s: float = 60.0
     first_byte_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
+    pool_idle_s: float = 15.0  # a kept-alive connection idle longer is not reused (below load balancers' 60 s)
     # Read from the environment at load time; never printed (repr=False) and never written to the file.
     api_key: str | None = field(default=None, repr=False)
 
@@ -214,7 +215,8 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
                           "and model in 'provider:model')")
     if "api_key" in raw:
         raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
-    _check_keys(raw, {"base_url", "api_key_env", "timeout_s", "first_byte_timeout_s", "connect_timeout_s"}, where)
+    _check_keys(raw, {"base_url", "api_key_env", "timeout_s", "first_byte_timeout_s", "connect_timeout_s",
+                     "pool_idle_s"}, where)
     base_url = _string(raw, "base_url", where, None)
     if base_url is None:
         raise ConfigError(f"{where}.base_url: required")
@@ -234,6 +236,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
         connect_timeout_s=float(connect),
+        pool_idle_s=float(_number(raw, "pool_idle_s", where, 15.0)),
         api_key=_api_key(env, key_env, where),
     )
 

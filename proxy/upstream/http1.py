@@ -4,35 +4,51 @@ Why not aiohttp's ClientSession, which the proxy used first: measured on the ben
 ClientSession spends about 95 us of its 147 us per request in the client (request and response objects,
 payload registry, timers, connector bookkeeping); the same pass-through with this client serves 3x the
 requests. The proxy needs little of what ClientSession offers (one method, bytes in, bytes or a stream out,
-no cookies, redirects, proxies or compression), so this module does just that, on the parser aiohttp itself
+no cookies, redirects or compression), so this module does just that, on the parser aiohttp itself
 uses. aiohttp still serves the clients, and still carries the off-path calls (catalogue check, model bench);
 the OTLP exporter uses this client too.
 
 One `Client` holds a pool per origin. `request()` writes the request head and body (in one write unless the
-body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`) or
-as it comes (`readany`, with reading paused while more than `HIGH_WATER` bytes wait unread). `release()`
-gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest has arrived);
-anything else closes it. Cancelling a request (a deadline) closes its connection.
+body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`, at
+most `MAX_BODY` bytes) or as it comes (`readany`, with reading paused while more than `HIGH_WATER` bytes wait
+unread). `release()` gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest
+has arrived); anything else closes it. Cancelling a request (a deadline) closes its connection.
+
+A pooled connection can die while idle: the upstream (or a load balancer before it) closes it after its own
+idle timeout, and its FIN may cross our next request on the wire. Browsers resend such a request whatever
+its method (Go's net/http and aiohttp only when it is idempotent), and so does this one: a request that got
+no byte of an answer on a reused connection goes once more on a new one, so a healthy model is never charged
+for it. A POST is safe to resend here: the alternative, falling over, asks the next model to generate it
+again anyway. A connection is not reused after its pool's idle limit (`pool_idle_s`, 15 s by default, as
+aiohttp's keep-alive timeout: below the 60 s of common load balancers) nor, when the upstream says
+`Keep-Alive: timeout=N`, near N.
+
+The forward proxy of `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`, unless `NO_PROXY` names the host, is chosen
+once per origin when its pool is made (proxy/upstream/proxy_env.py); a pool is one origin through one route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 import ssl
 import string
-import sys
 import time
 from dataclasses import dataclass
+from typing import Mapping
 from urllib.parse import quote, urlsplit
 
 import aiohappyeyeballs
 import httptools
 
+from proxy.upstream.proxy_env import ForwardProxy, ProxyEnv, open_tunnel
+
 HIGH_WATER = 256 * 1024  # unread streamed bytes before reading from the upstream pauses
-IDLE_S = 30.0  # a pooled connection idle longer than this is closed rather than reused
+IDLE_S = 15.0  # a pooled connection idle longer than this is closed rather than reused (per origin: `limit_idle`)
 MAX_IDLE = 256  # idle connections kept per origin
+MAX_BODY = 64 * 1024 * 1024  # the largest body `read()` collects: past it, BadResponse instead of ever more memory
 DRAIN_S = 2.0  # how long a released connection may take to finish a message whose content the caller has
 DRAIN_MAX = 64 * 1024  # and how many bytes it may still send meanwhile
 
@@ -87,8 +103,8 @@ def split_url(url: str) -> tuple[Origin, str, str]:
 class Response:
     """One response: status and headers at once, the body as it arrives."""
 
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_complete", "_error", "_waiter",
-                 "_head")
+    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_whole", "_complete", "_error",
+                 "_waiter", "_head")
 
     def __init__(self, conn: "_Connection") -> None:
         self.status = 0
@@ -96,7 +112,8 @@ class Response:
         self._conn: _Connection | None = conn
         self._chunks: list[bytes] = []
         self._size = 0
-        self._limit = HIGH_WATER  # unread bytes before the connection pauses
+        self._limit = HIGH_WATER  # unread bytes before the connection pauses (or, reading whole, fails)
+        self._whole = False  # `read()` wants it all
         self._complete = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future | None = None
@@ -113,9 +130,12 @@ class Response:
         return self._complete
 
     async def read(self) -> bytes:
-        """The whole body (what `readany` has not taken yet)."""
+        """The whole body (what `readany` has not taken yet); BadResponse past MAX_BODY bytes."""
         if not self._complete:
-            self._limit = sys.maxsize  # everything is wanted at once: pausing would wait for a read that never comes
+            # Everything is wanted at once: pausing would wait for a read that never comes, so the limit is
+            # the most this may hold.
+            self._whole = True
+            self._limit = MAX_BODY
             if self._conn is not None:
                 self._conn.resume()
             while not self._complete:
@@ -177,7 +197,7 @@ class Response:
             waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
-        if self._complete:
+        if self._complete or self._error is not None:  # the first failure says why; the close that follows does not
             return
         self._error = error
         head = self._head
@@ -189,8 +209,8 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One upstream connection and the response being read from it (one at a time: no pipelining)."""
 
-    __slots__ = ("pool", "transport", "parser", "response", "closed", "paused", "keep_alive", "idle_since",
-                 "_headers", "_informational", "_until_close", "_drain", "_drained")
+    __slots__ = ("pool", "transport", "parser", "response", "closed", "paused", "keep_alive", "reused", "answered",
+                 "idle_s", "expires", "_headers", "_informational", "_until_close", "_drain", "_drained")
 
     def __init__(self, pool: "_Pool") -> None:
         self.pool = pool
@@ -200,7 +220,10 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.keep_alive = False
-        self.idle_since = 0.0
+        self.reused = False  # has been in the pool: the upstream may have closed it meanwhile
+        self.answered = False  # a byte of the answer to the current request has arrived
+        self.idle_s = pool.idle_s  # lowered by the upstream's `Keep-Alive: timeout=`
+        self.expires = 0.0  # while pooled: not reused after this (time.monotonic())
         self._headers: dict[str, str] = {}
         self._informational = False
         self._until_close = False  # the body has no length and no chunks: it ends when the connection does
@@ -234,7 +257,8 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._broken(BadResponse(f"not HTTP/1.1: {exc}"[:200]))
+            refused = exc.__context__  # what a callback raised, if one did
+            self._broken(refused if isinstance(refused, BadResponse) else BadResponse(f"not HTTP/1.1: {exc}"[:200]))
         except httptools.HttpParserUpgrade:  # 101 Switching Protocols, though the request asked for no upgrade
             self._broken(BadResponse("not HTTP/1.1: an upgrade nobody asked for"))
 
@@ -253,6 +277,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response._complete:  # a second answer to one request: raising stops the parser
             raise BadResponse("bytes after the end of the response")
+        self.answered = True
         self._headers = {}
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -286,6 +311,9 @@ class _Connection(asyncio.Protocol):
         response._chunks.append(body)
         response._size += len(body)
         if response._size > response._limit and not self.paused:
+            if response._whole:  # raising stops the parser; data_received closes the connection
+                response._chunks.clear()
+                raise BadResponse(f"the body is larger than {MAX_BODY} bytes")
             self.paused = True
             self.transport.pause_reading()
         response._wake()
@@ -296,6 +324,9 @@ class _Connection(asyncio.Protocol):
             return
         self.keep_alive = self.parser.should_keep_alive()
         response = self.response
+        hint = response.headers.get("keep-alive")
+        if hint is not None:
+            self.idle_s = keep_alive_limit(hint, self.idle_s)
         response._complete = True
         if self._drain is not None:
             self._drain.cancel()
@@ -336,17 +367,29 @@ class _Connection(asyncio.Protocol):
 
 
 class _Pool:
-    """The keep-alive connections to one origin: the most recently used is reused first."""
+    """The keep-alive connections to one origin through one route (direct, or a forward proxy): the most
+    recently used is reused first. A request through a proxy to an http origin names the whole URL
+    (absolute form) and carries the proxy's credentials; to an https origin it goes through a CONNECT tunnel,
+    so it looks as it would on a direct connection."""
 
-    __slots__ = ("origin", "client", "idle")
+    __slots__ = ("origin", "client", "idle", "idle_s", "proxy", "target", "proxy_lines")
 
-    def __init__(self, origin: Origin, client: "Client") -> None:
+    def __init__(self, origin: Origin, client: "Client", proxy: ForwardProxy | None) -> None:
         self.origin = origin
         self.client = client
         self.idle: collections.deque[_Connection] = collections.deque()
+        self.idle_s = IDLE_S
+        self.proxy = proxy
+        absolute = proxy is not None and not origin.tls
+        self.target = f"http://{origin.host_header}" if absolute else ""  # put before each request's path
+        self.proxy_lines = proxy.header_lines if absolute else ""  # and these before its headers
 
     def put(self, conn: _Connection) -> None:
-        conn.idle_since = time.monotonic()
+        if conn.idle_s <= 0:  # the upstream keeps no idle connection open long enough to be worth keeping
+            conn.abort()
+            return
+        conn.reused = True
+        conn.expires = time.monotonic() + conn.idle_s
         self.idle.append(conn)
         if len(self.idle) > MAX_IDLE:
             self.idle.popleft().abort()
@@ -354,25 +397,31 @@ class _Pool:
     async def connection(self, connect_timeout_s: float) -> _Connection:
         idle = self.idle
         if idle:
-            too_old = time.monotonic() - IDLE_S
+            now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if not conn.closed and conn.idle_since > too_old and not conn.transport.is_closing():
+                if not conn.closed and conn.expires > now and not conn.transport.is_closing():
                     return conn
                 conn.abort()
-        return await self._connect(connect_timeout_s)
+        return await self.connect(connect_timeout_s)
 
-    async def _connect(self, connect_timeout_s: float) -> _Connection:
-        origin = self.origin
+    async def connect(self, connect_timeout_s: float) -> _Connection:
+        """A new connection: to the origin, or through the proxy (a CONNECT tunnel for https)."""
+        origin, proxy = self.origin, self.proxy
         loop = asyncio.get_running_loop()
         tls = self.client.tls_context() if origin.tls else None
+        host, port = (origin.host, origin.port) if proxy is None else (proxy.host, proxy.port)
         sock = None
         try:
             async with asyncio.timeout(connect_timeout_s):
-                infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+                if proxy is not None and proxy.problem:
+                    raise OSError(proxy.problem)
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 # Happy eyeballs (RFC 8305), as aiohttp does: a host with a broken IPv6 route still connects
                 # over IPv4 250 ms later instead of spending the whole connect timeout on the first address.
                 sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=0.25, interleave=1)
+                if proxy is not None and tls is not None:
+                    await open_tunnel(loop, sock, proxy, origin.host, origin.port)
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self), sock=sock, ssl=tls, server_hostname=origin.host if tls else None,
                 )
@@ -380,10 +429,12 @@ class _Pool:
             if sock is not None:  # the loop never took it (as aiohttp does: uvloop would leak it otherwise)
                 sock.close()
             where = f"{origin.host}:{origin.port}"
+            if proxy is not None:  # the proxy's host and port only: its credentials are never shown
+                where = f"{where} through proxy {proxy.shown}"
             if isinstance(exc, TimeoutError):
                 raise ConnectTimeout(f"no connection to {where} in {connect_timeout_s:g}s") from None
             if isinstance(exc, (OSError, UnicodeError)):  # OSError covers ssl.SSLError; UnicodeError: a bad IDNA name
-                raise ConnectFailed(f"cannot connect to {where}: {exc}"[:200]) from None
+                raise ConnectFailed(f"cannot connect to {where}: {exc}"[:300]) from None
             raise
         return conn
 
@@ -393,11 +444,13 @@ class _Pool:
 
 
 class Client:
-    """Every upstream origin's connection pool; opened with the app, closed with it."""
+    """Every upstream origin's connection pool; opened with the app, closed with it. The proxy variables are
+    read from `environ` (the process's environment by default) once, here."""
 
-    def __init__(self) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._pools: dict[Origin, _Pool] = {}
         self._tls: ssl.SSLContext | None = None
+        self._proxies = ProxyEnv(os.environ if environ is None else environ)
         self.closed = False
 
     def tls_context(self) -> ssl.SSLContext:
@@ -405,31 +458,50 @@ class Client:
             self._tls = ssl.create_default_context()
         return self._tls
 
+    def _pool(self, origin: Origin) -> _Pool:
+        pool = self._pools.get(origin)
+        if pool is None:  # the one place the proxy variables are consulted: once per origin
+            pool = self._pools[origin] = _Pool(origin, self, self._proxies.proxy_for(origin.host, origin.port,
+                                                                                     origin.tls))
+        return pool
+
+    def limit_idle(self, origin: Origin, idle_s: float) -> None:
+        """Connections to `origin` idle longer than `idle_s` are not reused (the lowest limit given wins)."""
+        pool = self._pool(origin)
+        pool.idle_s = min(pool.idle_s, idle_s)
+
     async def request(self, origin: Origin, method: str, path: str, headers: dict[str, str], body: bytes,
                       connect_timeout_s: float) -> Response:
         """Sends one request and returns once the response head has arrived (the body follows)."""
         if self.closed:
             raise ConnectFailed("the upstream client is closed")
-        pool = self._pools.get(origin)
-        if pool is None:
-            pool = self._pools[origin] = _Pool(origin, self)
-        head = _request_head(method, path, origin.host_header, headers, len(body))
+        pool = self._pools.get(origin) or self._pool(origin)
+        head = _request_head(method, pool.target, path, origin.host_header, pool.proxy_lines, headers, len(body))
         conn = await pool.connection(connect_timeout_s)
-        if conn.closed:  # lost between its connect and now: nothing was sent, nothing would ever answer
-            raise Disconnected("the connection closed before the request went out")
-        response = conn.response = Response(conn)
-        response._head = asyncio.get_running_loop().create_future()
-        try:
-            conn.transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                conn.transport.write(body)
-            await response._head
-        except BaseException:  # a deadline or a broken connection: its state is unknown, so it is closed
-            response.close()
-            raise
-        finally:
-            response._head = None
-        return response
+        while True:
+            if conn.closed:  # lost between its connect and now: nothing was sent, nothing would ever answer
+                raise Disconnected("the connection closed before the request went out")
+            conn.answered = False
+            response = conn.response = Response(conn)
+            response._head = asyncio.get_running_loop().create_future()
+            try:
+                conn.transport.write(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    conn.transport.write(body)
+                await response._head
+                return response
+            except Disconnected:
+                response.close()
+                if not conn.reused or conn.answered:
+                    raise
+            except BaseException:  # a deadline or a broken connection: its state is unknown, so it is closed
+                response.close()
+                raise
+            finally:
+                response._head = None
+            # The upstream closed the pooled connection while it was idle (our request crossed its FIN): no byte
+            # of an answer came, so the request goes once more, on a new connection (never reused: so only once).
+            conn = await pool.connect(connect_timeout_s)
 
     async def close(self) -> None:
         self.closed = True
@@ -438,13 +510,27 @@ class Client:
         self._pools.clear()
 
 
-def _request_head(method: str, path: str, host: str, headers: dict[str, str], length: int) -> bytes:
+def keep_alive_limit(value: str, idle_s: float) -> float:
+    """How long a connection may idle before reuse, given the upstream's `Keep-Alive: timeout=N, max=M`: a
+    second short of N (half of N below 2 s), so a request does not race the upstream's own close."""
+    for part in value.split(","):
+        name, _, number = part.partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                timeout = float(number.strip())
+            except ValueError:
+                return idle_s
+            return min(idle_s, timeout - 1.0 if timeout >= 2.0 else timeout / 2)
+    return idle_s
+
+
+def _request_head(method: str, target: str, path: str, host: str, proxy_lines: str, headers: dict[str, str],
+                  length: int) -> bytes:
     lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):  # one line break per header
         _check_headers(headers)
-    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{lines}Content-Length: {length}\r\n\r\n".encode(
-        "utf-8", "surrogateescape"
-    )
+    return (f"{method} {target}{path} HTTP/1.1\r\nHost: {host}\r\n{proxy_lines}{lines}"
+            f"Content-Length: {length}\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 def _check_headers(headers: dict[str, str]) -> None:

@@ -38,6 +38,7 @@ class Provider:
     first_byte_s: float
     total_s: float
     connect_s: float
+    pool_idle_s: float
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig) -> "Provider":
@@ -56,6 +57,7 @@ class Provider:
             first_byte_s=cfg.first_byte_timeout_s,
             total_s=cfg.timeout_s,
             connect_s=cfg.connect_timeout_s,
+            pool_idle_s=cfg.pool_idle_s,
         )
 
 
@@ -68,6 +70,8 @@ class Upstreams:
 
     async def open(self) -> None:
         self.client = Client()
+        for provider in self.providers.values():
+            self.client.limit_idle(provider.origin, provider.pool_idle_s)
 
     async def close(self) -> None:
         if self.client is not None:

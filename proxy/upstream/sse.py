@@ -3,6 +3,12 @@
 The bytes are forwarded untouched; the scanner only says where complete events end (so a client never
 receives half an event followed by our error event) and looks inside the few events the proxy needs:
 usage, finish reason, errors and the end marker. JSON is parsed only for events that may hold those.
+
+An event is held until its blank line arrives, so the upstream decides how much is held: one that never
+sends a line break would be buffered for ever. `EventSplitter` holds at most `MAX_EVENT` bytes of an
+unfinished event (a real chunk is a few KiB; a whole tool call's arguments rarely reach 100 KiB) and looks for
+the end of an event only in the bytes that are new, so its cost is linear in what it is fed (it used to join
+and search the whole held tail on every read: 150 MB without a line break took 22 s of CPU).
 """
 
 from __future__ import annotations
@@ -10,6 +16,10 @@ from __future__ import annotations
 import re
 
 import orjson
+
+from proxy.upstream.http1 import BadResponse
+
+MAX_EVENT = 1024 * 1024  # the most bytes of one unfinished event held; past it the stream is malformed
 
 _DONE = b"data: [DONE]\n\n"  # the end marker, as a whole event
 _NEXT_DONE = b"\n\n" + _DONE  # ... as an event after another
@@ -89,25 +99,59 @@ def _record(obj: dict, state: StreamState) -> None:
             state.finish_reasons.append(reason)
 
 
+class EventTooLarge(BadResponse):
+    """An event longer than MAX_EVENT: a BadResponse, so the attempt fails as `malformed` (falls over before the
+    commit point, ends the stream with an error event after it)."""
+
+
 class EventSplitter:
     """Cuts a byte stream at event boundaries; keeps the incomplete tail for the next chunk."""
 
     __slots__ = ("tail",)
 
     def __init__(self) -> None:
-        self.tail = b""
+        # The start of an event whose blank line has not come (never a blank line): a bytearray once needed.
+        self.tail: bytes | bytearray = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        """Returns the complete events now available (possibly b''), exactly as received."""
-        data = self.tail + chunk if self.tail else chunk
-        cut = data.rfind(b"\n\n")
-        if b"\r" in data:
-            cut = max(cut, data.rfind(b"\r\n\r\n") + 2 if b"\r\n\r\n" in data else -1)
-        if cut < 0:
-            self.tail = data
+        """Returns the complete events now available (possibly b''), exactly as received. EventTooLarge when
+        the unfinished event has grown past MAX_EVENT."""
+        tail = self.tail
+        if not tail:  # the usual case: whole events, passed on as the very bytes object that came
+            end = _events_end(chunk, 0)
+            if end < len(chunk):
+                self.tail = bytearray(chunk[end:])
+                _check(self.tail)
+            return chunk[:end]
+        # A blank line can only be in the new bytes, or straddle the join (a CRLF one starts 3 bytes back at most).
+        start = max(len(tail) - 3, 0)
+        tail += chunk
+        end = _events_end(tail, start)
+        if end == 0:
+            _check(tail)
             return b""
-        self.tail = data[cut + 2 :]
-        return data[: cut + 2]
+        complete = bytes(tail[:end])
+        del tail[:end]
+        _check(tail)
+        return complete
+
+
+def _events_end(data: bytes | bytearray, start: int) -> int:
+    """The index after the last blank line (LF or CRLF framing) that begins at `start` or later; 0 if none."""
+    end = data.rfind(b"\n\n", start)
+    end = end + 2 if end >= 0 else 0
+    if data.find(b"\r", start) >= 0:
+        crlf = data.rfind(b"\r\n\r\n", start)
+        if crlf >= 0:
+            end = max(end, crlf + 4)
+    return end
+
+
+def _check(tail: bytearray) -> None:
+    if len(tail) > MAX_EVENT:
+        size = len(tail)
+        tail.clear()
+        raise EventTooLarge(f"an event longer than {MAX_EVENT} bytes (no blank line in {size} bytes)")
 
 
 _LITERAL_MARKERS = (b'"usage"', b'"error"', b'"finish_reason":"', b'"finish_reason": "')
