@@ -20,9 +20,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.run import (
-    DIRECT_PATH, PROXY_PATH, BenchError, HOST, Wrk, check_answers, start_proxy, start_sink, start_upstream,
-)
+from bench.errors import BenchError
+from bench.load import Wrk
+from bench.sides import DIRECT_PATH, HOST, PROXY_PATH, check_answers, start_proxy, start_sink, start_upstream
 
 SITE = "site-packages/"
 

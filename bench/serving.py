@@ -1,5 +1,5 @@
 """What the bench's helper servers share: the command line, the uvloop loop, the listening socket, the
-`listening on http://HOST:PORT` line bench/run.py waits for, and a clean stop on SIGINT/SIGTERM.
+`listening on http://HOST:PORT` line bench/processes.py waits for, and a clean stop on SIGINT/SIGTERM.
 
 Used by canned_upstream.py and otlp_sink.py (raw asyncio protocols: `serve_forever`) and by passthrough.py
 (an aiohttp app: `new_event_loop`, `listening_socket`, `announce`).
@@ -37,7 +37,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def announce(host: str, port: int) -> None:
-    """The line bench/run.py (start_announcing) parses to learn the port."""
+    """The line bench/processes.py (start_announcing) parses to learn the port."""
     print(f"listening on http://{host}:{port}", flush=True)
 
 

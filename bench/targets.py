@@ -1,0 +1,52 @@
+"""The issue's targets, and how each is judged on the medians."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.load import MODES
+from bench.stats import Median, find_run, loss_pct
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The issue's targets, for a 2-core machine where wrk, the upstream and the proxy share the cores."""
+
+    rps_non_stream_16: float = 7000.0
+    rps_stream_16: float = 6000.0
+    added_p50_ms_1: float = 0.25
+    rss_mb: float = 60.0
+    rss_after_requests: int = 100_000
+    tracing_loss_pct_16: float = 20.0  # req/s proxy+tracing may lose against proxy (issue 3, item 7)
+
+
+
+TARGETS = Targets()
+
+
+def target_rows(runs: list[Median], memory: dict) -> list[dict]:
+    """The targets, judged on the medians (with --repeat 1, on the single runs)."""
+    rows = []
+
+    def add(name: str, value: float | None, limit: float, unit: str, higher_is_better: bool) -> None:
+        ok = None if value is None else (value >= limit if higher_is_better else value <= limit)
+        rows.append({"target": name, "value": value, "limit": limit, "unit": unit,
+                     "higher_is_better": higher_is_better, "met": ok})
+
+    for mode, limit in (("non-stream", TARGETS.rps_non_stream_16), ("stream", TARGETS.rps_stream_16)):
+        run = find_run(runs, mode, 16, "proxy")
+        add(f"{mode} req/s at 16 conn", run.rps if run else None, limit, "req/s", True)
+    for mode in MODES:
+        proxy, direct = find_run(runs, mode, 1, "proxy"), find_run(runs, mode, 1, "direct")
+        value = proxy.p50_ms - direct.p50_ms if proxy and direct else None
+        add(f"{mode} added p50 at 1 conn", value, TARGETS.added_p50_ms_1, "ms", False)
+    enough = memory.get("phase_requests", 0) >= TARGETS.rss_after_requests
+    served = memory.get("total_requests") if enough else TARGETS.rss_after_requests
+    add(f"RSS after {served:,} requests", memory.get("rss_after_mb") if enough else None,
+        TARGETS.rss_mb, "MB", False)
+    if any(r.side == "proxy+tracing" for r in runs):
+        for mode in MODES:
+            proxy, tracing = find_run(runs, mode, 16, "proxy"), find_run(runs, mode, 16, "proxy+tracing")
+            add(f"{mode} req/s lost to tracing, 16 conn", loss_pct(tracing, proxy) if proxy and tracing else None,
+                TARGETS.tracing_loss_pct_16, "%", False)
+    return rows
