@@ -14,6 +14,7 @@ Medians of the rounds are printed; each round runs every side once, starting one
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import statistics
 import subprocess
@@ -22,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import (
-    HOST, LUA_DONE, PLAIN_BODY, STREAM_BODY, BenchError, Process, cpu_seconds, free_port, http_call, proxy_argv,
-    start_passthrough, start_upstream,
-)
+from bench.errors import BenchError
+from bench.load import LUA_DONE, PLAIN_BODY, STREAM_BODY
+from bench.processes import Process
+from bench.procfs import cpu_seconds
+from bench.sides import HOST, free_port, http_call, proxy_argv, start_passthrough, start_upstream
 from policies.identity import hash_key
 
 KEY = "gp-bench-key"
@@ -142,7 +144,7 @@ def check(port: int, side: str, body: str) -> None:
 def wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
     import json
 
-    done = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "5s", "-s",
+    done = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, math.ceil(seconds))}s", "--timeout", "5s", "-s",
                            str(script), url], capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
