@@ -144,8 +144,9 @@ def check(port: int, side: str, body: str) -> None:
 def wrk(url: str, script: Path, connections: int, seconds: float) -> dict:
     import json
 
-    done = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, math.ceil(seconds))}s", "--timeout", "5s", "-s",
-                           str(script), url], capture_output=True, text=True, timeout=seconds + 60)
+    argv = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, math.ceil(seconds))}s", "--timeout", "5s",
+            "-s", str(script), url]  # wrk takes whole seconds
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             return json.loads(line[len("BENCH_JSON "):])
