@@ -1,0 +1,84 @@
+"""Defects found by the adversarial review of the merged hardening work (issues 7 and 12), each with the case
+that found it: a real proxy, real clients and raw sockets, with inputs the issues did not name."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import openai
+import orjson
+import pytest
+
+from tests.conftest import config_for
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _raw_exchange(port: int, raw: bytes) -> bytes:
+    """Sends `raw` and reads until the server closes the connection (every answer below closes it)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 20)  # a safety net against a hang, not a threshold
+    finally:
+        writer.close()
+
+
+def _status_headers_body(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        pytest.param(b"OPTIONS * HTTP/1.1", id="options-asterisk"),
+        pytest.param(b"CONNECT api.groq.com:443 HTTP/1.1", id="connect-authority-form"),
+    ],
+)
+async def test_a_request_target_that_is_not_a_path_gets_an_openai_error_with_a_request_id(
+    upstream, start_proxy, request_line
+):
+    """Found with raw sockets: `OPTIONS *` and `CONNECT host:port` (what a client that takes the proxy for a
+    forward proxy sends) match no route, not even the catch-all `/{tail}`, so aiohttp answered its own text/plain
+    `404: Not Found` without x-request-id. Before: 404 text/plain, no x-request-id. After: the OpenAI shape."""
+    _, url = upstream
+    base = await start_proxy(config_for(url))
+    port = int(base.rsplit(":", 1)[1])
+    raw = await _raw_exchange(port, request_line + b"\r\nHost: api.groq.com:443\r\nConnection: close\r\n\r\n")
+    status, headers, body = _status_headers_body(raw)
+    assert status == 404, raw[:300]
+    assert re.fullmatch(r"req_[0-9a-f]{24}", headers.get("x-request-id", "")), raw[:300]
+    assert headers["content-type"].startswith("application/json")
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "unknown_url", error
+
+
+@pytest.mark.parametrize("name", ["up:m1\r\nX-Evil: 1", "up:m1\nx", "up:m1\x00", "up:m1\x7f"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_provider_model_name_with_control_characters_is_a_404_not_a_dropped_connection(
+    upstream, start_proxy, name, stream
+):
+    """Found with a JSON body naming `groq:a\\r\\nX-Evil: 1`: the explicit `provider:model` was sent upstream, and
+    its model became the `x-groq-proxy-model` response header, which aiohttp refuses to write: the connection
+    dropped without an answer and an `Unhandled exception` traceback was logged at error level for every such
+    request. Before: openai raised APIConnectionError. After: 404 model_not_found, nothing sent upstream."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    try:
+        with pytest.raises(openai.NotFoundError) as raised:
+            await client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                 stream=stream)
+    finally:
+        await client.close()
+    assert raised.value.response.headers["x-request-id"].startswith("req_")
+    assert raised.value.body["code"] == "model_not_found"
+    assert scripted.requests == []
