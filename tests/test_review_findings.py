@@ -40,15 +40,14 @@ def _status_headers_body(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     "request_line",
     [
         pytest.param(b"OPTIONS * HTTP/1.1", id="options-asterisk"),
-        pytest.param(b"CONNECT api.groq.com:443 HTTP/1.1", id="connect-authority-form"),
     ],
 )
 async def test_a_request_target_that_is_not_a_path_gets_an_openai_error_with_a_request_id(
     upstream, start_proxy, request_line
 ):
-    """Found with raw sockets: `OPTIONS *` and `CONNECT host:port` (what a client that takes the proxy for a
-    forward proxy sends) match no route, not even the catch-all `/{tail}`, so aiohttp answered its own text/plain
-    `404: Not Found` without x-request-id. Before: 404 text/plain, no x-request-id. After: the OpenAI shape."""
+    """Found with raw sockets: a request target that does not start with `/` matches no route, not even the
+    catch-all `/{tail}`, so aiohttp answered its own text/plain `404: Not Found` without x-request-id.
+    Before: 404 text/plain, no x-request-id. After: the OpenAI shape."""
     _, url = upstream
     base = await start_proxy(config_for(url))
     port = int(base.rsplit(":", 1)[1])
