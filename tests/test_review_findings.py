@@ -10,6 +10,7 @@ import openai
 import orjson
 import pytest
 
+from proxy.app.config import parse_config
 from tests.conftest import config_for
 
 pytestmark = pytest.mark.asyncio
@@ -81,3 +82,39 @@ async def test_a_provider_model_name_with_control_characters_is_a_404_not_a_drop
     assert raised.value.response.headers["x-request-id"].startswith("req_")
     assert raised.value.body["code"] == "model_not_found"
     assert scripted.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_http_proxy_refusing_the_credentials_is_not_passed_back_to_the_client(
+    stream, upstream, raw_server, start_proxy, monkeypatch, proxy_log
+):
+    """Found with `HTTP_PROXY` holding a wrong password in front of an http provider: the forward proxy answers
+    the absolute-form request itself with 407, which the proxy took for the provider's 4xx about the request
+    and passed back: the openai client got a bare `407 Proxy Authentication Required` for a valid request, and
+    the chain stopped. A 407 is about the operator's proxy settings, like 401/403 about the provider key.
+    Before: status 407 passed back, the second model never tried. After: it falls over (and the second model,
+    reached directly through NO_PROXY, answers)."""
+    from tests.forward_proxy import ForwardProxy
+    from tests.test_fallback import attempt_lines, call, chat
+    from tests.test_proxy_env import assert_no_secret, proxy_url
+
+    scripted, url = upstream  # on 127.0.0.1; `local.test` is the same server, reachable only through the proxy
+    port = url.split(":")[2].split("/")[0]
+    proxy = ForwardProxy(("someone", "else"), hosts={"local.test": "127.0.0.1"})
+    monkeypatch.setenv("HTTP_PROXY", proxy_url(await raw_server(proxy)))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    raw = {
+        "server": {"keepalive_s": 0},
+        "providers": {"viaproxy": {"base_url": f"http://local.test:{port}/openai/v1"},
+                      "direct": {"base_url": url}},
+        "models": {"tier-test": {"chain": ["viaproxy:m1", "direct:m2"]}},
+    }
+    base = await start_proxy(parse_config(raw, env={}))
+
+    r = await call(base, chat(stream=stream))
+
+    assert r.status == 200, r.body
+    assert scripted.models_sent() == ["m2"]
+    first = attempt_lines(proxy_log)[0]
+    assert first["outcome"] == "fell_over" and first["reason"] == "status_407", first
+    assert_no_secret(r.body.decode() + str(dict(r.headers)))
