@@ -118,3 +118,40 @@ async def test_an_http_proxy_refusing_the_credentials_is_not_passed_back_to_the_
     first = attempt_lines(proxy_log)[0]
     assert first["outcome"] == "fell_over" and first["reason"] == "status_407", first
     assert_no_secret(r.body.decode() + str(dict(r.headers)))
+
+
+async def test_the_sdk_exporters_own_log_lines_are_json_too(tmp_path):
+    """Found with `exporter = "sdk"`, OTEL_EXPORTER_OTLP_PROTOCOL=grpc and a collector that is down: the SDK's
+    gRPC exporter logs `Failed to export traces to ...` through the `opentelemetry` logger, which nothing routed
+    to the JSON handler, so Python's last-resort handler wrote it on stderr as plain text. Before: that line
+    broke "one JSON object per line". After: it is a JSON line like aiohttp's and asyncio's."""
+    import aiohttp
+
+    from tests.conftest import closed_port_url
+    from tests.procs import clean_env, start_serving
+
+    config = tmp_path / "sdk.toml"
+    config.write_text('[providers.groq]\nbase_url = "http://127.0.0.1:9/openai/v1"\n'
+                      '[models.t]\nchain = ["groq:openai/gpt-oss-20b"]\n[telemetry]\nexporter = "sdk"\n')
+    down = closed_port_url().rsplit("/openai/v1", 1)[0]
+    env = {k: v for k, v in clean_env().items() if not k.startswith("OTEL_")}
+    env.update(OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_ENDPOINT=down, OTEL_EXPORTER_OTLP_TIMEOUT="1",
+               OTEL_BSP_SCHEDULE_DELAY="50")
+    proc, base = await start_serving(tmp_path, "sdk", "--simulate", "--config", str(config), env=env)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(base + "/v1/chat/completions",
+                                    json={"model": "t", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+                assert resp.status == 200
+            for _ in range(600):  # the event: the SDK reported the batch failed; 60 s only against a hang
+                async with session.get(base + "/metrics") as resp:
+                    metrics = await resp.text()
+                if re.search(r'^groq_proxy_trace_spans_dropped_total\{reason="export_failed"\} [1-9]', metrics, re.M):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the SDK never reported the failed export")
+        await proc.wait_for_log(lambda line: "Failed to export" in str(line.get("event", "")))
+    finally:
+        await proc.stop()
+    assert [line for line in proc.other_lines() if "listening on" not in line] == [], proc.stderr
