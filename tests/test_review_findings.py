@@ -155,3 +155,35 @@ async def test_the_sdk_exporters_own_log_lines_are_json_too(tmp_path):
     finally:
         await proc.stop()
     assert [line for line in proc.other_lines() if "listening on" not in line] == [], proc.stderr
+
+
+NOT_CHUNKS = [
+    pytest.param(b"{}", id="empty-object"),
+    pytest.param(b'{"id":"c1","choices":"nope"}', id="choices-a-string"),
+    pytest.param(b'{"id":"c1","choices":[1]}', id="choice-not-an-object"),
+    pytest.param(b'{"id":"c1","object":"chat.completion.chunk"}', id="no-choices"),
+]
+
+
+@pytest.mark.parametrize("data", NOT_CHUNKS)
+async def test_a_stream_whose_first_event_is_not_a_chunk_falls_over(upstream, start_proxy, proxy_log, data):
+    """Issue 12 item 1 for streams, found with the openai client: a 200 stream whose first event is a JSON
+    object but not a chunk was committed and answered; the client got a ChatCompletionChunk with choices None
+    (or 'nope') and the caller's `chunk.choices[0]` raised. Before: 200, outcome answered, m2 never tried.
+    After: `malformed`, the next model answers."""
+    from proxy.sim.testing import Behaviour
+    from tests.test_fallback import attempt_lines
+
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("ok", events=[b"data: " + data + b"\n\n", b"data: [DONE]\n\n"])
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    try:
+        chunks = [c async for c in await client.chat.completions.create(
+            model="tier-test", messages=[{"role": "user", "content": "hi"}], stream=True)]
+    finally:
+        await client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there!"
+    first = attempt_lines(proxy_log)[0]
+    assert (first["target"], first["outcome"], first["reason"]) == ("up:m1", "fell_over", "malformed"), first
+
