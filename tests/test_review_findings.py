@@ -215,3 +215,73 @@ def test_every_declared_runtime_dependency_is_imported():
         if not any(re.search(rf"^\s*(import|from) {re.escape(n)}\b", source, re.MULTILINE) for n in names):
             unused.append(req.name)
     assert unused == []
+
+
+def _config_error(raw: dict) -> str:
+    from proxy.app.config import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(raw, env={})
+    return str(raised.value)
+
+
+_PROVIDER = {"base_url": "http://127.0.0.1:9/v1"}
+
+
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ("server", "request_read_timeout_s"),
+        ("provider", "timeout_s"),
+        ("provider", "first_byte_timeout_s"),
+        ("provider", "connect_timeout_s"),
+        ("routing", "cooldown_s"),
+    ],
+)
+def test_nan_is_refused_naming_the_key(table, key):
+    """Found with `timeout_s = nan` in a config file (TOML has `nan`): every "must be at least" check compared
+    `value < minimum`, which is false for NaN, so the proxy started, and the `connect_timeout_s` above
+    `timeout_s` check was passed too. Before: accepted. After: `config error: <key>: must be at least ...`."""
+    nan = float("nan")
+    raw = {"providers": {"groq": dict(_PROVIDER)}, "models": {"t": {"chain": ["groq:m"]}}}
+    if table == "provider":
+        raw["providers"]["groq"][key] = nan
+        where = f"providers.groq.{key}"
+    else:
+        raw[table] = {key: nan}
+        where = f"{table}.{key}"
+    message = _config_error(raw)
+    assert message.startswith(f"{where}: must be at least"), message
+
+
+@pytest.mark.parametrize(
+    "raw, where",
+    [
+        pytest.param({"providers": {"groq": {"base_url": "http://[::1/v1"}}, "models": {"t": {"chain": ["groq:m"]}}},
+                     "providers.groq.base_url", id="base_url-unclosed-ipv6"),
+        pytest.param({"providers": {"groq": dict(_PROVIDER)}, "models": {"t": {"chain": ["groq:m"]}},
+                      "telemetry": {"endpoint": "http://[::1"}}, "telemetry.endpoint", id="endpoint-unclosed-ipv6"),
+        pytest.param({"providers": {"groq": dict(_PROVIDER)}, "models": {"t": {"chain": ["groq:a\nb"]}}},
+                     "models.t.chain[0]", id="chain-model-with-a-line-break"),
+        pytest.param({"providers": {"groq": dict(_PROVIDER)}, "models": {"t": {"chain": ["groq:m"]}},
+                      "aliases": {"old": "groq:a\r\nX-Evil: 1"}}, "aliases.old", id="alias-with-a-line-break"),
+    ],
+)
+def test_config_mistakes_that_ended_in_a_traceback_or_a_broken_header_are_config_errors(raw, where):
+    """Found with `serve --config`: `base_url = "http://[::1/v1"` (or such a telemetry endpoint) ended in
+    urlsplit's ValueError traceback; a chain or alias naming a model with a line break started, then every
+    request to it dropped its connection (the model is the x-groq-proxy-model header). Before: a traceback, or
+    a start. After: one config error naming the key."""
+    message = _config_error(raw)
+    assert message.startswith(where + ":"), message
+
+
+async def test_serve_with_an_unclosed_ipv6_base_url_exits_with_one_line(tmp_path):
+    from tests.procs import clean_env, run
+
+    config = tmp_path / "bad.toml"
+    config.write_text('[providers.groq]\nbase_url = "http://[::1/v1"\n[models.t]\nchain = ["groq:m"]\n')
+    proc = await run(tmp_path, "bad", "serve", "--no-check", "--config", str(config), env=clean_env())
+    assert proc.process.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "groq-proxy: config error: providers.groq.base_url: Invalid IPv6 URL, got 'http://[::1/v1'"]
