@@ -285,3 +285,52 @@ async def test_serve_with_an_unclosed_ipv6_base_url_exits_with_one_line(tmp_path
     assert proc.process.returncode == 2
     assert proc.stderr.splitlines() == [
         "groq-proxy: config error: providers.groq.base_url: Invalid IPv6 URL, got 'http://[::1/v1'"]
+
+
+def _endless_head(kind: str):
+    """A raw upstream that answers with a response head that never ends: one header value without end, more
+    and more headers, or 1xx answers one after another. Sets `gone` when the client closed the connection."""
+    gone = asyncio.Event()
+
+    async def handler(reader, writer):
+        from tests.conftest import read_request
+
+        await read_request(reader)
+        first = {"value": b"HTTP/1.1 200 OK\r\nX-Big: ", "headers": b"HTTP/1.1 200 OK\r\n", "informational": b""}[kind]
+        writer.write(first)
+        i = 0
+        try:
+            while not reader.at_eof():
+                piece = {"value": b"a" * 65536,
+                         "headers": b"".join(b"X-%d: %s\r\n" % (i + j, b"v" * 40) for j in range(1000)),
+                         "informational": b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" * 500}[kind]
+                writer.write(piece)
+                i += 1000
+                await writer.drain()
+                await asyncio.sleep(0)
+        except ConnectionError:
+            pass
+        gone.set()
+
+    return handler, gone
+
+
+@pytest.mark.parametrize("kind", ["value", "headers", "informational"])
+async def test_an_endless_response_head_fails_the_attempt_instead_of_growing_memory(raw_server, kind):
+    """Found with a raw upstream sending a 10 MB header line, then 100,000 headers: the upstream client took
+    both (httptools buffers a header value without limit, and the client kept every header), and nothing but
+    timeout_s bounded a head that never ends (or endless `103 Early Hints`). Issue 7 item 7 bounds an SSE event
+    and a body; the head is upstream output too. Before: the request hung until the test's safety net, memory
+    growing. After: BadResponse past MAX_HEAD bytes of head, and the connection is closed."""
+    from proxy.upstream import http1
+
+    handler, gone = _endless_head(kind)
+    port = await raw_server(handler)
+    client = http1.Client(environ={})
+    try:
+        with pytest.raises(http1.BadResponse, match="response head is larger than"):
+            await asyncio.wait_for(
+                client.request(http1.Origin.of("http", "127.0.0.1", port), "POST", "/", {}, b"{}", 5.0), 60)
+        await asyncio.wait_for(gone.wait(), 30)  # the upstream saw the connection closed
+    finally:
+        await client.close()
