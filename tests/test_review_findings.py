@@ -334,3 +334,28 @@ async def test_an_endless_response_head_fails_the_attempt_instead_of_growing_mem
         await asyncio.wait_for(gone.wait(), 30)  # the upstream saw the connection closed
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("events", [
+    pytest.param([b"data: [DONE]\n\n"], id="done-only"),
+    pytest.param([b": keep-alive\n\n", b"data:[DONE]\n\n"], id="comment-then-done"),
+])
+async def test_a_stream_that_is_only_done_falls_over(upstream, start_proxy, proxy_log, events):
+    """Found with a raw upstream: a 200 stream whose first data event is `[DONE]` carries no answer, yet it
+    was committed and logged `answered`; the openai client got an empty stream. Before: 200, no chunk, m2
+    never tried. After: `malformed`, the next model answers."""
+    from proxy.sim.testing import Behaviour
+    from tests.test_fallback import attempt_lines
+
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("ok", events=events)
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    try:
+        chunks = [c async for c in await client.chat.completions.create(
+            model="tier-test", messages=[{"role": "user", "content": "hi"}], stream=True)]
+    finally:
+        await client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there!"
+    first = attempt_lines(proxy_log)[0]
+    assert (first["target"], first["outcome"], first["reason"]) == ("up:m1", "fell_over", "malformed"), first
