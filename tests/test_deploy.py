@@ -170,7 +170,7 @@ def test_requirements_lock_pins_exactly_what_the_package_needs():
     needed = _lock_module().closure()  # pyproject's dependencies and what they pull in, from installed metadata
     assert set(pins) == set(needed)
     for declared in ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-grpc", "redis",
-                     "cachetools", "opentelemetry-semantic-conventions", "pytest"):
+                     "opentelemetry-semantic-conventions", "pytest"):
         assert (declared in pins) == (declared != "pytest"), declared  # runtime packages in, test-only out
 
 

@@ -150,7 +150,7 @@ def _number(raw: Mapping, key: str, where: str, default: float, *, minimum: floa
     if isinstance(value, bool) or not isinstance(value, ok_type):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{where}.{key}: must be {kind}, got {value!r}")
-    if value < minimum:
+    if not value >= minimum:  # `not >=`: NaN compares false to everything, and would pass `value < minimum`
         raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
     return value
 
@@ -259,7 +259,10 @@ def _check_url(url: str, where: str) -> None:
     if any(not c.isprintable() for c in url) or any(c.isspace() for c in host):
         # urlsplit would drop a tab or newline without a word, and no host has a space.
         raise ConfigError(f"{where}: must not hold control characters, nor spaces in the host, got {url!r}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed IPv6 bracket: `http://[::1/v1`
+        raise ConfigError(f"{where}: {exc}, got {url!r}") from None
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not hold credentials (user:password@); a provider's key is read from "
                           "the variable named by api_key_env, a collector's from OTEL_EXPORTER_OTLP_HEADERS")
@@ -279,6 +282,8 @@ def parse_target(text: str, providers: Mapping[str, Any], where: str) -> Target:
         raise ConfigError(f"{where}: unknown provider {provider!r} (providers: {', '.join(providers)})")
     if not model:
         raise ConfigError(f"{where}: the model after '{provider}:' is empty")
+    if not model.isprintable():  # it becomes the x-groq-proxy-model header, which cannot hold a line break
+        raise ConfigError(f"{where}: the model must not hold control characters, got {text!r}")
     return Target(provider, model)
 
 

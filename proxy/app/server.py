@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import web
+from aiohttp import web, web_urldispatcher
 
 from proxy.app.config import Config
 from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
@@ -175,6 +175,18 @@ def _method_not_allowed(allowed: str):
     return handler
 
 
+class _NotAPath(web_urldispatcher.PlainResource):
+    """Request targets that are not a path (`OPTIONS *`, `CONNECT host:443` from a client that takes the proxy
+    for a forward proxy): no route matches them, not even `/{tail:.*}`, and aiohttp would answer its own text
+    404 without x-request-id. Indexed under `/`, which the router tries last, so it costs real paths nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return None if path.startswith("/") else {}
+
+
 def models_list(config: Config) -> list[dict]:
     created = int(time.time())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "groq-proxy"} for name in config.models]
@@ -269,4 +281,7 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
             app.router.add_route(method, path, handler)
         app.router.add_route("*", path, _method_not_allowed(method))
     app.router.add_route("*", "/{tail:.*}", not_found)
+    not_a_path = _NotAPath()
+    app.router.register_resource(not_a_path)
+    not_a_path.add_route("*", not_found)
     return app

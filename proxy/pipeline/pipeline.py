@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 
 import orjson
@@ -45,6 +46,7 @@ _DROP_REQUEST_HEADERS = frozenset(
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
+_FIRST_DATA = re.compile(rb"(?:^|\n)data: ?(\[DONE\])?")  # the stream's first data line, and whether it is the end
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -290,6 +292,8 @@ class Pipeline:
                 raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
             if state.malformed:
                 raise AttemptFailed("malformed", state.malformed)
+            if state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
+                raise AttemptFailed("malformed", "the stream ended ([DONE]) before its first chunk")
             attempt.response_id, attempt.response_model = state.response_id, state.response_model
             opened = _Opened(resp, splitter, first, state, start)
             return opened
