@@ -106,6 +106,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     source: str = "<default>"
     simulated: bool = False
+    policies: Any = None  # policies.config.PoliciesConfig: [auth], [store], [[policies]]
 
     @property
     def default_provider(self) -> str:
@@ -127,7 +128,7 @@ class Config:
 
 # --- parsing -------------------------------------------------------------------------------------------------
 
-_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing", "telemetry"}
+_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing", "telemetry", "auth", "store", "policies"}
 
 
 def _table(raw: Mapping, key: str, where: str) -> Mapping:
@@ -455,7 +456,14 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         routing=_parse_routing(_table(raw, "routing", "routing")),
         telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
+        policies=_parse_policy_tables(raw),
     )
+
+
+def _parse_policy_tables(raw: Mapping):
+    from policies.config import parse  # policies build on this module's helpers: imported when needed
+
+    return parse(raw)
 
 
 def default_config_text() -> str:

@@ -19,7 +19,9 @@ import time
 import orjson
 from aiohttp import web
 
-from policies.base import PolicyChain, Reject
+from policies.base import CONTINUE, Skip
+from policies.chain import PolicyChain
+from proxy.pipeline.respond import respond
 from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
@@ -40,6 +42,7 @@ _DROP_REQUEST_HEADERS = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
         "authorization", "accept-encoding", "cookie", "x-api-key", "api-key",
+        "x-request-type", "x-module",  # the proxy's own: what the request is for, read by the policies
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
@@ -106,19 +109,24 @@ class Pipeline:
 
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         ctx.base_headers = base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
-        if self.policies:
-            decision = await self.policies.on_request(ctx, self.observer.decision)
-            if isinstance(decision, Reject):
-                return decision.error.to_response(base_headers)
         body = ctx.body
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
-        ctx.forwarded = _forwarded_headers(request)
-        if ctx.stream:
-            ctx.client = ClientStream(request, self._keepalive_s, base_headers)
+        policies = self.policies
         # A client that leaves cancels this task (the app sets aiohttp's handler_cancellation): the attempt in
         # flight ends with it, its upstream connection is closed, and no further model is tried.
         try:
+            # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
+            if policies:
+                policies.begin(ctx, request.headers)
+                decision = await policies.on_request(ctx)
+                if decision is not CONTINUE:
+                    return await respond(request, decision, base_headers)
+                if ctx.policy.headers:
+                    base_headers.update(ctx.policy.headers)
+            ctx.forwarded = _forwarded_headers(request)
+            if ctx.stream:
+                ctx.client = ClientStream(request, self._keepalive_s, base_headers)
             skipped = []
             for index, target in enumerate(ctx.route.chain):
                 wait = self.cooldowns.remaining(target.key)
@@ -127,6 +135,8 @@ class Pipeline:
                     ctx.attempts.append(attempt)
                     self._skipped(ctx, attempt, wait)
                     skipped.append(attempt)
+                    continue
+                if policies and policies.has_before_attempt and await self._policy_skips(ctx, index, target):
                     continue
                 response = await self._try(ctx, index, target)
                 if response is not None:
@@ -146,8 +156,21 @@ class Pipeline:
         finally:
             if ctx.client is not None:
                 await ctx.client.stop_keepalive()
-            if self.policies:
-                await self.policies.after(ctx)
+            if policies:
+                if ctx.answered is not None and policies.has_on_response:
+                    await policies.on_response(ctx, ctx.answered)
+                await policies.after(ctx)
+
+    async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
+        """A policy's before_attempt may pass over this model: recorded as a skipped attempt."""
+        attempt = Attempt(index, target)
+        decision = await self.policies.before_attempt(ctx, attempt)
+        if not isinstance(decision, Skip):
+            return False
+        ctx.attempts.append(attempt)
+        attempt.outcome, attempt.reason, attempt.detail = "skipped", "policy", decision.reason
+        self._end(ctx, attempt, INFO)
+        return True
 
     async def _try(self, ctx: RequestContext, index: int, target) -> web.StreamResponse | None:
         """One attempt at one model: the response, or None when it failed in a way the next model may not."""
@@ -215,6 +238,8 @@ class Pipeline:
         attempt.response_model = obj.get("model")
         self._answered(ctx, attempt)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
+            headers.update(ctx.policy.headers)
         headers["Content-Type"] = "application/json"
         return web.Response(body=body, headers=headers)
 
@@ -288,9 +313,11 @@ class Pipeline:
         recorded = [opened.first] if self.observer.record_content else None
         try:
             async with asyncio.timeout_at(opened.start + provider.total_s):
-                await client.commit(
-                    {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, opened.first, last=state.done
-                )
+                answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+                if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
+                    answer_headers.update(ctx.policy.headers)
+                attempt.events = opened.first.count(b"data:")
+                await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
                     if not chunk:
@@ -303,6 +330,7 @@ class Pipeline:
                             await client.write(well_formed_prefix(complete))
                             break
                         await client.write(complete)
+                        attempt.events += complete.count(b"data:")
                         if recorded is not None:
                             recorded.append(complete)
         except ClientGone:
@@ -367,6 +395,8 @@ class Pipeline:
         attempt.outcome = "passed_back"
         self._end(ctx, attempt, INFO)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        if ctx.policy is not None and ctx.policy.headers:
+            headers.update(ctx.policy.headers)
         headers["Content-Type"] = resp.headers.get("content-type", "application/json")
         return web.Response(status=status, body=redact(body.decode(errors="replace")).encode(), headers=headers)
 
@@ -409,6 +439,8 @@ class Pipeline:
         if attempt.outcome == "fell_over" or attempt.outcome == "skipped":
             following = ctx.route.chain[attempt.index + 1 :]
             fields["next"] = following[0].key if following else None
+        if ctx.identity is not None:  # with policies or [auth]: who asked and what for
+            fields["key_id"], fields["request_type"], fields["module"] = ctx.identity.key, ctx.request_type, ctx.module
         fields.update((k, v) for k, v in extra.items() if v is not None)
         emit(level, "attempt", **fields)
 
@@ -484,7 +516,7 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     name = ctx.route.virtual or ctx.route.requested
     message = redact(f"All {len(ctx.route.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    sent = [a for a in attempts if a.sent]  # never empty: when every model is cooling down, one is probed
+    sent = [a for a in attempts if a.sent]  # empty only when a policy skipped what was not cooling down
     rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
     if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
         headers = {"retry-after": str(max(1, math.ceil(min(waits))))} if waits else {}  # never before then
@@ -492,7 +524,9 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={**headers, "x-should-retry": "true"},
         )
-    if all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
+    if not sent:
+        status = 503
+    elif all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
         status = 504
     elif all(a.reason in ("connect_error", "connect_timeout") for a in sent):
         status = 503
