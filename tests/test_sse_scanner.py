@@ -192,7 +192,7 @@ def test_comments_and_field_only_events_are_ignored():
 
 
 def test_multi_line_data_is_joined_before_parsing():
-    event = b'data: {"id":"c9",\ndata: "usage":' + orjson.dumps(USAGE) + b"}\n\n"
+    event = b'data: {"id":"c9","choices":[],\ndata: "usage":' + orjson.dumps(USAGE) + b"}\n\n"
     state = scanned(event)
     assert state.response_id == "c9" and state.usage == USAGE
 

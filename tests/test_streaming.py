@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from policies.base import Policy, PolicyChain
+from policies import Policy, PolicyChain
 from proxy.app.server import STATE, build_app
 from proxy.sim.testing import USAGE, Behaviour, ChatUpstream, LateEndUpstream, chat_chunk, sse, stream_events
 from tests.conftest import config_for, until

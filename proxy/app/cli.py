@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--simulate", action="store_true", help="the in-process proxy answers from the simulator")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(func=cmd_bench_model)
+
+    from proxy.app.keys_cmd import add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 

@@ -124,6 +124,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     source: str = "<default>"
     simulated: bool = False
+    policies: Any = None  # policies.config.PoliciesConfig: [auth], [store], [[policies]]
 
     @property
     def default_provider(self) -> str:
@@ -146,7 +147,7 @@ class Config:
 
 # --- parsing -------------------------------------------------------------------------------------------------
 
-_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing", "telemetry"}
+_KNOWN_TOP = {"server", "providers", "models", "aliases", "routing", "telemetry", "auth", "store", "policies"}
 
 
 def _table(raw: Mapping, key: str, where: str) -> Mapping:
@@ -168,7 +169,7 @@ def _number(raw: Mapping, key: str, where: str, default: float, *, minimum: floa
     if isinstance(value, bool) or not isinstance(value, ok_type):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{where}.{key}: must be {kind}, got {value!r}")
-    if value < minimum:
+    if not value >= minimum:  # `not >=`: NaN compares false to everything, and would pass `value < minimum`
         raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
     return value
 
@@ -299,7 +300,10 @@ def _check_url(url: str, where: str) -> None:
     if any(not c.isprintable() for c in url) or any(c.isspace() for c in host):
         # urlsplit would drop a tab or newline without a word, and no host has a space.
         raise ConfigError(f"{where}: must not hold control characters, nor spaces in the host, got {url!r}")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unclosed IPv6 bracket: `http://[::1/v1`
+        raise ConfigError(f"{where}: {exc}, got {url!r}") from None
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{where}: must not hold credentials (user:password@); a provider's key is read from "
                           "the variable named by api_key_env, a collector's from OTEL_EXPORTER_OTLP_HEADERS")
@@ -319,6 +323,8 @@ def parse_target(text: str, providers: Mapping[str, Any], where: str) -> Target:
         raise ConfigError(f"{where}: unknown provider {provider!r} (providers: {', '.join(providers)})")
     if not model:
         raise ConfigError(f"{where}: the model after '{provider}:' is empty")
+    if not model.isprintable():  # it becomes the x-groq-proxy-model header, which cannot hold a line break
+        raise ConfigError(f"{where}: the model must not hold control characters, got {text!r}")
     return Target(provider, model)
 
 
@@ -540,7 +546,14 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         routing=_parse_routing(_table(raw, "routing", "routing"), models),
         telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
+        policies=_parse_policy_tables(raw),
     )
+
+
+def _parse_policy_tables(raw: Mapping):
+    from policies.config import parse  # policies build on this module's helpers: imported when needed
+
+    return parse(raw)
 
 
 def default_config_text() -> str:

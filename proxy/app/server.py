@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import web
+from aiohttp import web, web_urldispatcher
 
-from policies.base import PolicyChain
 from proxy.app.config import Config
+from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
 from proxy.app import http_errors
@@ -72,12 +72,14 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
     status = 499  # stays so only when the handler is cancelled (the client went away)
     try:
         try:
+            identity = state.pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
             body = await read_json(request, state.config.server.max_body_bytes)
             route = state.router.resolve(validate(body))
             ctx = RequestContext(
                 request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
             )
             ctx.span = span
+            ctx.identity = identity
             response = await state.pipeline.handle(request, ctx)
         except ProxyError as error:
             response = error.to_response({"x-request-id": request_id, **state.pipeline.extra_headers})
@@ -174,8 +176,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ready = state.pipeline is not None and state.upstreams is not None and state.upstreams.ready
-    return web.json_response({"status": "ready" if ready else "starting"}, status=200 if ready else 503,
-                             headers=_id_header())
+    body = {"status": "ready" if ready else "starting"}
+    if ready and state.pipeline.policies.store is not None:  # a store that is down degrades, it does not stop
+        body["store"] = state.pipeline.policies.store.status()
+    return web.json_response(body, status=200 if ready else 503, headers=_id_header())
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -190,6 +194,18 @@ def _method_not_allowed(allowed: str):
         return error.to_response({"Allow": allowed, **_id_header()})
 
     return handler
+
+
+class _NotAPath(web_urldispatcher.PlainResource):
+    """Request targets that are not a path (`OPTIONS *`, `CONNECT host:443` from a client that takes the proxy
+    for a forward proxy): no route matches them, not even `/{tail:.*}`, and aiohttp would answer its own text
+    404 without x-request-id. Indexed under `/`, which the router tries last, so it costs real paths nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return None if path.startswith("/") else {}
 
 
 def models_list(config: Config) -> list[dict]:
@@ -240,10 +256,13 @@ async def _lifecycle(app: web.Application):
                                   dict(telemetry.headers), interval_s=telemetry.export_interval_s)
         state.exporter.start()
     state.observer = Observer(config, tracer, ProxyMetrics() if telemetry.metrics else None)
-    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), PolicyChain(), state.observer,
+    chain = await open_chain(config, state.observer.metrics)
+    chain.record = state.observer.decision
+    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), chain, state.observer,
                               router=state.router)
     yield
     state.pipeline = None
+    await close_chain(chain)
     if state.exporter is not None:
         await state.exporter.close()
     await upstreams.close()
@@ -271,13 +290,14 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
     app[READ_TIMEOUT] = server.request_read_timeout_s
     app.cleanup_ctx.append(_lifecycle)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
-              ("/admin/benchmark", "POST", admin_benchmark)]
+              ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage)]
     for prefix in PREFIXES:
         routes += [
             (prefix + "/chat/completions", "POST", chat_completions),
             (prefix + "/embeddings", "POST", embeddings),
             (prefix + "/models", "GET", list_models),
             (prefix + "/models/{model_id:.+}", "GET", get_model),
+            (prefix + "/usage", "GET", my_usage),
         ]
     for path, method, handler in routes:
         if method == "GET":
@@ -286,4 +306,7 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
             app.router.add_route(method, path, handler)
         app.router.add_route("*", path, _method_not_allowed(method))
     app.router.add_route("*", "/{tail:.*}", not_found)
+    not_a_path = _NotAPath()
+    app.router.register_resource(not_a_path)
+    not_a_path.add_route("*", not_found)
     return app

@@ -17,8 +17,8 @@ class Attempt:
 
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
-        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "key",
-        "key_name", "hedge",
+        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "events",
+        "key", "key_name", "hedge",
     )
 
     def __init__(self, index: int, target: Target, key: int = 0, key_name: str = "") -> None:
@@ -41,6 +41,7 @@ class Attempt:
         self.response_model: str | None = None
         self.span: Any = None  # the telemetry span of this attempt, when tracing is on
         self.content: str | None = None  # the completion, only when the operator turned content recording on
+        self.events = 0  # SSE data events that reached the client: a cut stream's token estimate
 
     @property
     def elapsed_ms(self) -> float:
@@ -58,6 +59,7 @@ class RequestContext:
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
         "forwarded", "base_headers", "client", "chain", "hints", "client_fields", "deadline", "_tokens", "auto",
+        "headers", "identity", "request_type", "module", "policy",
     )
 
     def __init__(
@@ -75,12 +77,27 @@ class RequestContext:
         self.forwarded: dict[str, str] = {}  # the client's end-to-end headers, sent upstream with every attempt
         self.base_headers: dict[str, str] = {}  # on every response to this request, errors included
         self.client: Any = None  # the ClientStream of a streamed request, None otherwise
+        # Set by the policy chain (policies.chain.PolicyChain.begin) when policies or [auth] are configured.
+        self.headers: Any = None  # the client's request headers
+        self.identity: Any = None  # policies.Identity
+        self.request_type = "default"  # x-request-type
+        self.module: str | None = None  # x-module
+        self.policy: Any = None  # policies.chain.PolicyState: the request's claims, settlements, added headers
         self.chain = route.chain  # the route's chain in the order this request tries it (a latency target reorders)
         self.hints: Any = None  # the routing hints of its headers (proxy.routing.hints.Hints)
         self.client_fields: frozenset | None = None  # the fields the client set, when a chain entry has params
         self.deadline: float | None = None  # loop time past which the request is answered 504
         self._tokens: int | None = None
         self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
+
+    @property
+    def virtual_model(self) -> str | None:
+        return self.route.virtual
+
+    @property
+    def usage(self) -> dict | None:
+        """The usage the upstream reported for the answer, once known."""
+        return self.answered.usage if self.answered is not None else None
 
     @property
     def tokens_if_estimated(self) -> int | None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 
 import orjson
 from aiohttp import web
 
-from policies.base import PolicyChain, Reject
+from policies.base import CONTINUE, Skip
+from policies.chain import PolicyChain
+from proxy.pipeline.respond import respond
 from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
@@ -45,11 +48,12 @@ _DROP_REQUEST_HEADERS = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
         "authorization", "accept-encoding", "cookie", "x-api-key", "api-key",
-        # the proxy's own routing hints (proxy/routing/hints.py): for the proxy, not the provider
-        "x-max-latency-ms", "x-hedge", "x-hedge-after-ms", "x-model-tier", "x-request-type",
+        # the proxy's own: routing hints (proxy/routing/hints.py) and what the request is for (the policies)
+        "x-max-latency-ms", "x-hedge", "x-hedge-after-ms", "x-model-tier", "x-request-type", "x-module",
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
+_FIRST_DATA = re.compile(rb"(?:^|\n)data: ?(\[DONE\])?")  # the stream's first data line, and whether it is the end
 DONE_EVENT = b"data: [DONE]\n\n"
 # Answers about the key rather than the model: with a pool, the same model is tried with the next key.
 _KEY_STATUSES = frozenset({401, 403, 429})
@@ -123,23 +127,28 @@ class Pipeline:
             ctx.auto = True
             ctx.route = self.tiers.choose(request.headers, hints, ctx.stream)
             ctx.chain = ctx.route.chain
-        if self.policies:
-            decision = await self.policies.on_request(ctx, self.observer.decision)
-            if isinstance(decision, Reject):
-                return decision.error.to_response(base_headers)
         body = ctx.body
         if ctx.route.entry_params:
             ctx.client_fields = frozenset(body)
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
-        ctx.forwarded = _forwarded_headers(request)
-        if ctx.stream:
-            ctx.client = ClientStream(request, self._keepalive_s, base_headers)
-        plan = self.planner.plan(ctx)
+        policies = self.policies
         # A client that leaves cancels this task (the app sets aiohttp's handler_cancellation): the attempt in
         # flight ends with it, its upstream connection is closed, and no further model is tried. A latency
         # target's deadline does the same from inside.
         try:
+            # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
+            if policies:
+                policies.begin(ctx, request.headers)
+                decision = await policies.on_request(ctx)
+                if decision is not CONTINUE:
+                    return await respond(request, decision, base_headers)
+                if ctx.policy.headers:
+                    base_headers.update(ctx.policy.headers)
+            ctx.forwarded = _forwarded_headers(request)
+            if ctx.stream:
+                ctx.client = ClientStream(request, self._keepalive_s, base_headers)
+            plan = self.planner.plan(ctx)
             if plan.deadline_s is None:
                 return await self._chain(ctx, plan)
             loop = asyncio.get_running_loop()
@@ -152,8 +161,21 @@ class Pipeline:
         finally:
             if ctx.client is not None:
                 await ctx.client.stop_keepalive()
-            if self.policies:
-                await self.policies.after(ctx)
+            if policies:
+                if ctx.answered is not None and policies.has_on_response:
+                    await policies.on_response(ctx, ctx.answered)
+                await policies.after(ctx)
+
+    async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
+        """A policy's before_attempt may pass over this model: recorded as a skipped attempt."""
+        attempt = Attempt(index, target)
+        decision = await self.policies.before_attempt(ctx, attempt)
+        if not isinstance(decision, Skip):
+            return False
+        ctx.attempts.append(attempt)
+        attempt.outcome, attempt.reason, attempt.detail = "skipped", "policy", decision.reason
+        self._end(ctx, attempt, INFO)
+        return True
 
     async def _chain(self, ctx: RequestContext, plan: "Plan") -> web.StreamResponse:
         """The chain in the plan's order, each model with its keys, a hedge alongside when the plan has one;
@@ -168,6 +190,8 @@ class Pipeline:
             wait = self.cooldowns.remaining(target.key)
             if wait:
                 skipped.append(self._skip(ctx, index, target, "cooldown", f"cooling down for {wait:.1f}s more", wait))
+                continue
+            if self.policies and self.policies.has_before_attempt and await self._policy_skips(ctx, index, target):
                 continue
             if plan.hedge_after_ms is None or hedges >= plan.max_hedges or position >= len(chain):
                 result = await self._model(ctx, index, target)
@@ -355,6 +379,8 @@ class Pipeline:
         attempt.response_model = obj.get("model")
         self._answered(ctx, attempt)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
+            headers.update(ctx.policy.headers)
         headers["Content-Type"] = "application/json"
         return web.Response(body=body, headers=headers)
 
@@ -402,6 +428,8 @@ class Pipeline:
                 raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
             if state.malformed:
                 raise AttemptFailed("malformed", state.malformed)
+            if state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
+                raise AttemptFailed("malformed", "the stream ended ([DONE]) before its first chunk")
             attempt.response_id, attempt.response_model = state.response_id, state.response_model
             opened = _Opened(resp, splitter, first, state, start, ctx, attempt, provider)
             return opened
@@ -421,9 +449,11 @@ class Pipeline:
         recorded = [opened.first] if self.observer.record_content else None
         try:
             async with asyncio.timeout_at(opened.start + provider.total_s):
-                await client.commit(
-                    {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}, opened.first, last=state.done
-                )
+                answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+                if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
+                    answer_headers.update(ctx.policy.headers)
+                attempt.events = opened.first.count(b"data:")
+                await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
                     if not chunk:
@@ -436,6 +466,7 @@ class Pipeline:
                             await client.write(well_formed_prefix(complete))
                             break
                         await client.write(complete)
+                        attempt.events += complete.count(b"data:")
                         if recorded is not None:
                             recorded.append(complete)
         except ClientGone:
@@ -505,6 +536,8 @@ class Pipeline:
         attempt.outcome = "passed_back"
         self._end(ctx, attempt, INFO)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
+        if ctx.policy is not None and ctx.policy.headers:
+            headers.update(ctx.policy.headers)
         headers["Content-Type"] = resp.headers.get("content-type", "application/json")
         return web.Response(status=status, body=redact(body.decode(errors="replace")).encode(), headers=headers)
 
@@ -571,6 +604,8 @@ class Pipeline:
         if attempt.outcome == "fell_over" or attempt.outcome == "skipped":
             following = ctx.chain[attempt.index + 1 :]
             fields["next"] = following[0].key if following else None
+        if ctx.identity is not None:  # with policies or [auth]: who asked and what for
+            fields["key_id"], fields["request_type"], fields["module"] = ctx.identity.key, ctx.request_type, ctx.module
         fields.update((k, v) for k, v in extra.items() if v is not None)
         emit(level, "attempt", **fields)
 
@@ -651,7 +686,7 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
     name = ctx.route.virtual or ctx.route.requested
     message = redact(f"All {len(ctx.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    sent = [a for a in attempts if a.sent]
+    sent = [a for a in attempts if a.sent]  # empty when nothing could be sent (keys resting, policy skips)
     rate_limited = all(a.reason in _RATE_REASONS for a in attempts)
     if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
         headers = {"retry-after": str(max(1, math.ceil(min(waits))))} if waits else {}  # never before then
@@ -659,7 +694,7 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={**headers, "x-should-retry": "true"},
         )
-    if not sent:  # nothing could be sent: every key of every model is resting (refused keys)
+    if not sent:  # nothing could be sent: every key resting, or a policy skipped what was not cooling down
         status = 503
     elif all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
         status = 504

@@ -59,8 +59,9 @@ class Router:
         if route is not None:
             return route
         provider, sep, model = name.partition(":")
-        if sep and model and provider in self._providers:
-            # An explicit 'provider:model' is a deliberate choice: let the provider say whether it exists.
+        if sep and model and provider in self._providers and model.isprintable():
+            # An explicit 'provider:model' is a deliberate choice: let the provider say whether it exists. A
+            # name with a control character cannot exist, and would break the x-groq-proxy-model header.
             return Route(name, None, (Target(provider, model),))
         raise ProxyError(
             404,

@@ -94,10 +94,11 @@ def setup_logging(level: str = "info") -> None:
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
-    # What libraries log (aiohttp's server and client, asyncio's "exception never retrieved", Python warnings)
-    # becomes JSON lines too: a multi-line traceback on stderr would break every reader of the log.
+    # What libraries log (aiohttp's server and client, asyncio's "exception never retrieved", Python warnings,
+    # the OpenTelemetry SDK's exporters and gRPC with `exporter = "sdk"`, from their own threads) becomes JSON
+    # lines too: a plain-text or multi-line traceback on stderr would break every reader of the log.
     logging.captureWarnings(True)
-    for name in ("aiohttp", "asyncio", "py.warnings"):
+    for name in ("aiohttp", "asyncio", "py.warnings", "opentelemetry", "grpc"):
         library = logging.getLogger(name)
         library.handlers[:] = [handler]
         library.propagate = False

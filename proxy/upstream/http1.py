@@ -49,6 +49,7 @@ HIGH_WATER = 256 * 1024  # unread streamed bytes before reading from the upstrea
 IDLE_S = 15.0  # a pooled connection idle longer than this is closed rather than reused (per origin: `limit_idle`)
 MAX_IDLE = 256  # idle connections kept per origin
 MAX_BODY = 64 * 1024 * 1024  # the largest body `read()` collects: past it, BadResponse instead of ever more memory
+MAX_HEAD = 256 * 1024  # the most bytes before a final response head is whole (1xx heads included; Groq's: ~2 KiB)
 DRAIN_S = 2.0  # how long a released connection may take to finish a message whose content the caller has
 DRAIN_MAX = 64 * 1024  # and how many bytes it may still send meanwhile
 
@@ -210,7 +211,7 @@ class _Connection(asyncio.Protocol):
     """One upstream connection and the response being read from it (one at a time: no pipelining)."""
 
     __slots__ = ("pool", "transport", "parser", "response", "closed", "paused", "keep_alive", "reused", "answered",
-                 "idle_s", "expires", "_headers", "_informational", "_until_close", "_drain", "_drained")
+                 "idle_s", "expires", "_headers", "_informational", "_until_close", "_drain", "_drained", "head_size")
 
     def __init__(self, pool: "_Pool") -> None:
         self.pool = pool
@@ -229,6 +230,7 @@ class _Connection(asyncio.Protocol):
         self._until_close = False  # the body has no length and no chunks: it ends when the connection does
         self._drain: asyncio.TimerHandle | None = None  # set while a released response is read to its end
         self._drained = 0
+        self.head_size = 0  # bytes received for the current request while its final head is not whole
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -251,7 +253,8 @@ class _Connection(asyncio.Protocol):
         response._fail(Disconnected(detail))
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:  # bytes nobody asked for: this connection cannot be trusted again
+        response = self.response
+        if response is None:  # bytes nobody asked for: this connection cannot be trusted again
             self.abort()
             return
         try:
@@ -261,6 +264,11 @@ class _Connection(asyncio.Protocol):
             self._broken(refused if isinstance(refused, BadResponse) else BadResponse(f"not HTTP/1.1: {exc}"[:200]))
         except httptools.HttpParserUpgrade:  # 101 Switching Protocols, though the request asked for no upgrade
             self._broken(BadResponse("not HTTP/1.1: an upgrade nobody asked for"))
+        else:
+            if not response.status:  # no final head yet: httptools would buffer a header value without limit
+                self.head_size += len(data)
+                if self.head_size > MAX_HEAD:
+                    self._broken(BadResponse(f"the response head is larger than {MAX_HEAD} bytes"))
 
     def _broken(self, error: UpstreamError) -> None:
         response = self.response  # None when a drained response completed earlier in the same read
@@ -482,6 +490,7 @@ class Client:
             if conn.closed:  # lost between its connect and now: nothing was sent, nothing would ever answer
                 raise Disconnected("the connection closed before the request went out")
             conn.answered = False
+            conn.head_size = 0
             response = conn.response = Response(conn)
             response._head = asyncio.get_running_loop().create_future()
             try:

@@ -11,8 +11,9 @@ from proxy.app.config import Config, ProviderConfig
 from proxy.upstream.http1 import Client, Origin, split_url
 
 # Statuses that say nothing about the request itself: the next model may well answer.
-# 401/403 are here too: they are about the proxy's provider key, not the client's request.
-FALLOVER_STATUSES = frozenset({401, 403, 408, 409, 429, 498})
+# 401/403 are here too: they are about the proxy's provider key, not the client's request; 407 likewise is about
+# the operator's HTTP_PROXY credentials (a forward proxy answers an http origin's request itself).
+FALLOVER_STATUSES = frozenset({401, 403, 407, 408, 409, 429, 498})
 # Statuses that are failures only with these error codes (otherwise the request is at fault).
 FALLOVER_CODES = {404: "model_not_found", 400: "model_decommissioned", 413: "rate_limit_exceeded"}
 

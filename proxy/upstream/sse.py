@@ -77,11 +77,17 @@ def inspect_event(data: bytes, state: StreamState) -> None:
 
 
 def _record(obj: dict, state: StreamState) -> None:
-    if state.response_id is None:
+    first = state.response_id is None
+    if first:
         state.response_id = obj.get("id")
         state.response_model = obj.get("model")
     if "error" in obj:
         state.error = obj["error"]
+        return
+    choices = obj.get("choices")
+    if not (isinstance(choices, list) and all(isinstance(c, dict) for c in choices)) and (first or choices is not None):
+        # `{}` or `{"choices": "nope"}` is not a chunk: clients would hand it to the caller as one (choices None).
+        state.malformed = "event is not a chat completion chunk: no list of choices"
         return
     usage = obj.get("usage")
     x_groq = obj.get("x_groq")
@@ -93,8 +99,8 @@ def _record(obj: dict, state: StreamState) -> None:
     # Groq repeats the usage (finish chunk, x_groq, the include_usage chunk): keep one copy, never add.
     if isinstance(usage, dict):
         state.usage = usage
-    for choice in obj.get("choices") or ():
-        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+    for choice in choices or ():
+        reason = choice.get("finish_reason")
         if reason:
             state.finish_reasons.append(reason)
 

@@ -1,0 +1,362 @@
+"""The policy chain: runs the configured policies' hooks in order and applies `mode` and `on_error`.
+
+It also owns the two store calls of a request: every `Claim` the policies made in `on_request` goes to the
+store in one `admit` (all or nothing), and every `Settlement` made in `after` in one `settle`. With wait_s
+set, a request refused for throughput or a slot waits and tries again, up to that long.
+
+Rules it keeps, whatever a policy does:
+- a shadow decision never changes the answer (it is recorded in the span, the log and the metrics);
+- a policy that raises, or whose store is down, lets the request through (`on_error = "open"`) or gets the
+  client a 503 `policy_unavailable` (`"closed"`), logged and counted as the decision `error`;
+- `after()` runs for every policy whose `on_request` ran, in reverse order, each isolated from the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from policies.base import CONTINUE, Decision, Policy, Reject, Skip
+from policies.estimate import completion_limit, estimate, used_tokens
+from policies.identity import Identity, KeyRing, body_identity
+from policies.stores.base import SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
+from proxy.telemetry.logs import emit
+
+if TYPE_CHECKING:
+    from proxy.pipeline.context import Attempt, RequestContext
+
+ENFORCE, SHADOW = "enforce", "shadow"
+OPEN, CLOSED = "open", "closed"
+
+
+class PolicyState:
+    """What the policies hold for one request: their claims, whether the store admitted them, the headers
+    they add to the answer, the settlements to send at the end."""
+
+    __slots__ = ("ran", "claims", "owners", "by_owner", "admitted", "admission", "settlements", "headers", "_prompt",
+                 "_used", "body")
+
+    def __init__(self, body: dict) -> None:
+        self.body = body
+        self.ran = 0
+        self.claims: list[Claim] = []
+        self.owners: list[Policy] = []
+        self.by_owner: dict[Policy, list[Claim]] = {}
+        self.admitted = False
+        self.admission: Admission | None = None
+        self.settlements: list[Settlement] = []
+        self.headers: dict[str, str] = {}
+        self._prompt: int | None = None
+        self._used: int | None = None
+
+    def claim(self, policy: Policy, claim: Claim) -> None:
+        self.claims.append(claim)
+        self.owners.append(policy)
+        mine = self.by_owner.get(policy)
+        if mine is None:
+            self.by_owner[policy] = [claim]
+        else:
+            mine.append(claim)
+
+    def claims_of(self, policy: Policy) -> list[Claim]:
+        """The policy's claims that the store took (none when the request was refused or the store was down)."""
+        if not self.admitted:
+            return _NONE
+        return self.by_owner.get(policy, _NONE)
+
+    def settle(self, settlement: Settlement) -> None:
+        self.settlements.append(settlement)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's estimate, made once per request (`policies.set_estimator` replaces it)."""
+        if self._prompt is None:
+            self._prompt = estimate(self.body)
+        return self._prompt
+
+    @property
+    def completion_limit(self) -> int | None:
+        return completion_limit(self.body)
+
+    def used_tokens(self, ctx) -> int:
+        """What the request used (`policies.estimate.used_tokens`), worked out once for every policy."""
+        if self._used is None:
+            self._used = used_tokens(ctx)
+        return self._used
+
+
+_NONE: list = []
+
+
+class PolicyChain:
+    """The configured policies, the proxy keys and the store. Truthy when there is anything to do."""
+
+    def __init__(self, policies: Sequence[Policy] = (), *, keys: KeyRing | None = None, store: Store | None = None,
+                 request_types: frozenset[str] = frozenset({"default"}), metrics=None) -> None:
+        self.policies = tuple(policies)
+        self.keys = keys
+        self.store = store
+        self.request_types = request_types
+        self.metrics = metrics  # PolicyMetrics, or None when metrics are off
+        self.record: Callable | None = None  # the observer's span event, set by the app
+        self._logged: dict[tuple, tuple[float, int]] = {}
+        self._keys: dict[tuple, tuple[str, str, str]] = {}  # (policy, decision) -> its metric labels
+        for p in self.policies:
+            p.mode = getattr(p, "mode", ENFORCE)
+            p.on_error = getattr(p, "on_error", OPEN)
+        cls = Policy
+        self._before = tuple(p for p in self.policies if type(p).before_attempt is not cls.before_attempt)
+        self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
+        self._settles = frozenset(id(p) for p in self.policies if type(p).after is not cls.after)
+
+    def __bool__(self) -> bool:
+        return bool(self.policies) or self.keys is not None
+
+    @property
+    def has_before_attempt(self) -> bool:
+        return bool(self._before)
+
+    @property
+    def has_on_response(self) -> bool:
+        return bool(self._on_response)
+
+    # --- who is asking ----------------------------------------------------------------------------------
+
+    def authenticate(self, headers) -> Identity | None:
+        """The key's identity, or None without [auth]; raises the 401 ProxyError for a missing or wrong key."""
+        return self.keys.identify(headers) if self.keys is not None else None
+
+    def begin(self, ctx: "RequestContext", headers) -> None:
+        """Reads who is asking and what for onto the context, the span and the metrics."""
+        if ctx.identity is None:
+            ctx.identity = body_identity(ctx.body)
+        ctx.headers = headers
+        request_type = headers.get("x-request-type") or "default"
+        ctx.request_type = request_type[:64]
+        module = headers.get("x-module")
+        ctx.module = module[:64] if module else None
+        ctx.policy = PolicyState(ctx.body)
+        if ctx.span is not None:
+            attrs = ctx.span.attrs
+            attrs["groq_proxy.request_type"] = ctx.request_type
+            if ctx.module:
+                attrs["groq_proxy.module"] = ctx.module
+            if ctx.identity.key:
+                attrs["groq_proxy.key_id"] = ctx.identity.key
+        if self.metrics is not None:
+            label = request_type if request_type in self.request_types else "other"
+            self.metrics.requests.inc((ctx.identity.key or "none", label))
+
+    # --- the hooks --------------------------------------------------------------------------------------
+
+    async def on_request(self, ctx: "RequestContext") -> Decision:
+        state = ctx.policy
+        for policy in self.policies:
+            state.ran += 1
+            claims_before = len(state.claims)
+            try:
+                decision = await policy.on_request(ctx)
+            except Exception:
+                decision = self._failed(ctx, policy, "on_request")
+                if decision is not CONTINUE:
+                    return decision
+                continue
+            if decision is CONTINUE:
+                if len(state.claims) == claims_before:  # a claim's decision is known once the store answers
+                    self._record(ctx, policy, decision)
+                continue
+            self._record(ctx, policy, decision)
+            if policy.mode == ENFORCE:
+                return decision
+        if state.claims and self.store is not None:
+            return await self._admit(ctx, state)
+        return CONTINUE
+
+    async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
+        for policy in self._before:
+            try:
+                decision = await policy.before_attempt(ctx, attempt)
+            except Exception:
+                decision = self._failed(ctx, policy, "before_attempt")
+                if decision is not CONTINUE:  # closed: this model is not tried
+                    return Skip("policy_unavailable")
+                continue
+            if decision is not CONTINUE:
+                self._record(ctx, policy, decision)
+                if policy.mode == ENFORCE and isinstance(decision, Skip):
+                    return decision
+        return CONTINUE
+
+    async def on_response(self, ctx: "RequestContext", attempt: "Attempt") -> None:
+        for policy in self._on_response:
+            try:
+                decision = await policy.on_response(ctx, attempt)
+            except Exception:
+                self._failed(ctx, policy, "on_response")
+                continue
+            if decision is not CONTINUE:
+                self._record(ctx, policy, decision)
+
+    async def after(self, ctx: "RequestContext") -> None:
+        state = ctx.policy
+        if state is None:
+            return
+        settles = self._settles
+        for policy in reversed(self.policies[: state.ran]):
+            if id(policy) not in settles:  # the base class's after(): nothing to settle
+                continue
+            try:
+                await policy.after(ctx)
+            except Exception:
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
+                           hook="after", exc_info=True)
+        if state.settlements and self.store is not None:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The client went away and the handler is being cancelled: the settlement must still land.
+                await asyncio.shield(asyncio.ensure_future(self._settle(ctx, state.settlements)))
+            else:
+                await self._settle(ctx, state.settlements)
+
+    # --- the store ------------------------------------------------------------------------------------
+
+    async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
+        deadline = None
+        while True:
+            try:
+                admission = await self.store.admit(state.claims)
+            except StoreUnavailable:
+                return self._store_down(ctx, state)
+            if admission.ok:
+                state.admitted = True
+                state.admission = admission
+                over = admission.over
+                for policy in state.by_owner:
+                    shadow_refused = over and any(state.owners[i] is policy for i in over)
+                    self._record(ctx, policy, _SHADOW_REJECT if shadow_refused else CONTINUE)
+                _ratelimit_headers(state, admission)
+                return CONTINUE
+            policy = state.owners[admission.failed]
+            claim = state.claims[admission.failed]
+            wait_s = getattr(policy, "wait_s", 0)
+            if wait_s and admission.retry_after >= 0:
+                now = asyncio.get_running_loop().time()
+                if deadline is None:
+                    deadline = now + wait_s
+                left = deadline - now
+                if admission.retry_after <= left and left > 0:
+                    if claim.kind == SLOT:
+                        await self.store.changed(left)
+                    else:
+                        await asyncio.sleep(admission.retry_after)
+                    continue
+            decision = policy.refused(ctx, claim, admission)
+            self._record(ctx, policy, decision)
+            return decision
+
+    def _store_down(self, ctx: "RequestContext", state: PolicyState) -> Decision:
+        owners = list(state.by_owner)
+        state.claims, state.owners, state.by_owner = [], [], {}
+        closed = False
+        for policy in owners:
+            self._record(ctx, policy, _ERROR)
+            closed = closed or (policy.on_error == CLOSED and policy.mode == ENFORCE)
+        self._warn("policy_store_unavailable", request_id=ctx.request_id,
+                   policies=",".join(p.name for p in owners), outcome="refused" if closed else "admitted")
+        return _unavailable() if closed else CONTINUE
+
+    async def _settle(self, ctx: "RequestContext", settlements: list[Settlement]) -> None:
+        try:
+            await self.store.settle(settlements)
+        except StoreUnavailable:
+            self._warn("policy_settle_failed", request_id=ctx.request_id,
+                       message="the store is unreachable; the reservation lapses with its period or lease")
+
+    # --- outcomes -------------------------------------------------------------------------------------
+
+    def _warn(self, event: str, level: int = logging.WARNING, **fields) -> None:
+        """One line per event and policy every 10 s at most, with how many were left out: a Redis outage or
+        a broken policy must not turn every request into a log line."""
+        key = (event, fields.get("policy"), fields.get("hook"))
+        now = time.monotonic()
+        last, skipped = self._logged.get(key, (0.0, 0))
+        if now - last < 10.0:
+            self._logged[key] = (last, skipped + 1)
+            return
+        self._logged[key] = (now, 0)
+        if skipped:
+            fields["suppressed"] = skipped
+        emit(level, event, **fields)
+
+    def _failed(self, ctx: "RequestContext", policy: Policy, hook: str) -> Decision:
+        self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name, hook=hook,
+                   on_error=policy.on_error, exc_info=True)
+        self._record(ctx, policy, _ERROR)
+        if policy.on_error == CLOSED and policy.mode == ENFORCE:
+            return _unavailable()
+        return CONTINUE
+
+    def _record(self, ctx: "RequestContext", policy: Policy, decision: Decision) -> None:
+        label = decision.label
+        if self.metrics is not None:
+            key = self._keys.get((policy, label))
+            if key is None:  # policies and labels are the config's and the code's: a small, fixed set
+                key = self._keys[(policy, label)] = (policy.name, label, policy.mode)
+            self.metrics.decisions.inc(key)
+        if ctx.span is not None and self.record is not None:
+            self.record(ctx, policy.name, label, mode=policy.mode)
+        if label != "continue":
+            fields = {"request_id": ctx.request_id, "policy": policy.name, "decision": label, "mode": policy.mode}
+            if isinstance(decision, Reject):
+                fields["status"], fields["code"] = decision.status, decision.code
+            emit(logging.INFO, "policy_decision", **fields)
+
+
+class _Labelled:
+    __slots__ = ("label",)
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+
+_ERROR = _Labelled("error")
+_SHADOW_REJECT = _Labelled("reject")
+
+
+def _unavailable() -> Reject:
+    return Reject(503, "A request policy could not decide (its store is unavailable); try again shortly.",
+                  code="policy_unavailable", type="server_error", headers={"retry-after": "1"})
+
+
+_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+          for kind in ("requests", "tokens")}
+
+
+def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
+    """x-ratelimit-* of the tightest throughput limit of each kind (requests, tokens) that applied."""
+    tightest: dict[str, int] = {}  # kind -> index of its claim with the least remaining
+    remaining = admission.remaining
+    for i, claim in enumerate(state.claims):
+        kind = claim.header
+        if kind is not None:
+            best = tightest.get(kind)
+            if best is None or remaining[i] < remaining[best]:
+                tightest[kind] = i
+    if tightest:
+        headers, claims, reset = state.headers, state.claims, admission.reset
+        for kind, i in tightest.items():
+            limit_name, remaining_name, reset_name = _NAMES[kind]
+            left = remaining[i]
+            headers[limit_name] = str(claims[i].limit)
+            headers[remaining_name] = str(int(left)) if left > 0 else "0"
+            headers[reset_name] = duration(reset[i])
+
+
+def duration(seconds: float) -> str:
+    """Groq's way of writing a reset time: `7.66s`, `2m59.56s`."""
+    if seconds < 60:
+        return "%.2fs" % (seconds if seconds > 0 else 0.0)
+    minutes, rest = divmod(seconds, 60)
+    return "%dm%.2fs" % (minutes, rest)

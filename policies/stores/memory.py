@@ -1,0 +1,142 @@
+"""The memory store: counters in plain dicts, for one process.
+
+Every operation runs without an `await` in between, so on one event loop it is atomic the way the Redis
+script is. It is the default; it is also what makes a limit per process: a gateway that runs several
+processes must use Redis (`policies.config.check_workers` refuses otherwise).
+
+aiolimiter would serve one rate limit, but it takes its capacity one limiter at a time: a request refused by
+its second limit would already have spent the first. The GCRA here checks every claim before taking any,
+exactly as the Redis script does, so both stores agree on every decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Callable, Sequence
+
+from policies.stores.base import BUDGET, GCRA, SLOT, Admission, Claim, Settlement
+
+
+class MemoryStore:
+    backend = "memory"
+    available = True
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._tat: dict[str, float] = {}
+        self._budgets: dict[str, list] = {}  # key -> [used, reserved, expires_at]
+        self._slots: dict[str, int] = {}
+        self._freed = asyncio.Event()
+        self._next_prune = 0.0
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def status(self) -> dict:
+        return {"backend": "memory", "status": "ok"}
+
+    async def admit(self, claims: Sequence[Claim]) -> Admission:
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        failed, retry, over = -1, 0.0, []
+        remaining, reset = [], []
+        tats, budgets, slots = self._tat, self._budgets, self._slots
+        for i, c in enumerate(claims):
+            kind = c.kind
+            if kind == GCRA:  # inline: this loop runs for every request
+                step = c.param / c.limit
+                tat = tats.get(c.key, now)
+                if tat < now:
+                    tat = now
+                new = tat + c.amount * step
+                if c.amount > c.limit:
+                    fits, wait, left, back = False, -1.0, (now + c.param - tat) // step, tat - now
+                else:
+                    wait = new - c.param - now
+                    fits, left, back = wait <= 0, (now + c.param - new) // step, new - now
+            elif kind == BUDGET:
+                rec = budgets.get(c.key)
+                used = 0 if rec is None or rec[2] <= now else rec[0] + rec[1]
+                left = c.limit - used - c.amount
+                fits, wait, back = left >= 0, c.param - now, c.param - now
+            else:
+                held = slots.get(c.key, 0)
+                fits, wait, left, back = held < c.limit, 0.0, c.limit - held - 1, 0.0
+            remaining.append(left)
+            reset.append(back)
+            if not fits:
+                if c.soft:
+                    over.append(i)
+                elif failed < 0:
+                    failed, retry = i, wait
+        if failed >= 0:
+            return Admission(False, failed, retry, tuple(over), remaining, reset)
+        for c in claims:
+            kind = c.kind
+            if kind == GCRA:
+                tat = tats.get(c.key, now)
+                tats[c.key] = (tat if tat > now else now) + c.amount * c.param / c.limit
+            elif kind == BUDGET:
+                rec = budgets.get(c.key)
+                if rec is None or rec[2] <= now:
+                    rec = budgets[c.key] = [0, 0, c.param]
+                rec[1] += c.amount
+            else:
+                slots[c.key] = slots.get(c.key, 0) + 1
+        return Admission(True, -1, 0.0, tuple(over), remaining, reset)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        now = self.clock()
+        freed = False
+        for s in settlements:
+            if s.kind == GCRA:
+                tat = self._tat.get(s.key)
+                if tat is not None:
+                    self._tat[s.key] = max(now, tat + (s.used - s.reserved) * s.param / s.limit)
+            elif s.kind == BUDGET:
+                rec = self._budgets.get(s.key)
+                if rec is not None and rec[2] > now:
+                    rec[0] += s.used
+                    rec[1] = max(0, rec[1] - s.reserved)
+            elif s.kind == SLOT:
+                held = self._slots.get(s.key, 0)
+                if held > 1:
+                    self._slots[s.key] = held - 1
+                else:
+                    self._slots.pop(s.key, None)
+                freed = True
+        if freed:
+            self._freed.set()
+            self._freed = asyncio.Event()
+
+    async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
+        now = self.clock()
+        out = []
+        for c in claims:
+            if c.kind == GCRA:
+                tat = self._tat.get(c.key, now)
+                out.append((max(0.0, math.ceil((tat - now) * c.limit / c.param - 1e-9)), 0.0))
+            elif c.kind == BUDGET:
+                rec = self._budgets.get(c.key)
+                out.append((0, 0) if rec is None or rec[2] <= now else (rec[0], rec[1]))
+            else:
+                out.append((self._slots.get(c.key, 0), 0))
+        return out
+
+    async def changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._freed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _prune(self, now: float) -> None:
+        """Drops what has expired, so identities that came once (a client's `user` field) do not pile up."""
+        self._next_prune = now + 60.0
+        self._budgets = {k: v for k, v in self._budgets.items() if v[2] > now}
+        self._tat = {k: v for k, v in self._tat.items() if v > now}

@@ -1,0 +1,133 @@
+"""What the app does for the policies: open the store and build the chain at start, close them at the end,
+and answer the usage API (`GET /v1/usage` for the caller, `GET /admin/usage` for anyone, with the admin key)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import orjson
+from aiohttp import web
+
+from policies.chain import PolicyChain
+from policies.config import PoliciesConfig
+from policies.identity import Identity, body_identity
+from policies.stores.base import StoreUnavailable
+from policies.stores.memory import MemoryStore
+from policies.usage import usage_report
+from proxy.app.config import Config
+from proxy.app.errors import ProxyError, new_request_id
+from proxy.telemetry.logs import emit, register_secrets
+from proxy.telemetry.metrics import Counter
+
+
+class PolicyMetrics:
+    def __init__(self) -> None:
+        self.decisions = Counter("groq_proxy_policy_decisions_total",
+                                 "Policy decisions by policy, decision (continue, reject, skip, respond, error) and "
+                                 "mode (enforce, shadow).", ("policy", "decision", "mode"))
+        self.requests = Counter("groq_proxy_key_requests_total",
+                                "Requests by proxy key id (none without [auth]) and request type (x-request-type; "
+                                "types the config does not name count as other).", ("key_id", "request_type"))
+
+
+async def open_chain(config: Config, metrics) -> PolicyChain:
+    """The store, opened (a Redis that is down does not stop the start), and the chain over it."""
+    pc: PoliciesConfig = config.policies or PoliciesConfig()
+    store = None
+    if pc.uses_store or pc.policies:
+        if pc.store.backend == "redis":
+            from urllib.parse import urlsplit
+
+            from policies.stores.redis import RedisStore
+
+            register_secrets(urlsplit(pc.store.url).password)
+            store = RedisStore(pc.store.url, timeout_s=pc.store.timeout_s, lease_s=pc.store.lease_s,
+                               prefix=pc.store.prefix)
+        else:
+            store = MemoryStore()
+            if pc.uses_store:
+                emit(logging.WARNING, "policy_store_memory",
+                     message="Limits and budgets are counted in this process only (store.backend = \"memory\"): "
+                             "run one process, or use the Redis store to share them between processes.")
+        await store.start()
+    policy_metrics = None
+    if metrics is not None and (pc.policies or pc.keys is not None):
+        policy_metrics = PolicyMetrics()
+        metrics.all = metrics.all + (policy_metrics.decisions, policy_metrics.requests)
+    return PolicyChain(pc.policies, keys=pc.keys, store=store, request_types=pc.request_types, metrics=policy_metrics)
+
+
+async def close_chain(chain: PolicyChain) -> None:
+    for policy in chain.policies:
+        await policy.close()
+    if chain.store is not None:
+        await chain.store.close()
+
+
+def _id() -> dict[str, str]:
+    return {"x-request-id": new_request_id()}
+
+
+def _json(obj: dict) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=_id())
+
+
+async def _report(request: web.Request, identity: Identity, only: str | None) -> web.Response:
+    from proxy.app.server import STATE
+
+    state = request.app[STATE]
+    chain = state.pipeline.policies
+    if chain.store is None:
+        return _json(await usage_report(chain, identity, [], only))
+    try:
+        return _json(await usage_report(chain, identity, list(state.config.models), only))
+    except StoreUnavailable:
+        return ProxyError(503, "The usage store is unavailable; try again shortly.", type="server_error",
+                          code="policy_unavailable").to_response(_id())
+
+
+async def my_usage(request: web.Request) -> web.Response:
+    """GET /v1/usage: the caller's own budgets and limits (the caller's key with [auth], else `user=`)."""
+    from proxy.app.server import STATE
+
+    chain = request.app[STATE].pipeline.policies
+    try:
+        identity = chain.authenticate(request.headers)
+    except ProxyError as error:
+        return error.to_response(_id())
+    if identity is None:
+        identity = body_identity({"user": request.query.get("user")})
+    return await _report(request, identity, None)
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """GET /admin/usage?key=ID (or user=, team=): anyone's usage, with the admin key."""
+    from proxy.app.server import STATE
+
+    state = request.app[STATE]
+    admin = state.config.server.admin_key
+    if admin is None:
+        return ProxyError(403, "/admin/usage needs an admin key: set server.admin_key_env.",
+                          type="authentication_error", code="admin_key_not_configured").to_response(_id())
+    presented = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(presented.encode(), f"Bearer {admin}".encode()):
+        return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
+                          type="authentication_error", code="invalid_api_key").to_response(_id())
+    chain = state.pipeline.policies
+    given = [(name, request.query[name]) for name in ("key", "user", "team") if request.query.get(name)]
+    if len(given) != 1:
+        error = ProxyError(400, "Give exactly one of ?key=ID, ?user=NAME or ?team=NAME.", param="key")
+        return error.to_response(_id())
+    kind, value = given[0]
+    if kind == "key":
+        found = [k for k in (chain.keys.keys if chain.keys else ()) if k.id == value]
+        if not found:
+            return ProxyError(404, f"No proxy key has the id {value[:64]!r}.", param="key",
+                              code="key_not_found").to_response(_id())
+        identity = found[0].identity
+    elif kind == "user":
+        identity = Identity(None, value[:256], None)
+    else:
+        identity = Identity(None, None, value[:256])
+    return await _report(request, identity, kind)
