@@ -78,12 +78,13 @@ def start_sink(workdir: Path, cpu: int | None) -> tuple[Process, int]:
 
 
 def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | None,
-                side: str = "proxy", sink_port: int = 0) -> tuple[Process, int]:
-    """The proxy ("proxy"), or with tracing on and exported to the sink at `sink_port` ("proxy+tracing")."""
+                side: str = "proxy", sink_port: int = 0, tier_extra: str = "") -> tuple[Process, int]:
+    """The proxy ("proxy"), or with tracing on and exported to the sink at `sink_port` ("proxy+tracing").
+    `tier_extra`: lines added to the benchmarked tier's table (bench/hedge_cost.py's hedging)."""
     port = free_port()
     slug = side.replace("+", "-")
     config = workdir / f"{slug}.toml"
-    text = PROXY_CONFIG.format(host=HOST, port=port, upstream_port=upstream_port, log_level=log_level)
+    text = PROXY_CONFIG.format(host=HOST, port=port, upstream_port=upstream_port, log_level=log_level) + tier_extra
     if sink_port:
         text += TRACING_CONFIG.format(host=HOST, sink_port=sink_port)
     config.write_text(text)

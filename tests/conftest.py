@@ -131,6 +131,48 @@ async def until(predicate, timeout: float = 5.0, what: str = "condition") -> Non
         await asyncio.sleep(0.01)
 
 
+KEYS = {"KEY_A": "sk-test-pool-key-aaaa", "KEY_B": "sk-test-pool-key-bbbb", "KEY_C": "sk-test-pool-key-cccc"}
+
+
+def routing_config(upstream_url: str, models: dict, *, keys: tuple[str, ...] | None = None, **tables) -> Config:
+    """A config for the routing tests: provider `up` at `upstream_url` with one key (TEST_UPSTREAM_KEY) or a
+    pool of `keys` (names from KEYS); `models` maps a virtual model to its table, or to its chain (a list of
+    model names, or tables `{ model = ..., params = ... }`, prefixed with `up:` here)."""
+    provider = {"base_url": upstream_url, **tables.pop("provider", {})}
+    if keys is None:
+        provider["api_key_env"] = "TEST_UPSTREAM_KEY"
+    else:
+        provider["api_key_envs"] = list(keys)
+
+    def entry(e):
+        return f"up:{e}" if isinstance(e, str) else {**e, "model": f"up:{e['model']}"}
+
+    tables_models = {}
+    for name, table in models.items():
+        table = {"chain": table} if isinstance(table, list) else dict(table)
+        table["chain"] = [entry(e) for e in table["chain"]]
+        tables_models[name] = table
+    raw = {"server": {"keepalive_s": 0, **tables.pop("server", {})}, "providers": {"up": provider},
+           "models": tables_models, **tables}
+    return parse_config(raw, env={"TEST_UPSTREAM_KEY": "sk-test-secret-upstream-key", **KEYS})
+
+
+async def post_chat(base: str, body: dict, headers: dict | None = None):
+    """One chat request with aiohttp's client: (status, headers, raw body)."""
+    import aiohttp
+    import orjson
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", data=orjson.dumps(body),
+                                headers={"Content-Type": "application/json", **(headers or {})}) as resp:
+            return resp.status, resp.headers.copy(), await resp.read()
+
+
+def attempt_fields(caplog) -> list[dict]:
+    """The fields of every `attempt` log line the proxy wrote, in order."""
+    return [r.fields for r in caplog.records if r.name == "groq_proxy" and r.getMessage() == "attempt"]
+
+
 # --- a real Redis server for the policy stores ----------------------------------------------------------------
 
 

@@ -46,20 +46,27 @@ class ProviderConfig:
     name: str
     base_url: str
     api_key_env: str | None = None
+    api_key_envs: tuple[str, ...] = ()  # the key pool: every variable, api_key_env's alone when that is set
     timeout_s: float = 60.0
     first_byte_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
     pool_idle_s: float = 15.0  # a kept-alive connection idle longer is not reused (below load balancers' 60 s)
     # Read from the environment at load time; never printed (repr=False) and never written to the file.
     api_key: str | None = field(default=None, repr=False)
+    api_keys: tuple[str | None, ...] = field(default=(), repr=False)  # one per api_key_envs entry, same order
+
+
+_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
 class Target:
-    """One real model at one provider: a link of a chain."""
+    """One real model at one provider: a link of a chain. `params` are the chain entry's own request defaults;
+    they are not part of the model's identity (cool-downs, latency and labels are per model)."""
 
     provider: str
     model: str
+    params: Mapping[str, Any] = field(default_factory=lambda: _NO_PARAMS, compare=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -72,6 +79,14 @@ class VirtualModel:
     chain: tuple[Target, ...]
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     latency: Thresholds = field(default_factory=lambda: default_thresholds("standard"))
+    max_latency_ms: float | None = None  # the tier's default latency target and deadline
+    hedge: bool = False
+    hedge_after_ms: float | str | None = None  # milliseconds, or "auto": the model's observed p90 time to first token
+    max_hedges: int = 1
+
+    @property
+    def entry_params(self) -> bool:
+        return any(t.params for t in self.chain)
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,9 @@ class RoutingConfig:
     cooldown_after_failures: int = 3
     cooldown_s: float = 30.0
     max_cooldown_s: float = 300.0
+    key_rest_s: float = 60.0  # a pool key that answered 401/403, or 429 without retry-after, rests this long
+    auto_model: str | None = None
+    request_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,8 @@ class Config:
         seen: dict[str, Target] = {}
         for vm in self.models.values():
             for target in vm.chain:
-                seen.setdefault(target.key, target)
+                if target.key not in seen:  # a model named directly gets no chain entry's params
+                    seen[target.key] = Target(target.provider, target.model)
         return list(seen.values())
 
     def with_base_urls(self, base_url: str) -> "Config":
@@ -215,13 +234,19 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
                           "and model in 'provider:model')")
     if "api_key" in raw:
         raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
-    _check_keys(raw, {"base_url", "api_key_env", "timeout_s", "first_byte_timeout_s", "connect_timeout_s",
-                     "pool_idle_s"}, where)
+    _check_keys(raw, {"base_url", "api_key_env", "api_key_envs", "timeout_s", "first_byte_timeout_s",
+                      "connect_timeout_s", "pool_idle_s"}, where)
     base_url = _string(raw, "base_url", where, None)
     if base_url is None:
         raise ConfigError(f"{where}.base_url: required")
     _check_url(base_url, f"{where}.base_url")
     key_env = _env_name(raw, "api_key_env", where)
+    key_envs = _env_names(raw, "api_key_envs", where)
+    if key_env and key_envs:
+        raise ConfigError(f"{where}.api_key_envs: set api_key_env (one key) or api_key_envs (a pool), not both")
+    field_name = "api_key_envs" if key_envs else "api_key_env"
+    key_envs = key_envs or ((key_env,) if key_env else ())
+    keys = tuple(_api_key(env, name, where, field_name) for name in key_envs)
     timeout = _number(raw, "timeout_s", where, 60.0, minimum=0.001)
     first_byte = _number(raw, "first_byte_timeout_s", where, min(10.0, timeout), minimum=0.001)
     if first_byte > timeout:
@@ -233,20 +258,36 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
         name=name,
         base_url=base_url.rstrip("/"),
         api_key_env=key_env,
+        api_key_envs=key_envs,
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
         connect_timeout_s=float(connect),
         pool_idle_s=float(_number(raw, "pool_idle_s", where, 15.0)),
-        api_key=_api_key(env, key_env, where),
+        api_key=keys[0] if keys else None,
+        api_keys=keys,
     )
 
 
-def _api_key(env: Mapping[str, str], key_env: str | None, where: str) -> str | None:
+def _env_names(raw: Mapping, key: str, where: str) -> tuple[str, ...]:
+    """A list of environment variable names (a key pool); each checked as `_env_name` checks one."""
+    value = raw.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}.{key}: must be a non-empty list of environment variable names")
+    names = tuple(_env_name({f"{key}[{i}]": v}, f"{key}[{i}]", where) or "" for i, v in enumerate(value))
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{where}.{key}[{i}]: {name} is listed twice")
+    return names
+
+
+def _api_key(env: Mapping[str, str], key_env: str | None, where: str, field_name: str = "api_key_env") -> str | None:
     """The key from the environment. One with whitespace or control characters (a pasted newline, say) would
     break the Authorization header of every request, so it is refused here, without showing it."""
     key = (env.get(key_env) or None) if key_env else None
     if key is not None and any(c.isspace() or not c.isprintable() for c in key):
-        raise ConfigError(f"{where}.api_key_env: the value of ${key_env} holds whitespace or control characters "
+        raise ConfigError(f"{where}.{field_name}: the value of ${key_env} holds whitespace or control characters "
                           "(a trailing newline?)")
     return key
 
@@ -287,23 +328,53 @@ def parse_target(text: str, providers: Mapping[str, Any], where: str) -> Target:
     return Target(provider, model)
 
 
+def _params(raw, where: str) -> Mapping[str, Any]:
+    """Request defaults: a table of request fields, none of those the request itself must set."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a table of request fields")
+    for reserved in ("model", "messages", "stream", "input"):
+        if reserved in raw:
+            raise ConfigError(f"{where}.{reserved}: the request sets this field; it cannot be a default")
+    return MappingProxyType(dict(raw)) if raw else _NO_PARAMS
+
+
+def _chain_entry(entry, providers: Mapping, where: str) -> Target:
+    """A chain entry: 'provider:model', or { model = "provider:model", params = {...} }."""
+    if isinstance(entry, Mapping):
+        _check_keys(entry, {"model", "params"}, where)
+        if "model" not in entry:
+            raise ConfigError(f"{where}.model: required ('provider:model')")
+        target = parse_target(entry["model"], providers, f"{where}.model")
+        return replace(target, params=_params(entry.get("params", {}), f"{where}.params"))
+    return parse_target(entry, providers, where)
+
+
 def _parse_model(name: str, raw: Mapping, providers: Mapping) -> VirtualModel:
     where = f"models.{name}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a table")
-    _check_keys(raw, {"chain", "params", "latency_ms"}, where)
+    _check_keys(raw, {"chain", "params", "latency_ms", "max_latency_ms", "hedge", "hedge_after_ms", "max_hedges"},
+                where)
     chain = raw.get("chain")
     if not isinstance(chain, list) or not chain:
-        raise ConfigError(f"{where}.chain: required, a non-empty list of 'provider:model'")
-    targets = tuple(parse_target(t, providers, f"{where}.chain[{i}]") for i, t in enumerate(chain))
-    params = raw.get("params", {})
-    if not isinstance(params, Mapping):
-        raise ConfigError(f"{where}.params: must be a table of request fields")
-    for reserved in ("model", "messages", "stream", "input"):
-        if reserved in params:
-            raise ConfigError(f"{where}.params.{reserved}: the request sets this field; it cannot be a default")
+        raise ConfigError(f"{where}.chain: required, a non-empty list of 'provider:model' or "
+                          "{ model = \"provider:model\", params = {...} }")
+    targets = tuple(_chain_entry(t, providers, f"{where}.chain[{i}]") for i, t in enumerate(chain))
+    params = _params(raw.get("params", {}), f"{where}.params")
     latency = _parse_latency(raw.get("latency_ms"), f"{where}.latency_ms", default_thresholds(name))
-    return VirtualModel(name, targets, MappingProxyType(dict(params)), latency)
+    max_latency = raw.get("max_latency_ms")
+    if max_latency is not None:
+        max_latency = float(_number(raw, "max_latency_ms", where, 0, minimum=1))
+    hedge = raw.get("hedge", False)
+    if not isinstance(hedge, bool):
+        raise ConfigError(f"{where}.hedge: must be true or false, got {hedge!r}")
+    hedge_after = raw.get("hedge_after_ms")
+    if hedge_after is not None and hedge_after != "auto":
+        hedge_after = float(_number(raw, "hedge_after_ms", where, 0, minimum=0))
+    return VirtualModel(
+        name, targets, params, latency, max_latency_ms=max_latency, hedge=hedge, hedge_after_ms=hedge_after,
+        max_hedges=_number(raw, "max_hedges", where, 1, minimum=1, integer=True),
+    )
 
 
 def _parse_latency(raw, where: str, default: Thresholds) -> Thresholds:
@@ -413,9 +484,25 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
     )
 
 
-def _parse_routing(raw: Mapping) -> RoutingConfig:
+TIER_PREFIX = "tier-"
+
+
+def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel]) -> RoutingConfig:
     where = "routing"
-    _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s"}, where)
+    _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s", "key_rest_s", "auto_model",
+                      "request_types"}, where)
+    auto = _string(raw, "auto_model", where, None)
+    if auto is not None and auto in models:
+        raise ConfigError(f"{where}.auto_model: {auto!r} is already a virtual model")
+    types_raw = _table(raw, "request_types", f"{where}.request_types")
+    if types_raw and auto is None:
+        raise ConfigError(f"{where}.request_types: needs auto_model (the name a request uses to let the proxy choose)")
+    types = {}
+    for kind, tier in types_raw.items():
+        if not isinstance(tier, str) or tier not in models:
+            raise ConfigError(f"{where}.request_types.{kind}: must name a virtual model "
+                              f"({', '.join(models)}), got {tier!r}")
+        types[kind] = tier
     cooldown = _number(raw, "cooldown_s", where, 30.0)
     cap = _number(raw, "max_cooldown_s", where, max(300.0, cooldown))
     if cap < cooldown:
@@ -424,6 +511,9 @@ def _parse_routing(raw: Mapping) -> RoutingConfig:
         cooldown_after_failures=_number(raw, "cooldown_after_failures", where, 3, minimum=1, integer=True),
         cooldown_s=float(cooldown),
         max_cooldown_s=float(cap),
+        key_rest_s=float(_number(raw, "key_rest_s", where, 60.0, minimum=0.001)),
+        auto_model=auto,
+        request_types=MappingProxyType(types),
     )
 
 
@@ -453,7 +543,7 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),
-        routing=_parse_routing(_table(raw, "routing", "routing")),
+        routing=_parse_routing(_table(raw, "routing", "routing"), models),
         telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
         policies=_parse_policy_tables(raw),

@@ -111,9 +111,28 @@ async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     for entry in state.models:
         if entry["id"] == model_id:
+            entry = {**entry, **_observed_fields(state, model_id)}
             return web.Response(body=orjson.dumps(entry), content_type="application/json", headers=_id_header())
     return ProxyError(404, f"The model `{model_id}` does not exist.", param="model",
                       code="model_not_found").to_response(_id_header())
+
+
+def _observed_fields(state: ProxyState, model_id: str) -> dict:
+    """Extra fields of GET /v1/models/{id}: the observed latency the router orders chains by (per model of a
+    virtual model's chain), so an operator sees what the router sees."""
+    if state.pipeline is None:
+        return {}
+    observed = state.pipeline.routing.observed
+    vm = state.config.models.get(model_id)
+    if vm is not None:
+        return {"chain": [t.key for t in vm.chain],
+                "observed_latency": {t.key: observed.view(t.key) for t in vm.chain}}
+    route = state.router.resolve(model_id)
+    if len(route.chain) == 1:
+        view = observed.view(route.chain[0].key)
+        if view is not None:
+            return {"observed_latency": view}
+    return {}
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -121,8 +140,10 @@ async def metrics(request: web.Request) -> web.Response:
     if observer is None or observer.metrics is None:
         return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).",
                           code="unknown_url").to_response(_id_header())
-    exporter = request.app[STATE].exporter
-    return web.Response(body=observer.metrics.render(exporter),
+    state = request.app[STATE]
+    exporter = state.exporter
+    observed = state.pipeline.routing.observed if state.pipeline is not None else None
+    return web.Response(body=observer.metrics.render(exporter, observed),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **_id_header()})
 
 
@@ -190,6 +211,9 @@ class _NotAPath(web_urldispatcher.PlainResource):
 def models_list(config: Config) -> list[dict]:
     created = int(time.time())
     data = [{"id": name, "object": "model", "created": created, "owned_by": "groq-proxy"} for name in config.models]
+    if config.routing.auto_model is not None:  # the name that lets the proxy choose the tier
+        data.insert(0, {"id": config.routing.auto_model, "object": "model", "created": created,
+                        "owned_by": "groq-proxy"})
     for target in config.real_targets():
         model_id = target.model if target.provider == config.default_provider else target.key
         data.append({"id": model_id, "object": "model", "created": created, "owned_by": target.provider})
@@ -212,7 +236,7 @@ async def _lifecycle(app: web.Application):
             simulator=url,
         )
     config = state.config
-    register_secrets(*(p.api_key for p in config.providers.values()))
+    register_secrets(*(key for p in config.providers.values() for key in (p.api_keys or (p.api_key,))))
     upstreams = Upstreams(config)
     await upstreams.open()
     state.upstreams = upstreams
@@ -234,7 +258,8 @@ async def _lifecycle(app: web.Application):
     state.observer = Observer(config, tracer, ProxyMetrics() if telemetry.metrics else None)
     chain = await open_chain(config, state.observer.metrics)
     chain.record = state.observer.decision
-    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), chain, state.observer)
+    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), chain, state.observer,
+                              router=state.router)
     yield
     state.pipeline = None
     await close_chain(chain)

@@ -6,21 +6,27 @@ import time
 from typing import Any
 
 from proxy.app.config import Target
+from proxy.routing.ratelimits import estimate_tokens
 from proxy.routing.router import Route
 
 
 class Attempt:
-    """One try of one real model. `outcome` is answered, fell_over, skipped, passed_back, failed_after_commit
-    or cancelled; `reason` says why when it is not answered."""
+    """One try of one real model with one key. `outcome` is answered, fell_over, skipped, passed_back,
+    failed_after_commit, cancelled or hedge_lost; `reason` says why when it is not answered. Each attempt has
+    its own usage, so what several attempts in flight (a hedge) produced is settled per attempt."""
 
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
         "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "events",
+        "key", "key_name", "hedge",
     )
 
-    def __init__(self, index: int, target: Target) -> None:
+    def __init__(self, index: int, target: Target, key: int = 0, key_name: str = "") -> None:
         self.index = index
         self.target = target
+        self.key = key  # which key of the provider's pool (its index); key_name: its variable's name
+        self.key_name = key_name
+        self.hedge = False  # started in parallel with an attempt in flight
         self.started = time.perf_counter()
         self.first_byte: float | None = None
         self.ended: float | None = None
@@ -52,7 +58,7 @@ class RequestContext:
 
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
-        "forwarded", "base_headers", "client",
+        "forwarded", "base_headers", "client", "chain", "hints", "client_fields", "deadline", "_tokens", "auto",
         "headers", "identity", "request_type", "module", "policy",
     )
 
@@ -77,6 +83,12 @@ class RequestContext:
         self.request_type = "default"  # x-request-type
         self.module: str | None = None  # x-module
         self.policy: Any = None  # policies.chain.PolicyState: the request's claims, settlements, added headers
+        self.chain = route.chain  # the route's chain in the order this request tries it (a latency target reorders)
+        self.hints: Any = None  # the routing hints of its headers (proxy.routing.hints.Hints)
+        self.client_fields: frozenset | None = None  # the fields the client set, when a chain entry has params
+        self.deadline: float | None = None  # loop time past which the request is answered 504
+        self._tokens: int | None = None
+        self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
 
     @property
     def virtual_model(self) -> str | None:
@@ -86,6 +98,17 @@ class RequestContext:
     def usage(self) -> dict | None:
         """The usage the upstream reported for the answer, once known."""
         return self.answered.usage if self.answered is not None else None
+
+    @property
+    def tokens_if_estimated(self) -> int | None:
+        """The estimate when something already needed it; None otherwise (it is not made just for this)."""
+        return self._tokens
+
+    def estimated_tokens(self) -> int:
+        """The request's estimated tokens (prompt and completion limit), computed once, when first asked."""
+        if self._tokens is None:
+            self._tokens = estimate_tokens(self.body)
+        return self._tokens
 
     @property
     def sent_attempts(self) -> int:

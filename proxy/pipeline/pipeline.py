@@ -25,6 +25,12 @@ from proxy.pipeline.respond import respond
 from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
+from proxy.pipeline.hedge import race
+from proxy.routing.hints import read_hints
+from proxy.routing.plan import Plan, Planner
+from proxy.routing.router import Router
+from proxy.routing.state import RoutingState
+from proxy.routing.tiers import TierChooser
 from proxy.routing.cooldown import Cooldowns
 from proxy.app.errors import ProxyError
 from proxy.upstream.http1 import BadResponse, ConnectFailed, ConnectTimeout, UpstreamError
@@ -42,12 +48,15 @@ _DROP_REQUEST_HEADERS = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "content-type", "content-encoding",
         "authorization", "accept-encoding", "cookie", "x-api-key", "api-key",
-        "x-request-type", "x-module",  # the proxy's own: what the request is for, read by the policies
+        # the proxy's own: routing hints (proxy/routing/hints.py) and what the request is for (the policies)
+        "x-max-latency-ms", "x-hedge", "x-hedge-after-ms", "x-model-tier", "x-request-type", "x-module",
     }
 )
 _SIMULATED = {"x-groq-proxy-simulated": "true"}
 _FIRST_DATA = re.compile(rb"(?:^|\n)data: ?(\[DONE\])?")  # the stream's first data line, and whether it is the end
 DONE_EVENT = b"data: [DONE]\n\n"
+# Answers about the key rather than the model: with a pool, the same model is tried with the next key.
+_KEY_STATUSES = frozenset({401, 403, 429})
 
 
 def _forwarded_headers(request: web.Request) -> dict[str, str]:
@@ -95,9 +104,13 @@ def _passed_on(upstream_headers: dict[str, str]) -> dict[str, str]:
 
 class Pipeline:
     def __init__(
-        self, config: Config, upstreams: Upstreams, cooldowns: Cooldowns, policies: PolicyChain, observer: Observer
+        self, config: Config, upstreams: Upstreams, cooldowns: Cooldowns, policies: PolicyChain, observer: Observer,
+        routing: RoutingState | None = None, router: Router | None = None,
     ) -> None:
         self.config = config
+        self.routing = routing = routing or RoutingState(config)
+        self.planner = Planner(config, routing.observed)
+        self.tiers = TierChooser(config, router or Router(config), routing.observed)
         self.upstreams = upstreams
         self.cooldowns = cooldowns
         self.policies = policies
@@ -109,12 +122,20 @@ class Pipeline:
 
     async def handle(self, request: web.Request, ctx: RequestContext) -> web.StreamResponse:
         ctx.base_headers = base_headers = {"x-request-id": ctx.request_id, **self.extra_headers}
+        ctx.hints = hints = read_hints(request.headers)  # before the policies: a bad header is a 400 at once
+        if ctx.route.auto:  # the tier is the proxy's to choose, from the request's hints
+            ctx.auto = True
+            ctx.route = self.tiers.choose(request.headers, hints, ctx.stream)
+            ctx.chain = ctx.route.chain
         body = ctx.body
+        if ctx.route.entry_params:
+            ctx.client_fields = frozenset(body)
         for key, value in ctx.route.params.items():
             body.setdefault(key, value)
         policies = self.policies
         # A client that leaves cancels this task (the app sets aiohttp's handler_cancellation): the attempt in
-        # flight ends with it, its upstream connection is closed, and no further model is tried.
+        # flight ends with it, its upstream connection is closed, and no further model is tried. A latency
+        # target's deadline does the same from inside.
         try:
             # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
             if policies:
@@ -127,32 +148,16 @@ class Pipeline:
             ctx.forwarded = _forwarded_headers(request)
             if ctx.stream:
                 ctx.client = ClientStream(request, self._keepalive_s, base_headers)
-            skipped = []
-            for index, target in enumerate(ctx.route.chain):
-                wait = self.cooldowns.remaining(target.key)
-                if wait:
-                    attempt = Attempt(index, target)
-                    ctx.attempts.append(attempt)
-                    self._skipped(ctx, attempt, wait)
-                    skipped.append(attempt)
-                    continue
-                if policies and policies.has_before_attempt and await self._policy_skips(ctx, index, target):
-                    continue
-                response = await self._try(ctx, index, target)
-                if response is not None:
-                    return response
-            if skipped and len(skipped) == len(ctx.route.chain):
-                # Every model is cooling down. Refusing outright would turn a short blip into a whole
-                # cool-down of refusals, so probe the model whose cool-down ends first: one call, never more
-                # (what Envoy calls panic mode). If it fails, the error below says so.
-                first = min(skipped, key=lambda a: a.retry_after)
-                response = await self._try(ctx, first.index, first.target)
-                if response is not None:
-                    return response
-            error = all_failed_error(ctx)
-            if ctx.client is not None:
-                return await ctx.client.fail(error, base_headers)
-            return error.to_response(base_headers)
+            plan = self.planner.plan(ctx)
+            if plan.deadline_s is None:
+                return await self._chain(ctx, plan)
+            loop = asyncio.get_running_loop()
+            ctx.deadline = loop.time() + plan.deadline_s
+            try:
+                async with asyncio.timeout_at(ctx.deadline):
+                    return await self._chain(ctx, plan)
+            except TimeoutError:
+                return await self._deadline_passed(ctx, plan.deadline_s)
         finally:
             if ctx.client is not None:
                 await ctx.client.stop_keepalive()
@@ -172,28 +177,163 @@ class Pipeline:
         self._end(ctx, attempt, INFO)
         return True
 
-    async def _try(self, ctx: RequestContext, index: int, target) -> web.StreamResponse | None:
-        """One attempt at one model: the response, or None when it failed in a way the next model may not."""
-        attempt = Attempt(index, target)
-        ctx.attempts.append(attempt)
+    async def _chain(self, ctx: RequestContext, plan: "Plan") -> web.StreamResponse:
+        """The chain in the plan's order, each model with its keys, a hedge alongside when the plan has one;
+        the first answer goes to the client, or one error when every model failed."""
+        chain = ctx.chain
+        skipped = []
+        hedges = 0
+        position = 0
+        while position < len(chain):
+            index, target = position, chain[position]
+            position += 1
+            wait = self.cooldowns.remaining(target.key)
+            if wait:
+                skipped.append(self._skip(ctx, index, target, "cooldown", f"cooling down for {wait:.1f}s more", wait))
+                continue
+            if self.policies and self.policies.has_before_attempt and await self._policy_skips(ctx, index, target):
+                continue
+            if plan.hedge_after_ms is None or hedges >= plan.max_hedges or position >= len(chain):
+                result = await self._model(ctx, index, target)
+            else:
+                delay = plan.hedge_delay(target, ctx.stream, self.routing.observed)
+                if delay is None:
+                    result = await self._model(ctx, index, target)
+                else:
+                    def hedge():  # called only when the timer fires: the next model not cooling down
+                        nonlocal position
+                        while position < len(chain):
+                            nxt = position
+                            position += 1
+                            if not self.cooldowns.remaining(chain[nxt].key):
+                                return self._model(ctx, nxt, chain[nxt], hedge=True)
+                        return None
+
+                    result, started = await race(
+                        self._model(ctx, index, target), hedge, delay,
+                        lambda winner: self._mark_losers(ctx, winner), self._discard,
+                    )
+                    if started:
+                        hedges += 1
+            if result is not None:
+                return await self._finish(ctx, result)
+        if skipped and len(skipped) == len(chain):
+            # Every model is cooling down. Refusing outright would turn a short blip into a whole
+            # cool-down of refusals, so probe the model whose cool-down ends first: one call, never more
+            # (what Envoy calls panic mode). If it fails, the error below says so.
+            first = min(skipped, key=lambda a: a.retry_after)
+            result = await self._model(ctx, first.index, first.target, probe=True)
+            if result is not None:
+                return await self._finish(ctx, result)
+        error = all_failed_error(ctx)
+        if ctx.client is not None:
+            return await ctx.client.fail(error, ctx.base_headers)
+        return error.to_response(ctx.base_headers)
+
+    async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
+        """One model, with each key of its provider's pool in turn while the failure is the key's (401/403,
+        429): an opened stream or an answer, or None when the chain should move on. A `probe` (every model is
+        resting) goes out with the first key whatever its rest."""
+        pool = self.routing.pools[target.provider]
+        keys = pool.order() or ([0] if probe else [])
+        if not keys:
+            wait = pool.resting_for()
+            self._skip(ctx, index, target, "keys_rested", f"every key is resting for {wait:.1f}s more", wait)
+            return None
         provider = self.upstreams.providers[target.provider]
+        limits = self.routing.limits
+        for key in keys:
+            blocked = None if probe else limits.blocked(target.key, key, ctx.estimated_tokens)
+            if blocked is not None:
+                reason, wait = blocked
+                detail = ("its rate limit would not fit this request for " if reason == "rate_limit_predicted"
+                          else "rate-limited for ") + f"{wait:.1f}s more"
+                self._skip(ctx, index, target, reason, detail, wait, key, provider.key_names[key])
+                continue
+            attempt = Attempt(index, target, key, provider.key_names[key])
+            attempt.hedge = hedge
+            result = await self._try(ctx, attempt, provider)
+            if result is not None:
+                return result
+            if attempt.status not in _KEY_STATUSES or len(keys) == 1 or probe:
+                return None
+        return None
+
+    async def _finish(self, ctx: RequestContext, result) -> web.StreamResponse:
+        if isinstance(result, _Opened):
+            return await self._forward(ctx, result.attempt, result.provider, result)
+        return result
+
+    async def _deadline_passed(self, ctx: RequestContext, seconds: float) -> web.StreamResponse:
+        """Past the latency target: 504 deadline_exceeded, or its error event on a stream already begun."""
+        error = ProxyError(
+            504, f"No answer within the latency target of {seconds * 1000:.0f} ms (request {ctx.request_id}).",
+            type="server_error", code="deadline_exceeded", headers={"x-should-retry": "false"},
+        )
+        if ctx.client is not None:
+            if ctx.client.prepared:
+                return await ctx.client.finish(error.sse_event())
+            return await ctx.client.fail(error, ctx.base_headers)
+        return error.to_response(ctx.base_headers)
+
+    def _mark_losers(self, ctx: RequestContext, winner) -> None:
+        """A hedge race was won: every other attempt still in flight lost it (and is cancelled next)."""
+        won = winner.attempt if isinstance(winner, _Opened) else ctx.answered
+        for attempt in ctx.attempts:
+            if attempt.outcome == "pending" and attempt is not won:
+                attempt.outcome = "hedge_lost"
+
+    def _discard(self, result) -> None:
+        """A racer that finished too, after the winner: its stream is closed unread."""
+        if isinstance(result, _Opened):
+            result.resp.close()
+            attempt = result.attempt
+            attempt.outcome, attempt.reason, attempt.detail = "hedge_lost", "hedge_lost", "another attempt won"
+            self._end(result.ctx, attempt, INFO)
+
+    async def _try(self, ctx: RequestContext, attempt: Attempt, provider: Provider):
+        """One attempt at one model with one key: an opened stream, an answer, or None when it failed in a way
+        the next key or model may not."""
+        ctx.attempts.append(attempt)
+        target = attempt.target
         body = ctx.body
         body["model"] = target.model
-        payload = orjson.dumps(body)
-        headers = {**ctx.forwarded, **provider.headers}
+        if target.params:
+            payload = orjson.dumps(self._with_entry_params(ctx, target.params))
+        else:
+            payload = orjson.dumps(body)
+        headers = {**ctx.forwarded, **provider.key_headers[attempt.key]}
         self.observer.attempt_started(ctx, attempt, provider, headers)
+        self.routing.limits.spend(target.key, attempt.key, ctx.tokens_if_estimated)
         try:
             if ctx.client is not None:
-                return await self._stream(ctx, attempt, provider, payload, headers)
+                return await self._open(ctx, attempt, provider, payload, headers)
             return await self._plain(ctx, attempt, provider, payload, headers)
         except AttemptFailed as failure:
-            self._fell_over(ctx, attempt, failure)
+            self._fell_over(ctx, attempt, failure, provider)
             return None
         except asyncio.CancelledError:
-            if attempt.ended is None:  # the client went away while this attempt was in flight
-                attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
-                self._end(ctx, attempt, INFO)
+            if attempt.ended is None:
+                self._cancelled(ctx, attempt)
             raise
+
+    def _with_entry_params(self, ctx: RequestContext, params) -> dict:
+        """The body for a chain entry with its own params: over the tier's, under what the client set."""
+        body = dict(ctx.body)
+        client = ctx.client_fields or ()
+        for key, value in params.items():
+            if key not in client:
+                body[key] = value
+        return body
+
+    def _cancelled(self, ctx: RequestContext, attempt: Attempt) -> None:
+        if attempt.outcome == "hedge_lost":
+            attempt.reason, attempt.detail = "hedge_lost", "another attempt produced a data event first"
+        elif ctx.deadline is not None and asyncio.get_running_loop().time() >= ctx.deadline:
+            attempt.outcome, attempt.reason = "cancelled", "deadline_exceeded"
+        else:  # the client went away while this attempt was in flight
+            attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
+        self._end(ctx, attempt, INFO)
 
     # --- one attempt, not streamed ----------------------------------------------------------------------
 
@@ -208,6 +348,7 @@ class Pipeline:
                     provider.origin, "POST", path, headers, payload, provider.connect_s
                 )
                 attempt.first_byte = time.perf_counter()
+                self.routing.limits.observe(attempt.target.key, attempt.key, resp.headers)
                 body = await resp.read()
         except TimeoutError:
             raise AttemptFailed("timeout", f"not complete in {provider.total_s:g}s") from None
@@ -245,12 +386,6 @@ class Pipeline:
 
     # --- one attempt, streamed: opened until its first data event, then forwarded past the commit point ------
 
-    async def _stream(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
-        opened = await self._open(ctx, attempt, provider, payload, headers)
-        if not isinstance(opened, _Opened):
-            return opened  # the upstream's client error, passed back
-        return await self._forward(ctx, attempt, provider, opened)
-
     async def _open(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
         """Sends the request and reads until the first data event, within first_byte_timeout_s. Nothing has
         reached the client yet, so any failure here falls over (AttemptFailed). Returns the opened stream, or
@@ -264,6 +399,7 @@ class Pipeline:
                     provider.origin, "POST", provider.chat_path, headers, payload, provider.connect_s
                 )
                 attempt.status = resp.status
+                self.routing.limits.observe(attempt.target.key, attempt.key, resp.headers)
                 if resp.status != 200:
                     body = await resp.read()
                     failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
@@ -295,7 +431,7 @@ class Pipeline:
             if state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
                 raise AttemptFailed("malformed", "the stream ended ([DONE]) before its first chunk")
             attempt.response_id, attempt.response_model = state.response_id, state.response_model
-            opened = _Opened(resp, splitter, first, state, start)
+            opened = _Opened(resp, splitter, first, state, start, ctx, attempt, provider)
             return opened
         except TimeoutError:
             raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
@@ -337,6 +473,10 @@ class Pipeline:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
             return client.response
+        except asyncio.CancelledError:  # the client went away, or the request's deadline passed
+            if attempt.ended is None:
+                self._cancelled(ctx, attempt)
+            raise
         except TimeoutError:
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
         except UpstreamError as exc:
@@ -385,7 +525,8 @@ class Pipeline:
 
     def _answer_headers(self, ctx: RequestContext, attempt: Attempt) -> dict[str, str]:
         return {
-            "x-groq-proxy-model": attempt.target.model,
+            # For the auto model, the tier chosen (the body keeps the upstream's own model name).
+            "x-groq-proxy-model": ctx.route.virtual if ctx.auto else attempt.target.model,
             "x-groq-proxy-provider": attempt.target.provider,
             "x-groq-proxy-attempts": str(ctx.sent_attempts),
         }
@@ -405,18 +546,38 @@ class Pipeline:
         ctx.answered = attempt
         self.cooldowns.succeeded(attempt.target.key)
         self._end(ctx, attempt, INFO)
+        # What the router orders chains by: time to the first data event of a stream, all of a plain answer.
+        done = attempt.first_byte if ctx.stream else attempt.ended
+        if done is not None:
+            self.routing.observed.add(attempt.target.key, ctx.stream, (done - attempt.started) * 1000.0)
 
-    def _fell_over(self, ctx: RequestContext, attempt: Attempt, failure: AttemptFailed) -> None:
+    def _fell_over(self, ctx: RequestContext, attempt: Attempt, failure: AttemptFailed, provider: Provider) -> None:
         attempt.outcome, attempt.reason, attempt.detail = "fell_over", failure.reason, failure.detail
         attempt.status, attempt.retry_after = failure.status or attempt.status, failure.retry_after
+        status = attempt.status
+        pool = self.routing.pools[attempt.target.provider]
+        rested = None
+        if status == 429 and (failure.retry_after or len(pool) > 1):
+            rested = failure.retry_after or self.routing.key_rest_s  # this model with this key
+            self.routing.limits.rest(attempt.target.key, attempt.key, rested)
+        elif status in (401, 403) and len(pool) > 1:
+            rested = self.routing.key_rest_s  # this key, on every model
+            pool.rest(attempt.key, rested)
+        if rested is not None and len(pool) > 1:  # the key's failure, not the model's: no cool-down
+            self._end(ctx, attempt, WARNING, key_rest_s=round(rested, 3))
+            return
         cooldown = self.cooldowns.failed(attempt.target.key, failure.retry_after)
         self._end(ctx, attempt, WARNING, cooldown_s=round(cooldown, 3) if cooldown else None)
 
-    def _skipped(self, ctx: RequestContext, attempt: Attempt, wait: float) -> None:
-        attempt.outcome, attempt.reason = "skipped", "cooldown"
-        attempt.detail = f"cooling down for {wait:.1f}s more"
+    def _skip(self, ctx: RequestContext, index: int, target, reason: str, detail: str, wait: float,
+              key: int = 0, key_name: str = "") -> Attempt:
+        """A model (or one of its keys) not sent this request: recorded as an attempt that was skipped."""
+        attempt = Attempt(index, target, key, key_name)
+        ctx.attempts.append(attempt)
+        attempt.outcome, attempt.reason, attempt.detail = "skipped", reason, detail
         attempt.retry_after = wait
         self._end(ctx, attempt, INFO)
+        return attempt
 
     def _end(self, ctx: RequestContext, attempt: Attempt, level: int, **extra) -> None:
         attempt.ended = time.perf_counter()
@@ -436,8 +597,12 @@ class Pipeline:
         if attempt.reason:
             fields["reason"] = attempt.reason
             fields["detail"] = redact(attempt.detail) if attempt.detail else attempt.detail
+        if attempt.key_name:
+            fields["key"] = attempt.key_name  # the variable's name, never its value
+        if attempt.hedge:
+            fields["hedge"] = True
         if attempt.outcome == "fell_over" or attempt.outcome == "skipped":
-            following = ctx.route.chain[attempt.index + 1 :]
+            following = ctx.chain[attempt.index + 1 :]
             fields["next"] = following[0].key if following else None
         if ctx.identity is not None:  # with policies or [auth]: who asked and what for
             fields["key_id"], fields["request_type"], fields["module"] = ctx.identity.key, ctx.request_type, ctx.module
@@ -447,12 +612,14 @@ class Pipeline:
 
 class _Opened:
     """A stream up to its commit point: the response, the first data event (with whatever came with it) read
-    and scanned, and when the attempt started (its timeout_s counts from there)."""
+    and scanned, when the attempt started (its timeout_s counts from there), and whose attempt it is."""
 
-    __slots__ = ("resp", "splitter", "first", "state", "start")
+    __slots__ = ("resp", "splitter", "first", "state", "start", "ctx", "attempt", "provider")
 
-    def __init__(self, resp, splitter: EventSplitter, first: bytes, state: StreamState, start: float) -> None:
+    def __init__(self, resp, splitter: EventSplitter, first: bytes, state: StreamState, start: float,
+                 ctx: RequestContext, attempt: Attempt, provider: Provider) -> None:
         self.resp, self.splitter, self.first, self.state, self.start = resp, splitter, first, state, start
+        self.ctx, self.attempt, self.provider = ctx, attempt, provider
 
 
 def _completion_choices(obj) -> list[dict]:
@@ -504,6 +671,9 @@ def _describe(error) -> str:
     return str(error)[:200]
 
 
+_RATE_REASONS = frozenset({"rate_limited", "cooldown", "rate_limit_predicted"})
+
+
 def all_failed_error(ctx: RequestContext) -> ProxyError:
     """Every model failed or was skipped: one error that lists each attempt, with the status that fits."""
     attempts = ctx.attempts
@@ -514,17 +684,17 @@ def all_failed_error(ctx: RequestContext) -> ProxyError:
         else:
             parts.append(f"{a.target.key}: {a.detail} after {a.elapsed_ms:.0f} ms")
     name = ctx.route.virtual or ctx.route.requested
-    message = redact(f"All {len(ctx.route.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
+    message = redact(f"All {len(ctx.chain)} model(s) for `{name}` failed (request {ctx.request_id}): " + "; ".join(parts))
     waits = [a.retry_after for a in attempts if a.retry_after]
-    sent = [a for a in attempts if a.sent]  # empty only when a policy skipped what was not cooling down
-    rate_limited = all(a.reason in ("rate_limited", "cooldown") for a in attempts)
+    sent = [a for a in attempts if a.sent]  # empty when nothing could be sent (keys resting, policy skips)
+    rate_limited = all(a.reason in _RATE_REASONS for a in attempts)
     if rate_limited:  # a retry-after only when a model said when (a made-up one would mislead the client)
         headers = {"retry-after": str(max(1, math.ceil(min(waits))))} if waits else {}  # never before then
         return ProxyError(
             429, message, type="rate_limit_error", code="rate_limit_exceeded",
             headers={**headers, "x-should-retry": "true"},
         )
-    if not sent:
+    if not sent:  # nothing could be sent: every key resting, or a policy skipped what was not cooling down
         status = 503
     elif all(a.reason in ("first_byte_timeout", "timeout") for a in sent):
         status = 504

@@ -1,1 +1,2 @@
-"""Which models to try: name to chain, cool-downs, observed latency and its categories."""
+"""Which models to try, and how: name to chain (router), cool-downs, observed latency (latency, observed), a
+request's plan (latency target, deadline, hedging), key pools, Groq's rate limits, the automatic tier."""

@@ -22,6 +22,8 @@ class Route:
     # What metrics call this route: the virtual model, or a name the config spells (a real model a chain names,
     # an alias); `other` for a 'provider:model' only the client named, so client input never becomes a label.
     label: str = OTHER
+    entry_params: bool = False  # a chain entry has params of its own (the client's fields are noted then)
+    auto: bool = False  # the auto model: the tier is chosen per request (proxy.routing.tiers)
 
 
 class Router:
@@ -31,7 +33,7 @@ class Router:
         self._providers = frozenset(config.providers)
         routes: dict[str, Route] = {}
         for name, vm in config.models.items():
-            routes[name] = Route(name, name, vm.chain, vm.params, name)
+            routes[name] = Route(name, name, vm.chain, vm.params, name, vm.entry_params)
         for target in config.real_targets():
             routes[target.key] = Route(target.key, None, (target,), label=target.key)
             if target.provider == config.default_provider:
@@ -39,9 +41,18 @@ class Router:
         for alias, to in config.aliases.items():
             resolved = routes[to] if to in routes else Route(alias, None, (Target(*to.split(":", 1)),))
             routes[alias] = Route(alias, resolved.virtual, resolved.chain, resolved.params,
-                                  resolved.virtual or alias)
+                                  resolved.virtual or alias, resolved.entry_params)
+        auto = config.routing.auto_model
+        if auto is not None:
+            routes[auto] = Route(auto, None, (), label=auto, auto=True)
         self._routes = routes
         self._listed = sorted(config.models) + sorted(t.key for t in config.real_targets())
+        if auto is not None:
+            self._listed.insert(0, auto)
+
+    def virtual(self, name: str) -> Route:
+        """The route of a virtual model the config names."""
+        return self._routes[name]
 
     def resolve(self, name: str) -> Route:
         route = self._routes.get(name)

@@ -125,11 +125,31 @@ class LateEndUpstream(ChatUpstream):
 
 
 class ScriptedUpstream:
-    """An OpenAI-style upstream: `behaviours[model]` decides each answer; unknown models answer ok."""
+    """An OpenAI-style upstream: `behaviours[model]` decides each answer; unknown models answer ok.
+    `by_key[api_key][model]`, when set, decides instead for requests with that Bearer key (key checks).
+    An ok answer carries its behaviour's `headers` too (rate-limit headers, say)."""
 
     def __init__(self, behaviours: dict[str, Behaviour] | None = None) -> None:
         self.behaviours = behaviours or {}
-        self.requests: list[dict] = []  # {"path", "headers", "body"}
+        self.by_key: dict[str, dict[str, Behaviour]] = {}
+        self.requests: list[dict] = []  # {"path", "headers", "body", "request"}
+
+    def _behaviour(self, request: web.Request, model) -> Behaviour:
+        if self.by_key:
+            key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            behaviour = self.by_key.get(key, {}).get(model)
+            if behaviour is not None:
+                return behaviour
+        return self.behaviours.get(model, ok())
+
+    def keys_sent(self) -> list[str]:
+        return [r["headers"].get("Authorization", "").removeprefix("Bearer ") for r in self.requests]
+
+    @staticmethod
+    def closed(record: dict) -> bool:
+        """Whether the connection a recorded request came on is closed (the proxy hung up, say)."""
+        transport = record["request"].transport
+        return transport is None or transport.is_closing()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -159,9 +179,9 @@ class ScriptedUpstream:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body, "request": request})
         model = body.get("model")
-        b = self.behaviours.get(model, ok())
+        b = self._behaviour(request, model)
         if b.kind == "slow_first":
             await asyncio.sleep(b.delay_s)
         elif b.kind != "ok":
@@ -169,8 +189,9 @@ class ScriptedUpstream:
         if not body.get("stream"):
             payload = b.body if b.body is not None else completion(model)
             data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-            return web.Response(body=data, content_type="application/json", headers={"x-request-id": "req_up"})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-ratelimit-remaining-requests": "99"})
+            return web.Response(body=data, content_type="application/json", headers={"x-request-id": "req_up", **b.headers})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-ratelimit-remaining-requests": "99",
+                                           **b.headers})
         await resp.prepare(request)
         for event in b.events or stream_events(model):
             await resp.write(event)

@@ -89,15 +89,28 @@ class ProxyMetrics:
                                   (), _OVERHEAD)
         self.category = Counter(p + "latency_category_total", "Requests by latency category of their tier.",
                                 ("virtual_model", "category"))
+        self.key_attempts = Counter(p + "key_attempts_total", "Upstream attempts by provider, pool key (its "
+                                    "variable's name) and outcome.", ("provider", "key", "outcome"))
         self.usage_hist = Histogram("gen_ai_client_token_usage", "GenAI token usage per request (semconv).",
                                     ("gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"), _TOKENS)
         self.all = (self.requests, self.duration, self.ttft, self.tokens, self.attempts, self.fallbacks,
-                    self.upstream, self.overhead, self.category, self.usage_hist)
+                    self.upstream, self.overhead, self.category, self.usage_hist, self.key_attempts)
 
-    def render(self, exporter=None) -> bytes:
+    def render(self, exporter=None, observed=None) -> bytes:
         out: list[str] = []
         for metric in self.all:
             metric.render(out)
+        if observed is not None:  # what the router sees; labels are the configured models only
+            name = "groq_proxy_observed_latency_ms"
+            out.append(f"# HELP {name} Observed latency per model as the router sees it (p50/p90 of the last "
+                       "answers): kind ttft for streams' first token, total for plain answers.\n"
+                       f"# TYPE {name} gauge\n")
+            for key in observed.keys():
+                for kind, stream in (("ttft", True), ("total", False)):
+                    for quantile, value in (("0.5", observed.expected(key, stream)), ("0.9", observed.p90(key, stream))):
+                        if value is not None:
+                            out.append(f"{name}{_labels(('model', 'kind', 'quantile'), (key, kind, quantile))} "
+                                       f"{_num(round(value, 3))}\n")
         if exporter is not None:  # the trace exporter's own health: spans sent and spans lost
             out.append("# HELP groq_proxy_trace_spans_exported_total Spans the collector accepted.\n"
                        "# TYPE groq_proxy_trace_spans_exported_total counter\n"

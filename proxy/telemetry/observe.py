@@ -18,7 +18,7 @@ from proxy.routing.router import OTHER
 from proxy.telemetry.logs import redact
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.semconv import (
-    ANSWERED_BY, ATTEMPTS, ATTEMPT_INDEX, ATTEMPT_OUTCOME, ATTEMPT_REASON, ERROR_TYPE, GEN_AI_INPUT_MESSAGES,
+    ANSWERED_BY, ATTEMPTS, ATTEMPT_HEDGE, ATTEMPT_INDEX, ATTEMPT_KEY, ATTEMPT_OUTCOME, ATTEMPT_REASON, ERROR_TYPE, GEN_AI_INPUT_MESSAGES,
     GEN_AI_OPERATION_NAME, GEN_AI_OUTPUT_MESSAGES, GEN_AI_PROVIDER_NAME, GEN_AI_REQUEST_MAX_TOKENS,
     GEN_AI_REQUEST_MODEL, GEN_AI_REQUEST_TEMPERATURE, GEN_AI_RESPONSE_FINISH_REASONS, GEN_AI_RESPONSE_ID,
     GEN_AI_RESPONSE_MODEL, GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, HTTP_REQUEST_METHOD,
@@ -27,7 +27,7 @@ from proxy.telemetry.semconv import (
 )
 from proxy.telemetry.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
-_FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled"})
+_FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled", "hedge_lost"})
 _REQUEST_CLOSING = (
     HTTP_RESPONSE_STATUS_CODE, GEN_AI_REQUEST_MODEL, VIRTUAL_MODEL, ATTEMPTS,
     STREAM, GEN_AI_RESPONSE_MODEL, ANSWERED_BY, LATENCY_CATEGORY,
@@ -83,7 +83,13 @@ class Observer:
                 category = thresholds.category(latency * 1000.0)
                 self.rolling.add(virtual, model, latency * 1000.0, thresholds)
             elif ctx.attempts and status == 200:  # a stream that failed after its 200 went out
-                status = 499 if ctx.attempts[-1].outcome == "cancelled" else 502
+                last = next((a for a in reversed(ctx.attempts) if a.outcome != "hedge_lost"), ctx.attempts[-1])
+                if last.reason == "client_disconnected":
+                    status = 499
+                elif last.reason == "deadline_exceeded":
+                    status = 504
+                else:
+                    status = 502
         if self.metrics is not None:
             m = self.metrics
             key = (virtual, model, str(status))
@@ -157,6 +163,10 @@ class Observer:
             attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         if body.get("temperature") is not None:
             attrs[GEN_AI_REQUEST_TEMPERATURE] = float(body["temperature"])
+        if attempt.key_name:
+            attrs[ATTEMPT_KEY] = attempt.key_name
+        if attempt.hedge:
+            attrs[ATTEMPT_HEDGE] = True
         attempt.span = span = self.tracer.start_child(parent, f"{ctx.operation} {target.model}", KIND_CLIENT, attrs,
                                                       static)
         headers["traceparent"] = span.traceparent
@@ -166,6 +176,8 @@ class Observer:
         if m is not None:
             model = self.model_label(attempt.target.model)
             m.attempts.inc((model, attempt.outcome))
+            if attempt.key_name:
+                m.key_attempts.inc((attempt.target.provider, attempt.key_name, attempt.outcome))
             if attempt.outcome == "fell_over":
                 m.fallbacks.inc((ctx.route.label, model, attempt.reason))
             if attempt.sent:

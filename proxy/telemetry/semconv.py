@@ -54,3 +54,5 @@ ATTEMPT_OUTCOME = "groq_proxy.attempt.outcome"
 ATTEMPT_REASON = "groq_proxy.attempt.reason"
 TIME_TO_FIRST_CHUNK_MS = "groq_proxy.time_to_first_chunk_ms"
 POLICY_DECISION = "groq_proxy.policy.decision"
+ATTEMPT_KEY = "groq_proxy.attempt.key"  # the pool key by its variable's name, never its value
+ATTEMPT_HEDGE = "groq_proxy.attempt.hedge"  # started in parallel with an attempt in flight

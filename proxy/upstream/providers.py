@@ -35,7 +35,9 @@ class Provider:
     origin: Origin
     chat_path: str
     embeddings_path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # the first key's (or no key's): what a one-key provider always sends
+    key_headers: tuple[dict[str, str], ...]  # one per pool key, in api_key_envs order
+    key_names: tuple[str, ...]  # a pool's variables' names: what spans, logs and metrics call a key
     first_byte_s: float
     total_s: float
     connect_s: float
@@ -45,16 +47,19 @@ class Provider:
     def from_config(cls, cfg: ProviderConfig) -> "Provider":
         # No Accept-Encoding at all would let the upstream pick any encoding (RFC 9110, 12.5.3); the client
         # decodes none, so it says so.
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        if cfg.api_key:
-            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        common = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        keys = cfg.api_keys or (cfg.api_key,)
+        key_headers = tuple({**common, "Authorization": f"Bearer {key}"} if key else common for key in keys)
         origin, base, query = split_url(cfg.base_url)
         return cls(
             name=cfg.name,
             origin=origin,
             chat_path=f"{base}/chat/completions{query}",
             embeddings_path=f"{base}/embeddings{query}",
-            headers=headers,
+            headers=key_headers[0],
+            key_headers=key_headers,
+            # Named only in a pool: with one key there is nothing to tell apart (and nothing extra to record).
+            key_names=cfg.api_key_envs if len(cfg.api_key_envs) > 1 else ("",),
             first_byte_s=cfg.first_byte_timeout_s,
             total_s=cfg.timeout_s,
             connect_s=cfg.connect_timeout_s,
