@@ -42,10 +42,12 @@ def announce(host: str, port: int) -> None:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A bound socket (SO_REUSEADDR; port 0 picks a free one), for servers that take a socket."""
+    """A bound, listening socket (SO_REUSEADDR; port 0 picks a free one), for servers that take a socket. It
+    listens before the port is announced: a caller that connects at once is queued, not refused."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(BACKLOG)
     return sock
 
 
