@@ -112,11 +112,3 @@ class Policy:
     async def close(self) -> None:
         """The app is stopping: release what the policy owns."""
 
-
-def __getattr__(name: str):
-    # `PolicyChain` lived here before it had a module of its own; tests of other branches still import it so.
-    if name == "PolicyChain":
-        from policies.chain import PolicyChain
-
-        return PolicyChain
-    raise AttributeError(f"module 'policies.base' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from policies.base import Policy, PolicyChain
+from policies import Policy, PolicyChain
 from proxy.app.server import STATE, build_app
 from proxy.sim.testing import stream_events
 from proxy.telemetry.tracing import KIND_CLIENT, KIND_SERVER
