@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web, web_urldispatcher
 
 from proxy.app.config import Config
+from proxy.admin.status import status_routes
 from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
@@ -21,6 +22,7 @@ from proxy.routing.latency import default_thresholds
 from proxy.telemetry.logs import emit, register_secrets
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observe import Observer
+from proxy.telemetry.request_log import cache_result
 from proxy.telemetry.otlp import Encoder, Exporter
 from proxy.pipeline.pipeline import Pipeline
 from proxy.routing.router import Router
@@ -70,6 +72,7 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
     request_id = _request_id()
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    cache = None
     try:
         try:
             identity = state.pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
@@ -88,9 +91,10 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
             response = error.to_response({"x-request-id": request_id})
         status = response.status
+        cache = cache_result(response.headers)
         return response
     finally:
-        observer.request_ended(span, ctx, status, started)
+        observer.request_ended(span, ctx, status, started, request_id, operation, cache)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -290,7 +294,8 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
     app[READ_TIMEOUT] = server.request_read_timeout_s
     app.cleanup_ctx.append(_lifecycle)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
-              ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage)]
+              ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage),
+              *status_routes(app)]
     for prefix in PREFIXES:
         routes += [
             (prefix + "/chat/completions", "POST", chat_completions),
