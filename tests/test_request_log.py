@@ -82,7 +82,9 @@ async def test_record_content_puts_prompt_and_completion_on_the_line_but_never_a
     base = await start_proxy(config_for(url, auth=AUTH, telemetry={"record_content": True}))
     for stream in (False, True):
         assert (await post(base, body(stream=stream), HEADERS))[0] == 200
-    for line in request_lines(proxy_log):
+    lines = request_lines(proxy_log)
+    assert [line["stream"] for line in lines] == [False, True]
+    for line in lines:
         [message] = orjson.loads(line["input_messages"])
         assert message == {"role": "user", "parts": [{"type": "text", "content": PROMPT}]}
         [output] = orjson.loads(line["output_messages"])
