@@ -34,37 +34,40 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
     level = logging.WARNING if status >= 500 else logging.INFO
     if not log.isEnabledFor(level):
         return
-    fields = {"request_id": request_id, "operation": operation, "status": status, "ms": round(ms, 2),
-              "cache": cache}
     if ctx is None:  # refused before it had a model (bad body, unknown model, a missing proxy key)
-        emit(level, "request", **fields)
+        emit(level, "request", request_id=request_id, operation=operation, status=status, ms=round(ms, 2),
+             cache=cache)
         return
     identity = ctx.identity
     if identity is not None:
-        fields["key_id"], fields["user"] = identity.key, identity.user
-        if identity.team:
-            fields["team"] = identity.team
-    else:
-        user = ctx.body.get("user")
-        fields["key_id"], fields["user"] = None, user[:_MAX_TEXT] if isinstance(user, str) and user else None
-    fields["module"], fields["request_type"] = ctx.module, ctx.request_type
-    route = ctx.route
+        key_id, user = identity.key, identity.user
+    else:  # no policies and no [auth]: the request's own `user` field
+        key_id, user = None, ctx.body.get("user")
+        user = user[:_MAX_TEXT] if isinstance(user, str) and user else None
     answered = ctx.answered
-    fields["requested"], fields["virtual_model"] = route.requested, route.virtual
-    fields["model"] = answered.target.key if answered is not None else None
-    fields["stream"] = ctx.stream
-    fields["attempts"] = ctx.sent_attempts
-    if answered is None and ctx.attempts:
-        fields["reason"] = ctx.attempts[-1].reason
     usage = answered.usage if answered is not None else None
-    if isinstance(usage, dict):
-        fields["input_tokens"], fields["output_tokens"] = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    else:
-        fields["input_tokens"] = fields["output_tokens"] = None
-    if ctx.stream and answered is not None and answered.first_byte:
+    if not isinstance(usage, dict):
+        usage = _NO_USAGE
+    route = ctx.route
+    fields = {
+        "request_id": request_id, "operation": operation, "status": status, "ms": round(ms, 2), "cache": cache,
+        "key_id": key_id, "user": user, "module": ctx.module, "request_type": ctx.request_type,
+        "requested": route.requested, "virtual_model": route.virtual,
+        "model": answered.target.key if answered is not None else None, "stream": ctx.stream,
+        "attempts": ctx.sent_attempts, "input_tokens": usage.get("prompt_tokens"),
+        "output_tokens": usage.get("completion_tokens"), "latency_category": category,
+    }
+    if identity is not None and identity.team:
+        fields["team"] = identity.team
+    if answered is None:
+        if ctx.attempts:
+            fields["reason"] = ctx.attempts[-1].reason
+    elif ctx.stream and answered.first_byte:
         fields["ttft_ms"] = round((answered.first_byte - ctx.started) * 1000.0, 2)
-    fields["latency_category"] = category
     if record_content:  # the operator asked for content (telemetry.record_content): prompts and completions
         fields["input_messages"] = input_messages(ctx.body) if input_messages is not None else None
         fields["output_messages"] = answered.content if answered is not None else None
     emit(level, "request", **fields)
+
+
+_NO_USAGE: dict = {}
