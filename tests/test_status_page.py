@@ -234,3 +234,20 @@ async def test_status_page_in_a_browser_when_one_is_installed(upstream, start_pr
         assert await post(base, chat("tier-fast", "question 9"), {"Authorization": f"Bearer {PROXY_KEY}"}) == 200
         assert await chromium.wait_for(
             "document.querySelectorAll('tr[data-virtual=\"tier-fast\"]')[0].cells[5].textContent === '5'")
+
+
+def test_every_data_file_of_the_packages_is_declared_package_data():
+    """An installed wheel (the Dockerfile's) has the page: status.html, like every non-Python file under the
+    packages, matches a `[tool.setuptools.package-data]` pattern of its own package."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    data_files = [p for top in ("proxy", "policies") for p in (root / top).rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert root / "proxy" / "admin" / "status.html" in data_files
+    for path in data_files:
+        package = ".".join(path.parent.relative_to(root).parts)
+        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in declared.get(package, ())), path
