@@ -17,6 +17,7 @@ from datetime import datetime
 
 import aiohttp
 import orjson
+import pytest
 
 from policies.identity import hash_key
 from proxy import __version__
@@ -98,10 +99,13 @@ async def traffic(base: str, scripted) -> None:
     assert await post(base, chat(f"up:{CLIENT_TEXT}", "question x"), auth) == 200  # only the client names it: row `other`
 
 
-async def test_status_json_reports_states_latency_counts_budgets_and_cache(upstream, start_proxy):
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_status_json_reports_states_latency_counts_budgets_and_cache(upstream, start_proxy, backend,
+                                                                          redis_store_table):
     scripted, url = upstream
     before = time.time()
-    base = await start_proxy(config(url, **POLICIES))
+    store = {"store": redis_store_table} if backend == "redis" else {}
+    base = await start_proxy(config(url, **POLICIES, **store))
     await traffic(base, scripted)
     data, text = await status_json(base)
 
@@ -137,7 +141,7 @@ async def test_status_json_reports_states_latency_counts_budgets_and_cache(upstr
 
     policies = data["policies"]
     assert [p["name"] for p in policies["configured"]] == ["all-day", "per-key", "global-rpm", "RememberingCache"]
-    assert policies["store"] == {"backend": "memory", "status": "ok"}
+    assert policies["store"]["backend"] == backend and policies["store"]["status"] == "ok"
     [budget] = policies["budgets"]  # the global one only: per-key budgets are the usage API's
     assert (budget["policy"], budget["per"], budget["limit"], budget["used"]) == ("all-day", "global", 100000, 50)  # 5 answers of 10 tokens; the hit charges nothing
     [limit] = policies["limits"]
@@ -162,6 +166,17 @@ async def test_without_policies_or_cache_those_fields_are_null(upstream, start_p
     data, _ = await status_json(base)
     assert data["policies"] is None and data["cache"] is None
     assert [m["state"] for m in data["models"]] == ["ok", "ok", "ok"]
+
+
+async def test_a_store_that_is_down_shows_as_such_without_its_password(upstream, start_proxy, redis_server):
+    _, url = upstream
+    redis_server.stop()
+    with_password = redis_server.url.replace("redis://", "redis://ops:hunter2-redis-password@")
+    base = await start_proxy(config(url, **POLICIES, store={"backend": "redis", "url": with_password}))
+    data, text = await status_json(base)
+    policies = data["policies"]
+    assert policies["store"]["status"] == "unavailable" and policies["error"] == "the store is unavailable"
+    assert policies["budgets"] == [] and "hunter2-redis-password" not in text
 
 
 async def test_a_pool_whose_keys_all_rest_shows_keys_resting_by_their_names(upstream, start_proxy):
