@@ -31,6 +31,7 @@ def cache_result(headers) -> str | None:
 
 def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, status: int, ms: float,
                 category: str | None, cache: str | None, record_content: bool, input_messages=None) -> None:
+    """`request_id` and `operation` are the handler's, used when there is no context yet; with one, its own."""
     level = logging.WARNING if status >= 500 else logging.INFO
     if not log.isEnabledFor(level):
         return
@@ -50,7 +51,7 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
         usage = _NO_USAGE
     route = ctx.route
     fields = {
-        "request_id": request_id, "operation": operation, "status": status, "ms": round(ms, 2), "cache": cache,
+        "request_id": ctx.request_id, "operation": ctx.operation, "status": status, "ms": round(ms, 2), "cache": cache,
         "key_id": key_id, "user": user, "module": ctx.module, "request_type": ctx.request_type,
         "requested": route.requested, "virtual_model": route.virtual,
         "model": answered.target.key if answered is not None else None, "stream": ctx.stream,
