@@ -107,7 +107,8 @@ async def test_failed_and_refused_requests_get_their_line_too(upstream, start_pr
     assert [line["request_id"] for line in lines] == [r[1]["x-request-id"] for r in (failed, cut, bad, unknown)]
     first, second, third, fourth = lines
     assert (first["level"], first["status"], first["model"], first["attempts"]) == ("warning", 502, None, 3)
-    assert first["reason"] == "upstream_closed" and first["input_tokens"] is None  # the last model's (m3, cut) and first["latency_category"] is None
+    # the last attempt's reason: m3's answer was cut
+    assert first["reason"] == "upstream_closed" and first["input_tokens"] is None and first["latency_category"] is None
     # the client saw a 200 head, then the error event: the line says how the request really ended
     assert (second["status"], second["model"], second["reason"]) == (502, None, "upstream_closed")
     for line in (third, fourth):  # refused before a model: who and what are unknown, the rest is there

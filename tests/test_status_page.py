@@ -5,7 +5,8 @@ errors, global budgets and limits, the cache's hit rate, version and uptime; no 
 The page itself is checked in a real headless Chromium when one is installed (`tests/browser.py` finds it):
 the page loads, renders what status.json says, and refreshes itself. Where no browser is installed the same
 test still checks the page's static contract (self-contained, its content security policy, that it reads
-status.json) and the JSON it renders; it records which it did as the `browser` property of the test report and prints it (`pytest -rP`).
+status.json) and the JSON it renders; it records which it did as the `browser` property of the test report
+and prints it (`pytest -rP`).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ async def traffic(base: str, scripted) -> None:
         assert await post(base, chat("tier-fast", f"question {i}"), auth) == 200  # three misses, on m3
     assert await post(base, chat("tier-fast", "question 0"), auth) == 200  # a cache hit
     assert await post(base, b"{broken", auth) == 400
-    assert await post(base, chat(f"up:{CLIENT_TEXT}", "question x"), auth) == 200  # only the client names it: row `other`
+    assert await post(base, chat(f"up:{CLIENT_TEXT}", "question x"), auth) == 200  # only a client names it: `other`
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -143,7 +144,8 @@ async def test_status_json_reports_states_latency_counts_budgets_and_cache(upstr
     assert [p["name"] for p in policies["configured"]] == ["all-day", "per-key", "global-rpm", "RememberingCache"]
     assert policies["store"]["backend"] == backend and policies["store"]["status"] == "ok"
     [budget] = policies["budgets"]  # the global one only: per-key budgets are the usage API's
-    assert (budget["policy"], budget["per"], budget["limit"], budget["used"]) == ("all-day", "global", 100000, 50)  # 5 answers of 10 tokens; the hit charges nothing
+    # 5 answers of 10 tokens; the hit charged nothing
+    assert (budget["policy"], budget["per"], budget["limit"], budget["used"]) == ("all-day", "global", 100000, 50)
     [limit] = policies["limits"]
     assert (limit["policy"], limit["per"], limit["requests"]["limit"]) == ("global-rpm", "global", 1000)
     assert 0 < limit["requests"]["used"] <= 5  # 5 admitted (the hit answered first), draining since
