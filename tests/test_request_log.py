@@ -136,3 +136,17 @@ async def test_the_cache_result_is_the_answers_x_groq_proxy_cache_header(upstrea
     assert (first["cache"], first["model"], first["attempts"]) == ("MISS", "up:m1", 1)
     assert (second["cache"], second["model"], second["attempts"], second["status"]) == ("HIT", None, 0, 200)
     assert len(scripted.requests) == 1  # the hit never went upstream
+
+
+async def test_an_embeddings_request_gets_its_line_without_its_input(upstream, start_proxy, proxy_log):
+    _, url = upstream
+    base = await start_proxy(config_for(url))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/embeddings", json={"model": "tier-test", "input": PROMPT}) as resp:
+            assert resp.status == 200
+            request_id = resp.headers["x-request-id"]
+    [line] = request_lines(proxy_log)
+    assert (line["request_id"], line["operation"], line["model"], line["stream"]) == (request_id, "embeddings",
+                                                                                       "up:m1", False)
+    assert (line["input_tokens"], line["output_tokens"]) == (4, None)
+    assert "PROMPT-CANARY-4711" not in all_lines(proxy_log)

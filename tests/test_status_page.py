@@ -36,7 +36,10 @@ def config(url: str, **tables):
     raw = {
         "server": {"keepalive_s": 0},
         "providers": {"up": {"base_url": url, "api_key_env": "TEST_UPSTREAM_KEY"}},
-        "models": {"tier-test": {"chain": ["up:m1", "up:m2"]}, "tier-fast": {"chain": ["up:m3"]}},
+        # tier-fast's thresholds make a local answer "excellent" however loaded the machine, and a minute "good"
+        "models": {"tier-test": {"chain": ["up:m1", "up:m2"]},
+                   "tier-fast": {"chain": ["up:m3"], "latency_ms": {"excellent": 30000, "good": 60000,
+                                                                    "acceptable": 90000, "poor": 120000}}},
         "routing": {"cooldown_after_failures": 1, "cooldown_s": 120},
         **tables,
     }
@@ -125,7 +128,7 @@ async def test_status_json_reports_states_latency_counts_budgets_and_cache(upstr
                       "invalid": {"requests": 0, "client_errors": 1, "errors": 0}}
     assert virtual["tier-fast"]["last_1m"] == counts["tier-fast"]  # all of it within the last minute
     [entry] = virtual["tier-fast"]["chain"]
-    assert entry["category"]["total"] in ("excellent", "good") and entry["category"]["ttft"] is None
+    assert entry["category"] == {"ttft": None, "total": "excellent"}  # no stream yet: no time to first token
 
     models = {m["model"]: m for m in data["models"]}
     assert list(models) == ["up:m1", "up:m2", "up:m3"]  # the config's models: never a client's
@@ -159,6 +162,18 @@ async def test_status_json_reports_states_latency_counts_budgets_and_cache(upstr
     for secret in (PROVIDER_KEY, PROXY_KEY, hash_key(PROXY_KEY), "alice"):
         assert secret not in text
     assert CLIENT_TEXT not in text and "question" not in text
+
+
+async def test_streams_give_the_time_to_first_token_and_its_category(upstream, start_proxy):
+    _, url = upstream
+    base = await start_proxy(config(url))
+    for _ in range(3):
+        assert await post(base, chat("tier-fast", stream=True)) == 200
+    data, _ = await status_json(base)
+    m3 = next(m for m in data["models"] if m["model"] == "up:m3")["observed_latency"]
+    assert m3["ttft_samples"] == 3 and 0 < m3["ttft_p50_ms"] <= m3["ttft_p90_ms"] and m3["total_samples"] == 0
+    [entry] = next(vm for vm in data["virtual_models"] if vm["name"] == "tier-fast")["chain"]
+    assert entry["category"] == {"ttft": "excellent", "total": None}
 
 
 async def test_without_policies_or_cache_those_fields_are_null(upstream, start_proxy):
@@ -244,7 +259,7 @@ async def test_status_page_in_a_browser_when_one_is_installed(upstream, start_pr
         assert (shown["m1"], shown["m2"], shown["m3"]) == ("cooling down", "rate limited", "ok")
         assert re.fullmatch(r"\d{1,2}:\d{2}:\d{2}.*", shown["until"])  # a time of day, in the browser's locale
         assert shown["fast"][0] == "tier-fast" and shown["fast"][5:] == ["4", "0", "0", "4", "0", "0"]
-        assert shown["category"] in ("excellent", "good")
+        assert shown["category"] == "excellent"
         assert shown["budgets"] == ["all-day"] and shown["hitRate"] == "16.7 %" and shown["banner"] == ""
 
         # The page refreshes itself: new traffic shows up without a reload.
