@@ -117,13 +117,15 @@ async def test_failed_and_refused_requests_get_their_line_too(upstream, start_pr
     assert "no-such-model" not in orjson.dumps(fourth).decode()
 
 
-async def test_user_without_auth_is_the_body_user_cut_short(upstream, start_proxy, proxy_log):
+async def test_user_without_auth_and_a_long_model_name_are_cut_short(upstream, start_proxy, proxy_log):
     _, url = upstream
     base = await start_proxy(config_for(url))
     assert (await post(base, body(user="u" * 500)))[0] == 200
-    assert (await post(base, body()))[0] == 200
-    with_user, without = request_lines(proxy_log)
-    assert with_user["user"] == "u" * 64 and with_user["key_id"] is None and without["user"] is None
+    # an explicit provider:model (not longer: the answer's x-groq-proxy-model header carries it whole)
+    assert (await post(base, body(model="up:" + "m" * 5000)))[0] == 200
+    with_user, long_model = request_lines(proxy_log)
+    assert with_user["user"] == "u" * 64 and with_user["key_id"] is None and long_model["user"] is None
+    assert long_model["requested"] == ("up:" + "m" * 5000)[:256]
 
 
 async def test_the_cache_result_is_the_answers_x_groq_proxy_cache_header(upstream, start_proxy, proxy_log):

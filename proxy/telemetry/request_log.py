@@ -7,8 +7,8 @@ and no secret: those appear only with `telemetry.record_content = true`, as `inp
 `output_messages` in the GenAI message format (the same as on spans). Every line goes through the log's
 redaction of provider keys like any other.
 
-Fields a client sets are cut short (`user` to 64 characters, as `x-module` and `x-request-type` are), so a
-line stays one short line whatever the request carries.
+Fields a client sets are cut short (`user` to 64 characters, as `x-module` and `x-request-type` are, and the
+model name asked for to 256), so a line stays one short line whatever the request carries.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from proxy.telemetry.logs import emit, log
 CACHE_HEADER = "x-groq-proxy-cache"  # the response cache's verdict on every answer it saw (HIT, MISS, ...)
 _CACHE_RESULTS = frozenset({"HIT", "MISS", "BYPASS", "COALESCED"})
 _MAX_TEXT = 64
+_MAX_MODEL = 256  # an explicit 'provider:model' is the client's text, of any length
 
 
 def cache_result(headers) -> str | None:
@@ -53,7 +54,7 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
     fields = {
         "request_id": ctx.request_id, "operation": ctx.operation, "status": status, "ms": round(ms, 2), "cache": cache,
         "key_id": key_id, "user": user, "module": ctx.module, "request_type": ctx.request_type,
-        "requested": route.requested, "virtual_model": route.virtual,
+        "requested": route.requested[:_MAX_MODEL], "virtual_model": route.virtual,
         "model": answered.target.key if answered is not None else None, "stream": ctx.stream,
         "attempts": ctx.sent_attempts, "input_tokens": usage.get("prompt_tokens"),
         "output_tokens": usage.get("completion_tokens"), "latency_category": category,
