@@ -14,12 +14,14 @@ model name asked for to 256), so a line stays one short line whatever the reques
 from __future__ import annotations
 
 import logging
+import time
 
 from proxy.pipeline.context import RequestContext
-from proxy.telemetry.logs import emit, log
+from proxy.telemetry.logs import emit, emit_line, log
 
 CACHE_HEADER = "x-groq-proxy-cache"  # the response cache's verdict on every answer it saw (HIT, MISS, ...)
 _CACHE_RESULTS = frozenset({"HIT", "MISS", "BYPASS", "COALESCED"})
+_LEVELS = {logging.INFO: "info", logging.WARNING: "warning"}
 _MAX_TEXT = 64
 _MAX_MODEL = 256  # an explicit 'provider:model' is the client's text, of any length
 
@@ -52,7 +54,7 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
         usage = _NO_USAGE
     route = ctx.route
     fields = {
-        "request_id": ctx.request_id, "operation": ctx.operation, "status": status, "ms": round(ms, 2), "cache": cache,
+        "ts": round(time.time(), 3), "level": _LEVELS[level], "event": "request", "request_id": ctx.request_id, "operation": ctx.operation, "status": status, "ms": round(ms, 2), "cache": cache,
         "key_id": key_id, "user": user, "module": ctx.module, "request_type": ctx.request_type,
         "requested": route.requested[:_MAX_MODEL], "virtual_model": route.virtual,
         "model": answered.target.key if answered is not None else None, "stream": ctx.stream,
@@ -69,7 +71,7 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
     if record_content:  # the operator asked for content (telemetry.record_content): prompts and completions
         fields["input_messages"] = input_messages(ctx.body) if input_messages is not None else None
         fields["output_messages"] = answered.content if answered is not None else None
-    emit(level, "request", **fields)
+    emit_line(level, fields)
 
 
 _NO_USAGE: dict = {}
