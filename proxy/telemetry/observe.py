@@ -1,7 +1,9 @@
-"""What the pipeline tells the outside world: spans, metrics, latency categories.
+"""What the pipeline tells the outside world: spans, metrics, latency categories, the request's log line and
+the status page's counts of the last minutes.
 
 The pipeline calls four hooks (request started / ended, attempt started / ended) and `decision` for policy
-decisions. With tracing off and metrics off every hook returns at once.
+decisions. With tracing off and metrics off, a request costs only the counts (an increment each) and its log
+line; the other hooks return at once.
 """
 
 from __future__ import annotations
