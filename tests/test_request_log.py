@@ -128,6 +128,14 @@ async def test_user_without_auth_and_a_long_model_name_are_cut_short(upstream, s
     assert long_model["requested"] == ("up:" + "m" * 5000)[:256]
 
 
+async def test_user_with_policies_but_no_auth_is_cut_short_too(upstream, start_proxy, proxy_log):
+    _, url = upstream
+    base = await start_proxy(config_for(url, policies=[{"use": "tests.policy_examples:Recorder"}]))
+    assert (await post(base, body(user="v" * 500)))[0] == 200
+    [line] = request_lines(proxy_log)
+    assert (line["user"], line["key_id"], line["request_type"]) == ("v" * 64, None, "default")
+
+
 async def test_the_cache_result_is_the_answers_x_groq_proxy_cache_header(upstream, start_proxy, proxy_log):
     scripted, url = upstream
     base = await start_proxy(config_for(url, policies=[{"use": "tests.policy_examples:RememberingCache"}]))

@@ -43,11 +43,11 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
              cache=cache)
         return
     identity = ctx.identity
-    if identity is not None:
+    if identity is not None:  # without [auth], the identity's user is the body's (policies.identity)
         key_id, user = identity.key, identity.user
     else:  # no policies and no [auth]: the request's own `user` field
         key_id, user = None, ctx.body.get("user")
-        user = user[:_MAX_TEXT] if isinstance(user, str) and user else None
+    user = user[:_MAX_TEXT] if isinstance(user, str) and user else None
     answered = ctx.answered
     usage = answered.usage if answered is not None else None
     if not isinstance(usage, dict):
