@@ -274,7 +274,7 @@ def redis_store_table(redis_url):
 
 
 class SentinelSet:
-    """A master, its replica and one Sentinel watching them (quorum 1, down after 500 ms): what a failover test
+    """A master, its replica and one Sentinel watching them (quorum 1, down after 1 s): what a failover test
     needs. `ready()` waits until the replica is in sync and the sentinel knows it (without that a failover
     finds no replica to promote); `promoted()` waits until the sentinel names the replica as master."""
 
@@ -307,7 +307,7 @@ class SentinelSet:
         with open(conf, "w") as f:
             f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
                     f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n"
-                    f"sentinel down-after-milliseconds {self.service} 500\n"
+                    f"sentinel down-after-milliseconds {self.service} 1000\n"
                     f"sentinel failover-timeout {self.service} 5000\n")
         self.process = subprocess.Popen([redis_binary(), conf, "--sentinel", "--loglevel", "warning"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from policies.config import parse_store
-from policies.stores.base import GCRA, Claim
+from policies.stores.base import GCRA, Claim, StoreUnavailable
 from policies.stores.redis import RedisStore
 from policies.stores.redis_connect import Connect, RedisTarget, parse_url
 from proxy.app.config import ConfigError
@@ -300,3 +300,69 @@ async def test_acl_user_and_password_work_and_appear_nowhere(upstream, start_pro
             assert secret not in everything
     finally:
         server.stop()
+
+
+# --- timeouts and the pool ------------------------------------------------------------------------------------
+
+
+async def test_connect_timeout_bounds_a_handshake_that_never_ends(raw_server):
+    async def silent(reader, writer):  # accepts TCP, never answers the TLS ClientHello
+        await reader.read()
+
+    port = await raw_server(silent)
+    store = RedisStore(f"rediss://127.0.0.1:{port}/0", connect=Connect(connect_timeout_s=0.2, timeout_s=60))
+    # Were timeout_s (60 s) the connect's bound, this would hang past the safety net.
+    await asyncio.wait_for(store.start(), timeout=20)
+    try:
+        assert store.status()["status"] == "unavailable"
+    finally:
+        await store.close()
+
+
+async def test_command_timeout_bounds_a_call_redis_never_answers(raw_server):
+    answered = []
+
+    async def connects_then_goes_quiet(reader, writer):  # answers the connection's set-up and PING, not EVALSHA
+        while line := await reader.readline():
+            if line.startswith(b"*"):
+                words = []
+                for _ in range(int(line[1:])):
+                    await reader.readline()
+                    words.append((await reader.readline()).strip())
+                answered.append(words[0].upper())
+                if words[0].upper() != b"EVALSHA":
+                    writer.write(b"+PONG\r\n" if words[0].upper() == b"PING" else b"+OK\r\n")
+                    await writer.drain()
+
+    port = await raw_server(connects_then_goes_quiet)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", connect=Connect(connect_timeout_s=60, timeout_s=0.3))
+    await asyncio.wait_for(store.start(), timeout=20)
+    try:
+        assert store.available
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.admit([Claim(GCRA, "k", limit=5, amount=1, param=60.0)]), timeout=20)
+        assert b"EVALSHA" in answered and not store.available
+    finally:
+        await store.close()
+
+
+def test_pool_is_sized_and_timed_from_the_config():
+    from redis.asyncio import BlockingConnectionPool
+    from redis.asyncio.connection import SSLConnection
+
+    from policies.stores.redis_connect import open_pool
+
+    connect = Connect(connect_timeout_s=0.7, timeout_s=0.3, pool_size=5)
+    pool, sentinel = open_pool(parse_url("rediss://u:pw@h:6380/2"), connect)
+    assert isinstance(pool, BlockingConnectionPool) and sentinel is None
+    assert (pool.max_connections, pool.timeout, pool.connection_class) == (5, 0.3, SSLConnection)
+    kwargs = pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.3, 0.7)
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["username"], kwargs["password"]) == \
+        ("h", 6380, 2, "u", "pw")
+    assert kwargs["ssl_cert_reqs"] == "required" and kwargs["ssl_check_hostname"] is True
+
+    pool, sentinel = open_pool(parse_url("redis+sentinel://s1,s2:26380/mymaster"), connect)
+    assert isinstance(pool, BlockingConnectionPool) and pool.max_connections == 5 and pool.service_name == "mymaster"
+    assert [s.connection_pool.connection_kwargs["port"] for s in sentinel.sentinels] == [26379, 26380]
+    assert sentinel.sentinels[0].connection_pool.connection_kwargs["socket_connect_timeout"] == 0.7
