@@ -106,3 +106,37 @@ async def test_store_on_sentinel_reads_and_writes_through_the_master_it_names(re
                                   "url": f"redis+sentinel://127.0.0.1:{group.port}/{group.service}/0"}
     finally:
         await store.close()
+
+
+async def test_a_planned_failover_moves_the_store_to_the_new_master(upstream, start_proxy, redis_sentinel):
+    """`SENTINEL FAILOVER` (maintenance): the old master lives on as a replica, so connections to it must not
+    keep serving the store; the next calls go to the promoted one and the counts carry over."""
+    _, url = upstream
+    group = redis_sentinel
+    base = await start_proxy(config_for(url, store={
+        "backend": "redis", "url": f"redis+sentinel://127.0.0.1:{group.port}/{group.service}"},
+        policies=[{"use": "rate_limit", "requests_per_minute": 3, "on_error": "closed"}]))
+    assert [(await post(base))[0] for _ in range(2)] == [200, 200]
+    group.ask(group.master.port, "WAIT", 1, 5000)
+    group.ask(group.port, "SENTINEL", "FAILOVER", group.service)
+    await asyncio.get_running_loop().run_in_executor(None, group.promoted)
+
+    async def demoted() -> bool:  # the sentinel turns the old master into a replica of the new one
+        return group.ask(group.master.port, "ROLE")[0] == "slave"
+
+    await until(demoted, "the old master was never turned into a replica")
+    calls_before = evalsha_calls(group, group.replica.port)
+
+    async def served() -> bool:
+        status, _ = await post(base)
+        assert status in (200, 503)  # 503 policy_unavailable while the store finds the new master
+        return status == 200
+
+    await until(served, "the store never moved to the promoted master")
+    status, body = await post(base)
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"  # the counts carried over
+    assert evalsha_calls(group, group.replica.port) >= calls_before + 2  # on the new master, not the old one
+
+
+def evalsha_calls(group, port: int) -> int:
+    return int(group.ask(port, "INFO", "commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
