@@ -277,6 +277,9 @@ def test_two_replicas_share_redis_behind_one_port(compose):
 
     config = parse_config(tomllib.loads((ROOT / "deploy/compose/groq-proxy.toml").read_text()),
                           env={"GROQ_API_KEY": "gsk_" + "x" * 40})
+    grace = re.fullmatch(r"(\d+)s", proxy["stop_grace_period"])
+    drain = getattr(config.server, "drain_s", 5.0) + getattr(config.server, "drain_timeout_s", 30.0)
+    assert grace and int(grace.group(1)) >= drain + 5  # SIGKILL only after the whole drain and a margin
     store = config.policies.store
     url = urlsplit(store.url)
     assert store.backend == "redis" and config.policies.uses_store
