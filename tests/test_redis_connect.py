@@ -40,6 +40,7 @@ def test_url_forms():
         ("rediss", (("redis.internal", 6379),), True, "gp@app", "p:ss")
     assert parse_url("redis://onlypassword@h:1/0").password == "onlypassword"  # AUTH <password>, as redis-cli
     assert parse_url("redis://onlypassword@h:1/0").username is None
+    assert parse_url("redis://user:@h").password is None and parse_url("redis://h").db == 0
     t = parse_url("redis+sentinel://:pw@s1:26379,s2,[::1]:26380/mymaster/3")
     assert (t.sentinel, t.hosts, t.service, t.db, t.password) == \
         (True, (("s1", 26379), ("s2", 26379), ("::1", 26380)), "mymaster", 3, "pw")
@@ -65,6 +66,8 @@ def test_display_and_repr_never_hold_the_credentials():
     (f"redis+sentinel://:{PASSWORD}@s1:26379", "store.url: name the master the sentinels watch"),
     ("redis+sentinel://s1/m/0/9", "store.url: after the hosts come the master's name"),
     ("unix://", "store.url: unix:// needs the socket's path"),
+    (f"rediss://:{PASSWORD}@h/0?ssl_cert_reqs=none", "store.url: options in the URL are not read"),
+    (f"redis://:{PASSWORD}@h?db=1", "store.url: options in the URL are not read"),
 ])
 def test_bad_urls_are_refused_naming_the_key_and_never_echoed(url, message):
     with pytest.raises(ConfigError) as info:

@@ -105,7 +105,9 @@ def parse_url(url: str, where: str = "store.url") -> RedisTarget:
                            username=unquote(parts.username) if parts.username else None,
                            password=unquote(parts.password) if parts.password is not None else None)
     netloc, _, path = rest.partition("/")
-    path, _, _query = path.partition("?")
+    path, question, _ = path.partition("?")
+    if question or "?" in netloc:
+        raise ConfigError(f"{where}: options in the URL are not read; use the [store] keys (timeout_s, tls_ca_file ...)")
     userinfo, at, hostlist = netloc.rpartition("@")
     if not at:
         hostlist, userinfo = netloc, ""
@@ -116,6 +118,7 @@ def parse_url(url: str, where: str = "store.url") -> RedisTarget:
         password = unquote(secret) if colon else None
         if not colon:  # redis://secret@host: the one word is the password (AUTH password), as redis-cli reads it
             username, password = None, unquote(user)
+        password = password or None
     hosts = tuple(_host_port(h, scheme, where) for h in hostlist.split(",") if h) if hostlist else ()
     if not hosts:
         raise ConfigError(f"{where}: a host is missing (like {scheme}://host:{DEFAULT_PORT[scheme]})")
