@@ -113,7 +113,7 @@ def parse_store(raw, env: Mapping[str, str] | None = None) -> StoreConfig:
             raise ConfigError("store.url: required with backend = \"redis\" (like redis://127.0.0.1:6379/0), or "
                               "url_env naming a variable that holds it")
         target = parse_url(url, where)
-    elif url is not None:
+    elif url is not None or url_env:
         raise ConfigError(f"{where}: only with backend = \"redis\"")
     lease = seconds(raw, "lease_s", "store", 30.0)
     if lease < 3:
@@ -138,8 +138,10 @@ def parse_store(raw, env: Mapping[str, str] | None = None) -> StoreConfig:
         check_tls_files(target, connect)
         if sentinel_env and not target.sentinel:
             raise ConfigError("store.sentinel_password_env: only with a redis+sentinel:// URL")
-    elif any(getattr(connect, k) is not None for k in ("tls_ca_file", "tls_cert_file", "tls_key_file")) or sentinel_env:
-        raise ConfigError("store: tls_* and sentinel_password_env only with backend = \"redis\"")
+    else:
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "sentinel_password_env"):
+            if key in raw:
+                raise ConfigError(f"store.{key}: only with backend = \"redis\"")
     return StoreConfig(backend, url, timeout, lease, _string(raw, "prefix", "store", "gp:"), connect)
 
 

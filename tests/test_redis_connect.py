@@ -109,6 +109,9 @@ def test_store_connection_keys_and_their_defaults(tmp_path):
     ({"url": "redis+sentinel://h/m", "sentinel_password_env": "GP_UNSET_S"},
      "store.sentinel_password_env: the variable GP_UNSET_S is not set"),
     ({"url": "redis://h/0", "pool": 3}, "store.pool: unknown key"),
+    ({"backend": "memory", "url_env": "GP_UNSET_REDIS_URL"}, "store.url_env: only with backend = \"redis\""),
+    ({"backend": "memory", "tls_ca_file": "/etc/hosts"}, "store.tls_ca_file: only with backend = \"redis\""),
+    ({"backend": "memory", "sentinel_password_env": "GP_S"}, "store.sentinel_password_env: only with backend"),
 ])
 def test_store_keys_are_checked_at_start_naming_the_key(table, message):
     with pytest.raises(ConfigError) as info:

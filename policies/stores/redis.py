@@ -25,6 +25,7 @@ import time
 import uuid
 from importlib import resources
 from typing import Sequence
+
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from policies.stores.base import GCRA, SLOT, Admission, Claim, Settlement, StoreUnavailable
