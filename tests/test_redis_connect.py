@@ -372,3 +372,22 @@ def test_pool_is_sized_and_timed_from_the_config():
     assert isinstance(pool, BlockingConnectionPool) and pool.max_connections == 5 and pool.service_name == "mymaster"
     assert [s.connection_pool.connection_kwargs["port"] for s in sentinel.sentinels] == [26379, 26380]
     assert sentinel.sentinels[0].connection_pool.connection_kwargs["socket_connect_timeout"] == 0.7
+
+
+def test_tls_through_sentinel_applies_to_the_sentinels_and_the_servers(tmp_path):
+    """Not run end to end (a TLS sentinel set needs TLS in redis-server itself): the settings each side gets."""
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    from policies.stores.redis_connect import open_pool
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    connect = Connect(tls_ca_file=str(ca), sentinel_password="s-pw")
+    pool, sentinel = open_pool(parse_url("rediss+sentinel://u:pw@s1/mymaster/1"), connect)
+    assert pool.connection_class is SentinelManagedSSLConnection
+    assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["password"],
+            pool.connection_kwargs["db"]) == (str(ca), "pw", 1)
+    (node,) = sentinel.sentinels
+    kwargs = node.connection_pool.connection_kwargs
+    assert node.connection_pool.connection_class.__name__ == "SSLConnection"
+    assert (kwargs["ssl_ca_certs"], kwargs["password"], kwargs["ssl_check_hostname"]) == (str(ca), "s-pw", True)
