@@ -56,9 +56,10 @@ async def _upload(request: web.Request, call: Call) -> web.StreamResponse:
 
             response = await objects.upstreams.client.request_stream(
                 provider.origin, "POST", objects.path("/files"), headers, pieces(), provider.connect_s)
-    except ProxyError:
-        _stop_reading(request)
-        raise
+    except ProxyError as error:
+        if error.status in (408, 499):  # a stalled or broken upload: nothing more of it is read
+            _stop_reading(request)
+        raise  # else aiohttp reads the rest (for a while) and drops it, so the client sees this answer
     except TimeoutError:
         raise upstream_timeout(provider.total_s) from None
     except UpstreamError as exc:

@@ -1,0 +1,306 @@
+"""Files and batches through the proxy (issue 13, items 3-6): the real openai and groq clients against the proxy
+in front of the simulator's files and batches, two proxy keys that cannot see each other's objects (the memory
+store and the suite's Redis), bad input, the size limit, and what reaches the provider."""
+
+from __future__ import annotations
+
+import io
+
+import aiohttp
+import groq
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from policies.identity import hash_key
+from proxy.sim.simulator import build_simulator_app
+from tests.conftest import config_for
+
+KEY_A = "gp-test-files-key-alpha"
+KEY_B = "gp-test-files-key-bravo"
+LINES = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+          "body": {"model": "openai/gpt-oss-20b", "messages": [{"role": "user", "content": f"question {i}"}]}}
+         for i in range(3)]
+JSONL = b"".join(orjson.dumps(line) + b"\n" for line in LINES)
+
+
+def auth() -> dict:
+    return {"keys": [{"id": "alpha", "sha256": hash_key(KEY_A)}, {"id": "bravo", "sha256": hash_key(KEY_B)}]}
+
+
+class Recorder:
+    """The simulator, recording every request that reaches it: (method, path, Authorization)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+        self.bodies: list[bytes] = []
+
+    def app(self) -> web.Application:
+        app = build_simulator_app()
+
+        @web.middleware
+        async def record(request: web.Request, handler):
+            self.seen.append((request.method, request.path, request.headers.get("Authorization", "")))
+            return await handler(request)
+
+        app.middlewares.append(record)
+        return app
+
+
+@pytest.fixture
+async def sim(aiohttp_server):
+    recorder = Recorder()
+    server = await aiohttp_server(recorder.app())
+    return recorder, f"http://127.0.0.1:{server.port}/openai/v1"
+
+
+def clients(base: str):
+    a = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY_A, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY_B, max_retries=0)
+    return a, b
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_two_keys_never_see_each_others_files_or_batches(sim, start_proxy, redis_store_table, backend):
+    recorder, url = sim
+    tables = {"auth": auth()}
+    if backend == "redis":
+        tables["store"] = redis_store_table
+    base = await start_proxy(config_for(url, **tables))
+    a, b = clients(base)
+
+    made = await a.files.create(file=("batch.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    assert made.id.startswith("file_") and made.bytes == len(JSONL) and made.filename == "batch.jsonl"
+    assert [f.id for f in (await a.files.list()).data] == [made.id]
+    assert (await a.files.retrieve(made.id)).id == made.id
+    assert await (await a.files.content(made.id)).aread() == JSONL
+
+    b_file = await b.files.create(file=("mine.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    assert [f.id for f in (await b.files.list()).data] == [b_file.id]
+    assert [f.id for f in (await a.files.list()).data] == [made.id]
+
+    # Another key's id answers exactly as an id that does not exist: 404, never 403.
+    before = len(recorder.seen)
+    missing = "file_" + "0" * 24
+    for call in (lambda i: b.files.retrieve(i), lambda i: b.files.content(i), lambda i: b.files.delete(i)):
+        with pytest.raises(openai.NotFoundError) as theirs:
+            await call(made.id)
+        with pytest.raises(openai.NotFoundError) as nobodys:
+            await call(missing)
+        assert theirs.value.code == nobodys.value.code == "file_not_found"
+        assert theirs.value.message.replace(made.id, "ID") == nobodys.value.message.replace(missing, "ID")
+    with pytest.raises(openai.BadRequestError) as info:
+        await b.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert info.value.param == "input_file_id" and info.value.code == "file_not_found"
+    assert len(recorder.seen) == before  # none of those reached the provider
+
+    batch = await a.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status == "validating" and batch.input_file_id == made.id
+    with pytest.raises(openai.NotFoundError):
+        await b.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        await b.batches.cancel(batch.id)
+    assert [x.id for x in (await b.batches.list()).data] == []
+
+    done = await a.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3
+    assert [x.id for x in (await a.batches.list()).data] == [batch.id]
+    # The output file is the batch owner's, and only hers.
+    output = await (await a.files.content(done.output_file_id)).aread()
+    answers = [orjson.loads(line) for line in output.splitlines()]
+    assert [x["custom_id"] for x in answers] == ["req-0", "req-1", "req-2"]
+    assert all(x["response"]["body"]["choices"][0]["message"]["content"] for x in answers)
+    with pytest.raises(openai.NotFoundError):
+        await b.files.content(done.output_file_id)
+    assert {f.id for f in (await a.files.list()).data} == {made.id, done.output_file_id}
+
+    second = await a.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert (await a.batches.cancel(second.id)).status == "cancelling"
+    assert (await a.batches.retrieve(second.id)).status == "cancelled"
+
+    deleted = await a.files.delete(made.id)
+    assert deleted.deleted is True and deleted.id == made.id
+    with pytest.raises(openai.NotFoundError):
+        await a.files.retrieve(made.id)
+    # Every request that reached the provider carried its key, never a proxy key.
+    assert {auth_header for _, _, auth_header in recorder.seen} == {"Bearer sk-test-secret-upstream-key"}
+    await a.close()
+    await b.close()
+
+
+async def test_groq_sdk_files_and_batches(sim, start_proxy):
+    recorder, url = sim
+    base = await start_proxy(config_for(url, auth=auth()))
+    client = groq.AsyncGroq(base_url=base, api_key=KEY_A, max_retries=0)
+    other = groq.AsyncGroq(base_url=base, api_key=KEY_B, max_retries=0)
+    made = await client.files.create(file=("batch.jsonl", JSONL), purpose="batch")
+    assert made.purpose == "batch" and made.bytes == len(JSONL)
+    assert [f.id for f in (await client.files.list()).data] == [made.id]
+    assert (await other.files.list()).data == []
+    assert (await client.files.info(made.id)).filename == "batch.jsonl"
+    assert await (await client.files.content(made.id)).read() == JSONL
+    batch = await client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    assert (await client.batches.retrieve(batch.id)).status == "completed"
+    assert [x.id for x in (await client.batches.list()).data] == [batch.id]
+    assert (await other.batches.list()).data == []
+    with pytest.raises(groq.NotFoundError):
+        await other.batches.retrieve(batch.id)
+    second = await client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                         completion_window="24h")
+    assert (await client.batches.cancel(second.id)).status == "cancelling"
+    assert (await client.files.delete(made.id)).deleted is True
+    assert all(path.startswith("/openai/v1/") for _, path, _ in recorder.seen)
+    await client.close()
+    await other.close()
+
+
+async def test_without_auth_everything_passes_as_it_is(sim, start_proxy):
+    _, url = sim
+    base = await start_proxy(config_for(url))
+    client = openai.AsyncOpenAI(base_url=base + "/openai/v1", api_key="anything", max_retries=0)
+    made = await client.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    assert [f.id for f in (await client.files.list()).data] == [made.id]
+    batch = await client.batches.create(input_file_id=made.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+    assert (await client.batches.retrieve(batch.id)).output_file_id
+    with pytest.raises(openai.NotFoundError):  # the provider's own 404, passed on
+        await client.files.retrieve("file_" + "1" * 24)
+    await client.close()
+
+
+async def _post_form(base: str, form: aiohttp.FormData | bytes, headers: dict | None = None, path="/v1/files"):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + path, data=form, headers={"Authorization": f"Bearer {KEY_A}",
+                                                                 **(headers or {})}) as resp:
+            return resp.status, orjson.loads(await resp.read())
+
+
+async def test_bad_uploads_get_openai_errors_and_never_reach_the_provider(sim, start_proxy):
+    recorder, url = sim
+    base = await start_proxy(config_for(url, auth=auth()))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY_A, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="fine-tune")
+    assert info.value.param == "purpose" and info.value.code == "invalid_purpose"
+
+    no_file = aiohttp.FormData(default_to_multipart=True)
+    no_file.add_field("purpose", "batch")
+    no_file.add_field("other", "x")
+    status, body = await _post_form(base, no_file)
+    assert status == 400 and body["error"]["param"] == "file" and body["error"]["code"] == "missing_file"
+
+    status, body = await _post_form(base, orjson.dumps({"purpose": "batch"}), {"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["code"] == "invalid_content_type"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+    # A purpose after the file: the upload has begun, and is cut off before the provider has it whole.
+    late = aiohttp.FormData()
+    late.add_field("file", JSONL, filename="b.jsonl", content_type="application/jsonl")
+    late.add_field("purpose", "assistants")
+    status, body = await _post_form(base, late)
+    assert status == 400 and body["error"]["param"] == "purpose"
+    assert recorder.seen == [("POST", "/openai/v1/files", "Bearer sk-test-secret-upstream-key")]  # began...
+    async with aiohttp.ClientSession() as session:  # ...but never whole: the provider has no file
+        async with session.get(url + "/files") as resp:
+            assert (await resp.json())["data"] == []
+    recorder.seen.clear()
+
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.files.retrieve("not a file id")
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.retrieve("batch_" + "2" * 24)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.batches.create(input_file_id="", endpoint="/v1/chat/completions", completion_window="24h")
+    assert info.value.param == "input_file_id"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/v1/files?limit=many", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "limit"
+        async with session.get(base + "/v1/files") as r:  # no proxy key
+            assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+        async with session.put(base + "/v1/files", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
+            assert r.status == 405 and set(r.headers["Allow"].split(", ")) == {"GET", "POST"}
+    assert recorder.seen == []
+    await client.close()
+
+
+async def test_an_upload_over_the_limit_gets_413(sim, start_proxy):
+    recorder, url = sim
+    base = await start_proxy(config_for(url, auth=auth(), server={"max_file_bytes": 1000}))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY_A, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:  # with a Content-Length: refused before it is read
+        await client.files.create(file=("big.jsonl", io.BytesIO(b"x" * 200_000)), purpose="batch")
+    assert info.value.status_code == 413 and info.value.body["code"] == "file_too_large"
+
+    async def chunked():  # without one: refused once the file passes the limit, the provider never has it whole
+        form = b"--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+        yield form + b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n"
+        for _ in range(4):
+            yield b"y" * 600
+        yield b"\r\n--XyZ--\r\n"
+
+    status, body = await _post_form(base, chunked(), {"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert status == 413 and body["error"]["code"] == "file_too_large" and body["error"]["param"] == "file"
+    assert (await client.files.list()).data == []
+    small = await client.files.create(file=("ok.jsonl", io.BytesIO(b"z" * 1000)), purpose="batch")
+    assert small.bytes == 1000
+    await client.close()
+
+
+async def test_unknown_paths_answer_404_listing_what_is_served_and_nothing_reaches_the_provider(sim, start_proxy):
+    recorder, url = sim
+    base = await start_proxy(config_for(url))
+    paths = [("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/assistants"), ("GET", "/v1/files/file_1/other"),
+             ("POST", "/openai/v1/batches/batch_1/retry"), ("GET", "/openai/v1/vector_stores"), ("GET", "/v2/x"),
+             ("DELETE", "/v1/batches/batch_1/cancel/now"), ("POST", "/v1/moderations")]
+    async with aiohttp.ClientSession() as session:
+        for method, path in paths:
+            async with session.request(method, base + path, headers={"Authorization": "Bearer x"}) as resp:
+                body = await resp.json()
+                assert resp.status == 404, path
+                error = body["error"]
+                assert error["code"] == "unknown_url" and error["type"] == "invalid_request_error"
+                for served in ("POST /v1/chat/completions", "POST, GET /v1/files", "GET, DELETE /v1/files/{file_id}",
+                               "GET /v1/files/{file_id}/content", "POST, GET /v1/batches",
+                               "POST /v1/batches/{batch_id}/cancel", "under /openai/v1"):
+                    assert served in error["message"], (served, error["message"])
+    assert recorder.seen == []
+
+
+async def test_the_batch_provider_and_its_first_key(aiohttp_server, start_proxy):
+    from proxy.app.config import ConfigError, parse_config
+
+    first, second = Recorder(), Recorder()
+    s1, s2 = await aiohttp_server(first.app()), await aiohttp_server(second.app())
+    raw = {"providers": {"main": {"base_url": f"http://127.0.0.1:{s1.port}/openai/v1", "api_key_env": "K0"},
+                         "batch": {"base_url": f"http://127.0.0.1:{s2.port}/openai/v1",
+                                   "api_key_envs": ["K1", "K2"]}},
+           "models": {"tier-test": {"chain": ["main:m1"]}}, "routing": {"batch_provider": "batch"}}
+    env = {"K0": "sk-main-key", "K1": "sk-batch-key-one", "K2": "sk-batch-key-two"}
+    base = await start_proxy(parse_config(raw, env=env))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    for _ in range(3):
+        await client.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    assert len((await client.files.list()).data) == 3
+    assert first.seen == []
+    assert {h for _, _, h in second.seen} == {"Bearer sk-batch-key-one"}  # never the pool's second key
+    await client.close()
+    with pytest.raises(ConfigError, match=r"^routing.batch_provider: must name a provider \(main, batch\)"):
+        parse_config({**raw, "routing": {"batch_provider": "nope"}}, env=env)
+
+
+async def test_request_limits_apply_and_token_budgets_do_not(sim, start_proxy, redis_store_table):
+    _, url = sim
+    policies = [{"use": "rate_limit", "per": "key", "requests_per_minute": 3},
+                {"use": "token_budget", "per": "key", "tokens": 1, "period": "day"}]
+    base = await start_proxy(config_for(url, auth=auth(), policies=policies))
+    a, b = clients(base)
+    for _ in range(3):
+        await a.files.list()
+    with pytest.raises(openai.RateLimitError) as info:
+        await a.batches.list()
+    assert info.value.code == "rate_limit_exceeded"
+    assert (await b.files.list()).data == []  # another key's limit is its own
+    await a.close()
+    await b.close()
