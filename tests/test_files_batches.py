@@ -304,3 +304,22 @@ async def test_request_limits_apply_and_token_budgets_do_not(sim, start_proxy, r
     assert (await b.files.list()).data == []  # another key's limit is its own
     await a.close()
     await b.close()
+
+
+async def test_a_paging_client_sees_all_of_its_own_and_nothing_else(sim, start_proxy):
+    _, url = sim
+    base = await start_proxy(config_for(url, auth=auth()))
+    a, b = clients(base)
+    mine = []
+    for i in range(3):  # interleaved: each provider page holds both keys' files
+        await b.files.create(file=(f"b{i}.jsonl", io.BytesIO(JSONL)), purpose="batch")
+        mine.append((await a.files.create(file=(f"a{i}.jsonl", io.BytesIO(JSONL)), purpose="batch")).id)
+    for i in range(4):
+        await b.files.create(file=(f"late{i}.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    first = await a.files.list(limit=2)
+    assert [f.id for f in first.data] == mine[::-1][:2] and first.has_more is True
+    assert [f.id async for f in a.files.list(limit=2)] == mine[::-1]  # the pager follows has_more and the last id
+    assert [f.id async for f in a.files.list(limit=1)] == mine[::-1]
+    assert len([f async for f in b.files.list(limit=3)]) == 7
+    await a.close()
+    await b.close()

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from proxy.app.errors import bad_request
-from proxy.app.provider_objects import Call, answer, list_query, parse
+from proxy.app.provider_objects import Call, answer, filtered_list, parse
 from proxy.app.validation import read_json
 
 
@@ -61,22 +61,8 @@ async def _one(request: web.Request, call: Call, method: str, tail: str) -> web.
 
 
 async def _list(request: web.Request, call: Call) -> web.StreamResponse:
-    objects = call.objects
-    response = await objects.call("GET", "/batches", query=list_query(request))
-    raw = await objects.read(response)
-    identity = call.identity
-    if response.status != 200 or identity is None or identity.key is None:
-        return call.passed(response, raw)
-    page = parse(raw)
-    data = page.get("data") if isinstance(page, dict) else None
-    if not isinstance(data, list):
-        return call.passed(response, raw)
-    items = [item for item in data if isinstance(item, dict)]
-    seen = await objects.visible(call.chain, identity, "batch", [item.get("id") for item in items])
-    mine = [item for item, ok in zip(items, seen) if ok]
-    for batch in mine:
-        await _owned(call, batch, files_only=True)
-    return call.list_page(page, mine)
+    return await filtered_list(request, call, "/batches", "batch",
+                               lambda batch: _owned(call, batch, files_only=True))
 
 
 async def _owned(call: Call, batch, files_only: bool = False) -> None:

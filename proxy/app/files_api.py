@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.app.errors import ProxyError
 from proxy.app.multipart_upload import Upload
-from proxy.app.provider_objects import Call, answer, list_query, parse, upstream_failed, upstream_timeout
+from proxy.app.provider_objects import Call, answer, filtered_list, parse, upstream_failed, upstream_timeout
 from proxy.upstream.http1 import UpstreamError
 
 
@@ -74,19 +74,7 @@ async def _upload(request: web.Request, call: Call) -> web.StreamResponse:
 
 
 async def _list(request: web.Request, call: Call) -> web.StreamResponse:
-    objects = call.objects
-    response = await objects.call("GET", "/files", query=list_query(request))
-    raw = await objects.read(response)
-    identity = call.identity
-    if response.status != 200 or identity is None or identity.key is None:
-        return call.passed(response, raw)
-    page = parse(raw)
-    data = page.get("data") if isinstance(page, dict) else None
-    if not isinstance(data, list):
-        return call.passed(response, raw)
-    items = [item for item in data if isinstance(item, dict)]
-    seen = await objects.visible(call.chain, identity, "file", [item.get("id") for item in items])
-    return call.list_page(page, [item for item, mine in zip(items, seen) if mine])
+    return await filtered_list(request, call, "/files", "file")
 
 
 async def _retrieve(request: web.Request, call: Call) -> web.StreamResponse:

@@ -242,12 +242,59 @@ class Call:
         media = response.headers.get("content-type", "application/json")
         return web.Response(status=response.status, body=body, headers={"Content-Type": media, **self.headers()})
 
-    def list_page(self, page: Any, data: list) -> web.Response:
-        out = {**page, "data": data} if isinstance(page, dict) else {"object": "list", "data": data}
-        if data and isinstance(out.get("first_id"), str):
-            out["first_id"] = data[0].get("id")
-            out["last_id"] = data[-1].get("id")
+    def list_page(self, page: dict, data: list, has_more: bool) -> web.Response:
+        out = {**page, "data": data}
+        if "has_more" in page or has_more:
+            out["has_more"] = has_more
+        if "first_id" in page or "last_id" in page:
+            out["first_id"] = data[0].get("id") if data else None
+            out["last_id"] = data[-1].get("id") if data else None
         return self.json(out)
+
+
+MAX_PAGES = 10  # provider pages read for one filtered list at most
+
+
+async def filtered_list(request: web.Request, call: Call, tail: str, kind: str, on_mine=None) -> web.Response:
+    """A list of the caller's own objects. The provider pages, the proxy filters: while a page leaves fewer
+    than `limit` of the caller's own and the provider has more, the next provider page is read (up to
+    MAX_PAGES), so a client that pages on `has_more` and the last id sees every object of its own.
+    `on_mine(item)` is awaited for each object of the caller's that is listed."""
+    objects, identity = call.objects, call.identity
+    query = list_query(request)
+    response = await objects.call("GET", tail, query=query)
+    raw = await objects.read(response)
+    if response.status != 200 or identity is None or identity.key is None:
+        return call.passed(response, raw)
+    limit = int(query["limit"]) if "limit" in query else None  # None: the provider's page, however long
+    mine: list = []
+    page = parse(raw)
+    for pages in range(1, MAX_PAGES + 1):
+        data = page.get("data") if isinstance(page, dict) else None
+        if not isinstance(data, list):
+            return call.passed(response, raw) if pages == 1 else call.list_page({"object": "list"}, mine, True)
+        items = [item for item in data if isinstance(item, dict)]
+        seen = await objects.visible(call.chain, identity, kind, [item.get("id") for item in items])
+        for index, (item, ok) in enumerate(zip(items, seen)):
+            if ok:
+                mine.append(item)
+                if on_mine is not None:
+                    await on_mine(item)
+                if len(mine) == limit:
+                    more = index + 1 < len(items) or page.get("has_more") is True
+                    return call.list_page(page, mine, more)
+        last = items[-1].get("id") if items else None
+        if page.get("has_more") is not True or not isinstance(last, str) or not ID.fullmatch(last):
+            return call.list_page(page, mine, page.get("has_more") is True)
+        if pages == MAX_PAGES:
+            return call.list_page(page, mine, True)
+        query["after"] = last
+        response = await objects.call("GET", tail, query=query)
+        raw = await objects.read(response)
+        if response.status != 200:
+            return call.passed(response, raw)
+        page = parse(raw)
+    raise AssertionError("unreachable")
 
 
 def parse(body: bytes) -> Any:

@@ -30,6 +30,23 @@ def _json(obj: Any) -> web.Response:
     return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
+def _page(request: web.Request, items: list[dict]) -> web.Response:
+    """OpenAI's cursor page: `after` an id, at most `limit` (all when unset), `has_more`."""
+    after = request.query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    limit = request.query.get("limit")
+    more = False
+    if limit is not None:
+        if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+            return _error(400, "limit must be between 1 and 10000", param="limit")
+        more = len(items) > int(limit)
+        items = items[: int(limit)]
+    return _json({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                  "last_id": items[-1]["id"] if items else None, "has_more": more})
+
+
 def _id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
@@ -92,8 +109,7 @@ class SimFiles:
         return _json(self._store(data, filename, purpose))
 
     async def list_files(self, request: web.Request) -> web.Response:
-        metas = sorted((m for m, _ in self.files.values()), key=lambda m: m["created_at"], reverse=True)
-        return _json({"object": "list", "data": metas})
+        return _page(request, [meta for meta, _ in reversed(self.files.values())])  # newest first
 
     def _file(self, request: web.Request) -> tuple[dict, bytes] | None:
         return self.files.get(request.match_info["file_id"])
@@ -198,8 +214,7 @@ class SimFiles:
         return _json(self._look(batch))
 
     async def list_batches(self, request: web.Request) -> web.Response:
-        batches = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
-        return _json({"object": "list", "data": [self._look(b) for b in batches]})
+        return _page(request, [self._look(b) for b in reversed(self.batches.values())])  # newest first
 
     async def cancel_batch(self, request: web.Request) -> web.Response:
         batch = self.batches.get(request.match_info["batch_id"])
