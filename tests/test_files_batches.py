@@ -261,7 +261,7 @@ async def test_unknown_paths_answer_404_listing_what_is_served_and_nothing_reach
                 assert resp.status == 404, path
                 error = body["error"]
                 assert error["code"] == "unknown_url" and error["type"] == "invalid_request_error"
-                for served in ("POST /v1/chat/completions", "POST, GET /v1/files", "GET, DELETE /v1/files/{file_id}",
+                for served in ("POST /v1/chat/completions", "GET /v1/models/{model_id};", "POST, GET /v1/files", "GET, DELETE /v1/files/{file_id}",
                                "GET /v1/files/{file_id}/content", "POST, GET /v1/batches",
                                "POST /v1/batches/{batch_id}/cancel", "under /openai/v1"):
                     assert served in error["message"], (served, error["message"])
@@ -323,3 +323,64 @@ async def test_a_paging_client_sees_all_of_its_own_and_nothing_else(sim, start_p
     assert len([f async for f in b.files.list(limit=3)]) == 7
     await a.close()
     await b.close()
+
+
+async def test_an_upload_holds_its_concurrency_slot_until_it_is_sent(sim, start_proxy):
+    import asyncio
+
+    from tests.conftest import until
+
+    recorder, url = sim
+    policies = [{"use": "concurrency", "per": "key", "limit": 1}]
+    base = await start_proxy(config_for(url, auth=auth(), policies=policies))
+    a, b = clients(base)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow_upload():
+        yield b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="s.jsonl"\r\n\r\n' + JSONL
+        started.set()
+        await release.wait()
+        yield b"\r\n--B--\r\n"
+
+    uploading = asyncio.ensure_future(_post_form(base, slow_upload(), {"Content-Type": "multipart/form-data; boundary=B"}))
+    await asyncio.wait_for(started.wait(), 30)
+    await until(lambda: recorder.seen, 30, "the upload reaching the provider")  # admitted: its slot is held
+    with pytest.raises(openai.RateLimitError) as info:  # the limit is one call in flight per key
+        await a.files.list()
+    assert info.value.code == "concurrency_limit_exceeded"
+    assert (await b.files.list()).data == []  # another key has its own slot
+    release.set()
+    status, body = await asyncio.wait_for(uploading, 30)
+    assert status == 200 and body["bytes"] == len(JSONL)
+    assert [f.id for f in (await a.files.list()).data] == [body["id"]]
+    await a.close()
+    await b.close()
+
+
+async def test_a_provider_that_is_down_or_refuses_the_key_is_a_502(aiohttp_server, start_proxy):
+    from tests.conftest import closed_port_url
+
+    base = await start_proxy(config_for(closed_port_url()))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.files.list()
+    assert info.value.status_code == 502 and info.value.code == "upstream_unavailable"
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    assert info.value.status_code == 502 and "sk-test-secret-upstream-key" not in str(info.value.body)
+
+    async def refuse(request):
+        return web.json_response({"error": {"message": "Invalid API Key", "type": "invalid_request_error",
+                                            "code": "invalid_api_key"}}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    server = await aiohttp_server(app)
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:  # not the client's key: never a 401 to the client
+        await client.batches.list()
+    assert info.value.status_code == 502 and info.value.code == "upstream_auth_failed"
+    await client.close()

@@ -8,11 +8,15 @@ it never goes stale.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from aiohttp import web
 
 from proxy.app.errors import ProxyError, new_request_id
+
+
+_PATTERN = re.compile(r"\{(\w+):[^}]*\}")  # `{model_id:.+}` is shown as `{model_id}`
 
 
 def listing(served: Mapping[str, Mapping[str, object]], prefixes: tuple[str, ...]) -> str:
@@ -22,7 +26,8 @@ def listing(served: Mapping[str, Mapping[str, object]], prefixes: tuple[str, ...
     for path, methods in served.items():
         if any(path.startswith(p + "/") for p in others):
             continue
-        lines.append(f"{', '.join(methods)} {path}")
+        shown = _PATTERN.sub(r"{\1}", path)
+        lines.append(f"{', '.join(methods)} {shown}")
     twins = "".join(f" (each {first} path also under {p})" for p in others)
     return "; ".join(lines) + twins
 
