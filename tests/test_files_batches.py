@@ -339,7 +339,9 @@ async def test_an_upload_holds_its_concurrency_slot_until_it_is_sent(sim, start_
 
     async def slow_upload():
         yield b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="s.jsonl"\r\n\r\n' + JSONL
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="s.jsonl"\r\n\r\n'
+        for _ in range(8):  # enough that the multipart reader, which looks one read ahead, passes some on
+            yield JSONL * 100
         started.set()
         await release.wait()
         yield b"\r\n--B--\r\n"
@@ -353,7 +355,7 @@ async def test_an_upload_holds_its_concurrency_slot_until_it_is_sent(sim, start_
     assert (await b.files.list()).data == []  # another key has its own slot
     release.set()
     status, body = await asyncio.wait_for(uploading, 30)
-    assert status == 200 and body["bytes"] == len(JSONL)
+    assert status == 200 and body["bytes"] == 800 * len(JSONL)
     assert [f.id for f in (await a.files.list()).data] == [body["id"]]
     await a.close()
     await b.close()

@@ -6,7 +6,8 @@ size limit) without buffering the file. The fields before the file (openai-pytho
 `purpose` first) are read before any upstream connection is opened, so an upload without a file or with the
 wrong purpose is refused without lending the provider key to it; a check that can only fail later (a purpose
 after the file, a file over the limit sent without a Content-Length) raises from the middle of the stream,
-which closes the upstream connection before the request is whole, so the provider never takes it.
+which closes the upstream connection before the request is whole, so the provider never takes it. (aiohttp's
+reader looks one read ahead for the boundary: a piece goes upstream once the next one has arrived.)
 """
 
 from __future__ import annotations
