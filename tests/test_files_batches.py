@@ -16,6 +16,7 @@ from aiohttp import web
 from policies.identity import hash_key
 from proxy.sim.simulator import build_simulator_app
 from tests.conftest import config_for
+from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 
 KEY_A = "gp-test-files-key-alpha"
 KEY_B = "gp-test-files-key-bravo"
@@ -386,3 +387,26 @@ async def test_a_provider_that_is_down_or_refuses_the_key_is_a_502(aiohttp_serve
         await client.batches.list()
     assert info.value.status_code == 502 and info.value.code == "upstream_auth_failed"
     await client.close()
+
+
+async def test_spans_and_metrics_name_the_route_never_an_id(sim, start_proxy, otlp):
+    _, url = sim
+    base = await start_proxy(config_for(url, auth=auth(), telemetry={"enabled": True, "endpoint": otlp.url}))
+    a, b = clients(base)
+    made = await a.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    await a.files.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        await b.files.retrieve(made.id)
+    await otlp.wait_for(lambda r: len([s for s in r.spans if "files" in s.name]) >= 3)
+    spans = [s for s in otlp.spans if "files" in s.name]
+    assert sorted(s.name for s in spans) == ["GET /v1/files/{file_id}", "GET /v1/files/{file_id}", "POST /v1/files"]
+    assert sorted(s.attributes["http.response.status_code"] for s in spans) == [200, 200, 404]
+    assert {s.attributes["groq_proxy.key_id"] for s in spans} == {"alpha", "bravo"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    assert 'groq_proxy_requests_total{virtual_model="files",model="none",status="200"} 2' in text
+    assert 'groq_proxy_requests_total{virtual_model="files",model="none",status="404"} 1' in text
+    assert made.id not in text
+    await a.close()
+    await b.close()

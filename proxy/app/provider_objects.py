@@ -42,6 +42,10 @@ from proxy.app.errors import ProxyError, new_request_id
 from proxy.pipeline.context import RequestContext
 from proxy.routing.router import Route
 from proxy.telemetry.logs import emit
+from proxy.telemetry.semconv import (
+    ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, REQUEST_ID, URL_PATH,
+)
+from proxy.telemetry.tracing import STATUS_ERROR
 from proxy.upstream.http1 import Response, UpstreamError, split_url
 
 if TYPE_CHECKING:
@@ -53,7 +57,8 @@ OWNER_TTL_S = 30 * 86400.0  # how long an owner is remembered when the object sa
 ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a file or batch id may look like; anything else is not found
 LIST_QUERY = {"after": ID, "limit": re.compile(r"[0-9]{1,5}"), "order": re.compile(r"asc|desc"),
               "purpose": re.compile(r"[a-z_]{1,32}")}
-_ROUTE = Route("files", None, ())  # what the policies see as the model: none
+# What the policies and the metrics see as the model: none, and the operation as the label.
+_ROUTES = {name: Route(name, None, (), label=name) for name in ("files", "batches")}
 
 
 def not_found(kind: str, object_id: str, param: str | None = None, status: int = 404) -> ProxyError:
@@ -196,22 +201,24 @@ class Call:
 
     __slots__ = ("objects", "chain", "identity", "ctx", "policies", "request_id")
 
-    def __init__(self, objects: ProviderObjects, chain: PolicyChain) -> None:
+    def __init__(self, objects: ProviderObjects, chain: PolicyChain, operation: str, span) -> None:
         self.objects = objects
         self.chain = chain
         self.identity: "Identity | None" = None
-        self.ctx: RequestContext | None = None
         self.policies: PolicyChain | None = None
         self.request_id = new_request_id()
+        self.ctx = RequestContext(self.request_id, operation, _ROUTES[operation], {}, False)
+        self.ctx.span = span
 
-    async def begin(self, request: web.Request, operation: str) -> None:
+    async def begin(self, request: web.Request) -> None:
         """Raises the 401 of a missing or wrong proxy key, or the policies' rejection."""
-        self.identity = self.chain.authenticate(request.headers)
+        self.identity = self.ctx.identity = self.chain.authenticate(request.headers)
+        if self.identity is not None and self.ctx.span is not None:
+            self.ctx.span.attrs["groq_proxy.key_id"] = self.identity.key
         policies = self.objects.policies_for(self.chain)
         if policies is None:
             return
-        ctx = self.ctx = RequestContext(self.request_id, operation, _ROUTE, {}, False)
-        ctx.identity = self.identity
+        ctx = self.ctx
         policies.begin(ctx, request.headers)
         self.policies = policies
         decision = await policies.on_request(ctx)
@@ -219,7 +226,7 @@ class Call:
             raise decision.error()
 
     def headers(self) -> dict[str, str]:
-        if self.ctx is not None and self.ctx.policy is not None and self.ctx.policy.headers:
+        if self.ctx.policy is not None and self.ctx.policy.headers:
             return {"x-request-id": self.request_id, **self.ctx.policy.headers}
         return {"x-request-id": self.request_id}
 
@@ -318,23 +325,52 @@ def list_query(request: web.Request) -> dict[str, str]:
 
 
 async def answer(request: web.Request, operation: str, work) -> web.StreamResponse:
-    """Runs `work(call)` for one file or batch request and turns every ProxyError into its answer."""
+    """Runs `work(call)` for one file or batch request, turns every ProxyError into its answer, and counts
+    it: `groq_proxy_requests_total` and the duration with `virtual_model` = files or batches, and a SERVER span
+    named by the route (`GET /v1/files/{file_id}`), never by an id."""
     from proxy.app.server import STATE  # the app module imports this one for its routes
 
+    started = time.perf_counter()
     state = request.app[STATE]
     objects = state.objects
     if objects is None or objects.config is not state.config:  # made on first use, again after a reload
         objects = state.objects = ProviderObjects(state.config, state.upstreams)
-    call = Call(objects, state.pipeline.policies)
+    observer = state.observer
+    span = None
+    if observer.tracer is not None:
+        route = request.match_info.route.resource.canonical  # one of the proxy's own few routes
+        span = observer.tracer.start_request(request.headers.get("traceparent"), f"{request.method} {route}", {
+            HTTP_REQUEST_METHOD: request.method, HTTP_ROUTE: route, URL_PATH: request.path})
+    call = Call(objects, state.pipeline.policies, operation, span)
+    status = 499  # stays so only when the handler is cancelled (the client went away)
     try:
         try:
-            await call.begin(request, operation)
-            return await work(call)
-        finally:
-            await call.finish()
-    except ProxyError as error:
-        return error.to_response(call.headers())
-    except Exception:
-        emit(logging.ERROR, "internal_error", request_id=call.request_id, exc_info=True)
-        error = ProxyError(500, f"Internal error in the proxy (request {call.request_id}).", type="server_error")
-        return error.to_response(call.headers())
+            try:
+                await call.begin(request)
+                response = await work(call)
+            finally:
+                await call.finish()
+        except ProxyError as error:
+            response = error.to_response(call.headers())
+        except Exception:
+            emit(logging.ERROR, "internal_error", request_id=call.request_id, exc_info=True)
+            error = ProxyError(500, f"Internal error in the proxy (request {call.request_id}).", type="server_error")
+            response = error.to_response(call.headers())
+        status = response.status
+        return response
+    finally:
+        _ended(observer, call, span, status, started)
+
+
+def _ended(observer, call: Call, span, status: int, started: float) -> None:
+    if observer.metrics is not None:
+        key = (call.ctx.operation, "none", str(status))
+        observer.metrics.requests.inc(key)
+        observer.metrics.duration.observe(key, time.perf_counter() - started)
+    if span is not None:
+        span.attrs[HTTP_RESPONSE_STATUS_CODE] = status
+        span.attrs[REQUEST_ID] = call.request_id
+        if status >= 500:
+            span.status = STATUS_ERROR
+            span.attrs[ERROR_TYPE] = str(status)
+        observer.tracer.end(span)
