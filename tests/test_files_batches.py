@@ -291,10 +291,14 @@ async def test_the_batch_provider_and_its_first_key(aiohttp_server, start_proxy)
         parse_config({**raw, "routing": {"batch_provider": "nope"}}, env=env)
 
 
-async def test_request_limits_apply_and_token_budgets_do_not(sim, start_proxy, redis_store_table):
+async def test_request_limits_apply_and_token_budgets_do_not(sim, start_proxy):
+    from tests.policy_examples import Recorder as OwnPolicy
+
+    OwnPolicy.seen = []
     _, url = sim
     policies = [{"use": "rate_limit", "per": "key", "requests_per_minute": 3},
-                {"use": "token_budget", "per": "key", "tokens": 1, "period": "day"}]
+                {"use": "token_budget", "per": "key", "tokens": 1, "period": "day"},
+                {"use": "tests.policy_examples:Recorder"}]
     base = await start_proxy(config_for(url, auth=auth(), policies=policies))
     a, b = clients(base)
     for _ in range(3):
@@ -303,6 +307,12 @@ async def test_request_limits_apply_and_token_budgets_do_not(sim, start_proxy, r
         await a.batches.list()
     assert info.value.code == "rate_limit_exceeded"
     assert (await b.files.list()).data == []  # another key's limit is its own
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    decisions = [line for line in text.splitlines() if line.startswith("groq_proxy_policy_decisions_total{")]
+    assert decisions and all('policy="rate_limit"' in line for line in decisions), decisions
+    assert OwnPolicy.seen == []  # a policy of one's own is written for chat: not asked about files
     await a.close()
     await b.close()
 
