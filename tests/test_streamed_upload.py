@@ -124,3 +124,48 @@ async def test_a_body_that_fails_closes_the_connection_and_raises(raw_server):
         await asyncio.wait_for(closed.wait(), 10)  # the provider saw the connection end, never a whole request
     finally:
         await client.close()
+
+
+async def test_a_download_cut_short_never_looks_whole(raw_server, start_proxy):
+    async def cuts(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+                     + b"x" * 50000)
+        await writer.drain()
+        writer.transport.abort()
+
+    port = await raw_server(cuts)
+    base = await start_proxy(config_for(f"http://127.0.0.1:{port}/openai/v1"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/v1/files/file_abc/content") as resp:
+            assert resp.status == 200 and resp.content_length == 100000
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+
+
+async def test_a_client_that_leaves_mid_upload_leaves_the_provider_no_whole_request(raw_server, start_proxy):
+    upstream_closed, head_seen = asyncio.Event(), asyncio.Event()
+    got: dict = {}
+
+    async def provider(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        head_seen.set()
+        try:
+            got["body"] = await read_chunked(reader, lambda n: None)
+        except asyncio.IncompleteReadError:
+            upstream_closed.set()
+
+    port = await raw_server(provider)
+    base = await start_proxy(config_for(f"http://127.0.0.1:{port}/openai/v1"))
+    host, port_ = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port_))
+    head = (b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    part = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n' + b"q" * 300000)
+    writer.write(head + b"%x\r\n%b\r\n" % (len(part), part))
+    await writer.drain()
+    await asyncio.wait_for(head_seen.wait(), 30)  # the upload has begun upstream; now the client goes
+    writer.transport.abort()
+    await asyncio.wait_for(upstream_closed.wait(), 30)
+    assert "body" not in got
