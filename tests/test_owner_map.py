@@ -92,3 +92,34 @@ async def test_files_answer_503_while_the_owner_store_is_down(aiohttp_server, st
             await call
         assert info.value.status_code == 503 and info.value.code == "policy_unavailable"
     await client.close()
+
+
+def test_several_workers_with_auth_need_a_shared_store():
+    from policies.config import check_workers
+    from proxy.app.config import ConfigError
+
+    config = config_for("http://127.0.0.1:1/openai/v1", auth={"keys": [{"id": "a", "sha256": hash_key("k")}]})
+    check_workers(config.policies, 1)
+    with pytest.raises(ConfigError, match=r"^store.backend: 4 worker processes .* owns each file and batch"):
+        check_workers(config.policies, 4)
+    shared = config_for("http://127.0.0.1:1/openai/v1", auth={"keys": [{"id": "a", "sha256": hash_key("k")}]},
+                        store={"backend": "redis", "url": "redis://127.0.0.1:1/0"})
+    check_workers(shared.policies, 4)
+
+
+async def test_owners_are_shared_by_replicas_on_redis(aiohttp_server, start_proxy, redis_store_table):
+    server = await aiohttp_server(build_simulator_app())
+    url = f"http://127.0.0.1:{server.port}/openai/v1"
+    keys = {"keys": [{"id": "alpha", "sha256": hash_key("gp-alpha-key")}, {"id": "bravo", "sha256": hash_key("gp-b")}]}
+    config = config_for(url, auth=keys, store=redis_store_table)  # [auth] and [store], no policy at all
+    one, two = await start_proxy(config), await start_proxy(config)
+    alpha_one = openai.AsyncOpenAI(base_url=one + "/v1", api_key="gp-alpha-key", max_retries=0)
+    alpha_two = openai.AsyncOpenAI(base_url=two + "/v1", api_key="gp-alpha-key", max_retries=0)
+    bravo_two = openai.AsyncOpenAI(base_url=two + "/v1", api_key="gp-b", max_retries=0)
+    made = await alpha_one.files.create(file=("b.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+    assert (await alpha_two.files.retrieve(made.id)).id == made.id  # the other replica knows whose it is
+    assert [f.id for f in (await alpha_two.files.list()).data] == [made.id]
+    with pytest.raises(openai.NotFoundError):
+        await bravo_two.files.retrieve(made.id)
+    for client in (alpha_one, alpha_two, bravo_two):
+        await client.close()

@@ -7,7 +7,8 @@ batch created with the next key of a pool could not find its input file. Every f
 round robin and key rest do not apply here.
 
 Who owns what: with `[auth]`, each file and batch id the provider returns is recorded in the policy store
-(`policies.stores.base.Owners`: the memory or the Redis store, with a TTL as long as the object lives) against
+(`policies.stores.base.Owners`: the memory or the Redis store of `[store]`, which `[auth]` always opens, with a
+TTL as long as the object lives) against
 the proxy key's id. Lists are filtered to the caller's own; a retrieval, a download, a delete or a cancel of
 another key's id answers exactly as a missing id does (404, never a 403 that would say it exists); a batch
 may only read the caller's own input file. A batch's output and error files become its owner's when the
@@ -37,7 +38,6 @@ from policies.chain import PolicyChain
 from policies.concurrency import Concurrency
 from policies.rate_limit import RateLimit
 from policies.stores.base import StoreUnavailable
-from policies.stores.memory import MemoryStore
 from proxy.app.errors import ProxyError, new_request_id
 from proxy.pipeline.context import RequestContext
 from proxy.routing.router import Route
@@ -81,7 +81,6 @@ class ProviderObjects:
         headers.pop("Content-Type", None)
         self.headers = headers
         self.max_file_bytes = config.server.max_file_bytes
-        self._own_store: MemoryStore | None = None
         self._chains: WeakKeyDictionary = WeakKeyDictionary()  # the app's chain -> the chain for these calls
 
     # --- the upstream ---------------------------------------------------------------------------------------
@@ -123,13 +122,6 @@ class ProviderObjects:
 
     # --- ownership ----------------------------------------------------------------------------------------
 
-    def owners_store(self, chain: PolicyChain):
-        if chain.store is not None:
-            return chain.store
-        if self._own_store is None:  # [auth] without a policy that needs a store: ownership still needs one
-            self._own_store = MemoryStore()
-        return self._own_store
-
     async def record(self, chain: PolicyChain, identity: "Identity | None", kind: str, object_id: Any,
                      expires_at: Any = None) -> None:
         if identity is None or identity.key is None or not isinstance(object_id, str) or not ID.fullmatch(object_id):
@@ -138,7 +130,7 @@ class ProviderObjects:
         if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool):
             ttl = max(ttl, expires_at - time.time() + 86400.0)
         try:
-            await self.owners_store(chain).set_owner(f"{kind}:{object_id}", identity.key, ttl)
+            await chain.store.set_owner(f"{kind}:{object_id}", identity.key, ttl)
         except StoreUnavailable:
             raise store_down() from None
 
@@ -146,7 +138,7 @@ class ProviderObjects:
         if identity is None or identity.key is None:
             return
         try:
-            await self.owners_store(chain).drop_owner(f"{kind}:{object_id}")
+            await chain.store.drop_owner(f"{kind}:{object_id}")
         except StoreUnavailable:
             pass  # the record lapses with its TTL; the object is gone either way
 
@@ -162,7 +154,7 @@ class ProviderObjects:
 
     async def visible(self, chain: PolicyChain, identity: "Identity", kind: str, ids: list) -> list[bool]:
         try:
-            owners = await self.owners_store(chain).owners([f"{kind}:{i}" for i in ids])
+            owners = await chain.store.owners([f"{kind}:{i}" for i in ids])
         except StoreUnavailable:
             raise store_down() from None
         return [owner == identity.key for owner in owners]
