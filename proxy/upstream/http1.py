@@ -11,7 +11,8 @@ the OTLP exporter uses this client too.
 One `Client` holds a pool per origin. `request()` writes the request head and body (in one write unless the
 body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`, at
 most `MAX_BODY` bytes) or as it comes (`readany`, with reading paused while more than `HIGH_WATER` bytes wait
-unread). `release()` gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest
+unread). `request_stream()` sends a body that comes in pieces (a file upload), chunked, at the upstream's
+pace. `release()` gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest
 has arrived); anything else closes it. Cancelling a request (a deadline) closes its connection.
 
 A pooled connection can die while idle: the upstream (or a load balancer before it) closes it after its own
