@@ -420,3 +420,24 @@ async def test_spans_and_metrics_name_the_route_never_an_id(sim, start_proxy, ot
     assert made.id not in text
     await a.close()
     await b.close()
+
+
+@pytest.mark.parametrize("body, content_type, code", [
+    (b"", "multipart/form-data; boundary=B", None),
+    (b"not multipart at all", "multipart/form-data; boundary=B", None),
+    (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nno end', "multipart/form-data; boundary=B",
+     None),
+    (b"x", "multipart/form-data", "invalid_content_type"),
+    (b"--B\r\n\r\n\r\n--B--\r\n", "multipart/form-data; boundary=B", "missing_file"),
+    (b"--B\r\nContent-Type: multipart/mixed; boundary=C\r\n\r\n--C--\r\n--B--\r\n", "multipart/form-data; boundary=B",
+     None),
+], ids=["empty", "garbage", "unterminated", "no-boundary", "nameless-part", "nested"])
+async def test_broken_multipart_bodies_get_400_and_the_provider_no_file(sim, start_proxy, body, content_type, code):
+    recorder, url = sim
+    base = await start_proxy(config_for(url))
+    status, answer = await _post_form(base, body, {"Content-Type": content_type})
+    assert status == 400 and set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["param"] == "file" and answer["error"]["code"] == code
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/files") as resp:
+            assert (await resp.json())["data"] == []
