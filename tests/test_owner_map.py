@@ -77,7 +77,9 @@ async def test_a_store_down_fails_closed(redis_server):
 
 
 async def test_files_answer_503_while_the_owner_store_is_down(aiohttp_server, start_proxy, redis_server):
-    server = await aiohttp_server(build_simulator_app())
+    app = build_simulator_app()
+    sim_files = next(r.handler.__self__ for r in app.router.routes() if r.handler.__name__ == "upload")
+    server = await aiohttp_server(app)
     url = f"http://127.0.0.1:{server.port}/openai/v1"
     key = "gp-test-owner-store-down"
     config = config_for(url, auth={"keys": [{"id": "alpha", "sha256": hash_key(key)}]},
@@ -87,10 +89,13 @@ async def test_files_answer_503_while_the_owner_store_is_down(aiohttp_server, st
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
     made = await client.files.create(file=("b.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
     redis_server.stop()
-    for call in (client.files.list(), client.files.retrieve(made.id)):
+    calls = (client.files.list(), client.files.retrieve(made.id),
+             client.files.create(file=("c.jsonl", io.BytesIO(b"{}\n")), purpose="batch"))
+    for call in calls:
         with pytest.raises(openai.InternalServerError) as info:
             await call
         assert info.value.status_code == 503 and info.value.code == "policy_unavailable"
+    assert len(sim_files.files) == 1  # the upload was refused before the provider made a file nobody would own
     await client.close()
 
 

@@ -42,6 +42,7 @@ async def _upload(request: web.Request, call: Call) -> web.StreamResponse:
     objects = call.objects
     provider = objects.provider
     body = Upload(request, objects.max_file_bytes)
+    await objects.reachable(call.chain, call.identity)
     try:
         await body.start()
         loop = asyncio.get_running_loop()

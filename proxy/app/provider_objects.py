@@ -134,6 +134,12 @@ class ProviderObjects:
         except StoreUnavailable:
             raise store_down() from None
 
+    async def reachable(self, chain: PolicyChain, identity: "Identity | None") -> None:
+        """Raises the 503 now if the owner store is down, rather than after the provider has made an object
+        nobody could then be recorded as owning."""
+        if identity is not None and identity.key is not None:
+            await self.visible(chain, identity, "file", ["-"])
+
     async def forget(self, chain: PolicyChain, identity: "Identity | None", kind: str, object_id: str) -> None:
         if identity is None or identity.key is None:
             return
