@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 OWNER_TTL_S = 30 * 86400.0  # how long an owner is remembered when the object says nothing of its expiry
 ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a file or batch id may look like; anything else is not found
-LIST_QUERY = {"after": ID, "limit": re.compile(r"[0-9]{1,5}"), "order": re.compile(r"asc|desc"),
+LIST_QUERY = {"after": ID, "limit": re.compile(r"[1-9][0-9]{0,4}"), "order": re.compile(r"asc|desc"),
               "purpose": re.compile(r"[a-z_]{1,32}")}
 # What the policies and the metrics see as the model: none, and the operation as the label.
 _ROUTES = {name: Route(name, None, (), label=name) for name in ("files", "batches")}
