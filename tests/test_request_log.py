@@ -160,3 +160,26 @@ async def test_an_embeddings_request_gets_its_line_without_its_input(upstream, s
                                                                                        "up:m1", False)
     assert (line["input_tokens"], line["output_tokens"]) == (4, None)
     assert "PROMPT-CANARY-4711" not in all_lines(proxy_log)
+
+
+async def test_file_and_batch_requests_get_their_line(aiohttp_server, start_proxy, proxy_log):
+    """Files and batches (issue 13) end with the same line: who asked, which operation, the status."""
+    from proxy.sim.simulator import build_simulator_app
+
+    sim = await aiohttp_server(build_simulator_app())
+    base = await start_proxy(config_for(f"http://127.0.0.1:{sim.port}/openai/v1", auth=AUTH))
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {PROXY_KEY}"}) as session:
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", b'{"custom_id": "PROMPT-CANARY-4711"}\n', filename="b.jsonl")
+        async with session.post(base + "/v1/files", data=form) as resp:
+            assert resp.status == 200
+            uploaded = resp.headers["x-request-id"]
+        async with session.get(base + "/v1/batches/batch_missing") as resp:
+            assert resp.status == 404
+            missing = resp.headers["x-request-id"]
+    upload, lookup = request_lines(proxy_log)
+    assert (upload["request_id"], upload["operation"], upload["status"]) == (uploaded, "files", 200)
+    assert (lookup["request_id"], lookup["operation"], lookup["status"]) == (missing, "batches", 404)
+    assert (upload["key_id"], upload["user"], upload["model"], upload["attempts"]) == ("search-app", "alice", None, 0)
+    assert "PROMPT-CANARY-4711" not in all_lines(proxy_log) and PROXY_KEY not in all_lines(proxy_log)
