@@ -20,11 +20,17 @@ from proxy.app.errors import ProxyError, new_request_id
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def admin_refusal(request: web.Request) -> web.Response | None:
-    """The answer for a caller who may not use the admin API, or None for one who may."""
-    from proxy.app.server import STATE  # the app module imports the admin routes: resolved at call time
+_RUNNING = object()
 
-    admin = request.app[STATE].config.server.admin_key
+
+def admin_refusal(request: web.Request, admin_key: "str | None | object" = _RUNNING) -> web.Response | None:
+    """The answer for a caller who may not use the admin API, or None for one who may. The admin key is the
+    running config's unless given."""
+    if admin_key is _RUNNING:
+        from proxy.app.server import STATE  # the app module imports the admin routes: resolved at call time
+
+        admin_key = request.app[STATE].config.server.admin_key
+    admin = admin_key
     if admin is None:
         return ProxyError(403, f"{request.path} is off: the admin API needs an admin key; set server.admin_key_env.",
                           type="authentication_error", code="admin_key_not_configured").to_response(_id())

@@ -93,6 +93,7 @@ class Reloads:
         self._live: list[Generation] = []  # the current one, and retired ones whose chain is not closed yet
         self._tasks: set[asyncio.Task] = set()
         self._signal_installed = False
+        self._closing = False
         self.count = 0
 
     # --- building --------------------------------------------------------------------------------------
@@ -105,9 +106,8 @@ class Reloads:
         old_pipeline = previous.pipeline if previous is not None else None
         upstreams = self._upstreams if previous is None else self._upstreams.sharing(config)
         router = Router(config)
-        observer = Observer(config, self._tracer, self._metrics)
-        if old_pipeline is not None:
-            observer.rolling = old_pipeline.observer.rolling
+        observer = Observer(config, self._tracer, self._metrics,
+                            previous=old_pipeline.observer if old_pipeline is not None else None)
         chain = await open_chain(config, self._metrics,
                                  (previous.config, old_pipeline.policies) if previous is not None else None)
         chain.record = observer.decision
@@ -154,6 +154,8 @@ class Reloads:
         (logged here) when the file is bad; the running config stays."""
         async with self._lock:  # one at a time: two reloads must not both retire the same generation
             running = self._state.generation
+            if self._closing or running is None:
+                raise ReloadRefused("the proxy is stopping")
             try:
                 config, restart = self.merged(running.config, self.read())
                 generation = await self.build(config, running)
@@ -181,6 +183,8 @@ class Reloads:
 
     async def _close(self, generation: Generation) -> None:
         """The retired generation's chain, once its last request ended; its store only if no other uses it."""
+        if generation not in self._live:  # the app's end closed it already
+            return
         self._live.remove(generation)
         chain = generation.pipeline.policies
         shared = any(g.pipeline.policies.store is chain.store for g in self._live)
@@ -216,6 +220,7 @@ class Reloads:
 
     async def close(self) -> None:
         """At the app's end: every chain not closed yet, each store once."""
+        self._closing = True
         if self._signal_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self._tasks:

@@ -80,13 +80,13 @@ def _id_header() -> dict[str, str]:
 async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
     started = time.perf_counter()
     generation = request.app[STATE].generation  # this request's config to its end, whatever a reload does
-    generation.enter()
     pipeline = generation.pipeline
     observer = pipeline.observer
     span = observer.request_started(request, operation)
     request_id = _request_id()
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    generation.enter()
     try:
         try:
             identity = pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
@@ -107,8 +107,8 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
         status = response.status
         return response
     finally:
-        observer.request_ended(span, ctx, status, started)
         generation.leave()
+        observer.request_ended(span, ctx, status, started)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
