@@ -108,10 +108,10 @@ class Reloads:
         router = Router(config)
         observer = Observer(config, self._tracer, self._metrics,
                             previous=old_pipeline.observer if old_pipeline is not None else None)
-        chain = await open_chain(config, self._metrics,
+        routing = RoutingState(config, previous=old_pipeline.routing if old_pipeline is not None else None)
+        chain = await open_chain(config, self._metrics,  # last: it may open a store
                                  (previous.config, old_pipeline.policies) if previous is not None else None)
         chain.record = observer.decision
-        routing = RoutingState(config, previous=old_pipeline.routing if old_pipeline is not None else None)
         pipeline = Pipeline(config, upstreams, self._cooldowns, chain, observer, routing=routing, router=router)
         self.count += 1
         return Generation(self.count, config, router, pipeline, self._models_list(config))
