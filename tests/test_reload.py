@@ -206,6 +206,27 @@ async def test_policies_are_rebuilt_and_their_counters_survive(upstream, proxy):
     assert text.count("# TYPE groq_proxy_policy_decisions_total ") == 1
 
 
+async def test_a_changed_redis_store_is_a_new_connection_and_the_counts_survive(upstream, proxy, redis_store_table):
+    _, url = upstream
+    store = redis_store_table
+
+    def text(timeout_s: float) -> str:
+        table = (f'[store]\nbackend = "redis"\nurl = "{store["url"]}"\nprefix = "{store["prefix"]}"\n'
+                 f"timeout_s = {timeout_s}\n")
+        return toml(url, {"tier-test": ["m1"]}, table + '[[policies]]\nuse = "rate_limit"\nrequests_per_minute = 3\n')
+
+    base, state, path = await proxy(text(1.0))
+    old_store = state.pipeline.policies.store
+    for _ in range(2):
+        assert (await call(base, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 200
+    path.write_text(text(2.0))
+    assert (await reload(base))[0] == 200
+    new_store = state.pipeline.policies.store
+    assert new_store is not old_store and new_store.backend == "redis"
+    assert (await call(base, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 200
+    assert (await call(base, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 429
+
+
 async def test_start_up_only_keys_are_named_and_keep_their_running_values(upstream, proxy):
     _, url = upstream
     base, state, path = await proxy(toml(url, {"tier-test": ["m1"]}))
