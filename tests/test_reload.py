@@ -330,8 +330,24 @@ async def test_admin_port_serves_the_admin_routes_and_the_public_port_none(upstr
     assert code == 200 and view["server"]["admin_port"] == 0
     assert (await call(admin, "GET", "/admin/config"))[0] == 401
     assert (await call(admin, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 404
-    assert (await call(admin, "GET", "/admin/config", headers=ADMIN))[0] == 200
     assert (await call(public, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 200
+
+
+async def test_a_stalled_body_on_the_admin_port_is_a_408(upstream, aiohttp_server):
+    """The admin port's app has the public one's limits: a body that stops arriving gets the 408 of
+    server.request_read_timeout_s (before: a KeyError, so a 500)."""
+    _, url = upstream
+    config = config_for(url, server={"admin_key_env": "TEST_ADMIN_KEY", "admin_port": 0,
+                                     "request_read_timeout_s": 0.2})
+    server = await aiohttp_server(build_app(config))
+    port = int(server.app[STATE].admin_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /admin/benchmark HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + ADMIN_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
 
 
 @pytest.mark.parametrize("server, message", [

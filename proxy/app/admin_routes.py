@@ -95,14 +95,14 @@ ADMIN_ROUTES = [
 
 async def admin_listener(app: web.Application):
     """With `server.admin_port`: the admin routes on their own port, for as long as the app runs."""
-    from proxy.app.server import STATE, add_routes
+    from proxy.app.server import STATE, add_routes, new_application
 
     state = app[STATE]
     server = state.config.server
     if server.admin_port is None:
         yield
         return
-    admin = web.Application(handler_args={"keepalive_timeout": server.request_read_timeout_s})
+    admin = new_application(server)
     admin[STATE] = state
     add_routes(admin, ADMIN_ROUTES)
     runner = web.AppRunner(admin, access_log=None, handle_signals=False)

@@ -263,22 +263,8 @@ async def _lifecycle(app: web.Application):
 
 def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
     server = config.server
-    http_errors.install()
-    handler_args = {
-        # A client that hangs up cancels its handler (aiohttp >= 3.9 no longer does by default), so the
-        # upstream call in flight stops with it; aiohttp reads the flag only when a connection is lost.
-        "handler_cancellation": True,
-        "logger": http_errors.HTTP_LOGGER,  # marks the app whose parse errors get the OpenAI shape
-        # aiohttp closes a connection that has no whole request head this long after it opened or after
-        # its last response (so also the idle keep-alive time); read_json applies it to a stalled body.
-        "keepalive_timeout": server.request_read_timeout_s,
-        "max_line_size": server.max_url_bytes,
-        "max_field_size": server.max_header_bytes,
-        "max_headers": server.max_headers,
-    }
-    app = web.Application(client_max_size=server.max_body_bytes, handler_args=handler_args)
+    app = new_application(server)
     app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
-    app[READ_TIMEOUT] = server.request_read_timeout_s
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(admin_listener)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics)]
@@ -293,6 +279,26 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
             (prefix + "/usage", "GET", my_usage),
         ]
     add_routes(app, routes)
+    return app
+
+
+def new_application(server) -> web.Application:
+    """An aiohttp app with the [server] limits: the public one, and the admin port's."""
+    http_errors.install()
+    handler_args = {
+        # A client that hangs up cancels its handler (aiohttp >= 3.9 no longer does by default), so the
+        # upstream call in flight stops with it; aiohttp reads the flag only when a connection is lost.
+        "handler_cancellation": True,
+        "logger": http_errors.HTTP_LOGGER,  # marks the app whose parse errors get the OpenAI shape
+        # aiohttp closes a connection that has no whole request head this long after it opened or after
+        # its last response (so also the idle keep-alive time); read_json applies it to a stalled body.
+        "keepalive_timeout": server.request_read_timeout_s,
+        "max_line_size": server.max_url_bytes,
+        "max_field_size": server.max_header_bytes,
+        "max_headers": server.max_headers,
+    }
+    app = web.Application(client_max_size=server.max_body_bytes, handler_args=handler_args)
+    app[READ_TIMEOUT] = server.request_read_timeout_s
     return app
 
 
