@@ -37,18 +37,17 @@ async def open_chain(config: Config, metrics, previous: tuple[Config, PolicyChai
     (all of them, in memory too) carry over by their keys."""
     pc: PoliciesConfig = config.policies or PoliciesConfig()
     store = None
-    if pc.uses_store or pc.policies:
+    if pc.uses_store or pc.policies or pc.keys is not None:  # [auth]: who owns each file and batch is kept there
         if previous is not None and previous[1].store is not None and \
                 (previous[0].policies or PoliciesConfig()).store == pc.store:
             store = previous[1].store
         elif pc.store.backend == "redis":
-            from urllib.parse import urlsplit
-
             from policies.stores.redis import RedisStore
+            from policies.stores.redis_connect import parse_url
 
-            register_secrets(urlsplit(pc.store.url).password)
+            register_secrets(parse_url(pc.store.url).password, pc.store.connect.sentinel_password)
             store = RedisStore(pc.store.url, timeout_s=pc.store.timeout_s, lease_s=pc.store.lease_s,
-                               prefix=pc.store.prefix)
+                               prefix=pc.store.prefix, connect=pc.store.connect)
         else:
             store = MemoryStore()
         if store.backend == "memory" and pc.uses_store:
