@@ -286,11 +286,12 @@ async def test_admin_config_shows_the_running_config_with_every_secret_masked(up
         "models": {"tier-test": {"chain": ["up:m1", {"model": "other:m2", "params": {"temperature": 0.2}}]}},
         "aliases": {"fast": "tier-test"},
         "auth": {"keys": [{"id": "app", "sha256": hash_key(PROXY_KEY), "user": "alice"}]},
-        "store": {"backend": "redis", "url": f"redis://robot:{REDIS_PASSWORD}@127.0.0.1:1/0", "timeout_s": 0.2},
+        "store": {"backend": "redis", "url": f"redis+sentinel://robot:{REDIS_PASSWORD}@127.0.0.1:1/mymaster",
+                  "sentinel_password_env": "SENTINEL", "timeout_s": 0.2, "connect_timeout_s": 0.2},
         "policies": [{"use": "rate_limit", "per": "key", "requests_per_minute": 10}],
     }
     env = {"ADMIN": ADMIN_KEY, "KEY_A": "sk-pool-a-secret", "KEY_B": "sk-pool-b-secret", "KEY_C": "sk-other-secret",
-           "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer {OTLP_TOKEN}"}
+           "OTEL_EXPORTER_OTLP_HEADERS": f"authorization=Bearer {OTLP_TOKEN}", "SENTINEL": "sentinel-pass-do-not-show"}
     base = await start_proxy(parse_config(raw, env=env, source="/etc/groq-proxy.toml"))
     async with aiohttp.ClientSession() as session:
         async with session.get(base + "/admin/config", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
@@ -308,7 +309,8 @@ async def test_admin_config_shows_the_running_config_with_every_secret_masked(up
     assert view["aliases"] == {"fast": "tier-test"} and view["source"] == "/etc/groq-proxy.toml"
     assert view["telemetry"]["headers"] == {"authorization": "[masked]"}
     store = view["policies"]["store"]
-    assert store["url"] == "redis://robot:[masked]@127.0.0.1:1/0" and store["prefix"] == "gp:"
+    assert store["url"] == "redis+sentinel://robot:[masked]@127.0.0.1:1/mymaster" and store["prefix"] == "gp:"
+    assert store["connect"]["sentinel_password"] == "[masked]" and store["connect"]["timeout_s"] == 0.2
     [key] = view["policies"]["keys"]["keys"]
     assert key["id"] == "app" and key["digest"] == hash_key(PROXY_KEY)  # a hash is not a secret
     [policy] = view["policies"]["policies"]
