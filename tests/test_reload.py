@@ -365,3 +365,48 @@ def test_admin_port_is_checked_at_start(server, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(raw, env={"A": "admin-key-value"})
     assert str(caught.value).startswith(message)
+
+
+async def test_an_upload_in_flight_keeps_its_generation_open(aiohttp_server, proxy):
+    """Files and batches count on the generation too: a reload while an upload streams leaves the old chain
+    (and its store, which holds who owns the file) open until the upload has ended."""
+    from proxy.sim.simulator import build_simulator_app
+
+    url = f"http://127.0.0.1:{(await aiohttp_server(build_simulator_app())).port}/openai/v1"
+    base, state, path = await proxy(toml(url, {"tier-test": ["m1"]}))
+    old = state.generation
+    closed = []
+    sent, release = asyncio.Event(), asyncio.Event()
+
+    async def body():
+        yield b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="s.jsonl"\r\n\r\n'
+        yield b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n' * 100
+        sent.set()
+        await release.wait()
+        yield b"\r\n--B--\r\n"
+
+    async def upload():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(base + "/v1/files", data=body(),
+                                    headers={"Content-Type": "multipart/form-data; boundary=B"}) as resp:
+                return resp.status, await resp.json()
+
+    uploading = asyncio.create_task(upload())
+    await asyncio.wait_for(sent.wait(), 10)
+    await until(lambda: old.active == 1, what="the upload counted on its generation")
+    reloads = state.reloads
+    reloads_close = reloads._close
+
+    async def watched(generation):
+        closed.append(generation.number)
+        await reloads_close(generation)
+
+    reloads._close = watched
+    path.write_text(toml(url, {"tier-test": ["m2"]}))
+    assert (await reload(base))[0] == 200
+    assert state.generation is not old and old.active == 1 and closed == []
+    release.set()
+    status, answer = await asyncio.wait_for(uploading, 30)
+    assert status == 200 and answer["object"] == "file"
+    await until(lambda: closed == [1], what="the old generation closed once the upload ended")
