@@ -410,3 +410,18 @@ async def test_an_upload_in_flight_keeps_its_generation_open(aiohttp_server, pro
     status, answer = await asyncio.wait_for(uploading, 30)
     assert status == 200 and answer["object"] == "file"
     await until(lambda: closed == [1], what="the old generation closed once the upload ended")
+
+
+async def test_a_reload_under_the_simulator_keeps_answering_from_it(aiohttp_server, tmp_path, env):
+    """`serve --simulate`: the new config's providers point at the embedded simulator too."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml("https://api.groq.com/openai/v1", {"tier-test": ["openai/gpt-oss-20b"]}))
+    server = await aiohttp_server(build_app(load_config(path), simulate=True))
+    base, state = f"http://127.0.0.1:{server.port}", server.app[STATE]
+    simulator = state.config.providers["up"].base_url
+    path.write_text(toml("https://api.groq.com/openai/v1", {"tier-new": ["openai/gpt-oss-120b"]}))
+    assert (await reload(base))[0] == 200
+    assert state.config.providers["up"].base_url == simulator and state.config.simulated
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/chat/completions", json=chat("tier-new")) as resp:
+            assert resp.status == 200 and resp.headers["x-groq-proxy-simulated"] == "true"
