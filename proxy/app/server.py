@@ -27,6 +27,7 @@ from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
 from proxy.upstream.providers import Upstreams
 from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
+from proxy.app.responses_api import read_responses, validate_responses
 
 if TYPE_CHECKING:
     from proxy.sim.simulator import SimulatorConfig
@@ -62,7 +63,9 @@ def _id_header() -> dict[str, str]:
     return {"x-request-id": _request_id()}
 
 
-async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
+async def _answer(request: web.Request, operation: str, validate, read=None) -> web.StreamResponse:
+    """One request through the pipeline. `read(request, config)` reads the body of an endpoint other than chat
+    and embeddings, and returns it with its operation (proxy/pipeline/operation.py)."""
     started = time.perf_counter()
     state = request.app[STATE]
     observer = state.observer
@@ -73,11 +76,17 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
     try:
         try:
             identity = state.pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
-            body = await read_json(request, state.config.server.max_body_bytes)
+            if read is None:
+                op = None
+                body = await read_json(request, state.config.server.max_body_bytes)
+            else:
+                body, op = await read(request, state.config)
             route = state.router.resolve(validate(body))
             ctx = RequestContext(
-                request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
+                request_id, operation, route, body,
+                body.get("stream") is True and (operation == "chat" or op is not None and op.sse), started,
             )
+            ctx.op = op
             ctx.span = span
             ctx.identity = identity
             response = await state.pipeline.handle(request, ctx)
@@ -99,6 +108,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _answer(request, "embeddings", validate_embeddings)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "responses", validate_responses, read_responses)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -295,6 +308,7 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
         routes += [
             (prefix + "/chat/completions", "POST", chat_completions),
             (prefix + "/embeddings", "POST", embeddings),
+            (prefix + "/responses", "POST", responses),
             (prefix + "/models", "GET", list_models),
             (prefix + "/models/{model_id:.+}", "GET", get_model),
             (prefix + "/usage", "GET", my_usage),

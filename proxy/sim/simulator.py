@@ -591,8 +591,15 @@ async def _write_paced(
 # --- app, server, CLI ----------------------------------------------------------------
 
 
+def _api_modules() -> tuple:
+    from proxy.sim import responses
+
+    return (responses,)
+
+
 def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Application:
     simulator = _Simulator(config)
+    api_modules = _api_modules()
     # Long prompts in load tests exceed aiohttp's 1 MiB default body limit.
     app = web.Application(middlewares=[_json_http_errors], client_max_size=32 * 1024**2)
     for prefix in PREFIXES:
@@ -600,6 +607,8 @@ def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Appl
         app.router.add_post(f"{prefix}/embeddings", simulator.embeddings)
         app.router.add_get(f"{prefix}/models", simulator.models)
         app.router.add_get(f"{prefix}/models/{{model:.+}}", simulator.model)
+        for module in api_modules:  # the other endpoints Groq serves, one module each
+            module.add_routes(app, prefix, simulator)
     return app
 
 
