@@ -28,6 +28,8 @@ from proxy.telemetry.tracing import Tracer
 from proxy.upstream.providers import Upstreams
 from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
 from proxy.app.responses_api import read_responses, validate_responses
+from proxy.app.audio_api import (read_speech, read_transcription, read_translation, validate_form,
+                                 validate_speech)
 
 if TYPE_CHECKING:
     from proxy.sim.simulator import SimulatorConfig
@@ -112,6 +114,18 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def responses(request: web.Request) -> web.StreamResponse:
     return await _answer(request, "responses", validate_responses, read_responses)
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "transcription", validate_form, read_transcription)
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "translation", validate_form, read_translation)
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "speech", validate_speech, read_speech)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -309,6 +323,9 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
             (prefix + "/chat/completions", "POST", chat_completions),
             (prefix + "/embeddings", "POST", embeddings),
             (prefix + "/responses", "POST", responses),
+            (prefix + "/audio/transcriptions", "POST", transcriptions),
+            (prefix + "/audio/translations", "POST", translations),
+            (prefix + "/audio/speech", "POST", speech),
             (prefix + "/models", "GET", list_models),
             (prefix + "/models/{model_id:.+}", "GET", get_model),
             (prefix + "/usage", "GET", my_usage),

@@ -24,6 +24,7 @@ class Operation:
     sse = False  # the body's `stream: true` asks for an SSE stream (commit point and error event below)
     content_type: str | None = None  # of the payload, when not the provider's application/json
     tokens = True  # token budgets and token limits apply (audio: no tokens, only requests and concurrency)
+    audio = False  # spans and metrics carry `bytes_in` / `bytes_out` (audio) instead of tokens
 
     def encode(self, body: dict) -> bytes:
         """The payload of one attempt (`body["model"]` is already that attempt's model)."""

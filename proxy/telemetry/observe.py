@@ -23,7 +23,7 @@ from proxy.telemetry.semconv import (
     GEN_AI_REQUEST_MODEL, GEN_AI_REQUEST_TEMPERATURE, GEN_AI_RESPONSE_FINISH_REASONS, GEN_AI_RESPONSE_ID,
     GEN_AI_RESPONSE_MODEL, GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, LATENCY_CATEGORY, POLICY_DECISION, REQUEST_ID, SERVER_ADDRESS,
-    SERVER_PORT, STREAM, TIME_TO_FIRST_CHUNK_MS, URL_PATH, VIRTUAL_MODEL,
+    SERVER_PORT, STREAM, TIME_TO_FIRST_CHUNK_MS, URL_PATH, VIRTUAL_MODEL, AUDIO_REQUEST_BYTES, AUDIO_RESPONSE_BYTES,
 )
 from proxy.telemetry.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
@@ -111,6 +111,8 @@ class Observer:
                             if isinstance(count, int):
                                 m.tokens.inc((virtual, model, kind), count)
                                 m.usage_hist.observe((ctx.operation, virtual, kind), count)
+        if ctx is not None and ctx.op is not None and ctx.op.audio:
+            self._audio(ctx, span, virtual, model, total)
         if span is not None:
             attrs = span.attrs
             if ctx is None:
@@ -131,6 +133,18 @@ class Observer:
                 span.status = STATUS_ERROR
                 attrs.setdefault(ERROR_TYPE, str(status))
             self.tracer.end(span)
+
+    def _audio(self, ctx: RequestContext, span: Span | None, virtual: str, model: str, total: float) -> None:
+        """Audio's measure in place of tokens: its bytes in and out, and the time the request took."""
+        op = ctx.op
+        if self.metrics is not None:
+            m = self.metrics
+            m.audio_bytes.inc((ctx.operation, virtual, model, "in"), op.bytes_in)
+            m.audio_bytes.inc((ctx.operation, virtual, model, "out"), op.bytes_out)
+            m.audio_duration.observe((ctx.operation, virtual, model), total)
+        if span is not None:
+            span.attrs[AUDIO_REQUEST_BYTES] = op.bytes_in
+            span.attrs[AUDIO_RESPONSE_BYTES] = op.bytes_out
 
     def decision(self, ctx: RequestContext, policy: str, decision: str, **attrs) -> None:
         """A policy decision becomes an event on the request's span."""
@@ -206,6 +220,9 @@ class Observer:
             attrs[GEN_AI_USAGE_OUTPUT_TOKENS] = usage.get("completion_tokens")
         if attempt.content is not None:
             attrs[GEN_AI_OUTPUT_MESSAGES] = attempt.content
+        if ctx.op is not None and ctx.op.audio and outcome == "answered":
+            attrs[AUDIO_REQUEST_BYTES] = ctx.op.bytes_in
+            attrs[AUDIO_RESPONSE_BYTES] = ctx.op.bytes_out
         if failed and outcome != "skipped":
             span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
         self.tracer.end(span)
