@@ -58,6 +58,10 @@ class SimulatorConfig:
         "groq/compound",
         "groq/compound-mini",
         "nomic-embed-text",
+        "whisper-large-v3-turbo",
+        "whisper-large-v3",
+        "playai-tts",
+        "playai-tts-arabic",
     )
     decommissioned: tuple[str, ...] = (
         "llama3-8b-8192",
@@ -67,6 +71,7 @@ class SimulatorConfig:
         "gemma2-9b-it",
         "llama-3.1-8b-instant",
         "llama-3.3-70b-versatile",
+        "distil-whisper-large-v3-en",
     )
 
     def __post_init__(self) -> None:
@@ -592,9 +597,9 @@ async def _write_paced(
 
 
 def _api_modules() -> tuple:
-    from proxy.sim import responses
+    from proxy.sim import audio, responses
 
-    return (responses,)
+    return (responses, audio)
 
 
 def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Application:
