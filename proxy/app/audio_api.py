@@ -71,12 +71,14 @@ class FormOperation(AudioOperation):
         return content_type or "text/plain"
 
 
-async def read_upload(request: web.Request, limit: int) -> bytes:
-    """The whole multipart body, at most `limit` bytes (413 past it, before the rest is read); a stall longer
-    than server.request_read_timeout_s between two reads is a 408, a client that leaves a 499."""
+async def read_upload(request: web.Request, audio_limit: int) -> bytes:
+    """The whole multipart body, at most `audio_limit` bytes and the form's overhead (413 past it, before the
+    rest is read); a stall longer than server.request_read_timeout_s between two reads is a 408, a client
+    that leaves a 499."""
+    limit = audio_limit + FORM_OVERHEAD
     length = request.content_length
     if length is not None and length > limit:
-        raise _too_large(limit)
+        raise _too_large(audio_limit)
     content = request.content
     timeout = request.app[READ_TIMEOUT]
     loop = asyncio.get_running_loop()
@@ -86,7 +88,7 @@ async def read_upload(request: web.Request, limit: int) -> bytes:
             while chunk := await content.readany():
                 size += len(chunk)
                 if size > limit:
-                    raise _too_large(limit)
+                    raise _too_large(audio_limit)
                 chunks.append(chunk)
                 deadline.reschedule(loop.time() + timeout)
     except TimeoutError:
@@ -109,7 +111,7 @@ def _too_large(limit: int) -> ProxyError:
 def _reader(endpoint: str):
     async def read(request: web.Request, config: Config) -> tuple[dict, Operation]:
         limit = config.server.max_audio_bytes
-        raw = await read_upload(request, limit + FORM_OVERHEAD)
+        raw = await read_upload(request, limit)
         fields, files = multipart.parse(raw, request.headers.get("Content-Type", ""))
         file = next((f for f in files if f.name == "file"), None)
         if file is None:
