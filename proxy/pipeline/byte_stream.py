@@ -106,9 +106,11 @@ class _Opened:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             pipeline._end(ctx, attempt, INFO)
             return response
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client left, or the request's latency target passed
             if attempt.ended is None:
                 pipeline._cancelled(ctx, attempt)
+            if response.prepared:  # the head went out: only a cut transfer can still say "not complete"
+                self._close()
             raise
         except TimeoutError:
             return self._broken(response, "timeout", f"not complete in {self.provider.total_s:g}s")
@@ -126,7 +128,10 @@ class _Opened:
         attempt.outcome, attempt.reason, attempt.detail = "failed_after_commit", reason, detail
         self.pipeline.cooldowns.failed(attempt.target.key)
         self.pipeline._end(self.ctx, attempt, WARNING)
+        self._close()
+        return response
+
+    def _close(self) -> None:
         transport = self.op.request.transport
         if transport is not None:
             transport.close()
-        return response
