@@ -252,3 +252,24 @@ async def test_the_simulator_serves_audio_with_the_default_chains(start_proxy):
         audio, short = await speech.read(), await direct.read()
     assert transcript.text == old.text == translation.text and transcript.text
     assert audio.startswith(b"RIFF") and audio[8:12] == b"WAVE" and len(audio) > len(short)
+
+
+@pytest.mark.parametrize("file, extra, fragment", [
+    (b"", {}, "'file' is empty"),
+    (None, {"url": "https://example.com/a.wav"}, "'url' is not supported"),
+])
+async def test_an_empty_file_or_a_url_is_400(api, start_proxy, file, extra, fragment):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("model", "tier-test")
+    for name, value in extra.items():
+        form.add_field(name, value)
+    if file is not None:
+        form.add_field("file", file, filename="a.wav")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/transcriptions", data=form) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+    assert fragment in error["message"] and error["param"] in ("file", "url")
+    assert scripted.requests == []
