@@ -273,3 +273,21 @@ async def test_an_empty_file_or_a_url_is_400(api, start_proxy, file, extra, frag
             error = (await resp.json())["error"]
     assert fragment in error["message"] and error["param"] in ("file", "url")
     assert scripted.requests == []
+
+
+async def test_the_audio_limit_is_its_own_not_max_body_bytes(api, start_proxy):
+    """server.max_body_bytes bounds JSON bodies; an upload larger than it but within max_audio_bytes passes."""
+    scripted, url = api
+    base = await start_proxy(config_for(url, server={"max_body_bytes": 1000, "max_audio_bytes": 100_000}))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", bytes(50_000)))
+    assert transcript.text == TRANSCRIPT and scripted.requests[0]["file"] == bytes(50_000)
+
+
+@pytest.mark.parametrize("value", [0, -1, "25MB", 1.5, True])
+def test_max_audio_bytes_is_validated_naming_the_key(value):
+    from proxy.app.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"^server\.max_audio_bytes: "):
+        parse_config({"server": {"max_audio_bytes": value}, "providers": {"groq": {"base_url": "http://h/v1"}},
+                      "models": {"t": {"chain": ["groq:m"]}}}, env={})

@@ -36,7 +36,7 @@ class SpeechOperation(AudioOperation):
         """Sends the request and reads until the first byte of audio; any failure until then falls over."""
         from proxy.pipeline.pipeline import _upstream_failure
 
-        self.bytes_in = len(ctx.body.get("input") or "")
+        self.bytes_in = len(ctx.body["input"].encode())  # validated: a non-empty string
         start = asyncio.get_running_loop().time()
         resp = None
         opened = None
