@@ -196,3 +196,26 @@ async def test_the_simulator_serves_responses(start_proxy):
     assert response.usage.output_tokens == 5
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
     assert events[-1].type == "response.completed"
+
+
+async def test_every_model_failing_after_keepalives_ends_with_the_responses_error_event(api, start_proxy):
+    """Keep-alive comments went out (the 200 with them): when every model then fails, the error is the
+    Responses API's own event, not chat's."""
+    scripted, url = api
+    scripted.behaviours["m1"] = status(503)
+    scripted.behaviours["m2"] = status(503)
+    scripted.stream_hold = asyncio.Event()  # the upstream answers once the client has had a keep-alive
+    base = await start_proxy(config_for(url, {"tier-test": ["m1", "m2"]}, server={"keepalive_s": 0.05}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/responses",
+                                json={"model": "tier-test", "input": "hi", "stream": True}) as resp:
+            assert resp.status == 200
+            received = await resp.content.readuntil(b"\n\n")
+            assert received == b": keep-alive\n\n"
+            scripted.stream_hold.set()
+            rest = await resp.read()
+    name, data = rest.rstrip(b"\n").split(b"\n")
+    assert name == b"event: error"
+    event = orjson.loads(data.removeprefix(b"data: "))
+    assert event["type"] == "error" and event["code"] == "all_models_failed" and event["sequence_number"] == 0
+    assert scripted.models_sent() == ["m1", "m2"]

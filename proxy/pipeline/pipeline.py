@@ -228,7 +228,7 @@ class Pipeline:
                 return await self._finish(ctx, result)
         error = all_failed_error(ctx)
         if ctx.client is not None:
-            return await ctx.client.fail(error, ctx.base_headers)
+            return await ctx.client.fail(error, ctx.base_headers, None if ctx.op is None else ctx.op.error_event(error, 0))
         return error.to_response(ctx.base_headers)
 
     async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
@@ -277,7 +277,7 @@ class Pipeline:
             if ctx.client.prepared:
                 return await ctx.client.finish(
                     error.sse_event() if ctx.op is None else ctx.op.error_event(error, max(a.events for a in ctx.attempts)))
-            return await ctx.client.fail(error, ctx.base_headers)
+            return await ctx.client.fail(error, ctx.base_headers, None if ctx.op is None else ctx.op.error_event(error, 0))
         return error.to_response(ctx.base_headers)
 
     def _mark_losers(self, ctx: RequestContext, winner) -> None:

@@ -29,7 +29,7 @@ class ApiUpstream(ScriptedUpstream):
         self.speech_chunk = 4096
         self.speech_hold: asyncio.Event | None = None
         self.speech_sent = asyncio.Event()  # set once the first chunk of speech has been written
-        self.stream_hold: asyncio.Event | None = None  # a Responses stream's cut or error waits for it
+        self.stream_hold: asyncio.Event | None = None  # a Responses cut, error event or failed status waits for it
 
     def app(self) -> web.Application:
         app = super().app()
@@ -47,6 +47,8 @@ class ApiUpstream(ScriptedUpstream):
         model = body.get("model")
         b = self._behaviour(request, model)
         if b.kind in ("status", "hang", "close"):
+            if self.stream_hold is not None:
+                await self.stream_hold.wait()
             return await self._misbehave(request, b, body)
         if not body.get("stream"):
             payload = b.body if b.body is not None else rs.response_object(model, "Hello there!")
