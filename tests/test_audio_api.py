@@ -291,3 +291,12 @@ def test_max_audio_bytes_is_validated_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"^server\.max_audio_bytes: "):
         parse_config({"server": {"max_audio_bytes": value}, "providers": {"groq": {"base_url": "http://h/v1"}},
                       "models": {"t": {"chain": ["groq:m"]}}}, env={})
+
+
+def test_max_audio_bytes_defaults_to_groqs_limit_and_can_be_set():
+    from proxy.app.config import load_config, parse_config
+
+    assert load_config(None, env={}).server.max_audio_bytes == 25 * 1024 * 1024
+    config = parse_config({"server": {"max_audio_bytes": 1000}, "providers": {"groq": {"base_url": "http://h/v1"}},
+                           "models": {"t": {"chain": ["groq:m"]}}}, env={})
+    assert config.server.max_audio_bytes == 1000
