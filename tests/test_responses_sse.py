@@ -53,7 +53,8 @@ def test_an_incomplete_response_ends_the_stream_and_done_is_accepted():
 
 
 @pytest.mark.parametrize("event, error", [
-    (rs.event("error", 2, code="server_error", message="boom", param=None), {"message": "boom", "code": "server_error"}),
+    (rs.event("error", 2, code="server_error", message="boom", param=None),
+     {"message": "boom", "code": "server_error"}),
     (rs.event("response.failed", 2, response={**rs.response_object("m1", None, status="failed"),
                                                "error": {"code": "server_error", "message": "broke"}}),
      {"code": "server_error", "message": "broke"}),

@@ -3,6 +3,10 @@
 The commit point is explicit. Before the first data event reaches the client, any attempt failure moves on
 to the next model of the chain. After it, a failure ends the stream with one SSE error event.
 
+Endpoints other than chat and embeddings (the Responses API, audio) run the same chain with an operation on
+their context (proxy/pipeline/operation.py) that says where they go upstream, what their answer and commit point
+are and how their error event looks; chat and embeddings have none and take the paths below unchanged.
+
 Deadlines: a plain answer has timeout_s for the whole (Groq sends nothing of it before all of it is generated);
 a stream has first_byte_timeout_s to its first data event (`_open`), then timeout_s (`_forward`). A client that
 hangs up cancels the handler's task, and with it the attempt in flight and the rest of the chain.
@@ -228,7 +232,7 @@ class Pipeline:
                 return await self._finish(ctx, result)
         error = all_failed_error(ctx)
         if ctx.client is not None:
-            return await ctx.client.fail(error, ctx.base_headers, None if ctx.op is None else ctx.op.error_event(error, 0))
+            return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
     async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
@@ -275,9 +279,9 @@ class Pipeline:
         )
         if ctx.client is not None:
             if ctx.client.prepared:
-                return await ctx.client.finish(
-                    error.sse_event() if ctx.op is None else ctx.op.error_event(error, max(a.events for a in ctx.attempts)))
-            return await ctx.client.fail(error, ctx.base_headers, None if ctx.op is None else ctx.op.error_event(error, 0))
+                sequence = max(a.events for a in ctx.attempts)
+                return await ctx.client.finish(_op_event(ctx, error, sequence) or error.sse_event())
+            return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
     def _mark_losers(self, ctx: RequestContext, winner) -> None:
@@ -547,7 +551,7 @@ class Pipeline:
             type="server_error",
             code=reason,
         )
-        return await client.finish(error.sse_event() if ctx.op is None else ctx.op.error_event(error, attempt.events))
+        return await client.finish(_op_event(ctx, error, attempt.events) or error.sse_event())
 
     # --- bookkeeping ------------------------------------------------------------------------------------
 
@@ -693,8 +697,14 @@ def _error_event(status: int, body: bytes, op=None) -> bytes:
         obj = ProxyError(status, text).body()
     if op is not None:
         error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-        return redact(op.error_event(ProxyError(status, str(error.get("message")), code=error.get("code")), 0).decode()).encode()
+        event = op.error_event(ProxyError(status, str(error.get("message")), code=error.get("code")), 0)
+        return redact(event.decode()).encode()
     return b"data: " + redact(orjson.dumps(obj).decode()).encode() + b"\n\n"
+
+
+def _op_event(ctx: RequestContext, error: ProxyError, sequence: int = 0) -> bytes | None:
+    """The error event of the request's operation (the Responses API's own); None for chat and embeddings."""
+    return None if ctx.op is None else ctx.op.error_event(error, sequence)
 
 
 def _describe(error) -> str:

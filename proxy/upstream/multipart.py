@@ -77,8 +77,8 @@ def parse(body: bytes, content_type: str) -> tuple[dict, list[FilePart]]:
         if name is None:
             raise bad_request("A part of the multipart body has no name (Content-Disposition: form-data; name=...).")
         if "filename" in disposition:
-            files.append(FilePart(name, disposition["filename"], headers.get("content-type", "application/octet-stream"),
-                                  view[start:end]))
+            kind = headers.get("content-type", "application/octet-stream")
+            files.append(FilePart(name, disposition["filename"], kind, view[start:end]))
         else:
             try:
                 value = body[start:end].decode()
@@ -125,7 +125,8 @@ class Form:
         out = []
         for name, value in fields.items():
             for one in value if isinstance(value, list) else (value,):
-                out.append(f'{delimiter}Content-Disposition: form-data; name="{_quote(name)}"\r\n\r\n{one}\r\n'.encode())
+                part = f'{delimiter}Content-Disposition: form-data; name="{_quote(name)}"\r\n\r\n{one}\r\n'
+                out.append(part.encode())
         f = self.file
         out.append(f'{delimiter}Content-Disposition: form-data; name="{_quote(f.name)}"; '
                    f'filename="{_quote(f.filename)}"\r\nContent-Type: {f.content_type}\r\n\r\n'.encode())
