@@ -300,3 +300,22 @@ def test_max_audio_bytes_defaults_to_groqs_limit_and_can_be_set():
     config = parse_config({"server": {"max_audio_bytes": 1000}, "providers": {"groq": {"base_url": "http://h/v1"}},
                            "models": {"t": {"chain": ["groq:m"]}}}, env={})
     assert config.server.max_audio_bytes == 1000
+
+
+async def test_a_speech_stream_holds_its_concurrency_slot_until_the_audio_ends(api, start_proxy):
+    scripted, url = api
+    scripted.speech_hold = asyncio.Event()
+    base = await start_proxy(config_for(url, policies=[{"use": "concurrency", "per": "global", "limit": 1}]))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        async with client.audio.speech.with_streaming_response.create(
+                model="tier-test", voice="v", input="hello") as response:
+            chunks = response.iter_bytes()
+            first = await asyncio.wait_for(chunks.__anext__(), timeout=30)
+            with pytest.raises(openai.RateLimitError) as info:  # the first is still streaming: no slot
+                await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+            scripted.speech_hold.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        assert first + rest == AUDIO
+        transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+    assert info.value.code == "concurrency_limit_exceeded"
+    assert transcript.text == TRANSCRIPT
