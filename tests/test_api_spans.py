@@ -41,6 +41,7 @@ async def test_a_streamed_response_span_carries_its_usage_after_a_fallover(api, 
     assert a["groq_proxy.attempt.outcome"] == "answered" and a["gen_ai.response.id"] == "resp_test"
     assert a["gen_ai.usage.input_tokens"] == 7 and a["gen_ai.usage.output_tokens"] == 3
     assert a["gen_ai.response.finish_reasons"] == ["completed"]
+    assert a["gen_ai.request.max_tokens"] == 30  # the Responses API's max_output_tokens
 
 
 async def test_audio_spans_carry_bytes_instead_of_tokens(api, otlp, start_proxy):  # noqa: F811

@@ -173,7 +173,7 @@ class Observer:
                 (ATTEMPT_INDEX, attempt.index),
             )
         attrs = {}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
         if max_tokens is not None:
             attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         if body.get("temperature") is not None:
