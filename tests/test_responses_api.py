@@ -219,3 +219,20 @@ async def test_every_model_failing_after_keepalives_ends_with_the_responses_erro
     event = orjson.loads(data.removeprefix(b"data: "))
     assert event["type"] == "error" and event["code"] == "all_models_failed" and event["sequence_number"] == 0
     assert scripted.models_sent() == ["m1", "m2"]
+
+
+async def test_a_tiers_chat_params_reach_the_responses_api_in_its_own_names(api, start_proxy):
+    """tier-fast's `reasoning_effort = "low"` (a chat name) goes to /responses as `reasoning.effort`; a chain
+    entry's `max_completion_tokens` as `max_output_tokens`; what the client set in the Responses names wins."""
+    from tests.conftest import routing_config
+
+    scripted, url = api
+    base = await start_proxy(routing_config(url, {"tier-fast": {
+        "chain": [{"model": "m1", "params": {"max_completion_tokens": 64}}], "params": {"reasoning_effort": "low"}}}))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        await client.responses.create(model="tier-fast", input="hi")
+        await client.responses.create(model="tier-fast", input="hi", reasoning={"effort": "high"},
+                                      max_output_tokens=16)
+    first, second = (r["body"] for r in scripted.requests)
+    assert first == {"model": "m1", "input": "hi", "reasoning": {"effort": "low"}, "max_output_tokens": 64}
+    assert second == {"model": "m1", "input": "hi", "reasoning": {"effort": "high"}, "max_output_tokens": 16}

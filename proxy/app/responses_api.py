@@ -74,9 +74,37 @@ def _response(obj) -> dict:
     return obj
 
 
+# A tier's params are written for chat (`params = { reasoning_effort = "low" }`); the Responses API names them
+# otherwise. What the client sent in the Responses API's own names wins.
+_CHAT_NAMES = ("reasoning_effort", "max_completion_tokens", "max_tokens")
+
+
+def responses_shape(body: dict) -> dict:
+    """The body with chat's names of a tier's params in the Responses API's: `reasoning_effort` as
+    `reasoning.effort`, `max_completion_tokens` / `max_tokens` as `max_output_tokens`."""
+    body = dict(body)
+    effort = body.pop("reasoning_effort", None)
+    if effort is not None:
+        reasoning = body.get("reasoning")
+        reasoning = dict(reasoning) if isinstance(reasoning, dict) else {}
+        reasoning.setdefault("effort", effort)
+        body["reasoning"] = reasoning
+    completion, older = body.pop("max_completion_tokens", None), body.pop("max_tokens", None)
+    limit = completion if completion is not None else older
+    if limit is not None:
+        body.setdefault("max_output_tokens", limit)
+    return body
+
+
 class ResponsesOperation(Operation):
     endpoint = "responses"
     sse = True
+
+    def encode(self, body: dict) -> bytes:
+        for name in _CHAT_NAMES:
+            if name in body:
+                return orjson.dumps(responses_shape(body))
+        return orjson.dumps(body)
 
     def answer(self, attempt, body: bytes, content_type: str) -> str:
         try:
