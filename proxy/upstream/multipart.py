@@ -100,7 +100,8 @@ def _part_headers(raw: bytes) -> dict[str, str]:
     for line in raw.split(b"\r\n"):
         name, sep, value = line.partition(b":")
         if sep:
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            # UTF-8, as browsers and httpx write a file name that is not ASCII (the HTML form encoding)
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("utf-8", errors="replace")
     return headers
 
 
