@@ -250,6 +250,9 @@ async def test_the_simulator_serves_audio_with_the_default_chains(start_proxy):
         speech = await client.audio.speech.create(model="tier-speech", voice="Fritz-PlayAI", input="hello there")
         direct = await client.audio.speech.create(model="playai-tts", voice="Fritz-PlayAI", input="hello")
         audio, short = await speech.read(), await direct.read()
+        with pytest.raises(groq.BadRequestError) as info:  # Groq translates with whisper-large-v3 only
+            await client.audio.translations.create(model="whisper-large-v3-turbo", file=("a.wav", UPLOAD))
+    assert "does not support translations" in info.value.message
     assert transcript.text == old.text == translation.text and transcript.text
     assert audio.startswith(b"RIFF") and audio[8:12] == b"WAVE" and len(audio) > len(short)
 
