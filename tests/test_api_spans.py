@@ -70,3 +70,22 @@ async def test_audio_spans_carry_bytes_instead_of_tokens(api, otlp, start_proxy)
     assert attempt.name == "speech m1"
     assert attempt.attributes["groq_proxy.audio.response_bytes"] == len(AUDIO)
     assert server.attributes["groq_proxy.audio.request_bytes"] == len("hello")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_record_content_records_the_responses_input_and_output(api, otlp, start_proxy, stream):  # noqa: F811
+    scripted, url = api
+    base = await start_proxy(traced_config(url, otlp.url, telemetry={"record_content": True}))
+    body = {"model": "tier-test", "instructions": "Be brief.", "stream": stream,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hello"}]}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/responses", data=orjson.dumps(body)) as resp:
+            assert resp.status == 200
+            await resp.read()
+            request_id = resp.headers["x-request-id"]
+    server, (attempt,) = await otlp.wait_for_request(request_id, attempts=1)
+    assert orjson.loads(server.attributes["gen_ai.input.messages"]) == [
+        {"role": "system", "parts": [{"type": "text", "content": "Be brief."}]},
+        {"role": "user", "parts": [{"type": "text", "content": "Say hello"}]}]
+    [output] = orjson.loads(attempt.attributes["gen_ai.output.messages"])
+    assert output["role"] == "assistant" and output["parts"] == [{"type": "text", "content": "Hello there!"}]

@@ -55,7 +55,7 @@ class FormOperation(AudioOperation):
     def encode(self, body: dict) -> bytes:
         return self.form.encode(body)
 
-    def answer(self, attempt, body: bytes, content_type: str) -> str:
+    def answer(self, attempt, body: bytes, content_type: str, record: bool = False) -> str:
         """A JSON transcript must be an object with its `text`; text, srt and vtt answers are passed as they are."""
         self.bytes_out = len(body)
         if content_type.startswith("application/json"):

@@ -106,7 +106,7 @@ class ResponsesOperation(Operation):
                 return orjson.dumps(responses_shape(body))
         return orjson.dumps(body)
 
-    def answer(self, attempt, body: bytes, content_type: str) -> str:
+    def answer(self, attempt, body: bytes, content_type: str, record: bool = False) -> str:
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -116,6 +116,11 @@ class ResponsesOperation(Operation):
         attempt.response_id, attempt.response_model = obj.get("id"), obj.get("model")
         status = obj.get("status")
         attempt.finish_reasons = [status] if isinstance(status, str) else None
+        if record:
+            text = "".join(part.get("text", "") for item in obj["output"] if isinstance(item, dict)
+                           and item.get("type") == "message" for part in item.get("content") or ()
+                           if isinstance(part, dict) and part.get("type") == "output_text")
+            attempt.content = _output(text, status)
         return "application/json"
 
     new_state = staticmethod(responses_sse.ResponsesState)
@@ -130,8 +135,13 @@ class ResponsesOperation(Operation):
         return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
 
     def content(self, raw: bytes) -> str:
-        text = responses_sse.output_text(raw)
-        return orjson.dumps([{"role": "assistant", "parts": [{"type": "text", "content": text}]}]).decode()
+        return _output(responses_sse.output_text(raw), None)
+
+
+def _output(text: str, status) -> str:
+    """The output as the GenAI message format (gen_ai.output.messages)."""
+    return orjson.dumps([{"role": "assistant", "parts": [{"type": "text", "content": text}],
+                          "finish_reason": status}]).decode()
 
 
 RESPONSES = ResponsesOperation()

@@ -30,9 +30,10 @@ class Operation:
         """The payload of one attempt (`body["model"]` is already that attempt's model)."""
         return orjson.dumps(body)
 
-    def answer(self, attempt, body: bytes, content_type: str) -> str:
+    def answer(self, attempt, body: bytes, content_type: str, record: bool = False) -> str:
         """Checks a 200 answer (raises AttemptFailed when it is not one), records its usage, id and model on
-        the attempt, and returns the content type the client gets."""
+        the attempt (and its output as `attempt.content` when `record`: telemetry.record_content), and returns
+        the content type the client gets."""
         return "application/json"
 
     # --- SSE streams (sse = True) --------------------------------------------------------------------------

@@ -380,7 +380,7 @@ class Pipeline:
                 raise failure
             return self._passed_back(ctx, attempt, status, body, resp)
         if op is not None:
-            content_type = op.answer(attempt, body, resp.headers.get("content-type", ""))
+            content_type = op.answer(attempt, body, resp.headers.get("content-type", ""), self.observer.record_content)
             return self._plain_answer(ctx, attempt, body, resp, content_type)
         try:
             obj = orjson.loads(body)

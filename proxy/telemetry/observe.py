@@ -255,7 +255,7 @@ def _parts(content) -> list[dict]:
         return [{"type": "text", "content": content}]
     parts = []
     for part in content or ():
-        if isinstance(part, dict) and part.get("type") == "text":
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
             parts.append({"type": "text", "content": part.get("text", "")})
         elif isinstance(part, dict):
             parts.append({"type": part.get("type", "unknown")})  # images and the like: the kind, not the data
@@ -267,8 +267,14 @@ def input_messages(body: dict) -> str:
         messages = [{"role": m.get("role"), "parts": _parts(m.get("content"))} for m in body["messages"]]
     else:
         inputs = body.get("input")
-        messages = [{"role": "user", "parts": _parts(i if isinstance(i, str) else str(i))}
-                    for i in (inputs if isinstance(inputs, list) else [inputs])]
+        messages = []
+        if isinstance(body.get("instructions"), str):  # the Responses API's system message
+            messages.append({"role": "system", "parts": _parts(body["instructions"])})
+        for i in inputs if isinstance(inputs, list) else [inputs]:
+            if isinstance(i, dict) and "content" in i:  # a Responses input item
+                messages.append({"role": i.get("role", "user"), "parts": _parts(i["content"])})
+            else:
+                messages.append({"role": "user", "parts": _parts(i if isinstance(i, str) else str(i))})
     return orjson.dumps(messages).decode()
 
 
