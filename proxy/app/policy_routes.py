@@ -35,7 +35,7 @@ async def open_chain(config: Config, metrics) -> PolicyChain:
     """The store, opened (a Redis that is down does not stop the start), and the chain over it."""
     pc: PoliciesConfig = config.policies or PoliciesConfig()
     store = None
-    if pc.uses_store or pc.policies:
+    if pc.uses_store or pc.policies or pc.keys is not None:  # [auth]: who owns each file and batch is kept there
         if pc.store.backend == "redis":
             from policies.stores.redis import RedisStore
             from policies.stores.redis_connect import parse_url

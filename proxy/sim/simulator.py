@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.sim.files import SimFiles
+
 SIMULATED_HEADER = "x-groq-proxy-simulated"
 
 PREFIXES = ("/openai/v1", "/v1")
@@ -614,6 +616,7 @@ def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Appl
         app.router.add_get(f"{prefix}/models/{{model:.+}}", simulator.model)
         for module in api_modules:  # the other endpoints Groq serves, one module each
             module.add_routes(app, prefix, simulator)
+    SimFiles().register(app, PREFIXES)  # files and batches
     return app
 
 
