@@ -32,6 +32,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    max_audio_bytes: int = 25 * 1024 * 1024  # an audio upload held for fall-over (Groq's free-tier file limit)
     max_file_bytes: int = MAX_FILE_BYTES  # the largest upload to /v1/files (Groq's own limit by default)
     keepalive_s: float = 15.0
     log_level: str = "info"
@@ -197,8 +198,9 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     return value
 
 
-_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_file_bytes", "keepalive_s", "log_level", "admin_key_env",
-                "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers", "admin_port"}
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_audio_bytes", "max_file_bytes", "keepalive_s", "log_level",
+                "admin_key_env", "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers",
+                "admin_port"}
 
 
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
@@ -228,6 +230,7 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         host=_string(raw, "host", where, "127.0.0.1"),
         port=port,
         max_body_bytes=_number(raw, "max_body_bytes", where, 10 * 1024 * 1024, minimum=1, integer=True),
+        max_audio_bytes=_number(raw, "max_audio_bytes", where, 25 * 1024 * 1024, minimum=1, integer=True),
         max_file_bytes=_number(raw, "max_file_bytes", where, MAX_FILE_BYTES, minimum=1, integer=True),
         keepalive_s=_number(raw, "keepalive_s", where, 15.0),
         log_level=level,

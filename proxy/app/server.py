@@ -29,6 +29,9 @@ from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
 from proxy.upstream.providers import Upstreams
 from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
+from proxy.app.responses_api import read_responses, validate_responses
+from proxy.app.audio_api import (read_speech, read_transcription, read_translation, validate_form,
+                                 validate_speech)
 
 if TYPE_CHECKING:
     from proxy.sim.simulator import SimulatorConfig
@@ -81,7 +84,9 @@ def _id_header() -> dict[str, str]:
     return {"x-request-id": _request_id()}
 
 
-async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
+async def _answer(request: web.Request, operation: str, validate, read=None) -> web.StreamResponse:
+    """One request through the pipeline. `read(request, config)` reads the body of an endpoint other than chat
+    and embeddings, and returns it with its operation (proxy/pipeline/operation.py)."""
     started = time.perf_counter()
     generation = request.app[STATE].generation  # this request's config to its end, whatever a reload does
     pipeline = generation.pipeline
@@ -94,11 +99,17 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
     try:
         try:
             identity = pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
-            body = await read_json(request, generation.config.server.max_body_bytes)
+            if read is None:
+                op = None
+                body = await read_json(request, generation.config.server.max_body_bytes)
+            else:
+                body, op = await read(request, generation.config)
             route = generation.router.resolve(validate(body))
             ctx = RequestContext(
-                request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
+                request_id, operation, route, body,
+                body.get("stream") is True and (operation == "chat" or op is not None and op.sse), started,
             )
+            ctx.op = op
             ctx.span = span
             ctx.identity = identity
             response = await pipeline.handle(request, ctx)
@@ -121,6 +132,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _answer(request, "embeddings", validate_embeddings)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "responses", validate_responses, read_responses)
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "transcription", validate_form, read_transcription)
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "translation", validate_form, read_translation)
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "speech", validate_speech, read_speech)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -274,6 +301,10 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
         routes += [
             (prefix + "/chat/completions", "POST", chat_completions),
             (prefix + "/embeddings", "POST", embeddings),
+            (prefix + "/responses", "POST", responses),
+            (prefix + "/audio/transcriptions", "POST", transcriptions),
+            (prefix + "/audio/translations", "POST", translations),
+            (prefix + "/audio/speech", "POST", speech),
             (prefix + "/models", "GET", list_models),
             (prefix + "/models/{model_id:.+}", "GET", get_model),
             (prefix + "/usage", "GET", my_usage),

@@ -42,6 +42,12 @@ class Provider:
     total_s: float
     connect_s: float
     pool_idle_s: float
+    base: str = ""  # the base URL's path and query: where the other endpoints are (`path`)
+    query: str = ""
+
+    def path(self, endpoint: str) -> str:
+        """The upstream path of an endpoint under the base URL ("responses", "audio/speech")."""
+        return f"{self.base}/{endpoint}{self.query}"
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig) -> "Provider":
@@ -64,6 +70,8 @@ class Provider:
             total_s=cfg.timeout_s,
             connect_s=cfg.connect_timeout_s,
             pool_idle_s=cfg.pool_idle_s,
+            base=base,
+            query=query,
         )
 
 
