@@ -108,7 +108,9 @@ async def admin_listener(app: web.Application):
     runner = web.AppRunner(admin, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, server.host, server.admin_port).start()
+        # With `server.workers` > 1 (the workers branch) every worker listens on the admin port as on the public one.
+        reuse_port = getattr(server, "workers", 1) > 1 or None
+        await web.TCPSite(runner, server.host, server.admin_port, reuse_port=reuse_port).start()
     except OSError as exc:
         await runner.cleanup()
         reason = exc.strerror or str(exc) or type(exc).__name__
