@@ -47,3 +47,15 @@ def test_names_outside_the_config_share_one_row():
     assert counts.names() == ["tier-fast", OTHER]
     assert counts.totals(OTHER) == {"requests": 1000}
     assert counts.totals("client-name-3") == {"requests": 0}
+
+
+def test_a_reload_keeps_the_rows_of_names_still_configured():
+    clock = Clock()
+    before = RecentCounts(["tier-fast", "tier-old"], ("requests",), clock)
+    for name in ("tier-fast", "tier-old", "made-up"):
+        before.add(name, "requests")
+    after = RecentCounts(["tier-fast", "tier-new"], ("requests",), previous=before)
+    assert after.names() == ["tier-fast", "tier-new", OTHER]
+    assert [after.totals(n)["requests"] for n in after.names()] == [1, 0, 1]
+    after.add("tier-old", "requests")  # no longer configured: `other` now
+    assert after.totals(OTHER) == {"requests": 2}

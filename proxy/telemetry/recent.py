@@ -51,11 +51,14 @@ class RecentCounts:
     """Named counters (`fields`) per configured name, over the last `SLOTS * SLOT_S` seconds."""
 
     def __init__(self, names: Iterable[str], fields: tuple[str, ...],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, previous: "RecentCounts | None" = None) -> None:
+        """`previous`: the counts of the config a reload replaces; the rows of names still configured (and
+        `other`) carry over, the rest are dropped."""
         self.fields = fields
         self._index = {name: i for i, name in enumerate(fields)}
-        self._rows = {name: Row(len(fields)) for name in (*names, OTHER)}
-        self._clock = clock
+        kept = previous._rows if previous is not None and previous.fields == fields else {}
+        self._rows = {name: kept.get(name) or Row(len(fields)) for name in (*names, OTHER)}
+        self._clock = previous._clock if previous is not None else clock
 
     def add(self, name: str, field: str) -> None:
         row = self._rows.get(name)
