@@ -283,3 +283,43 @@ def test_every_data_file_of_the_packages_is_declared_package_data():
     for path in data_files:
         package = ".".join(path.parent.relative_to(root).parts)
         assert any(fnmatch.fnmatch(path.name, pattern) for pattern in declared.get(package, ())), path
+
+
+async def test_a_reload_keeps_uptime_counts_and_states_of_models_still_configured(upstream, aiohttp_server,
+                                                                                 tmp_path, monkeypatch):
+    """POST /admin/reload (proxy/app/reload.py) swaps the config: the page shows the new chains at once, and
+    what it knew of the models still configured (counts, cool-down, uptime) carries over."""
+    from proxy.app.config import load_config
+    from proxy.app.server import build_app
+    from tests.conftest import ADMIN, ADMIN_KEY
+
+    scripted, url = upstream
+    scripted.behaviours["m1"] = status(503)
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", PROVIDER_KEY)
+    monkeypatch.setenv("TEST_ADMIN_KEY", ADMIN_KEY)
+
+    def write(chains: dict) -> None:
+        models = "".join(f'[models.{name}]\nchain = {orjson.dumps(chain).decode()}\n' for name, chain in chains.items())
+        path.write_text(f'[server]\nkeepalive_s = 0\nadmin_key_env = "TEST_ADMIN_KEY"\n[routing]\n'
+                        f'cooldown_after_failures = 1\ncooldown_s = 120\n[providers.up]\nbase_url = "{url}"\n'
+                        f'api_key_env = "TEST_UPSTREAM_KEY"\n{models}')
+
+    path = tmp_path / "proxy.toml"
+    write({"tier-test": ["up:m1", "up:m2"], "tier-old": ["up:m3"]})
+    server = await aiohttp_server(build_app(load_config(path)))
+    base = f"http://127.0.0.1:{server.port}"
+    assert await post(base, chat()) == 200  # m1 fails and cools down, m2 answers
+    before, _ = await status_json(base)
+
+    write({"tier-test": ["up:m1", "up:m2"], "tier-new": ["up:m4"]})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/admin/reload", headers=ADMIN) as resp:
+            assert resp.status == 200
+    after, _ = await status_json(base)
+    assert [vm["name"] for vm in after["virtual_models"]] == ["tier-test", "tier-new", "other", "invalid"]
+    assert next(vm for vm in after["virtual_models"] if vm["name"] == "tier-test")["last_5m"]["requests"] == 1
+    models = {m["model"]: m for m in after["models"]}
+    assert list(models) == ["up:m1", "up:m2", "up:m4"]
+    assert models["up:m1"]["state"] == "cooling_down" and models["up:m1"]["until"] == before["models"][0]["until"]
+    assert models["up:m2"]["last_5m"]["answered"] == 1 and models["up:m4"]["last_5m"]["answered"] == 0
+    assert after["started_at"] == before["started_at"]
