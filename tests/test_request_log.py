@@ -183,3 +183,20 @@ async def test_file_and_batch_requests_get_their_line(aiohttp_server, start_prox
     assert (lookup["request_id"], lookup["operation"], lookup["status"]) == (missing, "batches", 404)
     assert (upload["key_id"], upload["user"], upload["model"], upload["attempts"]) == ("search-app", "alice", None, 0)
     assert "PROMPT-CANARY-4711" not in all_lines(proxy_log) and PROXY_KEY not in all_lines(proxy_log)
+
+
+async def test_a_responses_api_request_gets_its_line_with_its_usage(aiohttp_server, start_proxy, proxy_log):
+    from proxy.sim.simulator import build_simulator_app
+
+    sim = await aiohttp_server(build_simulator_app())
+    base = await start_proxy(config_for(f"http://127.0.0.1:{sim.port}/openai/v1",
+                                        {"tier-test": ["openai/gpt-oss-20b"]}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/responses", json={"model": "tier-test", "input": PROMPT}) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+    [line] = request_lines(proxy_log)
+    assert (line["operation"], line["status"], line["model"]) == ("responses", 200, "up:openai/gpt-oss-20b")
+    usage = answer["usage"]
+    assert (line["input_tokens"], line["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
+    assert "PROMPT-CANARY-4711" not in all_lines(proxy_log)
