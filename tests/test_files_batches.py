@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from policies.identity import hash_key
 from proxy.sim.simulator import build_simulator_app
@@ -441,3 +442,20 @@ async def test_broken_multipart_bodies_get_400_and_the_provider_no_file(sim, sta
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/files") as resp:
             assert (await resp.json())["data"] == []
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/files/.."), ("GET", "/v1/files/%2E%2E/content"), ("DELETE", "/v1/files/%2e"),
+    ("GET", "/v1/batches/.."), ("POST", "/v1/batches/%2E%2E/cancel"), ("GET", "/openai/v1/files/./content"),
+])
+async def test_a_dot_segment_id_never_reaches_the_provider(sim, start_proxy, method, path):
+    """`..` as an id would make the provider's path `/openai/v1/files/../content`, which any server or
+    gateway that resolves dot segments serves as `/openai/v1/content`: another endpoint, with the proxy's key.
+    Without [auth] nothing else stands in its way; it is not found."""
+    recorder, url = sim
+    base = await start_proxy(config_for(url))
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, URL(base + path, encoded=True)) as resp:
+            body = await resp.json()
+    assert recorder.seen == []
+    assert resp.status == 404 and body["error"]["code"] in ("file_not_found", "batch_not_found"), body

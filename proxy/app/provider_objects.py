@@ -54,7 +54,9 @@ if TYPE_CHECKING:
     from proxy.upstream.providers import Upstreams
 
 OWNER_TTL_S = 30 * 86400.0  # how long an owner is remembered when the object says nothing of its expiry
-ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a file or batch id may look like; anything else is not found
+# What a file or batch id may look like; anything else is not found. It starts with a letter, a digit or `_`:
+# `.` and `..` would be dot segments of the provider's path (`/files/../content` is served as `/content`).
+ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 LIST_QUERY = {"after": ID, "limit": re.compile(r"[1-9][0-9]{0,4}"), "order": re.compile(r"asc|desc"),
               "purpose": re.compile(r"[a-z_]{1,32}")}
 # What the policies and the metrics see as the model: none, and the operation as the label.
