@@ -459,3 +459,19 @@ async def test_a_dot_segment_id_never_reaches_the_provider(sim, start_proxy, met
             body = await resp.json()
     assert recorder.seen == []
     assert resp.status == 404 and body["error"]["code"] in ("file_not_found", "batch_not_found"), body
+
+
+async def test_head_of_a_files_content_has_no_body(sim, start_proxy):
+    """HEAD is served wherever GET is. A HEAD answer with the file's bytes after its head breaks HTTP: the
+    client reads them as the start of the next answer on the connection."""
+    _, url = sim
+    base = await start_proxy(config_for(url))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    made = await client.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    await client.close()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:  # one connection
+        async with session.head(f"{base}/v1/files/{made.id}/content") as resp:
+            assert resp.status == 200 and resp.headers["Content-Length"] == str(len(JSONL))
+            assert await resp.read() == b""
+        async with session.get(f"{base}/v1/files/{made.id}/content") as resp:
+            assert resp.status == 200 and await resp.read() == JSONL

@@ -112,7 +112,7 @@ async def _content(request: web.Request, call: Call) -> web.StreamResponse:
     total_s = objects.provider.total_s
     try:
         await out.prepare(request)  # the commit point: from here a failure can only cut the download short
-        while True:
+        while request.method != "HEAD":  # a HEAD answer is its head alone (aiohttp would send what is written)
             async with asyncio.timeout(total_s):
                 chunk = await response.readany()
             if not chunk:
