@@ -475,3 +475,30 @@ async def test_head_of_a_files_content_has_no_body(sim, start_proxy):
             assert await resp.read() == b""
         async with session.get(f"{base}/v1/files/{made.id}/content") as resp:
             assert resp.status == 200 and await resp.read() == JSONL
+
+
+async def test_a_providers_busy_or_broken_answer_reaches_the_client_in_openais_shape(aiohttp_server, start_proxy):
+    """A 429 keeps its retry-after (the client's one hint of when to come back); an error page that is not
+    OpenAI's JSON (a gateway's HTML 503) becomes a 502 in OpenAI's shape, as every other failure of the
+    provider is."""
+    async def busy(request):
+        if request.path.endswith("/batches"):
+            return web.json_response({"error": {"message": "Rate limit reached", "type": "requests",
+                                                "code": "rate_limit_exceeded"}}, status=429,
+                                     headers={"retry-after": "7", "x-ratelimit-remaining-requests": "0"})
+        return web.Response(status=503, text="<html><body>503 Service Temporarily Unavailable</body></html>",
+                            content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", busy)
+    server = await aiohttp_server(app)
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/v1/batches") as resp:
+            body = await resp.json()
+            assert resp.status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+            assert resp.headers["retry-after"] == "7" and resp.headers["x-ratelimit-remaining-requests"] == "0"
+        async with session.get(base + "/v1/files") as resp:
+            assert resp.status == 502 and resp.content_type == "application/json"
+            error = (await resp.json())["error"]
+    assert error["type"] == "server_error" and error["code"] == "upstream_error" and "503" in error["message"]

@@ -241,13 +241,20 @@ class Call:
                             headers=self.headers())
 
     def passed(self, response: Response, body: bytes) -> web.Response:
-        """The provider's answer as it is, unless it is about the proxy's own key (401, 403), which the
-        client can do nothing about: that is a 502."""
-        if response.status in (401, 403, 407):
-            raise ProxyError(502, f"The batch provider refused the proxy's credentials ({response.status}).",
+        """The provider's answer as it is (with its retry-after and rate-limit headers), unless it is about the
+        proxy's own key (401, 403), which the client can do nothing about: that is a 502; so is an error that
+        is not OpenAI's JSON (a gateway's HTML page)."""
+        status = response.status
+        if status in (401, 403, 407):
+            raise ProxyError(502, f"The batch provider refused the proxy's credentials ({status}).",
                              type="server_error", code="upstream_auth_failed")
-        media = response.headers.get("content-type", "application/json")
-        return web.Response(status=response.status, body=body, headers={"Content-Type": media, **self.headers()})
+        if status >= 400 and not _error_object(body):
+            raise ProxyError(502, f"The batch provider answered {status} without an error object.",
+                             type="server_error", code="upstream_error")
+        headers = {name: response.headers[name] for name in _PASSED_ON if name in response.headers}
+        headers["Content-Type"] = response.headers.get("content-type", "application/json")
+        headers.update(self.headers())  # the proxy's own x-ratelimit-* replace the provider's
+        return web.Response(status=status, body=body, headers=headers)
 
     def list_page(self, page: dict, data: list, has_more: bool) -> web.Response:
         out = {**page, "data": data}
@@ -302,6 +309,15 @@ async def filtered_list(request: web.Request, call: Call, tail: str, kind: str, 
             return call.passed(response, raw)
         page = parse(raw)
     raise AssertionError("unreachable")
+
+
+_PASSED_ON = ("retry-after", "retry-after-ms", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+              "x-ratelimit-reset-requests")
+
+
+def _error_object(body: bytes) -> bool:
+    obj = parse(body)
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
 
 
 def parse(body: bytes) -> Any:
