@@ -502,3 +502,18 @@ async def test_a_providers_busy_or_broken_answer_reaches_the_client_in_openais_s
             assert resp.status == 502 and resp.content_type == "application/json"
             error = (await resp.json())["error"]
     assert error["type"] == "server_error" and error["code"] == "upstream_error" and "503" in error["message"]
+
+
+async def test_a_file_name_reaches_the_provider_as_the_client_named_it(sim, start_proxy):
+    """httpx writes a backslash in a quoted file name as `\\\\` (a quoted-pair), and aiohttp reads it back:
+    the proxy, writing the name again, must escape it the same way, or `a\\b.jsonl` becomes `ab.jsonl`."""
+    _, url = sim
+    base = await start_proxy(config_for(url))
+    direct = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
+    proxied = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    for name in ("a\\b.jsonl", 'say "hi".jsonl', "café \\ x.jsonl"):
+        want = (await direct.files.create(file=(name, io.BytesIO(JSONL)), purpose="batch")).filename
+        got = (await proxied.files.create(file=(name, io.BytesIO(JSONL)), purpose="batch")).filename
+        assert got == want, (name, got, want)
+    await direct.close()
+    await proxied.close()
