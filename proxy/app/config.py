@@ -42,6 +42,7 @@ class ServerConfig:
     max_headers: int = 100
     admin_key_env: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    admin_port: int | None = None  # the admin API only on this port (0: any free one), not on `port`
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
 
 
 _SERVER_KEYS = {"host", "port", "max_body_bytes", "max_audio_bytes", "max_file_bytes", "keepalive_s", "log_level",
-                "admin_key_env", "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers"}
+                "admin_key_env", "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers",
+                "admin_port"}
 
 
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
@@ -210,6 +212,17 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     port = _number(raw, "port", where, 8080, integer=True)
     if port > 65535:
         raise ConfigError(f"server.port: must be at most 65535, got {port}")
+    admin_port = raw.get("admin_port")
+    if admin_port is not None:
+        admin_port = _number(raw, "admin_port", where, 0, integer=True)
+        if admin_port > 65535:
+            raise ConfigError(f"server.admin_port: must be at most 65535, got {admin_port}")
+        if admin_env is None:
+            raise ConfigError("server.admin_port: the admin API is off without an admin key; set "
+                              "server.admin_key_env too")
+        if admin_port == port and port != 0:
+            raise ConfigError(f"server.admin_port: must differ from server.port ({port}): the admin API is served "
+                              "only on its own port")
     level = _string(raw, "log_level", where, "info").lower()
     if level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"server.log_level: must be one of debug, info, warning, error, got {level!r}")
@@ -223,6 +236,7 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         log_level=level,
         admin_key_env=admin_env,
         admin_key=env.get(admin_env) if admin_env else None,
+        admin_port=admin_port,
         request_read_timeout_s=float(_number(raw, "request_read_timeout_s", where, 75.0, minimum=0.01)),
         # Below these a real client's request would not fit (a long model id in the URL, a large cookie).
         max_url_bytes=_number(raw, "max_url_bytes", where, 4096, minimum=256, integer=True),

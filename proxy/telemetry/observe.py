@@ -40,11 +40,13 @@ _ATTEMPT_CLOSING = (
 
 
 class Observer:
-    def __init__(self, config: Config, tracer: Tracer | None, metrics: ProxyMetrics | None) -> None:
+    def __init__(self, config: Config, tracer: Tracer | None, metrics: ProxyMetrics | None,
+                 previous: "Observer | None" = None) -> None:
+        """`previous`: the observer of the config a reload replaces, whose running figures carry over."""
         self.tracer = tracer
         self.metrics = metrics
         self.record_content = config.telemetry.record_content
-        self.rolling = RollingP95()
+        self.rolling = previous.rolling if previous is not None else RollingP95()
         self._static: dict[tuple, tuple] = {}  # the shared static attributes of spans alike
         self._thresholds = {name: vm.latency for name, vm in config.models.items()}
         self._default = default_thresholds("standard")

@@ -84,6 +84,17 @@ class Upstreams:
 
     async def open(self) -> None:
         self.client = Client()
+        self._limit_idle()
+
+    def sharing(self, config: Config) -> "Upstreams":
+        """A reload's providers over this client: its pooled connections stay warm (they are kept per origin).
+        The one that opened the client closes it."""
+        other = Upstreams(config)
+        other.client = self.client
+        other._limit_idle()
+        return other
+
+    def _limit_idle(self) -> None:
         for provider in self.providers.values():
             self.client.limit_idle(provider.origin, provider.pool_idle_s)
 
