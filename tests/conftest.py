@@ -14,6 +14,7 @@ import pytest
 from proxy.app.config import Config, parse_config
 from proxy.app.server import build_app
 from proxy.sim.testing import ScriptedUpstream
+from proxy.sim.testing_api import ApiUpstream
 
 
 ADMIN_KEY = "admin-secret-for-tests"  # the value of TEST_ADMIN_KEY: `server={"admin_key_env": "TEST_ADMIN_KEY"}`
@@ -36,6 +37,14 @@ def config_for(upstream_url: str, chains: dict[str, list[str]] | None = None, **
 async def upstream(aiohttp_server):
     """Starts a ScriptedUpstream; returns (scripted, base_url). Set `scripted.behaviours[model]` per test."""
     scripted = ScriptedUpstream()
+    server = await aiohttp_server(scripted.app())
+    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
+
+
+@pytest.fixture
+async def api(aiohttp_server):
+    """Starts an ApiUpstream (the Responses API and audio, beside chat); returns (scripted, base_url)."""
+    scripted = ApiUpstream()
     server = await aiohttp_server(scripted.app())
     return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
 

@@ -14,15 +14,7 @@ import pytest
 from policies.identity import hash_key
 from proxy.sim import responses as rs
 from proxy.sim.testing import Behaviour, status
-from proxy.sim.testing_api import ApiUpstream
 from tests.conftest import config_for
-
-
-@pytest.fixture
-async def api(aiohttp_server):
-    scripted = ApiUpstream()
-    server = await aiohttp_server(scripted.app())
-    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
 
 
 async def test_plain_response_falls_over_and_reports_usage(api, start_proxy):
