@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from policies.stores.memory import MemoryStore
+from policies.stores.redis import RedisStore
 from proxy.app.config import Config, parse_config
 from proxy.app.server import build_app
 from proxy.sim.testing import ScriptedUpstream
@@ -278,6 +280,18 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request, redis_url):
+    """The policy store, each version in turn: memory, and Redis under a prefix of its own."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    s = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await s.start()
+    yield s
+    await s.close()
 
 
 @pytest.fixture
