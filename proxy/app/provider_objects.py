@@ -242,13 +242,13 @@ class Call:
 
     def passed(self, response: Response, body: bytes) -> web.Response:
         """The provider's answer as it is (with its retry-after and rate-limit headers), unless it is about the
-        proxy's own key (401, 403), which the client can do nothing about: that is a 502; so is an error that
-        is not OpenAI's JSON (a gateway's HTML page)."""
+        proxy's own key (401, 403), which the client can do nothing about: that is a 502; so is a 5xx that is
+        not OpenAI's JSON (a gateway's HTML page), as for chat."""
         status = response.status
         if status in (401, 403, 407):
             raise ProxyError(502, f"The batch provider refused the proxy's credentials ({status}).",
                              type="server_error", code="upstream_auth_failed")
-        if status >= 400 and not _error_object(body):
+        if status >= 500 and not _error_object(body):
             raise ProxyError(502, f"The batch provider answered {status} without an error object.",
                              type="server_error", code="upstream_error")
         headers = {name: response.headers[name] for name in _PASSED_ON if name in response.headers}
