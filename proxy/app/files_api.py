@@ -9,7 +9,9 @@ from aiohttp import web
 
 from proxy.app.errors import ProxyError
 from proxy.app.multipart_upload import Upload
-from proxy.app.provider_objects import Call, answer, filtered_list, parse, upstream_failed, upstream_timeout
+from proxy.app.object_call import Call, answer
+from proxy.app.object_list import filtered_list
+from proxy.app.provider_objects import parse, upstream_failed, upstream_timeout
 from proxy.upstream.http1 import UpstreamError
 
 
