@@ -17,17 +17,6 @@ from policies.stores.redis import RedisStore
 from tests.conftest import until
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request, redis_url):
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    s = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
-    await s.start()
-    yield s
-    await s.close()
-
-
 def budget(key: str, limit: int, amount: int, soft: bool = False) -> Claim:
     return Claim(BUDGET, key, limit, amount, time.time() + 3600, soft=soft)
 
