@@ -48,6 +48,7 @@ def decide_simulation(args, config: Config) -> bool:
 
 def cmd_serve(args) -> int:
     from proxy.admin import catalogue
+    from proxy.app.drain import DRAIN
     from proxy.app.server import build_app
 
     if args.port is not None:
@@ -82,7 +83,8 @@ def cmd_serve(args) -> int:
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
-    serve(app, host, port, lambda url: _say(f"groq-proxy listening on {url} ({source})"), loop, access_log=None)
+    serve(app, host, port, lambda url: _say(f"groq-proxy listening on {url} ({source})"), loop,
+          drain=app[DRAIN], access_log=None)
     return 0
 
 

@@ -3,6 +3,7 @@ what the app owns (the upstream session, the embedded simulator)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import orjson
 from aiohttp import web, web_urldispatcher
 
 from proxy.app.config import Config
+from proxy.app.drain import DRAIN, Drain
 from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
@@ -80,7 +82,16 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
             )
             ctx.span = span
             ctx.identity = identity
-            response = await state.pipeline.handle(request, ctx)
+            drain = request.app[DRAIN]
+            task = drain.enter(ctx)
+            try:
+                response = await state.pipeline.handle(request, ctx)
+            except asyncio.CancelledError:
+                if not drain.was_cut(task, ctx):
+                    raise
+                response = await drain.cut_response(ctx)
+            finally:
+                drain.leave(task)
         except ProxyError as error:
             response = error.to_response({"x-request-id": request_id, **state.pipeline.extra_headers})
         except Exception:
@@ -175,6 +186,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if request.app[DRAIN].draining:  # a SIGTERM: the load balancer is to stop sending requests here
+        return web.json_response({"status": "draining"}, status=503, headers=_id_header())
     ready = state.pipeline is not None and state.upstreams is not None and state.upstreams.ready
     body = {"status": "ready" if ready else "starting"}
     if ready and state.pipeline.policies.store is not None:  # a store that is down degrades, it does not stop
@@ -288,6 +301,7 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
     app = web.Application(client_max_size=server.max_body_bytes, handler_args=handler_args)
     app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
     app[READ_TIMEOUT] = server.request_read_timeout_s
+    app[DRAIN] = Drain(server.drain_s, server.drain_timeout_s)
     app.cleanup_ctx.append(_lifecycle)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
               ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage)]

@@ -1,0 +1,198 @@
+"""Graceful drain (proxy/app/drain.py), run as an operator meets it: a real `groq-proxy serve` subprocess in
+front of a slow `groq-proxy simulate` subprocess, SIGTERM in the middle of 50 open streams, token_budget
+settling on the suite's Redis, spans to a real OTLP receiver that only the exit's flush reaches."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import orjson
+import pytest
+
+from policies.estimate import estimate
+from proxy.app.config import load_config
+from tests.otlp_receiver import KIND_SERVER, otlp  # noqa: F401  (a fixture)
+from tests.procs import Proc, clean_env, start_serving
+
+STREAMS = 50
+SIM_KEY = "sk-test-drain-upstream-key"
+
+
+async def start_simulator(tmp_path, tokens_per_s: float) -> tuple[Proc, str]:
+    sim = await Proc(tmp_path, "sim").start("simulate", "--port", "0", "--tokens-per-s", str(tokens_per_s),
+                                            env=clean_env())
+    return sim, await sim.wait_listening("stdout")
+
+
+def write_config(tmp_path, sim_url: str, store: dict, server: dict, telemetry: str = "") -> str:
+    path = tmp_path / "proxy.toml"
+    store_lines = "\n".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in store.items())
+    server_lines = "\n".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in server.items())
+    path.write_text(f"""
+[server]
+{server_lines}
+[providers.sim]
+base_url = "{sim_url}/openai/v1"
+api_key_env = "SIM_KEY"
+[models.tier-test]
+chain = ["sim:openai/gpt-oss-20b"]
+[store]
+{store_lines}
+[[policies]]
+use = "token_budget"
+per = "global"
+tokens = 100000000
+{telemetry}
+""")
+    return str(path)
+
+
+def body(i: int, max_tokens: int) -> dict:
+    return {"model": "tier-test", "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": f"stream number {i}"}]}
+
+
+async def open_streams(base: str, max_tokens: int, started: asyncio.Queue):
+    """STREAMS streams, each on its own connection; `started` gets one item per stream once its first bytes came.
+    Returns the tasks; each ends with the whole raw body."""
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+
+    async def one(i: int) -> bytes:
+        async with session.post(base + "/v1/chat/completions", json=body(i, max_tokens)) as resp:
+            assert resp.status == 200, await resp.text()
+            got = await resp.content.readany()
+            await started.put(i)
+            return got + await resp.read()
+
+    return session, [asyncio.create_task(one(i)) for i in range(STREAMS)]
+
+
+def events(raw: bytes) -> list[bytes]:
+    return [e[len(b"data: "):] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+
+
+async def budget(start_proxy, config_path: str) -> dict:
+    """The token budget as /v1/usage reports it, read through a fresh proxy on the same Redis."""
+    base = await start_proxy(load_config(config_path, env={"SIM_KEY": SIM_KEY}))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/v1/usage") as resp:
+            assert resp.status == 200
+            return (await resp.json())["budgets"][0]
+
+
+async def readyz(base: str) -> int:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with session.get(base + "/readyz") as resp:
+            return resp.status
+
+
+async def test_sigterm_during_50_streams_lets_every_one_finish_and_settle(
+        tmp_path, redis_store_table, otlp, start_proxy):  # noqa: F811
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=25)
+    # Spans are exported every hour: only the flush at exit can bring them to the receiver.
+    telemetry = f'[telemetry]\nendpoint = "{otlp.url}"\nexport_interval_s = 3600\n'
+    path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 4, "drain_timeout_s": 120}, telemetry)
+    proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
+    session = None
+    try:
+        started: asyncio.Queue = asyncio.Queue()
+        session, streams = await open_streams(base, 150, started)  # 150 tokens at 25 a second: 6 s each
+        for _ in range(STREAMS):
+            await asyncio.wait_for(started.get(), 60)
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_for_log(lambda line: line["event"] == "drain_started")
+        # Step 1: not ready at once, while the listener still takes connections for the load balancer's sake.
+        assert await readyz(base) == 503
+        async with aiohttp.ClientSession() as plain:  # a request that arrives in the grace is still served
+            async with plain.post(base + "/v1/chat/completions", json={**body(99, 2), "stream": False}) as resp:
+                assert resp.status == 200
+                grace_usage = (await resp.json())["usage"]["total_tokens"]
+        closed = await proxy.wait_for_log(lambda line: line["event"] == "drain_listener_closed")
+        assert closed["in_flight"] > 0  # streams were still running when the listener closed
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await readyz(base)
+        bodies = await asyncio.wait_for(asyncio.gather(*streams), 120)
+        assert await proxy.wait(60) == 0
+    finally:
+        if session is not None:
+            await session.close()
+        await proxy.stop()
+        await sim.stop()
+    used = grace_usage
+    for raw in bodies:
+        assert raw.endswith(b"data: [DONE]\n\n")
+        last = orjson.loads(events(raw)[-2])
+        assert last["choices"][0]["finish_reason"] == "length"
+        used += last["x_groq"]["usage"]["total_tokens"]
+    done = next(line for line in proxy.log_lines() if line["event"] == "drain_done")
+    assert done["cut"] == 0
+    # No settlement lost: every reservation came back, and what is charged is what the upstream reported.
+    state = await budget(start_proxy, path)
+    assert (state["reserved"], state["used"]) == (0, used)
+    # The spans still queued at exit were flushed: one server span per request.
+    servers = [s for s in otlp.spans if s.kind == KIND_SERVER]
+    assert len(servers) == STREAMS + 1
+
+
+async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_and_settle(
+        tmp_path, redis_store_table, start_proxy):
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=20)
+    path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 0, "drain_timeout_s": 1})
+    proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
+    session = None
+    try:
+        started: asyncio.Queue = asyncio.Queue()
+        session, streams = await open_streams(base, 4000, started)  # 4,000 tokens at 20 a second: 200 s each
+        for _ in range(STREAMS):
+            await asyncio.wait_for(started.get(), 60)
+        proxy.process.send_signal(signal.SIGTERM)
+        bodies = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        assert await proxy.wait(60) == 0
+    finally:
+        if session is not None:
+            await session.close()
+        await proxy.stop()
+        await sim.stop()
+    prompt = 0
+    used = 0
+    for i, raw in enumerate(bodies):
+        got = events(raw)
+        assert b"[DONE]" not in raw
+        error = orjson.loads(got[-1])["error"]
+        assert error["code"] == "shutting_down" and "server.drain_timeout_s (1 s)" in error["message"]
+        # A cut stream is charged its prompt's estimate and one token per content event that went out.
+        prompt = estimate(body(i, 4000))
+        used += prompt + len(got) - 2  # minus the error event and the role chunk
+    cut = next(line for line in proxy.log_lines() if line["event"] == "drain_cut")
+    assert cut["requests"] == STREAMS
+    attempts = [line for line in proxy.log_lines() if line["event"] == "attempt"]
+    assert len(attempts) == STREAMS and {a["reason"] for a in attempts} == {"shutting_down"}
+    state = await budget(start_proxy, path)
+    assert (state["reserved"], state["used"]) == (0, used)
+    assert prompt > 0
+
+
+async def test_a_second_signal_cuts_the_drain_short(tmp_path, redis_store_table):
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=20)
+    path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 600, "drain_timeout_s": 600})
+    proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
+    session = None
+    try:
+        started: asyncio.Queue = asyncio.Queue()
+        session, streams = await open_streams(base, 4000, started)
+        for _ in range(STREAMS):
+            await asyncio.wait_for(started.get(), 60)
+        proxy.process.send_signal(signal.SIGINT)
+        await proxy.wait_for_log(lambda line: line["event"] == "drain_started")
+        proxy.process.send_signal(signal.SIGINT)
+        bodies = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        assert await proxy.wait(60) == 0
+    finally:
+        if session is not None:
+            await session.close()
+        await proxy.stop()
+        await sim.stop()
+    assert all(orjson.loads(events(raw)[-1])["error"]["code"] == "shutting_down" for raw in bodies)
+
