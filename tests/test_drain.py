@@ -12,74 +12,9 @@ import orjson
 import pytest
 
 from policies.estimate import estimate
-from proxy.app.config import load_config
 from tests.otlp_receiver import KIND_SERVER, otlp  # noqa: F401  (a fixture)
-from tests.procs import Proc, clean_env, start_serving
-
-STREAMS = 50
-SIM_KEY = "sk-test-drain-upstream-key"
-
-
-async def start_simulator(tmp_path, tokens_per_s: float) -> tuple[Proc, str]:
-    sim = await Proc(tmp_path, "sim").start("simulate", "--port", "0", "--tokens-per-s", str(tokens_per_s),
-                                            env=clean_env())
-    return sim, await sim.wait_listening("stdout")
-
-
-def write_config(tmp_path, sim_url: str, store: dict, server: dict, telemetry: str = "") -> str:
-    path = tmp_path / "proxy.toml"
-    store_lines = "\n".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in store.items())
-    server_lines = "\n".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in server.items())
-    path.write_text(f"""
-[server]
-{server_lines}
-[providers.sim]
-base_url = "{sim_url}/openai/v1"
-api_key_env = "SIM_KEY"
-[models.tier-test]
-chain = ["sim:openai/gpt-oss-20b"]
-[store]
-{store_lines}
-[[policies]]
-use = "token_budget"
-per = "global"
-tokens = 100000000
-{telemetry}
-""")
-    return str(path)
-
-
-def body(i: int, max_tokens: int) -> dict:
-    return {"model": "tier-test", "stream": True, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": f"stream number {i}"}]}
-
-
-async def open_streams(base: str, max_tokens: int, started: asyncio.Queue):
-    """STREAMS streams, each on its own connection; `started` gets one item per stream once its first bytes came.
-    Returns the tasks; each ends with the whole raw body."""
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
-
-    async def one(i: int) -> bytes:
-        async with session.post(base + "/v1/chat/completions", json=body(i, max_tokens)) as resp:
-            assert resp.status == 200, await resp.text()
-            got = await resp.content.readany()
-            await started.put(i)
-            return got + await resp.read()
-
-    return session, [asyncio.create_task(one(i)) for i in range(STREAMS)]
-
-
-def events(raw: bytes) -> list[bytes]:
-    return [e[len(b"data: "):] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
-
-
-async def budget(start_proxy, config_path: str) -> dict:
-    """The token budget as /v1/usage reports it, read through a fresh proxy on the same Redis."""
-    base = await start_proxy(load_config(config_path, env={"SIM_KEY": SIM_KEY}))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base + "/v1/usage") as resp:
-            assert resp.status == 200
-            return (await resp.json())["budgets"][0]
+from tests.procs import clean_env, start_serving
+from tests.slow_streams import SIM_KEY, STREAMS, body, budget, events, open_streams, start_simulator, write_config
 
 
 async def readyz(base: str) -> int:
@@ -94,9 +29,9 @@ async def test_sigterm_during_50_streams_lets_every_one_finish_and_settle(
     # Spans are exported every hour: only the flush at exit can bring them to the receiver.
     telemetry = f'[telemetry]\nendpoint = "{otlp.url}"\nexport_interval_s = 3600\n'
     path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 4, "drain_timeout_s": 120}, telemetry)
-    proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-    session = None
+    proxy = session = None
     try:
+        proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
         started: asyncio.Queue = asyncio.Queue()
         session, streams = await open_streams(base, 150, started)  # 150 tokens at 25 a second: 6 s each
         for _ in range(STREAMS):
@@ -118,7 +53,8 @@ async def test_sigterm_during_50_streams_lets_every_one_finish_and_settle(
     finally:
         if session is not None:
             await session.close()
-        await proxy.stop()
+        if proxy is not None:
+            await proxy.stop()
         await sim.stop()
     used = grace_usage
     for raw in bodies:
@@ -140,9 +76,9 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
         tmp_path, redis_store_table, start_proxy):
     sim, sim_url = await start_simulator(tmp_path, tokens_per_s=20)
     path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 0, "drain_timeout_s": 1})
-    proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-    session = None
+    proxy = session = None
     try:
+        proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
         started: asyncio.Queue = asyncio.Queue()
         session, streams = await open_streams(base, 4000, started)  # 4,000 tokens at 20 a second: 200 s each
         for _ in range(STREAMS):
@@ -153,7 +89,8 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
     finally:
         if session is not None:
             await session.close()
-        await proxy.stop()
+        if proxy is not None:
+            await proxy.stop()
         await sim.stop()
     prompt = 0
     used = 0
@@ -177,9 +114,9 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
 async def test_a_second_signal_cuts_the_drain_short(tmp_path, redis_store_table):
     sim, sim_url = await start_simulator(tmp_path, tokens_per_s=20)
     path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 600, "drain_timeout_s": 600})
-    proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-    session = None
+    proxy = session = None
     try:
+        proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
         started: asyncio.Queue = asyncio.Queue()
         session, streams = await open_streams(base, 4000, started)
         for _ in range(STREAMS):
@@ -192,7 +129,8 @@ async def test_a_second_signal_cuts_the_drain_short(tmp_path, redis_store_table)
     finally:
         if session is not None:
             await session.close()
-        await proxy.stop()
+        if proxy is not None:
+            await proxy.stop()
         await sim.stop()
     assert all(orjson.loads(events(raw)[-1])["error"]["code"] == "shutting_down" for raw in bodies)
 

@@ -50,12 +50,19 @@ def cmd_serve(args) -> int:
     from proxy.admin import catalogue
     from proxy.app.drain import DRAIN
     from proxy.app.server import build_app
+    from proxy.app.workers import check_workers, follow_parent, supervise
 
     if args.port is not None:
         _check_port_arg(args.port)
+    if args.workers is not None and args.workers < 1:
+        raise ProxyError(400, f"--workers: must be at least 1, got {args.workers}")
     config = load_config(args.config)
     setup_logging(config.server.log_level)
-    simulate = decide_simulation(args, config)
+    workers = args.workers if args.workers is not None else config.server.workers
+    worker = args.worker_index is not None  # one of a supervisor's workers (proxy/app/workers.py)
+    if workers > 1 and not worker:
+        check_workers(config, workers)
+    simulate = decide_simulation(args, config) or args.simulator_url is not None
     if not simulate:
         missing = _missing_keys(config)
         if missing:
@@ -77,15 +84,36 @@ def cmd_serve(args) -> int:
             return 3
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    app = build_app(config, simulate=simulate)
+    if workers > 1 and not worker:
+        return supervise(args, config, workers, simulate, host, port, loop, _say)
     source = "simulated upstream" if simulate else config.source
+    if worker and args.simulator_url:  # the supervisor's one simulator, shared by every worker
+        app = build_app(config.with_base_urls(args.simulator_url))
+    else:
+        app = build_app(config, simulate=simulate)
+    banner = lambda url: _say(f"groq-proxy listening on {url} ({source})")  # noqa: E731
+    if worker:
+        banner = _worker_banner(app, args, workers)
+        follow_parent()
     # Start-up objects live as long as the process: keep them out of the collector's full passes, and
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
-    serve(app, host, port, lambda url: _say(f"groq-proxy listening on {url} ({source})"), loop,
-          drain=app[DRAIN], access_log=None)
+    serve(app, host, port, banner, loop, drain=app[DRAIN], reuse_port=worker, access_log=None)
     return 0
+
+
+def _worker_banner(app, args, workers: int):
+    """A worker's set-up: its metrics socket for its siblings' scrapes, and its "listening" line on stdout,
+    which the supervisor reads."""
+    from proxy.app.server import STATE, render_metrics
+    from proxy.telemetry.worker_metrics import WORKER_METRICS, WorkerMetrics
+
+    siblings = WorkerMetrics(args.worker_dir, args.worker_index, workers)
+    app[WORKER_METRICS] = siblings
+    if app[STATE].config.telemetry.metrics:
+        app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
+    return lambda url: _say(f"groq-proxy worker {args.worker_index} listening on {url}", sys.stdout)
 
 
 _SHARES = ("rate_429", "rate_5xx", "rate_cut")
@@ -232,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--simulate", action="store_true", help="answer from the built-in simulator, not the providers")
     serve.add_argument("--strict", action="store_true", help="refuse to start when a configured model is missing")
     serve.add_argument("--no-check", action="store_true", help="skip the model-catalogue check at start")
+    serve.add_argument("--workers", type=int, help="worker processes on the port (default: server.workers, 1)")
+    # Set by the supervisor for its workers (proxy/app/workers.py); not for people.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    serve.add_argument("--simulator-url", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     simulate = sub.add_parser("simulate", help="run the Groq-like simulator as an upstream")

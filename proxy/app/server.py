@@ -27,6 +27,7 @@ from proxy.telemetry.otlp import Encoder, Exporter
 from proxy.pipeline.pipeline import Pipeline
 from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
+from proxy.telemetry.worker_metrics import WORKER_METRICS
 from proxy.upstream.providers import Upstreams
 from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
 
@@ -146,16 +147,24 @@ def _observed_fields(state: ProxyState, model_id: str) -> dict:
     return {}
 
 
+def render_metrics(app: web.Application) -> bytes:
+    """This process's own exposition."""
+    state = app[STATE]
+    observed = state.pipeline.routing.observed if state.pipeline is not None else None
+    return state.observer.metrics.render(state.exporter, observed)
+
+
 async def metrics(request: web.Request) -> web.Response:
     observer = request.app[STATE].observer
     if observer is None or observer.metrics is None:
         return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).",
                           code="unknown_url").to_response(_id_header())
-    state = request.app[STATE]
-    exporter = state.exporter
-    observed = state.pipeline.routing.observed if state.pipeline is not None else None
-    return web.Response(body=observer.metrics.render(exporter, observed),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **_id_header()})
+    body = render_metrics(request.app)
+    siblings = request.app.get(WORKER_METRICS)
+    if siblings is not None:  # --workers N: this scrape covers every worker (proxy/telemetry/worker_metrics.py)
+        body = await siblings.merged(body)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                                            **_id_header()})
 
 
 async def admin_benchmark(request: web.Request) -> web.Response:

@@ -1,0 +1,155 @@
+"""`groq-proxy serve --workers N` run as an operator runs it: real subprocesses on one port (SO_REUSEPORT), the
+supervisor's restarts, one /metrics for the whole proxy, one shared simulator, and the drain of every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+
+import aiohttp
+import orjson
+import pytest
+
+from proxy.telemetry.worker_metrics import merge
+from tests.procs import Proc, clean_env, run, start_serving
+from tests.slow_streams import SIM_KEY, STREAMS, budget, events, open_streams, start_simulator, write_config
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+
+CHAT = {"model": "tier-fast", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def chat_on_new_connections(base: str, n: int) -> list[aiohttp.typedefs.CIMultiDictProxy]:
+    """n plain requests, each on a connection of its own (the kernel picks a worker per connection)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async def one(_):
+            async with session.post(base + "/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+                return resp.headers
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def scrape(base: str) -> str:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        async with session.get(base + "/metrics") as resp:
+            assert resp.status == 200
+            return await resp.text()
+
+
+def requests_total(text: str) -> int:
+    return sum(int(float(m)) for m in re.findall(r"^groq_proxy_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def worker_pid(proc: Proc, index: int) -> int:
+    return [line["pid"] for line in proc.log_lines()
+            if line["event"] == "worker_started" and line["worker"] == index][-1]
+
+
+async def test_two_workers_share_one_port_one_simulator_and_one_metrics_view(tmp_path):
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", env=clean_env())
+    try:
+        headers = await chat_on_new_connections(base, 40)
+        assert all(h["x-groq-proxy-simulated"] == "true" for h in headers)
+        for _ in range(6):  # whichever worker the kernel hands the scrape to, it counts all 40
+            text = await scrape(base)
+            assert requests_total(text) == 40
+            assert "groq_proxy_workers 2\n" in text and "groq_proxy_workers_scraped 2\n" in text
+        # Gauges do not add up: one series per worker, and both workers answered requests.
+        assert re.search(r'^groq_proxy_observed_latency_ms\{[^}]*worker="0"\} ', text, re.M)
+        assert re.search(r'^groq_proxy_observed_latency_ms\{[^}]*worker="1"\} ', text, re.M)
+    finally:
+        await proxy.stop()
+    assert proxy.process.returncode == 0
+    lines = proxy.log_lines()
+    simulators = [line for line in lines if line["event"] == "simulated_upstream"]
+    assert len(simulators) == 1  # the supervisor's one simulator: every worker talks to the same upstream
+    assert sorted(line["worker"] for line in lines if line["event"] == "worker_started") == [0, 1]
+    assert len([line for line in lines if line["event"] == "drain_done"]) == 2
+    assert re.search(r"listening on http://127\.0\.0\.1:\d+ \(simulated upstream, 2 workers\)", proxy.stderr)
+
+
+async def test_a_worker_that_dies_is_restarted_and_logged(tmp_path):
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", env=clean_env())
+    try:
+        dead = worker_pid(proxy, 0)
+        os.kill(dead, signal.SIGKILL)
+        exited = await proxy.wait_for_log(lambda line: line["event"] == "worker_exited")
+        assert (exited["worker"], exited["pid"], exited["code"]) == (0, dead, "SIGKILL")
+        restarted = await proxy.wait_for_log(lambda line: line["event"] == "worker_restarted")
+        assert restarted["worker"] == 0 and restarted["pid"] != dead and restarted["restarts"] == 1
+        assert exited["level"] == "error"
+        await chat_on_new_connections(base, 20)
+        text = await scrape(base)
+        assert "groq_proxy_workers_scraped 2\n" in text and requests_total(text) == 20
+    finally:
+        await proxy.stop()
+    assert proxy.process.returncode == 0
+
+
+async def test_more_than_one_worker_on_the_memory_store_is_refused(tmp_path):
+    path = tmp_path / "memory.toml"
+    path.write_text('[providers.sim]\nbase_url = "http://127.0.0.1:9/v1"\n[models.tier-test]\nchain = ["sim:m"]\n'
+                    '[[policies]]\nuse = "token_budget"\ntokens = 1000\n')
+    proc = await run(tmp_path, "refused", "serve", "--config", str(path), "--port", "0", "--workers", "2",
+                     env=clean_env())
+    assert proc.process.returncode == 2
+    assert proc.stderr.strip() == ('groq-proxy: config error: store.backend: 2 worker processes on the memory store '
+                                   'would each enforce the limits on their own; use backend = "redis"')
+    with_key = tmp_path / "workers.toml"
+    with_key.write_text("[server]\nworkers = 3\n" + path.read_text())
+    proc = await run(tmp_path, "refused-config", "serve", "--config", str(with_key), "--port", "0", env=clean_env())
+    assert proc.process.returncode == 2 and "store.backend: 3 worker processes" in proc.stderr
+    proc = await run(tmp_path, "zero", "serve", "--port", "0", "--workers", "0", env=clean_env())
+    assert proc.process.returncode == 2
+    assert proc.stderr.strip() == "groq-proxy: --workers: must be at least 1, got 0"
+
+
+async def test_sigterm_to_the_supervisor_drains_every_worker(tmp_path, redis_store_table, start_proxy):
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=25)
+    path = write_config(tmp_path, sim_url, redis_store_table,
+                        {"drain_s": 1, "drain_timeout_s": 120, "workers": 2})
+    proxy = session = None
+    try:
+        proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
+        started: asyncio.Queue = asyncio.Queue()
+        session, streams = await open_streams(base, 100, started)  # 4 s each
+        for _ in range(STREAMS):
+            await asyncio.wait_for(started.get(), 60)
+        proxy.process.send_signal(signal.SIGTERM)
+        bodies = await asyncio.wait_for(asyncio.gather(*streams), 120)
+        assert await proxy.wait(60) == 0
+    finally:
+        if session is not None:
+            await session.close()
+        if proxy is not None:
+            await proxy.stop()
+        await sim.stop()
+    used = 0
+    for raw in bodies:
+        assert raw.endswith(b"data: [DONE]\n\n")
+        used += orjson.loads(events(raw)[-2])["x_groq"]["usage"]["total_tokens"]
+    lines = proxy.log_lines()
+    assert [line["signal"] for line in lines if line["event"] == "supervisor_signal"] == ["SIGTERM"]
+    drains = [line for line in lines if line["event"] == "drain_listener_closed"]
+    assert len(drains) == 2 and sum(line["in_flight"] for line in drains) > 0
+    assert [line["cut"] for line in lines if line["event"] == "drain_done"] == [0, 0]
+    assert not [line for line in lines if line["event"] == "worker_exited"]
+    state = await budget(start_proxy, path)
+    assert (state["reserved"], state["used"]) == (0, used)
+
+
+def test_merge_sums_counters_and_histograms_and_keeps_gauges_per_worker():
+    one = ('# HELP c_total C.\n# TYPE c_total counter\nc_total{a="x"} 2\nc_total{a="y"} 1\n'
+           '# HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le="0.1"} 1\nh_seconds_bucket{le="+Inf"} 2\n'
+           'h_seconds_sum 0.25\nh_seconds_count 2\n# HELP g G.\n# TYPE g gauge\ng{m="a b"} 7.5\ng_bare 1\n')
+    two = ('# HELP c_total C.\n# TYPE c_total counter\nc_total{a="x"} 3\nc_total{a="z"} 4\n'
+           '# HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le="0.1"} 0\nh_seconds_bucket{le="+Inf"} 1\n'
+           'h_seconds_sum 0.5\nh_seconds_count 1\n# HELP g G.\n# TYPE g gauge\ng{m="a b"} 2\n')
+    assert merge({0: one, 1: two}).decode() == (
+        '# HELP c_total C.\n# TYPE c_total counter\nc_total{a="x"} 5\nc_total{a="y"} 1\nc_total{a="z"} 4\n'
+        '# HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le="0.1"} 1\n'
+        'h_seconds_bucket{le="+Inf"} 3\nh_seconds_sum 0.75\nh_seconds_count 3\n'
+        '# HELP g G.\n# TYPE g gauge\ng{m="a b",worker="0"} 7.5\ng_bare{worker="0"} 1\ng{m="a b",worker="1"} 2\n')
