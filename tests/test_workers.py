@@ -153,3 +153,32 @@ def test_merge_sums_counters_and_histograms_and_keeps_gauges_per_worker():
         '# HELP h_seconds H.\n# TYPE h_seconds histogram\nh_seconds_bucket{le="0.1"} 1\n'
         'h_seconds_bucket{le="+Inf"} 3\nh_seconds_sum 0.75\nh_seconds_count 3\n'
         '# HELP g G.\n# TYPE g gauge\ng{m="a b",worker="0"} 7.5\ng_bare{worker="0"} 1\ng{m="a b",worker="1"} 2\n')
+
+
+async def test_worker_log_writes_are_whole_lines_within_pipe_buf():
+    """Workers share one stderr: a write over PIPE_BUF to a pipe may interleave with another process's."""
+    import io
+    import select
+
+    from proxy.telemetry.logs import BatchingHandler
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+
+    stream = Writes()
+    handler = BatchingHandler(stream)
+    handler.atomic_bytes = select.PIPE_BUF
+    lines = [orjson.dumps({"event": "attempt", "n": i, "detail": "é" * (i % 50)}).decode() for i in range(200)]
+    for line in lines:
+        handler.add_line(line, 20)  # batched: the loop's timer would flush them together
+    assert stream.writes == []
+    handler.flush()
+    assert len(stream.writes) > 1
+    assert all(w.endswith("\n") and len(w.encode()) <= select.PIPE_BUF for w in stream.writes)
+    assert "".join(stream.writes).splitlines() == lines

@@ -7,12 +7,13 @@ import asyncio
 import gc
 import logging
 import os
+import select
 import sys
 
 from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
 from proxy.app.errors import ProxyError
 from proxy.app.listen import ListenError, check_port, serve
-from proxy.telemetry.logs import emit, setup_logging
+from proxy.telemetry.logs import BatchingHandler, emit, setup_logging
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -62,6 +63,8 @@ def cmd_serve(args) -> int:
     worker = args.worker_index is not None  # one of a supervisor's workers (proxy/app/workers.py)
     if workers > 1 and not worker:
         check_workers(config, workers)
+    if workers > 1:  # the processes share one stderr: no write may interleave mid-line
+        BatchingHandler.atomic_bytes = select.PIPE_BUF
     simulate = decide_simulation(args, config) or args.simulator_url is not None
     if not simulate:
         missing = _missing_keys(config)
