@@ -182,3 +182,28 @@ async def test_worker_log_writes_are_whole_lines_within_pipe_buf():
     assert len(stream.writes) > 1
     assert all(w.endswith("\n") and len(w.encode()) <= select.PIPE_BUF for w in stream.writes)
     assert "".join(stream.writes).splitlines() == lines
+
+
+async def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path):
+    """A plain listener, and another proxy's workers (which SO_REUSEPORT alone would let us join)."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        proc = await run(tmp_path, "taken", "serve", "--port", str(port), "--workers", "2", env=clean_env())
+    finally:
+        taken.close()
+    assert proc.process.returncode == 1
+    assert proc.other_lines() == [f"groq-proxy: cannot listen on http://127.0.0.1:{port}: Address already in use"]
+    assert not [line for line in proc.log_lines() if line["event"] == "worker_started"]
+    first, base = await start_serving(tmp_path, "first", "--workers", "2", env=clean_env())
+    try:
+        port = base.rsplit(":", 1)[1]
+        proc = await run(tmp_path, "second", "serve", "--port", port, "--workers", "2", env=clean_env())
+        assert proc.process.returncode == 1
+        assert proc.other_lines() == [f"groq-proxy: cannot listen on http://127.0.0.1:{port}: Address already in use"]
+    finally:
+        await first.stop()

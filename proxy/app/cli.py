@@ -90,10 +90,8 @@ def cmd_serve(args) -> int:
     if workers > 1 and not worker:
         return supervise(args, config, workers, simulate, host, port, loop, _say)
     source = "simulated upstream" if simulate else config.source
-    if worker and args.simulator_url:  # the supervisor's one simulator, shared by every worker
-        app = build_app(config.with_base_urls(args.simulator_url))
-    else:
-        app = build_app(config, simulate=simulate)
+    # A worker of a simulated proxy uses the supervisor's one simulator: every worker talks to the same upstream.
+    app = build_app(config, simulate=simulate, simulator_url=args.simulator_url)
     banner = lambda url: _say(f"groq-proxy listening on {url} ({source})")  # noqa: E731
     if worker:
         banner = _worker_banner(app, args, workers)

@@ -44,6 +44,7 @@ class ProxyState:
     config: Config
     simulate: bool = False
     simulator_config: "SimulatorConfig | None" = None
+    simulator_url: str | None = None  # a --workers supervisor's simulator, shared: none is started here
     router: Router | None = None
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
@@ -245,7 +246,9 @@ def models_list(config: Config) -> list[dict]:
 async def _lifecycle(app: web.Application):
     state = app[STATE]
     sim_runner = None
-    if state.simulate:
+    if state.simulator_url is not None:
+        state.config = state.config.with_base_urls(state.simulator_url)
+    elif state.simulate:
         from proxy.sim.simulator import SimulatorConfig, start_simulator
 
         sim_runner, url = await start_simulator(state.simulator_config or SimulatorConfig())
@@ -292,7 +295,8 @@ async def _lifecycle(app: web.Application):
         await sim_runner.cleanup()
 
 
-def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
+def build_app(config: Config, *, simulate: bool = False, simulator_config=None,
+              simulator_url: str | None = None) -> web.Application:
     server = config.server
     http_errors.install()
     handler_args = {
@@ -308,7 +312,8 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
         "max_headers": server.max_headers,
     }
     app = web.Application(client_max_size=server.max_body_bytes, handler_args=handler_args)
-    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
+    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config,
+                            simulator_url=simulator_url)
     app[READ_TIMEOUT] = server.request_read_timeout_s
     app[DRAIN] = Drain(server.drain_s, server.drain_timeout_s)
     app.cleanup_ctx.append(_lifecycle)

@@ -52,7 +52,18 @@ def check_workers(config: Config, workers: int) -> None:
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """Binds host:port with SO_REUSEPORT without listening: the workers bind the same port beside it."""
+    """Binds host:port with SO_REUSEPORT without listening: the workers bind the same port beside it.
+    SO_REUSEPORT would also let this bind share a port with another proxy's workers (same user): a port where
+    something already answers is refused first."""
+    if port:
+        probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        try:
+            with socket.create_connection((probe, port), timeout=1.0):
+                pass
+        except OSError:
+            pass  # nothing listens there (or the name does not resolve: the bind below says so)
+        else:
+            raise ListenError(f"cannot listen on {url_of(host, port)}: Address already in use")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
