@@ -54,19 +54,37 @@ def body(i: int, max_tokens: int) -> dict:
             "messages": [{"role": "user", "content": f"stream number {i}"}]}
 
 
-async def open_streams(base: str, max_tokens: int, started: asyncio.Queue):
-    """STREAMS streams, each on its own connection; `started` gets one item per stream once its first bytes came.
-    Returns the tasks; each ends with the whole raw body."""
+async def open_streams(base: str, max_tokens: int):
+    """STREAMS streams, each on its own connection, once each has its first bytes (a stream refused instead
+    fails here with the proxy's answer). Returns the session and the tasks; each ends with the whole raw body."""
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+    started: asyncio.Queue = asyncio.Queue()
 
     async def one(i: int) -> bytes:
-        async with session.post(base + "/v1/chat/completions", json=body(i, max_tokens)) as resp:
-            assert resp.status == 200, await resp.text()
-            got = await resp.content.readany()
-            await started.put(i)
-            return got + await resp.read()
+        try:
+            async with session.post(base + "/v1/chat/completions", json=body(i, max_tokens)) as resp:
+                if resp.status != 200:
+                    raise AssertionError(f"stream {i}: {resp.status} {await resp.text()}")
+                got = await resp.content.readany()
+                started.put_nowait(None)
+                return got + await resp.read()
+        except BaseException as exc:
+            started.put_nowait(exc)
+            raise
 
-    return session, [asyncio.create_task(one(i)) for i in range(STREAMS)]
+    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
+    try:
+        for _ in range(STREAMS):
+            failed = await asyncio.wait_for(started.get(), 60)
+            if failed is not None:
+                raise failed
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+        raise
+    return session, tasks
 
 
 def events(raw: bytes) -> list[bytes]:

@@ -17,6 +17,11 @@ from tests.procs import clean_env, start_serving
 from tests.slow_streams import SIM_KEY, STREAMS, body, budget, events, open_streams, start_simulator, write_config
 
 
+# 300 tokens at 10 a second: 30 s a stream, long past a 1 s drain timeout. (50 streams of up to 300 tokens stay
+# under the simulator's 18,000 tokens a minute, which the proxy's rate-limit prediction would enforce.)
+LONG = 300
+
+
 async def readyz(base: str) -> int:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         async with session.get(base + "/readyz") as resp:
@@ -32,10 +37,7 @@ async def test_sigterm_during_50_streams_lets_every_one_finish_and_settle(
     proxy = session = None
     try:
         proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-        started: asyncio.Queue = asyncio.Queue()
-        session, streams = await open_streams(base, 150, started)  # 150 tokens at 25 a second: 6 s each
-        for _ in range(STREAMS):
-            await asyncio.wait_for(started.get(), 60)
+        session, streams = await open_streams(base, 150)  # 150 tokens at 25 a second: 6 s each
         proxy.process.send_signal(signal.SIGTERM)
         await proxy.wait_for_log(lambda line: line["event"] == "drain_started")
         # Step 1: not ready at once, while the listener still takes connections for the load balancer's sake.
@@ -74,15 +76,12 @@ async def test_sigterm_during_50_streams_lets_every_one_finish_and_settle(
 
 async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_and_settle(
         tmp_path, redis_store_table, start_proxy):
-    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=20)
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=10)
     path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 0, "drain_timeout_s": 1})
     proxy = session = None
     try:
         proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-        started: asyncio.Queue = asyncio.Queue()
-        session, streams = await open_streams(base, 4000, started)  # 4,000 tokens at 20 a second: 200 s each
-        for _ in range(STREAMS):
-            await asyncio.wait_for(started.get(), 60)
+        session, streams = await open_streams(base, LONG)
         proxy.process.send_signal(signal.SIGTERM)
         bodies = await asyncio.wait_for(asyncio.gather(*streams), 60)
         assert await proxy.wait(60) == 0
@@ -100,7 +99,7 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
         error = orjson.loads(got[-1])["error"]
         assert error["code"] == "shutting_down" and "server.drain_timeout_s (1 s)" in error["message"]
         # A cut stream is charged its prompt's estimate and one token per content event that went out.
-        prompt = estimate(body(i, 4000))
+        prompt = estimate(body(i, LONG))
         used += prompt + len(got) - 2  # minus the error event and the role chunk
     cut = next(line for line in proxy.log_lines() if line["event"] == "drain_cut")
     assert cut["requests"] == STREAMS
@@ -112,15 +111,12 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
 
 
 async def test_a_second_signal_cuts_the_drain_short(tmp_path, redis_store_table):
-    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=20)
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=10)
     path = write_config(tmp_path, sim_url, redis_store_table, {"drain_s": 600, "drain_timeout_s": 600})
     proxy = session = None
     try:
         proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-        started: asyncio.Queue = asyncio.Queue()
-        session, streams = await open_streams(base, 4000, started)
-        for _ in range(STREAMS):
-            await asyncio.wait_for(started.get(), 60)
+        session, streams = await open_streams(base, LONG)
         proxy.process.send_signal(signal.SIGINT)
         await proxy.wait_for_log(lambda line: line["event"] == "drain_started")
         proxy.process.send_signal(signal.SIGINT)

@@ -114,10 +114,7 @@ async def test_sigterm_to_the_supervisor_drains_every_worker(tmp_path, redis_sto
     proxy = session = None
     try:
         proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-        started: asyncio.Queue = asyncio.Queue()
-        session, streams = await open_streams(base, 100, started)  # 4 s each
-        for _ in range(STREAMS):
-            await asyncio.wait_for(started.get(), 60)
+        session, streams = await open_streams(base, 100)  # 4 s each
         proxy.process.send_signal(signal.SIGTERM)
         bodies = await asyncio.wait_for(asyncio.gather(*streams), 120)
         assert await proxy.wait(60) == 0
