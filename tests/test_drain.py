@@ -22,6 +22,16 @@ from tests.slow_streams import SIM_KEY, STREAMS, body, budget, events, open_stre
 LONG = 300
 
 
+async def until_reserved(session: aiohttp.ClientSession, base: str, tokens: int) -> None:
+    """Waits until the token budget holds `tokens` in reservations (every request admitted)."""
+    for _ in range(600):
+        async with session.get(base + "/v1/usage") as resp:
+            if (await resp.json())["budgets"][0]["reserved"] == tokens:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the budget never held {tokens} reserved tokens")
+
+
 async def readyz(base: str) -> int:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         async with session.get(base + "/readyz") as resp:
@@ -82,8 +92,16 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
     try:
         proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
         session, streams = await open_streams(base, LONG)
+        plain_body = {**body(STREAMS, LONG), "stream": False}  # a plain answer comes whole, after 30 s
+        plain = asyncio.create_task(session.post(base + "/v1/chat/completions", json=plain_body))
+        # Every request is admitted and holds its reservation (the plain one is waiting on the upstream).
+        reserved = sum(estimate(body(i, LONG)) + LONG for i in range(STREAMS)) + estimate(plain_body) + LONG
+        await until_reserved(session, base, reserved)
         proxy.process.send_signal(signal.SIGTERM)
         bodies = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        plain_response = await asyncio.wait_for(plain, 60)
+        assert plain_response.status == 503
+        assert (await plain_response.json())["error"]["code"] == "shutting_down"
         assert await proxy.wait(60) == 0
     finally:
         if session is not None:
@@ -92,7 +110,7 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
             await proxy.stop()
         await sim.stop()
     prompt = 0
-    used = 0
+    used = estimate(plain_body)  # cut before any answer: its prompt's estimate
     for i, raw in enumerate(bodies):
         got = events(raw)
         assert b"[DONE]" not in raw
@@ -102,9 +120,9 @@ async def test_streams_still_running_at_drain_timeout_end_with_the_error_event_a
         prompt = estimate(body(i, LONG))
         used += prompt + len(got) - 2  # minus the error event and the role chunk
     cut = next(line for line in proxy.log_lines() if line["event"] == "drain_cut")
-    assert cut["requests"] == STREAMS
+    assert cut["requests"] == STREAMS + 1
     attempts = [line for line in proxy.log_lines() if line["event"] == "attempt"]
-    assert len(attempts) == STREAMS and {a["reason"] for a in attempts} == {"shutting_down"}
+    assert len(attempts) == STREAMS + 1 and {a["reason"] for a in attempts} == {"shutting_down"}
     state = await budget(start_proxy, path)
     assert (state["reserved"], state["used"]) == (0, used)
     assert prompt > 0

@@ -164,7 +164,9 @@ class Supervisor:
         for worker in self.workers:
             if not await worker.ready:
                 code = await worker.process.wait()
-                emit(logging.ERROR, "worker_failed_to_start", worker=worker.index, code=code)
+                stopped = self._stopping  # a SIGTERM during the start: a stop, not a failure
+                if not stopped:
+                    emit(logging.ERROR, "worker_failed_to_start", worker=worker.index, code=_describe(code))
                 self._stopping = True
                 for other in self.workers:
                     if other.process.returncode is None:
@@ -172,7 +174,7 @@ class Supervisor:
                         other.process.terminate()  # a second signal: no drain grace for a start that failed
                 for other in self.workers:
                     await other.process.wait()
-                return code or 1
+                return 0 if stopped else (code if code > 0 else 1)
         return None
 
     async def _supervise(self, worker: Worker) -> int:
