@@ -51,6 +51,8 @@ def worker_pid(proc: Proc, index: int) -> int:
 async def test_two_workers_share_one_port_one_simulator_and_one_metrics_view(tmp_path):
     proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", env=clean_env())
     try:
+        proxy.process.send_signal(signal.SIGHUP)  # forwarded to every worker, which keeps serving
+        await proxy.wait_for_log(lambda line: line.get("signal") == "SIGHUP")
         headers = await chat_on_new_connections(base, 40)
         assert all(h["x-groq-proxy-simulated"] == "true" for h in headers)
         for _ in range(6):  # whichever worker the kernel hands the scrape to, it counts all 40
@@ -64,6 +66,7 @@ async def test_two_workers_share_one_port_one_simulator_and_one_metrics_view(tmp
         await proxy.stop()
     assert proxy.process.returncode == 0
     lines = proxy.log_lines()
+    assert not [line for line in lines if line["event"] == "worker_exited"]
     simulators = [line for line in lines if line["event"] == "simulated_upstream"]
     assert len(simulators) == 1  # the supervisor's one simulator: every worker talks to the same upstream
     assert sorted(line["worker"] for line in lines if line["event"] == "worker_started") == [0, 1]

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import select
+import signal
 import sys
 
 from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
@@ -96,6 +97,8 @@ def cmd_serve(args) -> int:
     if worker:
         banner = _worker_banner(app, args, workers)
         follow_parent()
+        # The supervisor forwards SIGHUP for a reload; a worker whose app installs no handler must not die of it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Start-up objects live as long as the process: keep them out of the collector's full passes, and
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
