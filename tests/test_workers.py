@@ -107,7 +107,7 @@ async def test_more_than_one_worker_on_the_memory_store_is_refused(tmp_path):
     assert proc.process.returncode == 2 and "store.backend: 3 worker processes" in proc.stderr
     proc = await run(tmp_path, "zero", "serve", "--port", "0", "--workers", "0", env=clean_env())
     assert proc.process.returncode == 2
-    assert proc.stderr.strip() == "groq-proxy: --workers: must be at least 1, got 0"
+    assert proc.stderr.strip() == "groq-proxy: --workers: must be from 1 to 64, got 0"
 
 
 async def test_sigterm_to_the_supervisor_drains_every_worker(tmp_path, redis_store_table, start_proxy):

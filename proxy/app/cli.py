@@ -8,10 +8,9 @@ import gc
 import logging
 import os
 import select
-import signal
 import sys
 
-from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
+from proxy.app.config import CONFIG_ENV, MAX_WORKERS, Config, ConfigError, load_config
 from proxy.app.errors import ProxyError
 from proxy.app.listen import ListenError, check_port, serve
 from proxy.telemetry.logs import BatchingHandler, emit, setup_logging
@@ -52,12 +51,12 @@ def cmd_serve(args) -> int:
     from proxy.admin import catalogue
     from proxy.app.drain import DRAIN
     from proxy.app.server import build_app
-    from proxy.app.workers import check_workers, follow_parent, supervise
+    from proxy.app.workers import check_workers, prepare_worker, supervise
 
     if args.port is not None:
         _check_port_arg(args.port)
-    if args.workers is not None and args.workers < 1:
-        raise ProxyError(400, f"--workers: must be at least 1, got {args.workers}")
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        raise ProxyError(400, f"--workers: must be from 1 to {MAX_WORKERS}, got {args.workers}")
     config = load_config(args.config)
     setup_logging(config.server.log_level)
     workers = args.workers if args.workers is not None else config.server.workers
@@ -93,31 +92,16 @@ def cmd_serve(args) -> int:
     source = "simulated upstream" if simulate else config.source
     # A worker of a simulated proxy uses the supervisor's one simulator: every worker talks to the same upstream.
     app = build_app(config, simulate=simulate, simulator_url=args.simulator_url)
-    banner = lambda url: _say(f"groq-proxy listening on {url} ({source})")  # noqa: E731
     if worker:
-        banner = _worker_banner(app, args, workers)
-        follow_parent()
-        # The supervisor forwards SIGHUP for a reload; a worker whose app installs no handler must not die of it.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        banner = prepare_worker(app, args.worker_index, workers, args.worker_dir, _say)
+    else:
+        banner = lambda url: _say(f"groq-proxy listening on {url} ({source})")  # noqa: E731
     # Start-up objects live as long as the process: keep them out of the collector's full passes, and
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
     serve(app, host, port, banner, loop, drain=app[DRAIN], reuse_port=worker, access_log=None)
     return 0
-
-
-def _worker_banner(app, args, workers: int):
-    """A worker's set-up: its metrics socket for its siblings' scrapes, and its "listening" line on stdout,
-    which the supervisor reads."""
-    from proxy.app.server import STATE, render_metrics
-    from proxy.telemetry.worker_metrics import WORKER_METRICS, WorkerMetrics
-
-    siblings = WorkerMetrics(args.worker_dir, args.worker_index, workers)
-    app[WORKER_METRICS] = siblings
-    if app[STATE].config.telemetry.metrics:
-        app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
-    return lambda url: _say(f"groq-proxy worker {args.worker_index} listening on {url}", sys.stdout)
 
 
 _SHARES = ("rate_429", "rate_5xx", "rate_cut")

@@ -204,6 +204,22 @@ class Supervisor:
                     worker.process.send_signal(signal.SIGTERM)
 
 
+def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[..., None]):
+    """What makes a `serve` process one of a supervisor's workers; returns its "listening" banner, which goes
+    to stdout, where the supervisor reads it."""
+    from proxy.app.server import STATE, render_metrics
+    from proxy.telemetry.worker_metrics import WORKER_METRICS, WorkerMetrics
+
+    siblings = WorkerMetrics(directory, index, workers)
+    app[WORKER_METRICS] = siblings  # its /metrics covers every worker
+    if app[STATE].config.telemetry.metrics:
+        app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
+    follow_parent()
+    # The supervisor forwards SIGHUP for a reload; a worker whose app installs no handler must not die of it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return lambda url: say(f"groq-proxy worker {index} listening on {url}", sys.stdout)
+
+
 def follow_parent() -> None:
     """In a worker: SIGTERM when the supervisor dies (even by SIGKILL), so no worker outlives it and holds the
     port. Linux's PR_SET_PDEATHSIG; workers run only where SO_REUSEPORT balances, which is Linux."""
