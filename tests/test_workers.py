@@ -207,3 +207,14 @@ async def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path):
         assert proc.other_lines() == [f"groq-proxy: cannot listen on http://127.0.0.1:{port}: Address already in use"]
     finally:
         await first.stop()
+
+
+async def test_a_sigterm_while_the_workers_start_is_a_clean_stop(tmp_path):
+    """The signal reaches a worker once it listens (earlier, it would die of it before its handlers exist)."""
+    proc = await Proc(tmp_path, "early").start("serve", "--port", "0", "--workers", "2", env=clean_env())
+    await proc.wait_for_log(lambda line: line["event"] == "worker_started" and line["worker"] == 1)
+    await proc.stop()
+    assert proc.process.returncode == 0
+    events = [line["event"] for line in proc.log_lines()]
+    assert "worker_failed_to_start" not in events and "worker_exited" not in events
+    assert events.count("drain_done") == 2

@@ -96,7 +96,6 @@ class Supervisor:
         self._command = command  # worker index, simulator URL -> argv
         self._simulator_url: str | None = None
         self._stopping = False
-        self._signals: list[int] = []
 
     async def run(self, simulate: bool, banner: Callable[[], None]) -> int:
         loop = asyncio.get_running_loop()
@@ -135,7 +134,7 @@ class Supervisor:
         emit(logging.INFO, "supervisor_signal", signal=signal.Signals(signum).name,
              workers=sum(1 for w in self.workers if w.process is not None and w.process.returncode is None))
         for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
+            if _listening(worker):  # one still starting gets SIGTERM once it listens; it reads the config anyway
                 worker.process.send_signal(signum)
 
     async def _spawn(self, worker: Worker) -> None:
@@ -148,14 +147,15 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, start_new_session=True)
         worker.started = loop.time()
         emit(logging.INFO, "worker_started", worker=worker.index, pid=worker.process.pid)
-        loop.create_task(self._read_banner(worker, worker.process, worker.ready))
+        loop.create_task(self._read_banner(worker.process, worker.ready))
 
-    @staticmethod
-    async def _read_banner(worker: Worker, process, ready: asyncio.Future) -> None:
+    async def _read_banner(self, process, ready: asyncio.Future) -> None:
         """The worker's stdout: its "listening" line says it is ready; the rest is read and dropped."""
         while line := await process.stdout.readline():
             if not ready.done() and b"listening on" in line:
                 ready.set_result(True)
+                if self._stopping:  # the stop came while it started: it drains now
+                    process.send_signal(signal.SIGTERM)
         if not ready.done():
             ready.set_result(False)
 
@@ -200,8 +200,6 @@ class Supervisor:
             if await worker.ready:
                 emit(logging.WARNING, "worker_restarted", worker=worker.index, pid=worker.process.pid,
                      restarts=worker.restarts)
-                if self._stopping:  # a signal came while it started: it missed the forward
-                    worker.process.send_signal(signal.SIGTERM)
 
 
 def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[..., None]):
@@ -227,6 +225,12 @@ def follow_parent() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _listening(worker: Worker) -> bool:
+    ready = worker.ready
+    return (worker.process is not None and worker.process.returncode is None and ready is not None
+            and ready.done() and ready.result())
 
 
 def _describe(code: int) -> int | str:
