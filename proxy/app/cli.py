@@ -9,6 +9,7 @@ import logging
 import os
 import select
 import sys
+from dataclasses import replace
 
 from proxy.app.config import CONFIG_ENV, MAX_WORKERS, Config, ConfigError, load_config
 from proxy.app.errors import ProxyError
@@ -50,7 +51,7 @@ def decide_simulation(args, config: Config) -> bool:
 def cmd_serve(args) -> int:
     from proxy.admin import catalogue
     from proxy.app.drain import DRAIN
-    from proxy.app.server import build_app
+    from proxy.app.server import STATE, build_app
     from proxy.app.workers import check_workers, prepare_worker, supervise
 
     if args.port is not None:
@@ -60,6 +61,8 @@ def cmd_serve(args) -> int:
     config = load_config(args.config)
     setup_logging(config.server.log_level)
     workers = args.workers if args.workers is not None else config.server.workers
+    if workers != config.server.workers:  # --workers wins, also for what reads server.workers (the admin port)
+        config = replace(config, server=replace(config.server, workers=workers))
     worker = args.worker_index is not None  # one of a supervisor's workers (proxy/app/workers.py)
     if workers > 1 and not worker:
         check_workers(config, workers)
@@ -100,7 +103,12 @@ def cmd_serve(args) -> int:
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
-    serve(app, host, port, banner, loop, drain=app[DRAIN], reuse_port=worker, access_log=None)
+
+    def listening(url: str) -> None:
+        app[STATE].public_url = url  # where POST /admin/benchmark sends its runs from the admin port
+        banner(url)
+
+    serve(app, host, port, listening, loop, drain=app[DRAIN], reuse_port=worker, access_log=None)
     return 0
 
 
