@@ -218,3 +218,39 @@ async def test_a_sigterm_while_the_workers_start_is_a_clean_stop(tmp_path):
     events = [line["event"] for line in proc.log_lines()]
     assert "worker_failed_to_start" not in events and "worker_exited" not in events
     assert events.count("drain_done") == 2
+
+
+async def test_an_admin_reload_on_one_worker_reloads_every_worker(tmp_path):
+    """POST /admin/reload reaches one worker (the kernel's choice); the supervisor sends SIGHUP to the others."""
+    path = tmp_path / "proxy.toml"
+    first = ('[server]\nadmin_key_env = "ADMIN_KEY"\n[providers.groq]\nbase_url = "http://127.0.0.1:9/openai/v1"\n'
+             'api_key_env = "GROQ_KEY"\n[models.tier-a]\nchain = ["groq:openai/gpt-oss-20b"]\n')
+    path.write_text(first)
+    env = clean_env(ADMIN_KEY="admin-key-for-the-test", GROQ_KEY="gsk_test_not_a_real_key")
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", "--simulate", "--config", str(path), env=env)
+    try:
+        path.write_text(first + '[models.tier-b]\nchain = ["groq:openai/gpt-oss-120b"]\n')
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async with session.post(base + "/admin/reload",
+                                    headers={"Authorization": "Bearer admin-key-for-the-test"}) as resp:
+                assert resp.status == 200, await resp.text()
+            await proxy.wait_for_log(lambda line: line["event"] == "config_reloaded" and line["trigger"] == "SIGHUP")
+            for _ in range(12):  # fresh connections: both workers answer some
+                async with session.get(base + "/v1/models") as resp:
+                    assert "tier-b" in {m["id"] for m in (await resp.json())["data"]}
+    finally:
+        await proxy.stop()
+    lines = proxy.log_lines()
+    assert sorted(line["trigger"] for line in lines if line["event"] == "config_reloaded") == ["SIGHUP", "admin"]
+    assert [line["event"] for line in lines if line["event"] == "supervisor_reload"] == ["supervisor_reload"]
+
+
+async def test_admin_port_0_with_workers_is_refused(tmp_path):
+    path = tmp_path / "proxy.toml"
+    path.write_text('[server]\nadmin_key_env = "ADMIN_KEY"\nadmin_port = 0\n[providers.sim]\n'
+                    'base_url = "http://127.0.0.1:9/v1"\n[models.tier-test]\nchain = ["sim:m"]\n')
+    proc = await run(tmp_path, "admin0", "serve", "--config", str(path), "--port", "0", "--workers", "2",
+                     env=clean_env(ADMIN_KEY="admin-key-for-the-test"))
+    assert proc.process.returncode == 2
+    assert proc.stderr.strip() == ("groq-proxy: config error: server.admin_port: 0 (any free port) would give each of "
+                                   "the 2 workers an admin port of its own; name a port")

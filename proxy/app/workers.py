@@ -31,10 +31,13 @@ import sys
 import tempfile
 from typing import Callable
 
+from aiohttp import web
+
 from proxy.app.config import Config, ConfigError
 from proxy.app.listen import ListenError, url_of
 from proxy.telemetry.logs import emit
 
+RELOAD_SIBLINGS_LINE = b"reload-siblings\n"  # a worker's stdout to the supervisor: POST /admin/reload succeeded
 RESTART_DELAY_S = (0.5, 10.0)  # first and largest wait before restarting a worker that died young
 YOUNG_S = 10.0  # a worker that ran less than this before dying counts as a crash loop
 
@@ -46,6 +49,9 @@ def check_workers(config: Config, workers: int) -> None:
     if not (hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")):
         raise ConfigError(f"server.workers: {workers} workers need SO_REUSEPORT with load balancing (Linux); "
                           f"on {sys.platform} run one worker per process manager slot instead")
+    if config.server.admin_port == 0:
+        raise ConfigError(f"server.admin_port: 0 (any free port) would give each of the {workers} workers an admin "
+                          "port of its own; name a port")
     from policies.config import check_workers as check_policies
 
     check_policies(config.policies, workers)
@@ -147,12 +153,19 @@ class Supervisor:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, start_new_session=True)
         worker.started = loop.time()
         emit(logging.INFO, "worker_started", worker=worker.index, pid=worker.process.pid)
-        loop.create_task(self._read_banner(worker.process, worker.ready))
+        loop.create_task(self._read_stdout(worker, worker.process, worker.ready))
 
-    async def _read_banner(self, process, ready: asyncio.Future) -> None:
-        """The worker's stdout: its "listening" line says it is ready; the rest is read and dropped."""
+    async def _read_stdout(self, worker: Worker, process, ready: asyncio.Future) -> None:
+        """The worker's stdout: its "listening" line says it is ready; `reload-siblings` that an admin reload
+        went through on it, so every other worker gets SIGHUP; the rest is read and dropped."""
         while line := await process.stdout.readline():
-            if not ready.done() and b"listening on" in line:
+            if line == RELOAD_SIBLINGS_LINE:
+                emit(logging.INFO, "supervisor_reload", worker=worker.index,
+                     message="POST /admin/reload on one worker: SIGHUP to the others")
+                for other in self.workers:
+                    if other is not worker and _listening(other):
+                        other.process.send_signal(signal.SIGHUP)
+            elif not ready.done() and b"listening on" in line:
                 ready.set_result(True)
                 if self._stopping:  # the stop came while it started: it drains now
                     process.send_signal(signal.SIGTERM)
@@ -210,12 +223,21 @@ def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[
 
     siblings = WorkerMetrics(directory, index, workers)
     app[WORKER_METRICS] = siblings  # its /metrics covers every worker
+    app[RELOAD_SIBLINGS] = _ask_for_sibling_reload  # POST /admin/reload reloads every worker
     if app[STATE].config.telemetry.metrics:
         app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
     follow_parent()
     # The supervisor forwards SIGHUP for a reload; a worker whose app installs no handler must not die of it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return lambda url: say(f"groq-proxy worker {index} listening on {url}", sys.stdout)
+
+
+def _ask_for_sibling_reload() -> None:
+    sys.stdout.buffer.write(RELOAD_SIBLINGS_LINE)
+    sys.stdout.buffer.flush()
+
+
+RELOAD_SIBLINGS = web.AppKey("reload_siblings", Callable)
 
 
 def follow_parent() -> None:
