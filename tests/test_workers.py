@@ -254,3 +254,27 @@ async def test_admin_port_0_with_workers_is_refused(tmp_path):
     assert proc.process.returncode == 2
     assert proc.stderr.strip() == ("groq-proxy: config error: server.admin_port: 0 (any free port) would give each of "
                                    "the 2 workers an admin port of its own; name a port")
+
+
+async def test_every_worker_listens_on_the_admin_port_with_the_workers_flag(tmp_path):
+    """--workers (not server.workers) must reach the admin listener too, which binds with SO_REUSEPORT then."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        admin_port = probe.getsockname()[1]
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'[server]\nadmin_key_env = "ADMIN_KEY"\nadmin_port = {admin_port}\n[providers.groq]\n'
+                    'base_url = "http://127.0.0.1:9/openai/v1"\n[models.tier-a]\nchain = ["groq:openai/gpt-oss-20b"]\n')
+    env = clean_env(ADMIN_KEY="admin-key-for-the-test")
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", "--simulate", "--config", str(path), env=env)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(6):
+                async with session.get(f"http://127.0.0.1:{admin_port}/admin/config",
+                                       headers={"Authorization": "Bearer admin-key-for-the-test"}) as resp:
+                    assert resp.status == 200
+    finally:
+        await proxy.stop()
+    assert proxy.process.returncode == 0
+    assert not [line for line in proxy.log_lines() if line["event"] in ("worker_exited", "worker_failed_to_start")]
