@@ -163,6 +163,7 @@ class Pipeline:
             except TimeoutError:
                 return await self._deadline_passed(ctx, plan.deadline_s)
         finally:
+            ctx.settling = True  # from here a drain's cut would lose the settlement (proxy/app/drain.py)
             if ctx.client is not None:
                 await ctx.client.stop_keepalive()
             if policies:
@@ -343,6 +344,8 @@ class Pipeline:
             attempt.reason, attempt.detail = "hedge_lost", "another attempt produced a data event first"
         elif ctx.deadline is not None and asyncio.get_running_loop().time() >= ctx.deadline:
             attempt.outcome, attempt.reason = "cancelled", "deadline_exceeded"
+        elif ctx.drained:  # past server.drain_timeout_s of a shutdown
+            attempt.outcome, attempt.reason = "cancelled", "shutting_down"
         else:  # the client went away while this attempt was in flight
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
         self._end(ctx, attempt, INFO)
