@@ -210,7 +210,7 @@ async def test_redis_gives_back_what_a_cancelled_request_was_admitted(redis_url)
         waiting = asyncio.ensure_future(store.admit([slot, budget_claim]))
         await asyncio.sleep(0)  # queued: its call is on the way
         waiting.cancel()
-        await until(lambda: not store._sending, what="the store's calls to finish")
+        await until(lambda: not store.busy, what="the store's calls to finish")
         assert await store.read([slot, budget_claim]) == [(0, 0), (0, 0)]
         assert not store._leases
     finally:
