@@ -205,9 +205,10 @@ class RedisServer:
     """A redis-server process of the suite's own, on a free port, in its own temp dir, without persistence.
     `stop()` and `start()` (same port) let a test take Redis away in the middle of a run and bring it back."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, password: str | None = None) -> None:
         self.directory = directory
         self.port = free_port()
+        self.password = password  # with one, redis-server --requirepass it
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
 
@@ -216,14 +217,15 @@ class RedisServer:
 
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+             *(("--requirepass", self.password) if self.password else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass
