@@ -377,6 +377,13 @@ class Pipeline:
         attempt.usage = obj.get("usage")
         attempt.response_id = obj.get("id")
         attempt.response_model = obj.get("model")
+        if ctx.answered is not None:
+            # Two racers of a hedge done in the same turn of the loop: the one that answered first has won. This
+            # one's usage stays on it: budgets charge what every attempt produced.
+            attempt.outcome, attempt.reason = "hedge_lost", "hedge_lost"
+            attempt.detail = "another attempt answered first"
+            self._end(ctx, attempt, INFO)
+            return None
         self._answered(ctx, attempt)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
