@@ -206,7 +206,15 @@ class Pipeline:
                             nxt = position
                             position += 1
                             if not self.cooldowns.remaining(chain[nxt].key):
-                                return self._model(ctx, nxt, chain[nxt], hedge=True)
+                                if not self.policies:
+                                    return self._model(ctx, nxt, chain[nxt], hedge=True)
+
+                                def refused():  # no room for a second attempt: that model stays next in the chain
+                                    nonlocal position
+                                    if position == nxt + 1:
+                                        position = nxt
+
+                                return self._hedge(ctx, nxt, chain[nxt], refused)
                         return None
 
                     result, started = await race(
@@ -229,6 +237,14 @@ class Pipeline:
         if ctx.client is not None:
             return await ctx.client.fail(error, ctx.base_headers)
         return error.to_response(ctx.base_headers)
+
+    async def _hedge(self, ctx: RequestContext, index: int, target, refused):
+        """A hedge's attempt, once the policies have reserved for a second attempt in flight (a budget without
+        room for it: no hedge, and `refused()` leaves the model for the chain to try later)."""
+        if not await self.policies.reserve_hedge(ctx):
+            refused()
+            return None
+        return await self._model(ctx, index, target, hedge=True)
 
     async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
         """One model, with each key of its provider's pool in turn while the failure is the key's (401/403,
