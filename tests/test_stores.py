@@ -265,7 +265,7 @@ async def test_redis_password_and_database_come_from_the_url(tmp_path, caplog):
     from tests.conftest import RedisServer
 
     caplog.set_level(logging.INFO, logger="groq_proxy")
-    server = RedisServer(str(tmp_path), password="pw-7f3a9c")
+    server = RedisServer(str(tmp_path), "--requirepass", "pw-7f3a9c")
     server.start()
     try:
         url = f"redis://:pw-7f3a9c@127.0.0.1:{server.port}/3"

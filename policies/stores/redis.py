@@ -24,19 +24,18 @@ policy's `on_error` decides), the log says so once, and a background probe bring
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import time
 import uuid
 from importlib import resources
 from typing import Awaitable, Callable, Sequence
-from urllib.parse import urlsplit
 
 from redis.exceptions import NoScriptError, RedisError
 
 from policies.stores import redis_dial
 from policies.stores.base import BUDGET, GCRA, SLOT, Admission, Claim, Settlement, StoreUnavailable
+from policies.stores.redis_connect import Connect, open_pool, parse_url
 from policies.stores.resp import ReplyError, RespConnection, encode
 from proxy.telemetry.logs import emit
 
@@ -63,19 +62,20 @@ def _script(name: str) -> tuple[str, str]:
 
 def safe_url(url: str) -> str:
     """The URL without its credentials: what the log and /readyz may show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+    return parse_url(url).display
 
 
 class RedisStore:
     backend = "redis"
 
     def __init__(self, url: str, *, timeout_s: float = 1.0, lease_s: float = 30.0, prefix: str = "gp:",
-                 max_connections: int = 32, dial: Callable[[], Awaitable[RespConnection]] | None = None) -> None:
+                 max_connections: int = 32, connect: Connect | None = None,
+                 dial: Callable[[], Awaitable[RespConnection]] | None = None) -> None:
         self.url = url
+        # The connection settings ([store] connect_timeout_s, timeout_s, pool_size, tls_*); from the
+        # arguments when not given (the tests' short form).
+        self.connect = connect or Connect(connect_timeout_s=timeout_s, timeout_s=timeout_s, pool_size=max_connections)
+        self._sentinel = None
         self.max_connections = max_connections
         self.timeout_s = timeout_s
         self.lease_s = lease_s
@@ -84,7 +84,7 @@ class RedisStore:
         self.round_trips = 0  # script calls for requests: what the README's round-trip figure is checked against
         self.renewals = 0  # lease renewals done (not counted in round_trips: one per third of a lease, not per request)
         self._client = None  # redis-py: the probe, the usage API's reads, lease renewals (none of them per request)
-        self._dial = dial or functools.partial(redis_dial.dial, url, timeout_s)
+        self._dial = dial or self._dial_target  # opens the hot path's connection (and opens it again)
         self._conn: RespConnection | None = None  # the hot path's own connection: admissions and settlements
         self._connecting: asyncio.Task | None = None
         self._retry_at = 0.0
@@ -105,20 +105,18 @@ class RedisStore:
         return self._in_flight or bool(self._admits or self._settles)
 
     async def start(self) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from redis.asyncio import Redis
 
         self._loop = asyncio.get_running_loop()
-        pool = BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections, timeout=self.timeout_s,
-                                               socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                                               retry=Retry(NoBackoff(), 0))
+        # redis-py's bounded pool (policies.stores.redis_connect) for what is not per request; with Sentinel,
+        # its sentinels also name the master the hot connection dials.
+        pool, self._sentinel = open_pool(parse_url(self.url), self.connect)
         self._client = Redis(connection_pool=pool)
         await self._probe()
         if self.available:
             try:
                 self._conn = await self._dial()
-            except (OSError, ReplyError, TimeoutError):
+            except (OSError, RedisError, ReplyError, TimeoutError):
                 self.available, self._retry_at = False, time.monotonic() + 1.0
         if not self.available:
             emit(logging.WARNING, "store_unavailable", backend="redis", url=safe_url(self.url),
@@ -140,6 +138,11 @@ class RedisStore:
         if self._client is not None:
             await self._client.aclose()
             await self._client.connection_pool.disconnect()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
+
+    async def _dial_target(self) -> RespConnection:
+        return await redis_dial.dial(parse_url(self.url), self.connect, self._sentinel)
 
     def status(self) -> dict:
         return {"backend": "redis", "status": "ok" if self.available else "unavailable", "url": safe_url(self.url)}
@@ -175,7 +178,7 @@ class RedisStore:
         admits, settles = self._admits[:BATCH], self._settles[:BATCH * 4]
         del self._admits[:BATCH], self._settles[:BATCH * 4]
         try:
-            command = self._command(admits, settles)
+            command = self._step_command(admits, settles)
             self.round_trips += 1
             self._eval(conn, command, admits, settles, retried=False)
         except BaseException as exc:  # nothing may wait forever
@@ -193,7 +196,7 @@ class RedisStore:
             if not self.available and time.monotonic() < self._retry_at:
                 raise ConnectionError("redis is unreachable")
             self._conn = await self._dial()
-        except (OSError, ReplyError, TimeoutError) as exc:
+        except (OSError, RedisError, ReplyError, TimeoutError) as exc:
             self._down(exc)
             admits, settles = self._admits[:], self._settles[:]
             del self._admits[:], self._settles[:]
@@ -210,7 +213,7 @@ class RedisStore:
         else:
             self._next()
 
-    def _command(self, admits: list, settles: list) -> bytes:
+    def _step_command(self, admits: list, settles: list) -> bytes:
         """EVALSHA step.lua: the settled counters, summed per key, then each admission's claims in order."""
         prefix = self.prefix
         keys: list[bytes] = []
@@ -345,6 +348,32 @@ class RedisStore:
     async def changed(self, timeout: float) -> None:
         # A slot freed by another replica sends no signal: a queued request looks again after a short pause.
         await asyncio.sleep(min(timeout, 0.025))
+
+    # --- owners (base.Owners): off the hot path, so plain commands, no script ------------------------------
+
+    async def set_owner(self, name: str, owner: str, ttl_s: float) -> None:
+        await self._command("set", self.prefix + "own:" + name, owner, px=max(1, int(ttl_s * 1000)))
+
+    async def owners(self, names: Sequence[str]) -> list[str | None]:
+        if not names:
+            return []
+        found = await self._command("mget", [self.prefix + "own:" + name for name in names])
+        return [None if value is None else value.decode() for value in found]
+
+    async def drop_owner(self, name: str) -> None:
+        await self._command("delete", self.prefix + "own:" + name)
+
+    async def _command(self, method: str, *args, **kwargs):
+        if not self.available and time.monotonic() < self._retry_at:
+            raise StoreUnavailable("redis is unreachable")
+        try:
+            result = await getattr(self._client, method)(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            raise StoreUnavailable("redis is unreachable") from None
+        if not self.available:
+            self._up()
+        return result
 
     # --- calls, failures, recovery ----------------------------------------------------------------------
 

@@ -1,60 +1,54 @@
-"""Opening the store's hot-path connection (`policies.stores.resp`) from the store's URL.
+"""Opening the store's hot-path connection (`policies.stores.resp`) where `[store]` says Redis is.
 
-The seam between where Redis is and how the store talks to it: `dial(url, timeout_s)` returns a connected,
-authenticated `RespConnection` on the right database, and the store calls it again after a connection was
-lost. The URL forms are the `[store] url` ones: `redis://[[user]:password@]host[:port][/db]`,
-`rediss://...` (TLS, the system's CAs, the host name checked), `unix:///path.sock[?db=N]`. Another way of
-finding the server (Sentinel, client certificates) is another function with the same signature, given to
-`RedisStore(dial=...)`.
+The same target and settings as redis-py's pool (`policies.stores.redis_connect`): the URL parsed into a
+`RedisTarget` (a server, a Unix socket, or the master the sentinels name), and `Connect` (connect timeout,
+TLS CA and client certificate). With Sentinel, the master is asked of redis-py's `Sentinel` each time the
+connection is opened, so after a failover the next connection goes to the promoted replica. Then AUTH (ACL
+user and password) and SELECT, sent together. The store calls `dial` again whenever its connection was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from urllib.parse import parse_qs, unquote, urlsplit
 
+from policies.stores.redis_connect import Connect, RedisTarget
 from policies.stores.resp import RespConnection
 
 
-def address(url: str) -> dict:
-    """What `dial` needs from the URL: host and port or path, TLS, credentials, database."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        db = parse_qs(parts.query).get("db", ["0"])[0]
-    else:
-        db = parts.path.strip("/") or "0"
-    return {"scheme": parts.scheme, "host": parts.hostname or "127.0.0.1", "port": parts.port or 6379,
-            "path": parts.path, "tls": parts.scheme == "rediss", "db": int(db),
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password is not None else None}
+def tls_context(connect: Connect) -> ssl.SSLContext:
+    """The system's CAs unless a CA file is named; the server's name is always checked against its certificate
+    (as redis-py is told: ssl_cert_reqs required, ssl_check_hostname)."""
+    context = ssl.create_default_context(cafile=connect.tls_ca_file)
+    if connect.tls_cert_file:
+        context.load_cert_chain(connect.tls_cert_file, connect.tls_key_file)
+    return context
 
 
-async def connect(where: dict, timeout_s: float, tls: ssl.SSLContext | None = None) -> RespConnection:
-    """A connection to `where` (as `address` gives it), authenticated and on its database."""
+async def dial(target: RedisTarget, connect: Connect, sentinel=None) -> RespConnection:
+    """A connection to the server, authenticated and on its database, within `connect_timeout_s`."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout_s):
-        if where["scheme"] == "unix":
-            _, conn = await loop.create_unix_connection(RespConnection, where["path"])
+    async with asyncio.timeout(connect.connect_timeout_s):
+        if target.path is not None:
+            _, conn = await loop.create_unix_connection(RespConnection, target.path)
         else:
-            if where["tls"] and tls is None:
-                tls = ssl.create_default_context()
-            _, conn = await loop.create_connection(RespConnection, where["host"], where["port"], ssl=tls,
-                                                   server_hostname=where["host"] if tls else None)
+            if target.sentinel:
+                host, port = await sentinel.discover_master(target.service)
+            else:
+                (host, port), = target.hosts
+            tls = tls_context(connect) if target.tls else None
+            _, conn = await loop.create_connection(RespConnection, host, port, ssl=tls,
+                                                   server_hostname=host if tls else None)
         try:
             setup = []
-            if where["password"] is not None:
-                user = where["username"]
-                setup.append(conn.call("AUTH", user, where["password"]) if user else conn.call("AUTH", where["password"]))
-            if where["db"]:
-                setup.append(conn.call("SELECT", where["db"]))
+            if target.password is not None:
+                setup.append(conn.call("AUTH", target.username, target.password) if target.username
+                             else conn.call("AUTH", target.password))
+            if target.db:
+                setup.append(conn.call("SELECT", target.db))
             for reply in setup:  # sent together, answered in order
                 await reply
         except BaseException:
             conn.close()
             raise
     return conn
-
-
-async def dial(url: str, timeout_s: float) -> RespConnection:
-    return await connect(address(url), timeout_s)

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from proxy.routing.latency import Thresholds, default_thresholds
 
 CONFIG_ENV = "GROQ_PROXY_CONFIG"
+MAX_FILE_BYTES = 200 * 1024 * 1024  # Groq's limit on a batch input file (200 MB)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -31,6 +32,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    max_file_bytes: int = MAX_FILE_BYTES  # the largest upload to /v1/files (Groq's own limit by default)
     keepalive_s: float = 15.0
     log_level: str = "info"
     request_read_timeout_s: float = 75.0
@@ -97,6 +99,7 @@ class RoutingConfig:
     key_rest_s: float = 60.0  # a pool key that answered 401/403, or 429 without retry-after, rests this long
     auto_model: str | None = None
     request_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    batch_provider: str | None = None  # where /v1/files and /v1/batches go; None: the first provider
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,7 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     return value
 
 
-_SERVER_KEYS = {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env",
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_file_bytes", "keepalive_s", "log_level", "admin_key_env",
                 "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers"}
 
 
@@ -213,6 +216,7 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         host=_string(raw, "host", where, "127.0.0.1"),
         port=port,
         max_body_bytes=_number(raw, "max_body_bytes", where, 10 * 1024 * 1024, minimum=1, integer=True),
+        max_file_bytes=_number(raw, "max_file_bytes", where, MAX_FILE_BYTES, minimum=1, integer=True),
         keepalive_s=_number(raw, "keepalive_s", where, 15.0),
         log_level=level,
         admin_key_env=admin_env,
@@ -487,10 +491,15 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
 TIER_PREFIX = "tier-"
 
 
-def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel]) -> RoutingConfig:
+def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel],
+                   providers: Mapping[str, ProviderConfig]) -> RoutingConfig:
     where = "routing"
     _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s", "key_rest_s", "auto_model",
-                      "request_types"}, where)
+                      "request_types", "batch_provider"}, where)
+    batch_provider = _string(raw, "batch_provider", where, None)
+    if batch_provider is not None and batch_provider not in providers:
+        raise ConfigError(f"{where}.batch_provider: must name a provider ({', '.join(providers)}), "
+                          f"got {batch_provider!r}")
     auto = _string(raw, "auto_model", where, None)
     if auto is not None and auto in models:
         raise ConfigError(f"{where}.auto_model: {auto!r} is already a virtual model")
@@ -514,6 +523,7 @@ def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel]) -> RoutingC
         key_rest_s=float(_number(raw, "key_rest_s", where, 60.0, minimum=0.001)),
         auto_model=auto,
         request_types=MappingProxyType(types),
+        batch_provider=batch_provider,
     )
 
 
@@ -543,17 +553,17 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),
-        routing=_parse_routing(_table(raw, "routing", "routing"), models),
+        routing=_parse_routing(_table(raw, "routing", "routing"), models, providers),
         telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
-        policies=_parse_policy_tables(raw),
+        policies=_parse_policy_tables(raw, env),
     )
 
 
-def _parse_policy_tables(raw: Mapping):
+def _parse_policy_tables(raw: Mapping, env: Mapping[str, str]):
     from policies.config import parse  # policies build on this module's helpers: imported when needed
 
-    return parse(raw)
+    return parse(raw, env)
 
 
 def default_config_text() -> str:

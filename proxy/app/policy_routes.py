@@ -35,15 +35,14 @@ async def open_chain(config: Config, metrics) -> PolicyChain:
     """The store, opened (a Redis that is down does not stop the start), and the chain over it."""
     pc: PoliciesConfig = config.policies or PoliciesConfig()
     store = None
-    if pc.uses_store or pc.policies:
+    if pc.uses_store or pc.policies or pc.keys is not None:  # [auth]: who owns each file and batch is kept there
         if pc.store.backend == "redis":
-            from urllib.parse import urlsplit
-
             from policies.stores.redis import RedisStore
+            from policies.stores.redis_connect import parse_url
 
-            register_secrets(urlsplit(pc.store.url).password)
+            register_secrets(parse_url(pc.store.url).password, pc.store.connect.sentinel_password)
             store = RedisStore(pc.store.url, timeout_s=pc.store.timeout_s, lease_s=pc.store.lease_s,
-                               prefix=pc.store.prefix)
+                               prefix=pc.store.prefix, connect=pc.store.connect)
         else:
             store = MemoryStore()
             if pc.uses_store:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web, web_urldispatcher
 
+from proxy.app import batches_api, files_api
 from proxy.app.config import Config
+from proxy.app.endpoints import unknown_path
 from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
@@ -48,6 +50,7 @@ class ProxyState:
     exporter: Exporter | None = None  # or proxy.telemetry.sdk.SdkExporter, which has the same surface
     models: list = field(default_factory=list)
     models_body: bytes = b""
+    objects: Any = None  # proxy.app.provider_objects.ProviderObjects: files and batches, made on first use
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -182,10 +185,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503, headers=_id_header())
 
 
-async def not_found(request: web.Request) -> web.Response:
-    return ProxyError(404, f"Unknown path {request.path}.", code="unknown_url").to_response(_id_header())
-
-
 def _method_not_allowed(allowed: str):
     async def handler(request: web.Request) -> web.Response:
         error = ProxyError(
@@ -298,15 +297,30 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
             (prefix + "/models", "GET", list_models),
             (prefix + "/models/{model_id:.+}", "GET", get_model),
             (prefix + "/usage", "GET", my_usage),
+            (prefix + "/files", "POST", files_api.upload),
+            (prefix + "/files", "GET", files_api.list_files),
+            (prefix + "/files/{file_id}", "GET", files_api.retrieve),
+            (prefix + "/files/{file_id}", "DELETE", files_api.delete),
+            (prefix + "/files/{file_id}/content", "GET", files_api.content),
+            (prefix + "/batches", "POST", batches_api.create),
+            (prefix + "/batches", "GET", batches_api.list_batches),
+            (prefix + "/batches/{batch_id}", "GET", batches_api.retrieve),
+            (prefix + "/batches/{batch_id}/cancel", "POST", batches_api.cancel),
         ]
+    served: dict[str, dict] = {}  # path -> method -> handler: a path may take several methods
     for path, method, handler in routes:
-        if method == "GET":
-            app.router.add_get(path, handler)  # HEAD too
-        else:
-            app.router.add_route(method, path, handler)
-        app.router.add_route("*", path, _method_not_allowed(method))
-    app.router.add_route("*", "/{tail:.*}", not_found)
+        served.setdefault(path, {})[method] = handler
+    for path, handlers in served.items():
+        for method, handler in handlers.items():
+            if method == "GET":
+                app.router.add_get(path, handler)  # HEAD too
+            else:
+                app.router.add_route(method, path, handler)
+        app.router.add_route("*", path, _method_not_allowed(", ".join(handlers)))
+    # Anything else is answered here, listing what is served: no other path reaches a provider with its key.
+    not_found_listing = unknown_path(served, PREFIXES)
+    app.router.add_route("*", "/{tail:.*}", not_found_listing)
     not_a_path = _NotAPath()
     app.router.register_resource(not_a_path)
-    not_a_path.add_route("*", not_found)
+    not_a_path.add_route("*", not_found_listing)
     return app

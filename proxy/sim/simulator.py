@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.sim.files import SimFiles
+
 SIMULATED_HEADER = "x-groq-proxy-simulated"
 
 PREFIXES = ("/openai/v1", "/v1")
@@ -600,6 +602,7 @@ def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Appl
         app.router.add_post(f"{prefix}/embeddings", simulator.embeddings)
         app.router.add_get(f"{prefix}/models", simulator.models)
         app.router.add_get(f"{prefix}/models/{{model:.+}}", simulator.model)
+    SimFiles().register(app, PREFIXES)  # files and batches
     return app
 
 
