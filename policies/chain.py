@@ -112,6 +112,7 @@ class PolicyChain:
         self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
         self._settles = frozenset(id(p) for p in self.policies if type(p).after is not cls.after)
         self._hedgers = tuple(p for p in self.policies if type(p).hedge_claims is not cls.hedge_claims)
+        self._settle_soon = getattr(store, "settle_soon", None)  # a store that settles in the background
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
@@ -248,6 +249,9 @@ class PolicyChain:
             state.settlements += [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
                                   for c in state.hedged]
         if state.settlements and self.store is not None:
+            if self._settle_soon is not None:
+                self._settle_in_background(ctx, state.settlements)
+                return
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # The client went away and the handler is being cancelled: the settlement must still land.
@@ -301,6 +305,24 @@ class PolicyChain:
         self._warn("policy_store_unavailable", request_id=ctx.request_id,
                    policies=",".join(p.name for p in owners), outcome="refused" if closed else "admitted")
         return _unavailable() if closed else CONTINUE
+
+    def _settle_in_background(self, ctx: "RequestContext", settlements: list[Settlement]) -> None:
+        """The Redis store's settlement goes with its next call and the answer does not wait for it: one
+        round trip less for the client, one wake-up less for the handler. It is queued before the answer
+        goes out, so this process's next admission reaches Redis after it (a call carries settlements first)."""
+        try:
+            future = self._settle_soon(settlements)
+        except StoreUnavailable:
+            future = None
+        if future is None:
+            self._settle_failed(ctx.request_id)
+            return
+        request_id = ctx.request_id
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._settle_failed(request_id))
+
+    def _settle_failed(self, request_id: str) -> None:
+        self._warn("policy_settle_failed", request_id=request_id,
+                   message="the store is unreachable; the reservation lapses with its period or lease")
 
     async def _settle(self, ctx: "RequestContext", settlements: list[Settlement]) -> None:
         try:

@@ -290,3 +290,26 @@ async def test_redis_password_and_database_come_from_the_url(tmp_path, caplog):
         assert not any("pw-7f3a9c" in r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
     finally:
         server.stop()
+
+
+async def test_redis_settles_in_the_background_and_a_read_comes_after_it(redis_url):
+    """The chain does not wait for a settlement on Redis (settle_soon); a usage read made right after still
+    sees it, as it would have when the answer waited."""
+    store = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await store.start()
+    try:
+        claim = budget("b", 1000, 50)
+        assert (await store.admit([claim])).ok
+        landed = store.settle_soon([Settlement(BUDGET, "b", reserved=50, used=7, param=claim.param)])
+        assert not landed.done()
+        read_script, seen = store._call, []
+
+        async def reading(*args):  # the read goes to Redis only once the settlement has landed
+            seen.append(landed.done())
+            return await read_script(*args)
+
+        store._call = reading
+        assert await store.read([claim]) == [(7, 0)]
+        assert seen == [True] and landed.exception() is None
+    finally:
+        await store.close()

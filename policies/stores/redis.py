@@ -95,6 +95,8 @@ class RedisStore:
         self._admits: list = []  # (claims, future) waiting for the next script call
         self._settles: list = []  # (settlements, future) likewise
         self._in_flight = False  # a script call is on its way: what arrives meanwhile waits for the next
+        self._sent = self._landed_calls = 0  # script calls sent, and landed (or failed)
+        self._readers: list = []  # (calls landed, future): reads waiting for the settlements queued before them
         self._idle: asyncio.Future | None = None  # set when the last call has landed (close() waits for it)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.replica = uuid.uuid4().hex[:12]
@@ -155,6 +157,10 @@ class RedisStore:
     def settle(self, settlements: Sequence[Settlement]) -> asyncio.Future:
         return self._queue(self._settles, settlements)
 
+    def settle_soon(self, settlements: Sequence[Settlement]) -> asyncio.Future:
+        """`settle` for a caller that does not wait: the future only says, when done, whether it landed."""
+        return self._queue(self._settles, settlements)
+
     def _queue(self, pending: list, item) -> asyncio.Future:
         """While a call is on its way, the requests that come meanwhile wait and go together in the next one
         (admissions up to `BATCH` a call, and every settlement). A lone request goes at the end of the loop's
@@ -175,6 +181,7 @@ class RedisStore:
             if self._connecting is None:
                 self._connecting = self._loop.create_task(self._reconnect())
             return
+        self._sent += 1
         admits, settles = self._admits[:BATCH], self._settles[:BATCH * 4]
         del self._admits[:BATCH], self._settles[:BATCH * 4]
         try:
@@ -198,6 +205,7 @@ class RedisStore:
             self._conn = await self._dial()
         except (OSError, RedisError, ReplyError, TimeoutError) as exc:
             self._down(exc)
+            self._sent += 1  # the batch dropped counts as a call, for the reads waiting on it
             admits, settles = self._admits[:], self._settles[:]
             del self._admits[:], self._settles[:]
             self._landed_badly(admits, settles, exc)
@@ -291,6 +299,17 @@ class RedisStore:
 
     def _next(self) -> None:
         """The next call with whatever arrived meanwhile, or nothing on the way any more."""
+        self._landed_calls += 1
+        if self._readers:
+            idle = not (self._admits or self._settles)
+            waiting = []
+            for landed, future in self._readers:
+                if idle or landed <= self._landed_calls:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    waiting.append((landed, future))
+            self._readers = waiting
         if self._admits or self._settles:
             self._send()
             return
@@ -338,6 +357,10 @@ class RedisStore:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is logged by the store
 
     async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
+        if self._in_flight:  # settlements are on their way or queued (an answer does not wait for them): after them
+            future = self._loop.create_future()
+            self._readers.append((self._sent + (1 if self._admits or self._settles else 0), future))
+            await future
         keys, args = [], []
         for c in claims:
             keys.append(self.prefix + c.key)
