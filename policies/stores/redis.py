@@ -4,7 +4,9 @@ A request makes two store calls, admission and settlement, whatever the number o
 come one at a time that is two round trips each. Under load they share: one script call is on its way at a
 time, and everything that reached the store meanwhile (the settlements of requests that ended, summed per
 counter, then the admissions of requests that arrived, each all or nothing, in order) goes in the next one.
-The bench measures about a quarter of a round trip per request at 16 connections.
+The bench measures about a quarter of a round trip per request at 16 connections. The answer does not wait
+for its settlement (`settle_soon`): it is queued before the answer goes out, so this process's next admission
+reaches Redis after it, and a usage read waits for the settlements queued before it.
 
 Why a connection of our own (`policies/stores/resp.py`) and not redis-py on the hot path: redis-py's asyncio
 client spent 50-85 us of CPU per EVALSHA here (110 us with a call's arguments), a third of the proxy's whole
