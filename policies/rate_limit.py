@@ -18,6 +18,7 @@ from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
 from policies.chain import duration
+from policies.estimate import GENERATES, counts_tokens
 from policies.schema import check_keys, choice, count, seconds
 from policies.scopes import scope
 from policies.stores.base import GCRA, Claim, Settlement
@@ -66,11 +67,12 @@ class RateLimit(Policy):
     async def on_request(self, ctx) -> Decision:
         state = ctx.policy
         tokens = 0
-        if self.tpm:
-            completion = state.completion_limit if ctx.operation == "chat" else 0
+        if self.tpm and counts_tokens(ctx):
+            completion = state.completion_limit if ctx.operation in GENERATES else 0
             tokens = state.prompt_tokens + (self.default_completion if completion is None else completion)
         for claim in self.claims_for(ctx, tokens):
-            state.claim(self, claim)
+            if claim.header != "tokens" or counts_tokens(ctx):
+                state.claim(self, claim)
         return CONTINUE
 
     def hedge_claims(self, ctx) -> list[Claim]:

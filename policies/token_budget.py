@@ -13,6 +13,7 @@ import time
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
+from policies.estimate import GENERATES, counts_tokens
 from policies.schema import check_keys, choice, count
 from policies.scopes import PERIODS, iso, period_bounds, scope
 from policies.stores.base import BUDGET, Claim, Settlement
@@ -51,8 +52,10 @@ class TokenBudget(Policy):
         return Claim(BUDGET, known[2], self.tokens, amount, known[1], self.mode == "shadow")
 
     async def on_request(self, ctx) -> Decision:
+        if not counts_tokens(ctx):
+            return CONTINUE
         state = ctx.policy
-        completion = state.completion_limit if ctx.operation == "chat" else 0
+        completion = state.completion_limit if ctx.operation in GENERATES else 0
         amount = state.prompt_tokens + (self.default_completion if completion is None else completion)
         state.claim(self, self.claim_for(ctx, amount=amount))
         return CONTINUE

@@ -32,6 +32,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    max_audio_bytes: int = 25 * 1024 * 1024  # an audio upload held for fall-over (Groq's free-tier file limit)
     max_file_bytes: int = MAX_FILE_BYTES  # the largest upload to /v1/files (Groq's own limit by default)
     keepalive_s: float = 15.0
     log_level: str = "info"
@@ -41,6 +42,7 @@ class ServerConfig:
     max_headers: int = 100
     admin_key_env: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    admin_port: int | None = None  # the admin API only on this port (0: any free one), not on `port`
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,9 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     return value
 
 
-_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_file_bytes", "keepalive_s", "log_level", "admin_key_env",
-                "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers"}
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_audio_bytes", "max_file_bytes", "keepalive_s", "log_level",
+                "admin_key_env", "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers",
+                "admin_port"}
 
 
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
@@ -209,6 +212,17 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     port = _number(raw, "port", where, 8080, integer=True)
     if port > 65535:
         raise ConfigError(f"server.port: must be at most 65535, got {port}")
+    admin_port = raw.get("admin_port")
+    if admin_port is not None:
+        admin_port = _number(raw, "admin_port", where, 0, integer=True)
+        if admin_port > 65535:
+            raise ConfigError(f"server.admin_port: must be at most 65535, got {admin_port}")
+        if admin_env is None:
+            raise ConfigError("server.admin_port: the admin API is off without an admin key; set "
+                              "server.admin_key_env too")
+        if admin_port == port and port != 0:
+            raise ConfigError(f"server.admin_port: must differ from server.port ({port}): the admin API is served "
+                              "only on its own port")
     level = _string(raw, "log_level", where, "info").lower()
     if level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"server.log_level: must be one of debug, info, warning, error, got {level!r}")
@@ -216,11 +230,13 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         host=_string(raw, "host", where, "127.0.0.1"),
         port=port,
         max_body_bytes=_number(raw, "max_body_bytes", where, 10 * 1024 * 1024, minimum=1, integer=True),
+        max_audio_bytes=_number(raw, "max_audio_bytes", where, 25 * 1024 * 1024, minimum=1, integer=True),
         max_file_bytes=_number(raw, "max_file_bytes", where, MAX_FILE_BYTES, minimum=1, integer=True),
         keepalive_s=_number(raw, "keepalive_s", where, 15.0),
         log_level=level,
         admin_key_env=admin_env,
         admin_key=env.get(admin_env) if admin_env else None,
+        admin_port=admin_port,
         request_read_timeout_s=float(_number(raw, "request_read_timeout_s", where, 75.0, minimum=0.01)),
         # Below these a real client's request would not fit (a long model id in the URL, a large cookie).
         max_url_bytes=_number(raw, "max_url_bytes", where, 4096, minimum=256, integer=True),

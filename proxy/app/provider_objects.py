@@ -339,8 +339,10 @@ async def answer(request: web.Request, operation: str, work) -> web.StreamRespon
         route = request.match_info.route.resource.canonical  # one of the proxy's own few routes
         span = observer.tracer.start_request(request.headers.get("traceparent"), f"{request.method} {route}", {
             HTTP_REQUEST_METHOD: request.method, HTTP_ROUTE: route, URL_PATH: request.path})
-    call = Call(objects, state.pipeline.policies, operation, span)
+    generation = state.generation  # its policy chain and store stay open until this call ends (a reload)
+    call = Call(objects, generation.pipeline.policies, operation, span)
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    generation.enter()
     try:
         try:
             try:
@@ -357,6 +359,7 @@ async def answer(request: web.Request, operation: str, work) -> web.StreamRespon
         status = response.status
         return response
     finally:
+        generation.leave()
         _ended(observer, call, span, status, started)
 
 
