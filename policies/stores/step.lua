@@ -102,7 +102,7 @@ for r = 1, tonumber(a[1] or '0') do
       end
       fits, left = held[1] + 1 <= limit, limit - held[1] - 1
     end
-    rem[i], rst[i] = string.format('%.17g', left), string.format('%.6f', back)
+    rem[i], rst[i] = left, back  -- numbers: table.concat writes them (%.14g), cheaper than string.format here
     if not fits then
       if a[b + 4] == '1' then
         over[#over + 1] = i - 1
@@ -112,7 +112,7 @@ for r = 1, tonumber(a[1] or '0') do
     end
   end
   if failed > 0 then
-    out[r] = '0 ' .. (failed - 1) .. ' ' .. string.format('%.6f', retry) .. ' ' .. #over
+    out[r] = '0 ' .. (failed - 1) .. ' ' .. retry .. ' ' .. #over
   else
     for i = 1, n do
       local b = w + (i - 1) * 6
