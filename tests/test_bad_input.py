@@ -90,6 +90,7 @@ CHAT_CASES = [
     pytest.param(chat(model=""), "model", "model", id="model-empty"),
     pytest.param(chat(model=7), "model", "not a number", id="model-number"),
     pytest.param(chat(model=["tier-test"]), "model", "not an array", id="model-list"),
+    pytest.param(chat(model="up:" + "m" * 1_000), "model", "at most 256", id="model-too-long"),
     pytest.param(without(chat(), "messages"), "messages", "required", id="messages-missing"),
     pytest.param(chat(messages=[]), "messages", "at least one", id="messages-empty"),
     pytest.param(chat(messages="hi"), "messages", "array", id="messages-string"),

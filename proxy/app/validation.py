@@ -115,12 +115,18 @@ def _kind(value) -> str:
     )
 
 
+MAX_MODEL_CHARS = 256
+
+
 def _model(body: dict) -> str:
     model = body.get("model")
     if model is None:
         raise bad_request("You must provide a model parameter.", param="model")
     if not isinstance(model, str) or not model:
         raise bad_request(f"'model' must be a non-empty string, not {_kind(model)}.", param="model")
+    if len(model) > MAX_MODEL_CHARS:  # it is echoed in a header and logged: no model's name is this long
+        raise bad_request(f"'model' is {len(model)} characters long; at most {MAX_MODEL_CHARS} are accepted.",
+                          param="model")
     return model
 
 
