@@ -99,6 +99,8 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
     request_id = _request_id()
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    drain = request.app[DRAIN]
+    task = drain.enter(request)  # before the body: an upload under way at a SIGTERM is waited for too
     generation.enter()
     try:
         try:
@@ -116,16 +118,12 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             ctx.op = op
             ctx.span = span
             ctx.identity = identity
-            drain = request.app[DRAIN]
-            task = drain.enter(ctx)
-            try:
-                response = await pipeline.handle(request, ctx)
-            except asyncio.CancelledError:
-                if not drain.was_cut(task, ctx):
-                    raise
-                response = await drain.cut_response(ctx)
-            finally:
-                drain.leave(task)
+            drain.attach(task, ctx)
+            response = await pipeline.handle(request, ctx)
+        except asyncio.CancelledError:
+            if not drain.was_cut(task):
+                raise
+            response = await drain.cut_response(ctx, request_id)
         except ProxyError as error:
             response = error.to_response({"x-request-id": request_id, **pipeline.extra_headers})
         except Exception:
@@ -135,6 +133,7 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
         status = response.status
         return response
     finally:
+        drain.leave(task)
         generation.leave()
         observer.request_ended(span, ctx, status, started)
 
