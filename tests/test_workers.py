@@ -235,8 +235,11 @@ async def test_an_admin_reload_on_one_worker_reloads_every_worker(tmp_path):
             async with session.post(base + "/admin/reload",
                                     headers={"Authorization": "Bearer admin-key-for-the-test"}) as resp:
                 assert resp.status == 200, await resp.text()
-                [(_, sibling)] = (await resp.json())["workers"].items()
+                answer = await resp.json()
+                [(_, sibling)] = answer["workers"].items()
                 assert sibling["status"] == "reloaded"
+                # --workers 2 over a file without server.workers is no change to restart for (it said so before)
+                assert answer["restart_required"] == [] and sibling["restart_required"] == []
             for _ in range(12):  # fresh connections: both workers answer some, on the new config already
                 async with session.get(base + "/v1/models") as resp:
                     assert "tier-b" in {m["id"] for m in (await resp.json())["data"]}

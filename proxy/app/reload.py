@@ -139,6 +139,7 @@ class Reloads:
 
     def merged(self, running: Config, new: Config) -> tuple[Config, list[str]]:
         """`new` with the start-up-only keys at their running values, and the names of those it changed."""
+        new = replace(new, server=replace(new.server, **self._state.server_overrides))
         restart = [f"server.{f.name}" for f in fields(ServerConfig)
                    if f.name not in LIVE_SERVER_KEYS and getattr(running.server, f.name) != getattr(new.server, f.name)]
         if new.telemetry != running.telemetry:

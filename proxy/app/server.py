@@ -64,6 +64,7 @@ class ProxyState:
     reloads: Reloads | None = None
     public_url: str | None = None  # where the public port listens, once it does (the CLI's banner)
     admin_url: str | None = None  # where server.admin_port listens
+    server_overrides: dict = field(default_factory=dict)  # [server] keys the command line set: a reload keeps them
 
     def install(self, generation: Generation) -> None:
         self.generation = generation
