@@ -212,7 +212,15 @@ class Pipeline:
                             nxt = position
                             position += 1
                             if not self.cooldowns.remaining(chain[nxt].key):
-                                return self._model(ctx, nxt, chain[nxt], hedge=True)
+                                if not self.policies:
+                                    return self._model(ctx, nxt, chain[nxt], hedge=True)
+
+                                def refused():  # no room for a second attempt: that model stays next in the chain
+                                    nonlocal position
+                                    if position == nxt + 1:
+                                        position = nxt
+
+                                return self._hedge(ctx, nxt, chain[nxt], refused)
                         return None
 
                     result, started = await race(
@@ -235,6 +243,14 @@ class Pipeline:
         if ctx.client is not None:
             return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
+
+    async def _hedge(self, ctx: RequestContext, index: int, target, refused):
+        """A hedge's attempt, once the policies have reserved for a second attempt in flight (a budget without
+        room for it: no hedge, and `refused()` leaves the model for the chain to try later)."""
+        if not await self.policies.reserve_hedge(ctx):
+            refused()
+            return None
+        return await self._model(ctx, index, target, hedge=True)
 
     async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
         """One model, with each key of its provider's pool in turn while the failure is the key's (401/403,
@@ -402,6 +418,13 @@ class Pipeline:
         return self._plain_answer(ctx, attempt, body, resp, "application/json")
 
     def _plain_answer(self, ctx: RequestContext, attempt: Attempt, body: bytes, resp, content_type: str):
+        if ctx.answered is not None:
+            # Two racers of a hedge done in the same turn of the loop: the one that answered first has won. This
+            # one's usage stays on it: budgets charge what every attempt produced.
+            attempt.outcome, attempt.reason = "hedge_lost", "hedge_lost"
+            attempt.detail = "another attempt answered first"
+            self._end(ctx, attempt, INFO)
+            return None
         self._answered(ctx, attempt)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
