@@ -27,7 +27,6 @@ its own, so the start is refused unless `[store] backend = "redis"` (policies.co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -244,27 +243,16 @@ def _reload_socket_ctx(directory: str, index: int):
     async def ctx(app: web.Application):
         from proxy.app.reload import ReloadRefused
         from proxy.app.server import STATE
+        from proxy.telemetry.worker_metrics import sibling_socket
 
-        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def produce() -> bytes:
             try:
-                try:
-                    result = await app[STATE].reloads.reload("sibling")
-                except ReloadRefused as exc:
-                    result = {"status": "refused", "error": str(exc)}
-                writer.write(orjson.dumps(result))
-                await writer.drain()
-            except ConnectionError:
-                pass
-            finally:
-                writer.close()
+                return orjson.dumps(await app[STATE].reloads.reload("sibling"))
+            except ReloadRefused as exc:
+                return orjson.dumps({"status": "refused", "error": str(exc)})
 
-        path = _reload_socket(directory, index)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by this worker's predecessor, if it died
-        server = await asyncio.start_unix_server(answer, path)
-        yield
-        server.close()
-        await server.wait_closed()
+        async with sibling_socket(_reload_socket(directory, index), produce):
+            yield
 
     return ctx
 
@@ -272,16 +260,13 @@ def _reload_socket_ctx(directory: str, index: int):
 async def reload_siblings(directory: str, index: int, workers: int) -> dict[str, dict]:
     """Every other worker reloaded, each one's result by its index (`unreachable` for one that did not answer:
     being restarted, it reads the file anew anyway)."""
+    from proxy.telemetry.worker_metrics import ask_sibling
 
     async def one(i: int) -> dict:
+        answer = await ask_sibling(_reload_socket(directory, i), SIBLING_RELOAD_TIMEOUT_S)
         try:
-            async with asyncio.timeout(SIBLING_RELOAD_TIMEOUT_S):
-                reader, writer = await asyncio.open_unix_connection(_reload_socket(directory, i))
-                try:
-                    return orjson.loads(await reader.read())
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError, orjson.JSONDecodeError):
+            return orjson.loads(answer) if answer is not None else {"status": "unreachable"}
+        except orjson.JSONDecodeError:
             return {"status": "unreachable"}
 
     others = [i for i in range(workers) if i != index]
