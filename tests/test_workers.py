@@ -319,3 +319,28 @@ async def test_every_worker_listens_on_the_admin_port_with_the_workers_flag(tmp_
         await proxy.stop()
     assert proxy.process.returncode == 0
     assert not [line for line in proxy.log_lines() if line["event"] in ("worker_exited", "worker_failed_to_start")]
+
+
+async def test_a_reload_to_the_memory_store_is_refused_with_several_workers(tmp_path, redis_store_table):
+    """The start refuses policies on the memory store with --workers 2; a reload to it did not (200), and each
+    worker then enforced every limit on its own. Now the reload answers 400 naming the key, and Redis stays."""
+    store = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in redis_store_table.items())
+    head = ('[server]\nadmin_key_env = "ADMIN_KEY"\n[providers.groq]\nbase_url = "http://127.0.0.1:9/openai/v1"\n'
+            'api_key_env = "GROQ_KEY"\n[models.tier-fast]\nchain = ["groq:openai/gpt-oss-20b"]\n'
+            '[[policies]]\nuse = "rate_limit"\nper = "global"\nrequests_per_minute = 100000\n')
+    path = tmp_path / "proxy.toml"
+    path.write_text(head + f"[store]\n{store}")
+    env = clean_env(ADMIN_KEY="admin-key-for-the-test", GROQ_KEY="gsk_test_not_a_real_key")
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", "--simulate", "--config", str(path), env=env)
+    admin = {"Authorization": "Bearer admin-key-for-the-test"}
+    try:
+        path.write_text(head + '[store]\nbackend = "memory"\n')
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async with session.post(base + "/admin/reload", headers=admin) as resp:
+                assert resp.status == 400, await resp.text()
+                assert "store.backend" in (await resp.json())["error"]["message"]
+            for _ in range(6):  # both workers still on Redis
+                async with session.get(base + "/admin/config", headers=admin) as resp:
+                    assert (await resp.json())["policies"]["store"]["backend"] == "redis"
+    finally:
+        await proxy.stop()

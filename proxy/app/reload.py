@@ -27,6 +27,7 @@ from typing import Callable
 
 import orjson
 
+from policies.config import check_workers
 from proxy.app.config import Config, ConfigError, ServerConfig, load_config
 from proxy.app.policy_routes import close_chain, open_chain
 from proxy.pipeline.pipeline import Pipeline
@@ -159,6 +160,8 @@ class Reloads:
                 raise ReloadRefused("the proxy is stopping")
             try:
                 config, restart = self.merged(running.config, self.read())
+                if config.policies is not None:  # what `serve --workers N` refuses at the start, a reload refuses
+                    check_workers(config.policies, config.server.workers)
                 generation = await self.build(config, running)
             except ConfigError as exc:
                 emit(logging.ERROR, "config_reload_refused", trigger=trigger, error=str(exc),
