@@ -148,3 +148,78 @@ async def test_a_second_signal_cuts_the_drain_short(tmp_path, redis_store_table)
         await sim.stop()
     assert all(orjson.loads(events(raw)[-1])["error"]["code"] == "shutting_down" for raw in bodies)
 
+
+
+
+async def serve_simulated(tmp_path, drain_s: float, drain_timeout_s: float):
+    """`groq-proxy serve --simulate` with these drain times; returns it, a raw connection to it and one whole
+    chat request's bytes."""
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'[server]\ndrain_s = {drain_s}\ndrain_timeout_s = {drain_timeout_s}\n[providers.groq]\n'
+                    'base_url = "http://127.0.0.1:9/openai/v1"\napi_key_env = "GROQ_KEY"\n'
+                    '[models.tier-fast]\nchain = ["groq:openai/gpt-oss-20b"]\n')
+    proxy, base = await start_serving(tmp_path, "proxy", "--simulate", "--config", str(path),
+                                      env=clean_env(GROQ_KEY="gsk_test_not_a_real_key"))
+    try:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except BaseException:
+        await proxy.stop()
+        raise
+    payload = orjson.dumps({"model": "tier-fast", "messages": [{"role": "user", "content": "hi"}]})
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return proxy, base, reader, writer, request
+
+
+async def test_an_upload_in_progress_at_sigterm_is_waited_for_up_to_drain_timeout_s(tmp_path):
+    """A request whose body is still arriving at the SIGTERM (a large prompt, an audio upload) is in flight as
+    much as a stream: before, the drain waited only for requests already past their body, so it was cut with no
+    answer CUT_GRACE_S after the listener closed, though server.drain_timeout_s was far off."""
+    from proxy.app.drain import CUT_GRACE_S
+
+    proxy, _, reader, writer, request = await serve_simulated(tmp_path, 0, 600)
+    try:
+        writer.write(request[:-10])
+        await writer.drain()
+        await asyncio.sleep(1.0)  # the proxy reads the head and waits for the rest of the body
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_for_log(lambda line: line["event"] == "drain_listener_closed")
+        await asyncio.sleep(CUT_GRACE_S + 1)  # longer than the cut's grace, far within drain_timeout_s
+        writer.write(request[-10:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert b'"chat.completion"' in answer
+        assert await proxy.wait(60) == 0
+    finally:
+        writer.close()
+        await proxy.stop()
+
+
+async def test_a_keep_alive_connection_is_served_during_drain_s_and_closed_after(tmp_path):
+    """The load balancer may still send on a connection it holds while `/readyz` says 503: served for
+    server.drain_s; once the listener closes, that idle connection is closed (the second SIGTERM ends the grace)."""
+    proxy, base, reader, writer, request = await serve_simulated(tmp_path, 600, 600)
+
+    async def answer() -> bytes:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        return head + await asyncio.wait_for(reader.readexactly(length), 30)
+
+    try:
+        writer.write(request)
+        assert (await answer()).startswith(b"HTTP/1.1 200 ")
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_for_log(lambda line: line["event"] == "drain_started")
+        assert await readyz(base) == 503
+        writer.write(request)  # the same kept-alive connection, within drain_s
+        assert (await answer()).startswith(b"HTTP/1.1 200 ")
+        proxy.process.send_signal(signal.SIGTERM)  # the grace ends now
+        await proxy.wait_for_log(lambda line: line["event"] == "drain_listener_closed")
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the proxy
+        assert await proxy.wait(60) == 0
+    finally:
+        writer.close()
+        await proxy.stop()

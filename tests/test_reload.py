@@ -425,3 +425,23 @@ async def test_a_reload_under_the_simulator_keeps_answering_from_it(aiohttp_serv
     async with aiohttp.ClientSession() as session:
         async with session.post(base + "/v1/chat/completions", json=chat("tier-new")) as resp:
             assert resp.status == 200 and resp.headers["x-groq-proxy-simulated"] == "true"
+
+
+@pytest.mark.parametrize("url", ["redis://pw9@127.0.0.1:1/0", "redis+sentinel://p%40ss@127.0.0.1:1/mymaster"])
+async def test_admin_config_masks_a_redis_password_given_alone(upstream, start_proxy, url):
+    """`redis://secret@host` is a password alone (the store reads it so, as redis-cli does): GET /admin/config
+    showed it as it was when it was short (the log redactor skips values under 4 characters) or percent-encoded
+    (the redactor knows the decoded password, not the URL's text)."""
+    _, url_up = upstream
+    raw = {"server": {"keepalive_s": 0, "admin_key_env": "ADMIN"},
+           "providers": {"up": {"base_url": url_up, "api_key_env": "KEY"}},
+           "models": {"tier-test": {"chain": ["up:m1"]}},
+           "store": {"backend": "redis", "url": url, "timeout_s": 0.2, "connect_timeout_s": 0.2},
+           "policies": [{"use": "rate_limit", "per": "key", "requests_per_minute": 10}]}
+    config = parse_config(raw, env={"ADMIN": ADMIN_KEY, "KEY": UPSTREAM_KEY}, source="/etc/groq-proxy.toml")
+    base = await start_proxy(config)
+    status_code, view = await call(base, "GET", "/admin/config", headers=ADMIN)
+    assert status_code == 200
+    shown = view["policies"]["store"]["url"]
+    assert "pw9" not in shown and "p%40ss" not in shown and "p@ss" not in shown
+    assert shown.startswith(url.split("://")[0] + "://[masked]@127.0.0.1:1/")

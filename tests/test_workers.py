@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
+from policies.identity import hash_key
 from proxy.telemetry.worker_metrics import merge
 from tests.procs import Proc, clean_env, run, start_serving
 from tests.slow_streams import SIM_KEY, STREAMS, budget, events, open_streams, start_simulator, write_config
@@ -221,7 +222,7 @@ async def test_a_sigterm_while_the_workers_start_is_a_clean_stop(tmp_path):
 
 
 async def test_an_admin_reload_on_one_worker_reloads_every_worker(tmp_path):
-    """POST /admin/reload reaches one worker (the kernel's choice); the supervisor sends SIGHUP to the others."""
+    """POST /admin/reload reaches one worker (the kernel's choice), which has the other reload before it answers."""
     path = tmp_path / "proxy.toml"
     first = ('[server]\nadmin_key_env = "ADMIN_KEY"\n[providers.groq]\nbase_url = "http://127.0.0.1:9/openai/v1"\n'
              'api_key_env = "GROQ_KEY"\n[models.tier-a]\nchain = ["groq:openai/gpt-oss-20b"]\n')
@@ -234,15 +235,55 @@ async def test_an_admin_reload_on_one_worker_reloads_every_worker(tmp_path):
             async with session.post(base + "/admin/reload",
                                     headers={"Authorization": "Bearer admin-key-for-the-test"}) as resp:
                 assert resp.status == 200, await resp.text()
-            await proxy.wait_for_log(lambda line: line["event"] == "config_reloaded" and line["trigger"] == "SIGHUP")
-            for _ in range(12):  # fresh connections: both workers answer some
+                answer = await resp.json()
+                [(_, sibling)] = answer["workers"].items()
+                assert sibling["status"] == "reloaded"
+                # --workers 2 over a file without server.workers is no change to restart for (it said so before)
+                assert answer["restart_required"] == [] and sibling["restart_required"] == []
+            for _ in range(12):  # fresh connections: both workers answer some, on the new config already
                 async with session.get(base + "/v1/models") as resp:
                     assert "tier-b" in {m["id"] for m in (await resp.json())["data"]}
     finally:
         await proxy.stop()
     lines = proxy.log_lines()
-    assert sorted(line["trigger"] for line in lines if line["event"] == "config_reloaded") == ["SIGHUP", "admin"]
-    assert [line["event"] for line in lines if line["event"] == "supervisor_reload"] == ["supervisor_reload"]
+    assert sorted(line["trigger"] for line in lines if line["event"] == "config_reloaded") == ["admin", "sibling"]
+
+
+async def test_a_key_revoked_by_an_admin_reload_is_refused_by_every_worker_once_the_call_returns(
+        tmp_path, redis_store_table):
+    """Before, the call answered 200 once its own worker had reloaded, and the supervisor's SIGHUP reached the
+    other later: a script that revoked a leaked key and checked it at once found it still served there."""
+    keep, revoked = "gp-test-key-that-stays", "gp-test-key-that-leaked"
+    store = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in redis_store_table.items())
+
+    def text(keys: list[str]) -> str:
+        entries = "".join(f'[[auth.keys]]\nid = "k{i}"\nsha256 = "{hash_key(k)}"\n' for i, k in enumerate(keys))
+        return ('[server]\nadmin_key_env = "ADMIN_KEY"\n[providers.groq]\nbase_url = "http://127.0.0.1:9/openai/v1"\n'
+                'api_key_env = "GROQ_KEY"\n[models.tier-fast]\nchain = ["groq:openai/gpt-oss-20b"]\n'
+                f"[store]\n{store}{entries}")
+
+    path = tmp_path / "proxy.toml"
+    path.write_text(text([keep, revoked]))
+    env = clean_env(ADMIN_KEY="admin-key-for-the-test", GROQ_KEY="gsk_test_not_a_real_key")
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", "--simulate", "--config", str(path), env=env)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async def status_with(key: str) -> int:
+                async with session.post(base + "/v1/chat/completions", json=CHAT,
+                                        headers={"Authorization": f"Bearer {key}"}) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await status_with(revoked) == 200
+            path.write_text(text([keep]))
+            async with session.post(base + "/admin/reload",
+                                    headers={"Authorization": "Bearer admin-key-for-the-test"}) as resp:
+                assert resp.status == 200, await resp.text()
+            statuses = await asyncio.gather(*(status_with(revoked) for _ in range(30)))
+            assert statuses == [401] * 30
+            assert await status_with(keep) == 200
+    finally:
+        await proxy.stop()
 
 
 async def test_admin_port_0_with_workers_is_refused(tmp_path):
@@ -278,3 +319,28 @@ async def test_every_worker_listens_on_the_admin_port_with_the_workers_flag(tmp_
         await proxy.stop()
     assert proxy.process.returncode == 0
     assert not [line for line in proxy.log_lines() if line["event"] in ("worker_exited", "worker_failed_to_start")]
+
+
+async def test_a_reload_to_the_memory_store_is_refused_with_several_workers(tmp_path, redis_store_table):
+    """The start refuses policies on the memory store with --workers 2; a reload to it did not (200), and each
+    worker then enforced every limit on its own. Now the reload answers 400 naming the key, and Redis stays."""
+    store = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in redis_store_table.items())
+    head = ('[server]\nadmin_key_env = "ADMIN_KEY"\n[providers.groq]\nbase_url = "http://127.0.0.1:9/openai/v1"\n'
+            'api_key_env = "GROQ_KEY"\n[models.tier-fast]\nchain = ["groq:openai/gpt-oss-20b"]\n'
+            '[[policies]]\nuse = "rate_limit"\nper = "global"\nrequests_per_minute = 100000\n')
+    path = tmp_path / "proxy.toml"
+    path.write_text(head + f"[store]\n{store}")
+    env = clean_env(ADMIN_KEY="admin-key-for-the-test", GROQ_KEY="gsk_test_not_a_real_key")
+    proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", "--simulate", "--config", str(path), env=env)
+    admin = {"Authorization": "Bearer admin-key-for-the-test"}
+    try:
+        path.write_text(head + '[store]\nbackend = "memory"\n')
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async with session.post(base + "/admin/reload", headers=admin) as resp:
+                assert resp.status == 400, await resp.text()
+                assert "store.backend" in (await resp.json())["error"]["message"]
+            for _ in range(6):  # both workers still on Redis
+                async with session.get(base + "/admin/config", headers=admin) as resp:
+                    assert (await resp.json())["policies"]["store"]["backend"] == "redis"
+    finally:
+        await proxy.stop()

@@ -28,17 +28,18 @@ def config_view(config: Config) -> dict:
 
 
 def masked_url(url: str) -> str:
-    """`url` with the password of its userinfo masked (the user name stays: an ACL user is not a secret)."""
+    """`url` with the password of its userinfo masked (the user name stays: an ACL user is not a secret). A
+    userinfo of one word is masked whole: the Redis store reads `redis://secret@host` as a password alone."""
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return MASK  # not a URL we can take apart: show none of it
-    if password is None:
+    if parts.username is None and password is None:
         return url
     host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+    userinfo = f"{parts.username}:{MASK}" if password is not None else MASK
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
 
 
 def _plain(value: Any, name: str) -> Any:

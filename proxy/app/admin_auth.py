@@ -30,13 +30,12 @@ def admin_refusal(request: web.Request, admin_key: "str | None | object" = _RUNN
         from proxy.app.server import STATE  # the app module imports the admin routes: resolved at call time
 
         admin_key = request.app[STATE].config.server.admin_key
-    admin = admin_key
-    if admin is None:
+    if admin_key is None:
         return ProxyError(403, f"{request.path} is off: the admin API needs an admin key; set server.admin_key_env.",
                           type="authentication_error", code="admin_key_not_configured").to_response(_id())
     # Compared in constant time, as bytes: a header is any text, and a non-ASCII str cannot be compared so.
     presented = request.headers.get("Authorization", "").encode("utf-8", "backslashreplace")
-    if not hmac.compare_digest(presented, f"Bearer {admin}".encode()):
+    if not hmac.compare_digest(presented, f"Bearer {admin_key}".encode()):
         return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
                           type="authentication_error", code="invalid_api_key").to_response(_id())
     return None

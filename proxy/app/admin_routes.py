@@ -45,8 +45,13 @@ async def admin_reload(request: web.Request) -> web.Response:
         return ProxyError(400, f"The config was not reloaded (the running config stays): {exc}",
                           code="config_invalid").to_response(_id())
     reload_siblings = request.app.get(RELOAD_SIBLINGS)
-    if reload_siblings is not None:  # --workers: the supervisor reloads the other workers (proxy/app/workers.py)
-        reload_siblings()
+    if reload_siblings is not None:  # --workers: answered once every worker runs the new config
+        result["workers"] = await reload_siblings()
+        refused = {i: r.get("error") for i, r in result["workers"].items() if r.get("status") == "refused"}
+        if refused:
+            return ProxyError(500, "The config was reloaded on this worker but refused by worker(s) "
+                              + "; ".join(f"{i}: {reason}" for i, reason in refused.items()),
+                              type="server_error", code="config_reload_partial").to_response(_id())
     return _json(result)
 
 

@@ -104,6 +104,9 @@ def cmd_serve(args) -> int:
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
 
+    if args.workers is not None:  # a reload reads the file again: the flag still wins over its server.workers
+        app[STATE].server_overrides = {"workers": workers}
+
     def listening(url: str) -> None:
         app[STATE].public_url = url  # where POST /admin/benchmark sends its runs from the admin port
         banner(url)

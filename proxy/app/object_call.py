@@ -4,6 +4,7 @@ proxy/app/provider_objects.py says where these calls go and who may see what."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from policies.base import CONTINUE, Reject
 from policies.chain import PolicyChain
+from proxy.app.drain import DRAIN
 from proxy.app.errors import ProxyError, new_request_id
 from proxy.app.provider_objects import ProviderObjects, parse
 from proxy.pipeline.context import RequestContext
@@ -131,6 +133,8 @@ async def answer(request: web.Request, operation: str, work) -> web.StreamRespon
     generation = state.generation  # its policy chain and store stay open until this call ends (a reload)
     call = Call(objects, generation.pipeline.policies, operation, span)
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    drain = request.app[DRAIN]
+    task = drain.enter(request)  # an upload under way at a SIGTERM is waited for as a stream is (proxy/app/drain.py)
     generation.enter()
     try:
         try:
@@ -139,6 +143,10 @@ async def answer(request: web.Request, operation: str, work) -> web.StreamRespon
                 response = await work(call)
             finally:
                 await call.finish()
+        except asyncio.CancelledError:
+            if not drain.was_cut(task):
+                raise
+            response = await drain.cut_response(None, call.request_id)
         except ProxyError as error:
             response = error.to_response(call.headers())
         except Exception:
@@ -148,6 +156,7 @@ async def answer(request: web.Request, operation: str, work) -> web.StreamRespon
         status = response.status
         return response
     finally:
+        drain.leave(task)
         generation.leave()
         _ended(observer, call, span, status, started)
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 import orjson
 
+from policies.config import check_workers
 from proxy.app.config import Config, ConfigError, ServerConfig, load_config
 from proxy.app.policy_routes import close_chain, open_chain
 from proxy.pipeline.pipeline import Pipeline
@@ -139,6 +140,7 @@ class Reloads:
 
     def merged(self, running: Config, new: Config) -> tuple[Config, list[str]]:
         """`new` with the start-up-only keys at their running values, and the names of those it changed."""
+        new = replace(new, server=replace(new.server, **self._state.server_overrides))
         restart = [f"server.{f.name}" for f in fields(ServerConfig)
                    if f.name not in LIVE_SERVER_KEYS and getattr(running.server, f.name) != getattr(new.server, f.name)]
         if new.telemetry != running.telemetry:
@@ -158,6 +160,8 @@ class Reloads:
                 raise ReloadRefused("the proxy is stopping")
             try:
                 config, restart = self.merged(running.config, self.read())
+                if config.policies is not None:  # what `serve --workers N` refuses at the start, a reload refuses
+                    check_workers(config.policies, config.server.workers)
                 generation = await self.build(config, running)
             except ConfigError as exc:
                 emit(logging.ERROR, "config_reload_refused", trigger=trigger, error=str(exc),

@@ -66,6 +66,7 @@ class ProxyState:
     reloads: Reloads | None = None
     public_url: str | None = None  # where the public port listens, once it does (the CLI's banner)
     admin_url: str | None = None  # where server.admin_port listens
+    server_overrides: dict = field(default_factory=dict)  # [server] keys the command line set: a reload keeps them
 
     def install(self, generation: Generation) -> None:
         self.generation = generation
@@ -102,6 +103,8 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
     cache = None
+    drain = request.app[DRAIN]
+    task = drain.enter(request)  # before the body: an upload under way at a SIGTERM is waited for too
     generation.enter()
     try:
         try:
@@ -119,16 +122,12 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             ctx.op = op
             ctx.span = span
             ctx.identity = identity
-            drain = request.app[DRAIN]
-            task = drain.enter(ctx)
-            try:
-                response = await pipeline.handle(request, ctx)
-            except asyncio.CancelledError:
-                if not drain.was_cut(task, ctx):
-                    raise
-                response = await drain.cut_response(ctx)
-            finally:
-                drain.leave(task)
+            drain.attach(task, ctx)
+            response = await pipeline.handle(request, ctx)
+        except asyncio.CancelledError:
+            if not drain.was_cut(task):
+                raise
+            response = await drain.cut_response(ctx, request_id)
         except ProxyError as error:
             response = error.to_response({"x-request-id": request_id, **pipeline.extra_headers})
         except Exception:
@@ -139,6 +138,7 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
         cache = cache_result(response.headers)
         return response
     finally:
+        drain.leave(task)
         generation.leave()
         observer.request_ended(span, ctx, status, started, request_id, operation, cache)
 

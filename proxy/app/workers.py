@@ -16,6 +16,10 @@ the workers, prints "listening" once all are, and then:
   waits for every worker to exit, and exits 0 when each of them did;
 - forwards SIGHUP (a worker reloads its config on it).
 
+POST /admin/reload reaches one worker (the kernel's pick); that worker asks each sibling to reload too, over a
+Unix socket in the run directory (`worker-I.reload.sock`), and answers once every one has, so a key revoked
+by the reload is refused by every worker when the call returns.
+
 Policies and caches on the memory store are per process: with N > 1 each worker would enforce every limit on
 its own, so the start is refused unless `[store] backend = "redis"` (policies.config.check_workers).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -31,13 +36,14 @@ import sys
 import tempfile
 from typing import Callable
 
+import orjson
 from aiohttp import web
 
 from proxy.app.config import Config, ConfigError
 from proxy.app.listen import ListenError, url_of
 from proxy.telemetry.logs import emit
 
-RELOAD_SIBLINGS_LINE = b"reload-siblings\n"  # a worker's stdout to the supervisor: POST /admin/reload succeeded
+SIBLING_RELOAD_TIMEOUT_S = 30.0  # past it a sibling (stuck, or being restarted) is reported `unreachable`
 RESTART_DELAY_S = (0.5, 10.0)  # first and largest wait before restarting a worker that died young
 YOUNG_S = 10.0  # a worker that ran less than this before dying counts as a crash loop
 
@@ -156,16 +162,9 @@ class Supervisor:
         loop.create_task(self._read_stdout(worker, worker.process, worker.ready))
 
     async def _read_stdout(self, worker: Worker, process, ready: asyncio.Future) -> None:
-        """The worker's stdout: its "listening" line says it is ready; `reload-siblings` that an admin reload
-        went through on it, so every other worker gets SIGHUP; the rest is read and dropped."""
+        """The worker's stdout: its "listening" line says it is ready; the rest is read and dropped."""
         while line := await process.stdout.readline():
-            if line == RELOAD_SIBLINGS_LINE:
-                emit(logging.INFO, "supervisor_reload", worker=worker.index,
-                     message="POST /admin/reload on one worker: SIGHUP to the others")
-                for other in self.workers:
-                    if other is not worker and _listening(other):
-                        other.process.send_signal(signal.SIGHUP)
-            elif not ready.done() and b"listening on" in line:
+            if not ready.done() and b"listening on" in line:
                 ready.set_result(True)
                 if self._stopping:  # the stop came while it started: it drains now
                     process.send_signal(signal.SIGTERM)
@@ -223,7 +222,8 @@ def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[
 
     siblings = WorkerMetrics(directory, index, workers)
     app[WORKER_METRICS] = siblings  # its /metrics covers every worker
-    app[RELOAD_SIBLINGS] = _ask_for_sibling_reload  # POST /admin/reload reloads every worker
+    app[RELOAD_SIBLINGS] = lambda: reload_siblings(directory, index, workers)  # POST /admin/reload: every worker
+    app.cleanup_ctx.append(_reload_socket_ctx(directory, index))
     if app[STATE].config.telemetry.metrics:
         app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
     follow_parent()
@@ -232,9 +232,45 @@ def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[
     return lambda url: say(f"groq-proxy worker {index} listening on {url}", sys.stdout)
 
 
-def _ask_for_sibling_reload() -> None:
-    sys.stdout.buffer.write(RELOAD_SIBLINGS_LINE)
-    sys.stdout.buffer.flush()
+def _reload_socket(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.reload.sock")
+
+
+def _reload_socket_ctx(directory: str, index: int):
+    """An aiohttp cleanup_ctx: the Unix socket on which a sibling that took POST /admin/reload has this worker
+    reload too; the answer is the reload's result as JSON (or `{"status": "refused", "error": ...}`)."""
+
+    async def ctx(app: web.Application):
+        from proxy.app.reload import ReloadRefused
+        from proxy.app.server import STATE
+        from proxy.telemetry.worker_metrics import sibling_socket
+
+        async def produce() -> bytes:
+            try:
+                return orjson.dumps(await app[STATE].reloads.reload("sibling"))
+            except ReloadRefused as exc:
+                return orjson.dumps({"status": "refused", "error": str(exc)})
+
+        async with sibling_socket(_reload_socket(directory, index), produce):
+            yield
+
+    return ctx
+
+
+async def reload_siblings(directory: str, index: int, workers: int) -> dict[str, dict]:
+    """Every other worker reloaded, each one's result by its index (`unreachable` for one that did not answer:
+    being restarted, it reads the file anew anyway)."""
+    from proxy.telemetry.worker_metrics import ask_sibling
+
+    async def one(i: int) -> dict:
+        answer = await ask_sibling(_reload_socket(directory, i), SIBLING_RELOAD_TIMEOUT_S)
+        try:
+            return orjson.loads(answer) if answer is not None else {"status": "unreachable"}
+        except orjson.JSONDecodeError:
+            return {"status": "unreachable"}
+
+    others = [i for i in range(workers) if i != index]
+    return {str(i): result for i, result in zip(others, await asyncio.gather(*(one(i) for i in others)))}
 
 
 RELOAD_SIBLINGS = web.AppKey("reload_siblings", Callable)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
@@ -85,22 +86,11 @@ class WorkerMetrics:
         """An aiohttp cleanup_ctx: the Unix socket on which siblings read `render()` for the app's lifetime."""
 
         async def ctx(app: web.Application):
-            async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                try:
-                    writer.write(render(app))
-                    await writer.drain()
-                except ConnectionError:
-                    pass
-                finally:
-                    writer.close()
+            async def produce() -> bytes:
+                return render(app)
 
-            path = socket_path(self.directory, self.index)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # left by this worker's predecessor, if it died
-            server = await asyncio.start_unix_server(answer, path)
-            yield
-            server.close()
-            await server.wait_closed()
+            async with sibling_socket(socket_path(self.directory, self.index), produce):
+                yield
 
         return ctx
 
@@ -119,15 +109,44 @@ class WorkerMetrics:
             f"# TYPE groq_proxy_workers_scraped gauge\ngroq_proxy_workers_scraped {scraped}\n").encode()
 
     async def _read(self, index: int) -> str | None:
+        text = await ask_sibling(socket_path(self.directory, index), PEER_TIMEOUT_S)
+        return text.decode() if text is not None else None
+
+
+@contextlib.asynccontextmanager
+async def sibling_socket(path: str, produce: Callable[[], Awaitable[bytes]]):
+    """While open, each sibling that connects to the Unix socket `path` reads `await produce()` to EOF."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(PEER_TIMEOUT_S):
-                reader, writer = await asyncio.open_unix_connection(socket_path(self.directory, index))
-                try:
-                    return (await reader.read()).decode()
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError):  # being restarted, or stuck: the scrape goes on without it
-            return None
+            writer.write(await produce())
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by this worker's predecessor, if it died
+    server = await asyncio.start_unix_server(answer, path)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def ask_sibling(path: str, timeout_s: float) -> bytes | None:
+    """What the sibling at `path` answers, or None when it does not in time (being restarted, or stuck)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                return await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return None
 
 
 WORKER_METRICS = web.AppKey("worker_metrics", WorkerMetrics)
