@@ -109,6 +109,11 @@ class Policy:
     async def after(self, ctx: "RequestContext") -> None:
         """Settle what `on_request` reserved."""
 
+    async def start(self, store, metrics) -> None:
+        """The app is starting: open what the policy owns. `store` is the `[store]` config
+        (policies.config.StoreConfig); `metrics` the proxy's metric set (None when metrics are off), whose
+        `all` a policy may extend with series of its own."""
+
     async def close(self) -> None:
         """The app is stopping: release what the policy owns."""
 

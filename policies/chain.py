@@ -18,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from policies.base import CONTINUE, Decision, Policy, Reject, Skip
+from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
 from policies.estimate import completion_limit, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
 from policies.stores.base import SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
@@ -36,7 +36,7 @@ class PolicyState:
     they add to the answer, the settlements to send at the end."""
 
     __slots__ = ("ran", "claims", "owners", "by_owner", "admitted", "admission", "settlements", "headers", "_prompt",
-                 "_used", "body")
+                 "_used", "body", "served_tokens")
 
     def __init__(self, body: dict) -> None:
         self.body = body
@@ -50,6 +50,7 @@ class PolicyState:
         self.headers: dict[str, str] = {}
         self._prompt: int | None = None
         self._used: int | None = None
+        self.served_tokens: int | None = None  # an answer from the cache that charges budgets (charge_hits)
 
     def claim(self, policy: Policy, claim: Claim) -> None:
         self.claims.append(claim)
@@ -83,7 +84,7 @@ class PolicyState:
     def used_tokens(self, ctx) -> int:
         """What the request used (`policies.estimate.used_tokens`), worked out once for every policy."""
         if self._used is None:
-            self._used = used_tokens(ctx)
+            self._used = used_tokens(ctx) + (self.served_tokens or 0)
         return self._used
 
 
@@ -169,6 +170,11 @@ class PolicyChain:
                 continue
             self._record(ctx, policy, decision)
             if policy.mode == ENFORCE:
+                if isinstance(decision, Respond) and state.claims and self.store is not None:
+                    # An answer from a policy (the cache's) is a request too: the limits before it count it.
+                    admitted = await self._admit(ctx, state)
+                    if admitted is not CONTINUE:
+                        return admitted
                 return decision
         if state.claims and self.store is not None:
             return await self._admit(ctx, state)

@@ -51,6 +51,8 @@ async def open_chain(config: Config, metrics) -> PolicyChain:
                      message="Limits and budgets are counted in this process only (store.backend = \"memory\"): "
                              "run one process, or use the Redis store to share them between processes.")
         await store.start()
+    for policy in pc.policies:
+        await policy.start(pc.store, metrics)
     policy_metrics = None
     if metrics is not None and (pc.policies or pc.keys is not None):
         policy_metrics = PolicyMetrics()

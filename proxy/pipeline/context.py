@@ -59,7 +59,7 @@ class RequestContext:
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
         "forwarded", "base_headers", "client", "chain", "hints", "client_fields", "deadline", "_tokens", "auto",
-        "headers", "identity", "request_type", "module", "policy",
+        "headers", "identity", "request_type", "module", "policy", "tap",
     )
 
     def __init__(
@@ -89,6 +89,9 @@ class RequestContext:
         self.deadline: float | None = None  # loop time past which the request is answered 504
         self._tokens: int | None = None
         self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
+        # What the answer is told to as it passes (policies.cache.coalesce.Capture), set by a cache policy on a
+        # miss: `body(bytes)` for a plain answer, `stream(bytes)` for each piece of a stream forwarded.
+        self.tap: Any = None
 
     @property
     def virtual_model(self) -> str | None:

@@ -142,6 +142,8 @@ class Pipeline:
                 policies.begin(ctx, request.headers)
                 decision = await policies.on_request(ctx)
                 if decision is not CONTINUE:
+                    if ctx.policy.headers:
+                        base_headers.update(ctx.policy.headers)
                     return await respond(request, decision, base_headers)
                 if ctx.policy.headers:
                     base_headers.update(ctx.policy.headers)
@@ -262,6 +264,8 @@ class Pipeline:
     async def _finish(self, ctx: RequestContext, result) -> web.StreamResponse:
         if isinstance(result, _Opened):
             return await self._forward(ctx, result.attempt, result.provider, result)
+        if ctx.tap is not None and ctx.answered is not None and result.status == 200:
+            ctx.tap.body(result.body)  # the cache's capture of a plain answer
         return result
 
     async def _deadline_passed(self, ctx: RequestContext, seconds: float) -> web.StreamResponse:
@@ -447,12 +451,16 @@ class Pipeline:
         client: ClientStream = ctx.client
         resp, splitter, state = opened.resp, opened.splitter, opened.state
         recorded = [opened.first] if self.observer.record_content else None
+        tap = ctx.tap  # a cache's capture: sees every piece the client is sent
+        kept = False  # the client left while identical requests wait on this stream: read on for them
         try:
             async with asyncio.timeout_at(opened.start + provider.total_s):
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
                 attempt.events = opened.first.count(b"data:")
+                if tap is not None:
+                    tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
@@ -465,6 +473,8 @@ class Pipeline:
                             # The well-formed events before the bad one still belong to the client.
                             await client.write(well_formed_prefix(complete))
                             break
+                        if tap is not None:
+                            tap.stream(complete)
                         await client.write(complete)
                         attempt.events += complete.count(b"data:")
                         if recorded is not None:
@@ -472,10 +482,12 @@ class Pipeline:
         except ClientGone:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
+            kept = self._keep_for_followers(tap, opened)
             return client.response
         except asyncio.CancelledError:  # the client went away, or the request's deadline passed
             if attempt.ended is None:
                 self._cancelled(ctx, attempt)
+            kept = self._keep_for_followers(tap, opened)
             raise
         except TimeoutError:
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
@@ -484,7 +496,8 @@ class Pipeline:
             return await self._broken(ctx, attempt, client, failure.reason, failure.detail)
         finally:
             # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
-            resp.release(drain=state.done)
+            if not kept:
+                resp.release(drain=state.done)
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
         if recorded is not None:
             attempt.content = output_from_stream(b"".join(recorded))
@@ -507,6 +520,39 @@ class Pipeline:
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream closed the stream early")
         self._answered(ctx, attempt)
         return await client.finish()
+
+    def _keep_for_followers(self, tap, opened: "_Opened") -> bool:
+        """The client left mid-stream while identical requests wait on this one (a cache's coalescing): the
+        upstream stream is read to its end for them, in a task of its own, within the attempt's timeout_s."""
+        if tap is None or not tap.followed:
+            return False
+        resp, splitter, state = opened.resp, opened.splitter, opened.state
+        deadline = opened.start + opened.provider.total_s
+
+        async def rest() -> None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    while not state.done and state.error is None:
+                        chunk = await resp.readany()
+                        if not chunk:
+                            break
+                        complete = splitter.feed(chunk)
+                        if complete:
+                            scan(complete, state)
+                            if state.malformed:
+                                break
+                            tap.stream(complete)
+            except (TimeoutError, UpstreamError):
+                pass
+            finally:
+                resp.release(drain=state.done)
+                whole = state.error is None and not state.malformed and (
+                    state.done or (bool(state.finish_reasons) and not splitter.tail.strip()))
+                tap.answered_by = opened.attempt.target.model
+                tap.stream_ended(whole)
+
+        tap.keep(rest)
+        return True
 
     async def _broken(self, ctx, attempt: Attempt, client: ClientStream, reason: str, detail: str):
         """A failure after the commit point: one error event, then the stream ends."""

@@ -1,0 +1,167 @@
+"""The response cache on Redis: one cache every replica reads, so an answer one stored is a hit on another.
+
+Each entry is one string (`Entry.dumps`: the plain answer, the stream's events and the usage chunk, with a
+small header) under `{prefix}cache:{policy}:{model hash}:{key}`, set with a TTL of `ttl_s`. A put is one Lua
+script (put.lua) that also keeps the policy's index (a sorted set by expiry, the sizes, the total bytes):
+entries over `max_entries` or `max_bytes` are evicted, those that expire first going first; an entry over
+`max_entry_bytes` is never sent; the bookkeeping keys expire with the last entry. Nothing grows without bound.
+
+A hit is one GET on a pooled connection, sent without redis-py's command layer (as the counter store does).
+Puts go out in the background, after the answer: the client never waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from importlib import resources
+
+from redis.exceptions import NoScriptError, RedisError
+
+from policies.cache.entry import Entry
+from policies.stores.redis import safe_url
+from proxy.telemetry.logs import emit
+
+_PENDING_MAX = 256  # puts on their way at most; beyond, a put is dropped (the answer is simply not cached)
+
+
+def _script(name: str) -> tuple[str, str]:
+    text = resources.files("policies.cache").joinpath(name).read_text()
+    return text, hashlib.sha1(text.encode()).hexdigest()
+
+
+def model_part(model: str) -> str:
+    return hashlib.sha1(model.encode()).hexdigest()[:16]
+
+
+class RedisCache:
+    backend = "redis"
+
+    def __init__(self, url: str, policy: str, *, ttl_s: float, max_entries: int, max_bytes: int,
+                 max_entry_bytes: int, timeout_s: float = 1.0, prefix: str = "gp:") -> None:
+        self.url = url
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.max_entry_bytes = min(max_entry_bytes, max_bytes)
+        self.timeout_s = timeout_s
+        self.base = f"{prefix}cache:{policy}:"
+        self.index, self.sizes, self.total = self.base + "index", self.base + "sizes", self.base + "bytes"
+        self._put, self._forget = _script("put.lua"), _script("forget.lua")
+        self._client = None
+        self._tasks: set[asyncio.Task] = set()
+        self._held = (0, 0)
+        self._warned = 0.0
+        self._keys: dict[tuple[str, str], bytes] = {}
+
+    async def start(self) -> None:
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        pool = BlockingConnectionPool.from_url(self.url, max_connections=16, timeout=self.timeout_s,
+                                               socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+                                               retry=Retry(NoBackoff(), 0))
+        self._client = Redis(connection_pool=pool)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            await self._client.connection_pool.disconnect()
+
+    def redis_key(self, model: str, key: str) -> str:
+        return f"{self.base}{model_part(model)}:{key}"
+
+    # --- a hit ------------------------------------------------------------------------------------------
+
+    async def get(self, key: str, model: str = "") -> Entry | None:
+        blob = await self._command("GET", self.redis_key(model, key))
+        if blob is None:
+            return None
+        try:
+            return Entry.loads(blob)
+        except (ValueError, TypeError):  # not ours, or cut: a miss, and it is overwritten by the next put
+            return None
+
+    async def _command(self, *args):
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(connection.pack_command(*args), check_health=False)
+            return await connection.read_response()
+        except RedisError:
+            raise
+        except BaseException:  # a timeout or a cancellation mid-answer leaves the connection out of step
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+
+    # --- a put ------------------------------------------------------------------------------------------
+
+    def keep(self, entry: Entry) -> bool:
+        """Sends the entry in the background; False when it is too large or too many puts are on their way."""
+        blob = entry.dumps()
+        if len(blob) > self.max_entry_bytes or len(self._tasks) >= _PENDING_MAX:
+            return False
+        task = asyncio.get_running_loop().create_task(self._send(self.redis_key(entry.model, entry.key), blob))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _send(self, redis_key: str, blob: bytes) -> None:
+        try:
+            held = await self._script(self._put, [redis_key, self.index, self.sizes, self.total],
+                                      [blob, self.ttl_ms, self.max_entries, self.max_bytes])
+            self._held = (int(held[0]), int(held[1]))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._warn(exc)
+
+    async def _script(self, script: tuple[str, str], keys: list, args: list):
+        text, sha = script
+        try:
+            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._client.script_load(text)
+            return await self._command("EVALSHA", sha, len(keys), *keys, *args)
+
+    def _warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned > 10.0:
+            self._warned = now
+            emit(logging.WARNING, "cache_store_unavailable", backend="redis", url=safe_url(self.url),
+                 error=type(exc).__name__, message="an answer could not be stored in the Redis cache")
+
+    # --- admin ------------------------------------------------------------------------------------------
+
+    async def delete(self, model: str | None = None, key: str | None = None) -> int:
+        if model is not None:
+            pattern = f"{self.base}{model_part(model)}:{key or '*'}"
+        else:
+            pattern = f"{self.base}*:{key or '*'}"
+        gone = 0
+        batch: list[str] = []
+        async for found in self._client.scan_iter(match=pattern, count=500):
+            name = found.decode() if isinstance(found, bytes) else found
+            if name in (self.index, self.sizes, self.total):
+                continue
+            batch.append(name)
+            if len(batch) >= 500:
+                gone += await self._script(self._forget, [self.index, self.sizes, self.total], batch)
+                batch = []
+        if batch:
+            gone += await self._script(self._forget, [self.index, self.sizes, self.total], batch)
+        await self._refresh()
+        return int(gone)
+
+    async def _refresh(self) -> None:
+        entries = await self._client.zcard(self.index)
+        size = await self._client.get(self.total)
+        self._held = (int(entries or 0), int(size or 0))
+
+    def held(self) -> tuple[int, int]:
+        """(entries, bytes) as the last put or delete of this process saw them."""
+        return self._held
