@@ -12,6 +12,7 @@ import pytest
 
 from proxy.sim.testing import USAGE, Behaviour, chat_chunk, sse, status, stream_events
 from tests.conftest import config_for, post_chat
+from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 ASK = {"model": "tier-test", "messages": MESSAGES}
@@ -238,3 +239,87 @@ async def test_embeddings_pass_by_the_cache(upstream, start_proxy):
                 assert resp.status == 200
                 assert resp.headers["x-groq-proxy-cache"] == "BYPASS"
     assert len(scripted.requests) == 2
+
+
+# --- admin, metrics, traces -----------------------------------------------------------------------------------
+
+ADMIN = "admin-secret-for-tests"
+
+
+def _admin_config(url: str):
+    from proxy.app.config import parse_config
+
+    raw = {"server": {"keepalive_s": 0, "admin_key_env": "CACHE_ADMIN"},
+           "providers": {"up": {"base_url": url, "api_key_env": "TEST_UPSTREAM_KEY"}},
+           "models": {"tier-test": {"chain": ["up:m1"]}, "tier-other": {"chain": ["up:m2"]}},
+           "policies": [{"use": "cache"}]}
+    return parse_config(raw, env={"TEST_UPSTREAM_KEY": "sk-test-secret-upstream-key", "CACHE_ADMIN": ADMIN})
+
+
+async def delete(base: str, query: str = "", key: str | None = ADMIN) -> tuple[int, dict]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.delete(base + "/admin/cache" + query, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+
+async def test_admin_delete_empties_the_cache_by_key_by_model_or_all(upstream, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(_admin_config(url))
+    first = await post_chat(base, ASK)
+    await post_chat(base, {**ASK, "temperature": 0.1})
+    await post_chat(base, {**ASK, "model": "tier-other"})
+    assert (await delete(base, key=None))[0] == 401
+    assert (await delete(base, key="wrong"))[0] == 401
+    assert (await delete(base, "?key=nothex"))[0] == 400
+    assert await delete(base, f"?key={first[1]['x-groq-proxy-cache-key']}") == (200, {"deleted": 1,
+                                                                                       "policies": ["cache"]})
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "MISS"
+    assert (await delete(base, "?model=tier-test"))[1]["deleted"] == 2
+    assert (await post_chat(base, {**ASK, "model": "tier-other"}))[1]["x-groq-proxy-cache"] == "HIT"
+    assert (await delete(base))[1]["deleted"] == 1
+    assert (await post_chat(base, {**ASK, "model": "tier-other"}))[1]["x-groq-proxy-cache"] == "MISS"
+
+
+async def test_admin_delete_is_refused_without_an_admin_key(upstream, start_proxy):
+    scripted, url = upstream
+    base = await start_proxy(cache_config(url))
+    status_, body = await delete(base)
+    assert status_ == 403 and body["error"]["code"] == "admin_key_not_configured"
+
+
+async def test_metrics_count_results_per_virtual_model_and_what_is_held(upstream, start_proxy):
+    import aiohttp
+
+    scripted, url = upstream
+    base = await start_proxy(cache_config(url))
+    await post_chat(base, ASK)
+    await post_chat(base, ASK)
+    await post_chat(base, ASK, {"Cache-Control": "no-store"})
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="miss"} 1' in text
+    assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="hit"} 1' in text
+    assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="bypass"} 1' in text
+    assert "groq_proxy_cache_entries 1\n" in text
+    held = int(next(line for line in text.splitlines() if line.startswith("groq_proxy_cache_bytes ")).split()[1])
+    assert held > 400
+
+
+async def test_a_hit_is_an_attribute_and_event_of_the_request_span_without_an_attempt_span(upstream, start_proxy,
+                                                                                           otlp):
+    scripted, url = upstream
+    telemetry = {"enabled": True, "endpoint": otlp.url, "export_interval_s": 0.05}
+    base = await start_proxy(config_for(url, {"tier-test": ["m1"]}, policies=[{"use": "cache"}], telemetry=telemetry))
+    miss = await post_chat(base, ASK)
+    hit = await post_chat(base, {**ASK, "stream": True})
+    server, attempts = await otlp.wait_for_request(miss[1]["x-request-id"], attempts=1)
+    assert server.attributes["groq_proxy.cache"] == "MISS" and len(attempts) == 1
+    server, attempts = await otlp.wait_for_request(hit[1]["x-request-id"], attempts=0)
+    assert server.attributes["groq_proxy.cache"] == "HIT"
+    assert attempts == [] and len(otlp.trace(server.trace_id)) == 1
+    assert any(e.attributes.get("policy") == "cache" and e.attributes.get("decision") == "respond"
+               for e in server.events)

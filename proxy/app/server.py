@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web, web_urldispatcher
 
 from proxy.app.config import Config
+from proxy.app.cache_routes import admin_cache_delete
 from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
 from proxy.pipeline.context import RequestContext
 from proxy.routing.cooldown import Cooldowns
@@ -290,7 +291,8 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
     app[READ_TIMEOUT] = server.request_read_timeout_s
     app.cleanup_ctx.append(_lifecycle)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
-              ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage)]
+              ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage),
+              ("/admin/cache", "DELETE", admin_cache_delete)]
     for prefix in PREFIXES:
         routes += [
             (prefix + "/chat/completions", "POST", chat_completions),
