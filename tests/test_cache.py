@@ -323,3 +323,34 @@ async def test_a_hit_is_an_attribute_and_event_of_the_request_span_without_an_at
     assert attempts == [] and len(otlp.trace(server.trace_id)) == 1
     assert any(e.attributes.get("policy") == "cache" and e.attributes.get("decision") == "respond"
                for e in server.events)
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"scope": "model"}, "policies[0].scope: must be one of global, key, user, team"),
+    ({"ttl_s": 0}, "policies[0].ttl_s: must be more than 0"),
+    ({"cacheable": "sometimes"}, "policies[0].cacheable: must be one of always, deterministic"),
+    ({"coalesce": "yes"}, "policies[0].coalesce: must be true or false"),
+    ({"max_entries": 0}, "policies[0].max_entries"),
+    ({"ttl": 5}, "policies[0].ttl"),
+])
+def test_a_wrong_cache_option_stops_the_start_naming_the_key(table, message):
+    from proxy.app.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config_for("http://127.0.0.1:9/openai/v1", policies=[{"use": "cache", **table}])
+    assert message in str(info.value)
+
+
+async def test_a_shadow_cache_counts_its_hits_but_answers_from_upstream(upstream, start_proxy):
+    import aiohttp
+
+    scripted, url = upstream
+    base = await start_proxy(cache_config(url, mode="shadow", charge_hits=True))
+    await post_chat(base, ASK)
+    await post_chat(base, ASK)
+    assert len(scripted.requests) == 2  # the shadow hit changed nothing: upstream answered
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="hit"} 1' in text
+    assert 'groq_proxy_policy_decisions_total{policy="cache",decision="respond",mode="shadow"} 1' in text

@@ -208,7 +208,7 @@ class ResponseCache(Policy):
 
     def _answer(self, ctx, entry: Entry, result: str, key: str) -> Respond:
         self._count(ctx, result)
-        if self.charge_hits:
+        if self.charge_hits and self.mode == "enforce":  # a shadow hit is not the answer: upstream's is charged
             ctx.policy.served_tokens = entry.tokens
         headers = {HEADER: result, KEY_HEADER: key, "x-groq-proxy-model": entry.answered_by}
         if result == HIT:
