@@ -161,3 +161,36 @@ async def test_coalescing_off_sends_every_request_upstream(aiohttp_server, start
     upstream.first.set()
     answers = await asyncio.gather(*calls)
     assert {a[1]["x-groq-proxy-cache"] for a in answers} == {"MISS"}
+
+
+async def test_followers_of_a_plain_leader_whose_client_left_go_upstream_themselves(aiohttp_server, start_proxy):
+    upstream, base, cache = await gated(aiohttp_server, start_proxy)
+    leader = asyncio.ensure_future(post_chat(base, ASK))
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    followers = [asyncio.ensure_future(post_chat(base, {**ASK, "stream": i == 0})) for i in range(3)]
+    flight = next(iter(cache.flights.values()))
+    await until(lambda: flight.followers == 3, what="3 followers waiting")
+    leader.cancel()  # the leader's client hangs up while its call is upstream
+    await until(lambda: upstream.calls == 2, what="a follower leading the next call")
+    upstream.first.set()
+    upstream.rest.set()
+    answers = await asyncio.gather(*followers)
+    assert [a[0] for a in answers] == [200] * 3
+    assert all(text_of(raw, i == 0) == TEXT for i, (_, _, raw) in enumerate(answers))
+    assert upstream.calls == 2
+
+
+async def test_a_stream_too_large_to_store_still_reaches_its_followers_and_is_not_kept(aiohttp_server, start_proxy):
+    upstream, base, cache = await gated(aiohttp_server, start_proxy, max_entry_bytes=100)
+    leading = asyncio.ensure_future(post_chat(base, {**ASK, "stream": True}))
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    following = asyncio.ensure_future(post_chat(base, {**ASK, "stream": True}))
+    flight = next(iter(cache.flights.values()))
+    await until(lambda: flight.followers == 1, what="a follower waiting")
+    upstream.first.set()
+    upstream.rest.set()
+    leader, follower = await asyncio.gather(leading, following)
+    assert text_of(leader[2], True) == text_of(follower[2], True) == TEXT
+    assert follower[1]["x-groq-proxy-cache"] == "COALESCED"
+    assert follower[2].endswith(b"data: [DONE]\n\n") and b'"error"' not in follower[2]
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "MISS"  # too large: never stored

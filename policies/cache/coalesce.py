@@ -33,7 +33,7 @@ class Capture:
     """What one upstream answer is, as it comes: the tap the pipeline feeds, and what followers wait on."""
 
     __slots__ = ("cache", "key", "model", "who", "answered_by", "plain", "events", "ended", "entry", "handed",
-                 "followers", "_wake", "coalesced")
+                 "followers", "_wake", "coalesced", "size", "too_big", "whole")
 
     def __init__(self, cache: "ResponseCache", key: str, model: str, who: str) -> None:
         self.cache, self.key, self.model, self.who = cache, key, model, who
@@ -45,6 +45,9 @@ class Capture:
         self.handed = False  # the leader's client left mid-stream: the pipeline reads on for the followers
         self.followers = 0
         self.coalesced = False  # registered as the flight of its key
+        self.size = 0
+        self.too_big = False  # past max_entry_bytes: not stored, and no new follower may join
+        self.whole = False  # ended with a whole answer (stored or not)
         self._wake = asyncio.Event()
 
     # --- the pipeline's side ----------------------------------------------------------------------------
@@ -55,9 +58,18 @@ class Capture:
 
     def stream(self, data: bytes) -> None:
         """Whole SSE events went to the client (or, after `keep`, would have)."""
+        if self.too_big and not self.followers:
+            return
         events = split_events(data)
         if events:
             self.events += events
+            self.size += len(data)
+            if self.size > self.cache.max_entry_bytes and not self.too_big:
+                # Too large to store: the answer is not kept beyond what followers already waiting need.
+                self.too_big = True
+                self.cache.unlist(self)
+                if not self.followers:
+                    self.events = []
             self._notify()
 
     @property
@@ -83,12 +95,13 @@ class Capture:
         if self.ended:
             return
         entry = None
-        if answered:
+        if answered and not self.too_big:
             if self.plain is not None:
                 entry = from_plain(self.key, self.model, self.who, self.answered_by, self.plain)
             elif self.events:
                 entry = from_stream(self.key, self.model, self.who, self.answered_by, self.events)
         self.entry = entry
+        self.whole = answered
         self.ended = True
         self.cache.landed(self)
         self._notify()
@@ -124,9 +137,13 @@ class Capture:
                 break
             await self._wake.wait()
         on_end(self)
-        entry = self.entry
-        if entry is not None:
-            yield (entry.usage_event if include_usage else b"") + DONE
+        if self.whole:
+            usage = b""
+            if include_usage:
+                entry = self.entry
+                usage = entry.usage_event if entry is not None else next(
+                    (e for e in self.events if is_usage_chunk(e)), b"")
+            yield usage + DONE
         else:
             error = ProxyError(502, "The identical request this one waited for failed mid-stream.", type="server_error",
                                code="upstream_closed")

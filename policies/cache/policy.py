@@ -159,10 +159,14 @@ class ResponseCache(Policy):
 
     # --- what the pipeline's capture reports ------------------------------------------------------------
 
-    def landed(self, capture: Capture) -> None:
-        """A capture ended: it is no longer the flight of its key, and its entry (if any) is stored."""
+    def unlist(self, capture: Capture) -> None:
+        """No further request may join this capture (it ended, or grew too large to store)."""
         if capture.coalesced and self.flights.get(capture.key) is capture:
             del self.flights[capture.key]
+
+    def landed(self, capture: Capture) -> None:
+        """A capture ended: it is no longer the flight of its key, and its entry (if any) is stored."""
+        self.unlist(capture)
         if capture.entry is not None:
             self.store.keep(capture.entry)
 
