@@ -21,10 +21,11 @@ class GatedUpstream(ChatUpstream):
     """Answers after `first` opens (a stream: its first event), and ends a stream after `rest` opens. With
     `fail_first`, the first call answers 500 once `first` opens."""
 
-    def __init__(self, fail_first: bool = False) -> None:
+    def __init__(self, fail_first: bool = False, cut_first: bool = False) -> None:
         self.first, self.rest = asyncio.Event(), asyncio.Event()
         self.calls = 0
         self.fail_first = fail_first
+        self.cut_first = cut_first  # the first call's stream breaks after its first event
         self.finished = 0
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -41,6 +42,9 @@ class GatedUpstream(ChatUpstream):
         await resp.prepare(request)
         await resp.write(events[0])
         await self.rest.wait()
+        if self.cut_first and call == 1:
+            request.transport.close()
+            return resp
         for event in events[1:]:
             await resp.write(event)
         await resp.write_eof()
@@ -48,8 +52,8 @@ class GatedUpstream(ChatUpstream):
         return resp
 
 
-async def gated(aiohttp_server, start_proxy, fail_first=False, **cache):
-    upstream = GatedUpstream(fail_first)
+async def gated(aiohttp_server, start_proxy, fail_first=False, cut_first=False, **cache):
+    upstream = GatedUpstream(fail_first, cut_first)
     server = await aiohttp_server(upstream.app())
     config = config_for(f"http://127.0.0.1:{server.port}/openai/v1", {"tier-test": ["m1"]},
                         policies=[{"use": "cache", **cache}])
@@ -194,3 +198,22 @@ async def test_a_stream_too_large_to_store_still_reaches_its_followers_and_is_no
     assert follower[1]["x-groq-proxy-cache"] == "COALESCED"
     assert follower[2].endswith(b"data: [DONE]\n\n") and b'"error"' not in follower[2]
     assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "MISS"  # too large: never stored
+
+
+async def test_live_followers_of_a_stream_that_breaks_end_with_an_error_event(aiohttp_server, start_proxy):
+    upstream, base, cache = await gated(aiohttp_server, start_proxy, cut_first=True)
+    leading = asyncio.ensure_future(post_chat(base, {**ASK, "stream": True}))
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    following = [asyncio.ensure_future(post_chat(base, {**ASK, "stream": True})) for _ in range(2)]
+    flight = next(iter(cache.flights.values()))
+    await until(lambda: flight.followers == 2, what="2 followers waiting")
+    upstream.first.set()
+    await until(lambda: flight.followers == 2 and len(flight.events) == 1, what="the first event out")
+    upstream.rest.set()  # and then the upstream breaks
+    leader, *followers = await asyncio.gather(leading, *following)
+    for answer in (leader, *followers):
+        last = answer[2].rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+        assert answer[0] == 200 and b'"error"' in last, answer[2]
+    assert {f[1]["x-groq-proxy-cache"] for f in followers} == {"COALESCED"}
+    assert upstream.calls == 1
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "MISS"  # a broken stream is not stored

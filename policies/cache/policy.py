@@ -193,9 +193,9 @@ class ResponseCache(Policy):
             flight.followers -= 1
         if flight.entry is not None:
             return self._answer(ctx, flight.entry, COALESCED, key)
-        if flight.ended and flight.events and ctx.stream:
-            return self._live(ctx, flight, key)  # ended broken after some events: the same end as the leader's
-        return None
+        if flight.ended and flight.whole and flight.events and ctx.stream:
+            return self._live(ctx, flight, key)  # whole but too large to store: replayed from what it captured
+        return None  # it failed (or broke mid-stream before this request sent anything): go upstream
 
     def _live(self, ctx, flight: Capture, key: str) -> Respond:
         flight.followers += 1
