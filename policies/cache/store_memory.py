@@ -30,7 +30,10 @@ class MemoryCache:
         self._data.clear()
 
     async def get(self, key: str, model: str = "") -> Entry | None:
-        return self._data.get(key)
+        try:
+            return self._data[key]  # half the cost of TTLCache.get (a MutableMapping method over this)
+        except KeyError:
+            return None
 
     def keep(self, entry: Entry) -> bool:
         """Stores the entry at once; False when it is too large to keep."""
