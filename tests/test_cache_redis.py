@@ -100,6 +100,8 @@ async def test_an_entry_over_the_size_limit_is_never_stored(redis_url):
 
 async def test_max_entries_and_max_bytes_bound_what_redis_holds(redis_url):
     cache = await redis_cache(redis_url, max_entries=3)
+    size = len(entry("k0").dumps())  # about 1.1 KB; entries differ by a byte or two (the digits of their time)
+    small = await redis_cache(redis_url, max_bytes=size * 2 + 30)
     client = aioredis.from_url(redis_url)
     try:
         for i in range(10):
@@ -109,17 +111,16 @@ async def test_max_entries_and_max_bytes_bound_what_redis_holds(redis_url):
         keys = [k async for k in client.scan_iter(match=cache.base + "*")]
         assert len(keys) == 3 + 3  # three entries and the index, sizes and total
         assert await cache.get("k9", "tier-test") is not None and await cache.get("k0", "tier-test") is None
-        size = len(entry("k0").dumps())
-        small = await redis_cache(redis_url, max_bytes=size * 2 + 1)
         for i in range(5):
             small.keep(entry(f"k{i}"))
             await settle(small)
         entries, held = small.held()
-        assert entries == 2 and size * 2 - 4 <= held <= size * 2 + 1  # (entries differ by a digit of their time)
-        await small.close()
+        assert entries == 2 and held <= size * 2 + 30
+        assert await small.get("k4", "tier-test") is not None and await small.get("k2", "tier-test") is None
     finally:
         await client.aclose()
         await cache.close()
+        await small.close()
 
 
 async def test_delete_by_model_by_key_and_all(redis_url):
@@ -150,3 +151,37 @@ async def test_a_redis_that_is_down_is_a_miss_not_an_error(upstream, start_proxy
         answer = await post_chat(base, ASK)
         assert answer[0] == 200 and answer[1]["x-groq-proxy-cache"] == "MISS"
     assert len(scripted.requests) == 2
+
+
+async def test_a_redis_that_does_not_answer_is_not_tried_again_by_every_request(upstream, start_proxy, raw_server,
+                                                                                 proxy_log):
+    """A Redis that accepts and never answers: the first lookup waits out store.timeout_s and is a miss; the
+    requests right after it are misses without a Redis call of their own (and nothing is sent to store)."""
+
+    async def silent(reader, writer):
+        await reader.read()  # never answers; ends when the proxy gives up the connection
+
+    port = await raw_server(silent)
+    scripted, url = upstream
+    config = config_for(url, {"tier-test": ["m1"]},
+                        store={"backend": "redis", "url": f"redis://127.0.0.1:{port}/0", "timeout_s": 0.2},
+                        policies=[{"use": "cache"}])
+    base = await start_proxy(config)
+    answers = [await post_chat(base, ASK) for _ in range(3)]
+    assert [a[0] for a in answers] == [200] * 3
+    assert [a[1]["x-groq-proxy-cache"] for a in answers] == ["MISS"] * 3
+    assert config.policies.policies[0].store.calls == 1
+    assert [r for r in proxy_log.records if r.getMessage() == "cache_store_unavailable"]
+
+
+async def test_a_hit_from_redis_is_one_call(upstream, start_proxy, redis_url):
+    scripted, url = upstream
+    config = config_for(url, {"tier-test": ["m1"]}, policies=[{"use": "cache"}],
+                        store={"backend": "redis", "url": redis_url, "prefix": f"t{uuid.uuid4().hex[:8]}:"})
+    base = await start_proxy(config)
+    cache = config.policies.policies[0]
+    await post_chat(base, ASK)
+    await settle(cache.store)
+    before = cache.store.calls
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "HIT"
+    assert cache.store.calls == before + 1

@@ -249,7 +249,7 @@ class ResponseCache(Policy):
             now = time.monotonic()
             if now - self._warned > 10.0:
                 self._warned = now
-                emit(logging.WARNING, "cache_store_unavailable", policy=self.name, error=type(exc).__name__,
+                emit(logging.WARNING, "cache_lookup_failed", policy=self.name, error=type(exc).__name__,
                      message="the cache store could not be read; answering as a miss")
             return None
 

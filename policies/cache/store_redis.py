@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import struct
 import time
 from importlib import resources
 
@@ -53,7 +54,8 @@ class RedisCache:
         self._tasks: set[asyncio.Task] = set()
         self._held = (0, 0)
         self._warned = 0.0
-        self._keys: dict[tuple[str, str], bytes] = {}
+        self._down_until = 0.0  # after a failure, a second of misses without trying (no connect per request)
+        self.calls = 0  # Redis commands sent (GET, EVALSHA): a hit is one
 
     async def start(self) -> None:
         from redis.asyncio import BlockingConnectionPool, Redis
@@ -78,15 +80,22 @@ class RedisCache:
     # --- a hit ------------------------------------------------------------------------------------------
 
     async def get(self, key: str, model: str = "") -> Entry | None:
-        blob = await self._command("GET", self.redis_key(model, key))
+        if self._down_until and time.monotonic() < self._down_until:
+            return None
+        try:
+            blob = await self._command("GET", self.redis_key(model, key))
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._failed(exc)
+            raise
         if blob is None:
             return None
         try:
             return Entry.loads(blob)
-        except (ValueError, TypeError):  # not ours, or cut: a miss, and it is overwritten by the next put
+        except (ValueError, TypeError, struct.error):  # not ours, or cut: a miss, overwritten by the next put
             return None
 
     async def _command(self, *args):
+        self.calls += 1
         pool = self._client.connection_pool
         connection = await pool.get_connection()
         try:
@@ -107,6 +116,8 @@ class RedisCache:
         blob = entry.dumps()
         if len(blob) > self.max_entry_bytes or len(self._tasks) >= _PENDING_MAX:
             return False
+        if self._down_until and time.monotonic() < self._down_until:
+            return False
         task = asyncio.get_running_loop().create_task(self._send(self.redis_key(entry.model, entry.key), blob))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -118,7 +129,7 @@ class RedisCache:
                                       [blob, self.ttl_ms, self.max_entries, self.max_bytes])
             self._held = (int(held[0]), int(held[1]))
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            self._warn(exc)
+            self._failed(exc)
 
     async def _script(self, script: tuple[str, str], keys: list, args: list):
         text, sha = script
@@ -128,12 +139,14 @@ class RedisCache:
             await self._client.script_load(text)
             return await self._command("EVALSHA", sha, len(keys), *keys, *args)
 
-    def _warn(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
         now = time.monotonic()
+        self._down_until = now + 1.0
         if now - self._warned > 10.0:
             self._warned = now
             emit(logging.WARNING, "cache_store_unavailable", backend="redis", url=safe_url(self.url),
-                 error=type(exc).__name__, message="an answer could not be stored in the Redis cache")
+                 error=type(exc).__name__, message="the Redis cache is unreachable: misses, and nothing stored, "
+                                                   "until it answers again (tried again each second)")
 
     # --- admin ------------------------------------------------------------------------------------------
 
