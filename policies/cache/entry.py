@@ -112,7 +112,7 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
         if not isinstance(obj, dict) or "error" in obj:
             return None
         if is_usage_chunk(event):
-            usage = obj.get("usage")
+            usage, usage_event = obj.get("usage"), event  # the upstream's own usage chunk, replayed as it came
             continue
         kept.append(event)
         if first is None:
@@ -155,7 +155,7 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
              "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]}
     if usage is not None:
         plain["usage"] = usage
-        usage_event = _usage_chunk(first, usage)
+        usage_event = usage_event or _usage_chunk(first, usage)
     if first.get("system_fingerprint") is not None:
         plain["system_fingerprint"] = first["system_fingerprint"]
     if x_groq:
