@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
-from urllib.parse import urlsplit
 
 from policies.base import Policy
 from policies.identity import Identity, KeyRing, ProxyKey
 from policies.registry import BUILTINS, build, resolve
-from policies.schema import check_keys, choice, seconds
-from proxy.app.config import ConfigError, _string
+from policies.schema import check_keys, choice, count, seconds
+from policies.stores.redis_connect import Connect, check_tls_files, parse_url
+from proxy.app.config import ConfigError, _env_name, _string
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _COMMON = {"use", "name", "mode", "on_error"}
@@ -28,6 +28,7 @@ class StoreConfig:
     timeout_s: float = 1.0
     lease_s: float = 30.0
     prefix: str = "gp:"
+    connect: Connect = Connect()  # connect_timeout_s, timeout_s, pool_size, tls_*, the sentinels' password
 
 
 @dataclass(frozen=True)
@@ -85,29 +86,63 @@ def parse_auth(raw) -> KeyRing | None:
     return KeyRing(tuple(keys))
 
 
-def parse_store(raw) -> StoreConfig:
+_STORE_KEYS = {"backend", "url", "url_env", "timeout_s", "connect_timeout_s", "pool_size", "lease_s", "prefix",
+               "tls_ca_file", "tls_cert_file", "tls_key_file", "sentinel_password_env"}
+
+
+def parse_store(raw, env: Mapping[str, str] | None = None) -> StoreConfig:
     if raw is None:
         return StoreConfig()
     if not isinstance(raw, Mapping):
         raise ConfigError("store: must be a table")
-    check_keys(raw, {"backend", "url", "timeout_s", "lease_s", "prefix"}, "store")
+    env = {} if env is None else env
+    check_keys(raw, _STORE_KEYS, "store")
     backend = choice(raw, "backend", "store", ("memory", "redis"), "memory")
     url = _string(raw, "url", "store", None)
+    url_env = _env_name(raw, "url_env", "store")
+    if url is not None and url_env:
+        raise ConfigError("store.url_env: set url or url_env, not both")
+    where = "store.url"
+    if url_env:
+        where = "store.url_env"
+        url = env.get(url_env) or None
+        if url is None and backend == "redis":
+            raise ConfigError(f"store.url_env: the variable {url_env} is not set")
     if backend == "redis":
         if url is None:
-            raise ConfigError("store.url: required with backend = \"redis\" (like redis://127.0.0.1:6379/0)")
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("store.url: must start with redis://, rediss:// or unix://")
-    elif url is not None:
-        raise ConfigError("store.url: only with backend = \"redis\"")
+            raise ConfigError("store.url: required with backend = \"redis\" (like redis://127.0.0.1:6379/0), or "
+                              "url_env naming a variable that holds it")
+        target = parse_url(url, where)
+    elif url is not None or url_env:
+        raise ConfigError(f"{where}: only with backend = \"redis\"")
     lease = seconds(raw, "lease_s", "store", 30.0)
     if lease < 3:
         raise ConfigError(f"store.lease_s: must be at least 3 (a slot's lease is renewed every third), got {lease}")
     timeout = seconds(raw, "timeout_s", "store", 1.0)
     if timeout <= 0:
         raise ConfigError("store.timeout_s: must be more than 0")
-    return StoreConfig(backend, url, timeout, lease,
-                       _string(raw, "prefix", "store", "gp:"))
+    connect_timeout = seconds(raw, "connect_timeout_s", "store", timeout)
+    if connect_timeout <= 0:
+        raise ConfigError("store.connect_timeout_s: must be more than 0")
+    pool_size = count(raw, "pool_size", "store", 32)
+    if pool_size > 1024:
+        raise ConfigError(f"store.pool_size: at most 1024 connections a process, got {pool_size}")
+    sentinel_env = _env_name(raw, "sentinel_password_env", "store")
+    sentinel_password = env.get(sentinel_env) or None if sentinel_env else None
+    if sentinel_env and sentinel_password is None:
+        raise ConfigError(f"store.sentinel_password_env: the variable {sentinel_env} is not set")
+    connect = Connect(connect_timeout, timeout, pool_size, _string(raw, "tls_ca_file", "store", None),
+                      _string(raw, "tls_cert_file", "store", None), _string(raw, "tls_key_file", "store", None),
+                      sentinel_password)
+    if backend == "redis":
+        check_tls_files(target, connect)
+        if sentinel_env and not target.sentinel:
+            raise ConfigError("store.sentinel_password_env: only with a redis+sentinel:// URL")
+    else:
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file", "sentinel_password_env"):
+            if key in raw:
+                raise ConfigError(f"store.{key}: only with backend = \"redis\"")
+    return StoreConfig(backend, url, timeout, lease, _string(raw, "prefix", "store", "gp:"), connect)
 
 
 def parse_policies(raw) -> tuple[Policy, ...]:
@@ -137,8 +172,8 @@ def parse_policies(raw) -> tuple[Policy, ...]:
     return tuple(built)
 
 
-def parse(raw: Mapping) -> PoliciesConfig:
-    config = PoliciesConfig(parse_auth(raw.get("auth")), parse_store(raw.get("store")),
+def parse(raw: Mapping, env: Mapping[str, str] | None = None) -> PoliciesConfig:
+    config = PoliciesConfig(parse_auth(raw.get("auth")), parse_store(raw.get("store"), env),
                             parse_policies(raw.get("policies")))
     return config
 

@@ -205,8 +205,9 @@ class RedisServer:
     """A redis-server process of the suite's own, on a free port, in its own temp dir, without persistence.
     `stop()` and `start()` (same port) let a test take Redis away in the middle of a run and bring it back."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *args: str) -> None:
         self.directory = directory
+        self.args = args  # more redis-server options (--replicaof, --requirepass, --sentinel ...)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
@@ -216,20 +217,26 @@ class RedisServer:
 
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
+                    if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # -NOAUTH: up, with a password
                         return
             except OSError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start on port {self.port}")
             time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: the server is gone at once, as when its machine dies."""
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
@@ -264,3 +271,82 @@ def redis_server(tmp_path):
 def redis_store_table(redis_url):
     """A [store] table on the shared Redis with a key prefix of this test's own."""
     return {"backend": "redis", "url": redis_url, "prefix": f"t{os.urandom(6).hex()}:"}
+
+
+class SentinelSet:
+    """A master, its replica and one Sentinel watching them (quorum 1, down after 1 s): what a failover test
+    needs. `ready()` waits until the replica is in sync and the sentinel knows it (without that a failover
+    finds no replica to promote); `promoted()` waits until the sentinel names the replica as master."""
+
+    def __init__(self, directory: str, service: str = "mymaster") -> None:
+        import redis
+
+        self.service = service
+        self.master = RedisServer(os.path.join(directory, "master"))
+        self.replica = RedisServer(os.path.join(directory, "replica"))
+        self.replica.args = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.port = free_port()
+        self.directory = os.path.join(directory, "sentinel")
+        for d in (self.master.directory, self.replica.directory, self.directory):
+            os.makedirs(d, exist_ok=True)
+        self.process = None
+        self._redis = redis.Redis
+
+    def ask(self, port: int, command: str, *args):
+        """One command to one of the three servers, on a connection opened and closed for it."""
+        with self._redis(port=port, socket_timeout=5, decode_responses=True) as client:
+            return client.execute_command(command, *args)
+
+    def start(self) -> None:
+        import subprocess
+
+        self.master.start()
+        self.replica.start()
+        self._wait(lambda: self.ask(self.replica.port, "INFO", "replication")["master_link_status"] == "up")
+        conf = os.path.join(self.directory, "sentinel.conf")  # a sentinel rewrites its own file
+        with open(conf, "w") as f:
+            f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n"
+                    f"sentinel down-after-milliseconds {self.service} 1000\n"
+                    f"sentinel failover-timeout {self.service} 5000\n")
+        self.process = subprocess.Popen([redis_binary(), conf, "--sentinel", "--loglevel", "warning"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait(lambda: any(int(r["port"]) == self.replica.port and r["flags"] == "slave"
+                               and r["master-link-status"] == "ok"
+                               for r in self.ask(self.port, "SENTINEL", "REPLICAS", self.service)))
+
+    def master_port(self) -> int:
+        return int(self.ask(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1])
+
+    def promoted(self, timeout: float = 30) -> None:
+        self._wait(lambda: self.master_port() == self.replica.port, timeout)
+
+    def _wait(self, check, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if check():
+                    return
+            except Exception:  # not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis sentinel set did not get ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.master.stop()
+        self.replica.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path):
+    """A master, a replica and a Sentinel of this test's own (see SentinelSet); all stopped at the end."""
+    group = SentinelSet(str(tmp_path))
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()

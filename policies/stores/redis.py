@@ -25,11 +25,11 @@ import time
 import uuid
 from importlib import resources
 from typing import Sequence
-from urllib.parse import urlsplit
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from policies.stores.base import GCRA, SLOT, Admission, Claim, Settlement, StoreUnavailable
+from policies.stores.redis_connect import Connect, open_pool, parse_url
 from proxy.telemetry.logs import emit
 
 
@@ -49,19 +49,19 @@ def _script(name: str) -> tuple[str, str]:
 
 def safe_url(url: str) -> str:
     """The URL without its credentials: what the log and /readyz may show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+    return parse_url(url).display
 
 
 class RedisStore:
     backend = "redis"
 
     def __init__(self, url: str, *, timeout_s: float = 1.0, lease_s: float = 30.0, prefix: str = "gp:",
-                 max_connections: int = 32) -> None:
+                 max_connections: int = 32, connect: Connect | None = None) -> None:
         self.url = url
+        # The connection settings ([store] connect_timeout_s, timeout_s, pool_size, tls_*); from the
+        # arguments when not given (the tests' short form).
+        self.connect = connect or Connect(connect_timeout_s=timeout_s, timeout_s=timeout_s, pool_size=max_connections)
+        self._sentinel = None
         self.max_connections = max_connections
         self.timeout_s = timeout_s
         self.lease_s = lease_s
@@ -82,15 +82,11 @@ class RedisStore:
         self.replica = uuid.uuid4().hex[:12]
 
     async def start(self) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from redis.asyncio import Redis
 
-        # A bounded pool: a burst of requests shares a few connections (one script call takes ~0.1 ms of
-        # Redis) instead of opening one each, which under load made connects time out and fail open.
-        pool = BlockingConnectionPool.from_url(self.url, max_connections=self.max_connections, timeout=self.timeout_s,
-                                               socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                                               retry=Retry(NoBackoff(), 0))
+        # A bounded pool (policies.stores.redis_connect): a burst of requests shares a few connections (one
+        # script call takes ~0.1 ms of Redis) instead of opening one each.
+        pool, self._sentinel = open_pool(parse_url(self.url), self.connect)
         self._client = Redis(connection_pool=pool)
         await self._probe()
         if not self.available:
@@ -107,6 +103,8 @@ class RedisStore:
         if self._client is not None:
             await self._client.aclose()
             await self._client.connection_pool.disconnect()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     def status(self) -> dict:
         return {"backend": "redis", "status": "ok" if self.available else "unavailable", "url": safe_url(self.url)}

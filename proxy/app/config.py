@@ -546,14 +546,14 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         routing=_parse_routing(_table(raw, "routing", "routing"), models),
         telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
-        policies=_parse_policy_tables(raw),
+        policies=_parse_policy_tables(raw, env),
     )
 
 
-def _parse_policy_tables(raw: Mapping):
+def _parse_policy_tables(raw: Mapping, env: Mapping[str, str]):
     from policies.config import parse  # policies build on this module's helpers: imported when needed
 
-    return parse(raw)
+    return parse(raw, env)
 
 
 def default_config_text() -> str:

@@ -37,13 +37,12 @@ async def open_chain(config: Config, metrics) -> PolicyChain:
     store = None
     if pc.uses_store or pc.policies:
         if pc.store.backend == "redis":
-            from urllib.parse import urlsplit
-
             from policies.stores.redis import RedisStore
+            from policies.stores.redis_connect import parse_url
 
-            register_secrets(urlsplit(pc.store.url).password)
+            register_secrets(parse_url(pc.store.url).password, pc.store.connect.sentinel_password)
             store = RedisStore(pc.store.url, timeout_s=pc.store.timeout_s, lease_s=pc.store.lease_s,
-                               prefix=pc.store.prefix)
+                               prefix=pc.store.prefix, connect=pc.store.connect)
         else:
             store = MemoryStore()
             if pc.uses_store:
