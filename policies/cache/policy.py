@@ -100,7 +100,7 @@ class ResponseCache(Policy):
 
             self.store = RedisCache(store.url, self.name, ttl_s=self.ttl_s, max_entries=self.max_entries,
                                     max_bytes=self.max_bytes, max_entry_bytes=self.max_entry_bytes,
-                                    timeout_s=store.timeout_s, prefix=store.prefix)
+                                    timeout_s=store.timeout_s, prefix=store.prefix, connect=store.connect)
         else:
             from policies.cache.store_memory import MemoryCache
 

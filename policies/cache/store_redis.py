@@ -41,8 +41,9 @@ class RedisCache:
     backend = "redis"
 
     def __init__(self, url: str, policy: str, *, ttl_s: float, max_entries: int, max_bytes: int,
-                 max_entry_bytes: int, timeout_s: float = 1.0, prefix: str = "gp:") -> None:
+                 max_entry_bytes: int, timeout_s: float = 1.0, prefix: str = "gp:", connect=None) -> None:
         self.url = url
+        self.connect = connect  # policies.stores.redis_connect.Connect: TLS, Sentinel, timeouts, pool size
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.max_entry_bytes = min(max_entry_bytes, max_bytes)
@@ -51,6 +52,7 @@ class RedisCache:
         self.index, self.sizes, self.total = self.base + "index", self.base + "sizes", self.base + "bytes"
         self._put, self._forget = _script("put.lua"), _script("forget.lua")
         self._client = None
+        self._sentinel = None
         self._tasks: set[asyncio.Task] = set()
         self._held = (0, 0)
         self._warned = 0.0
@@ -58,13 +60,13 @@ class RedisCache:
         self.calls = 0  # Redis commands sent (GET, EVALSHA): a hit is one
 
     async def start(self) -> None:
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from redis.asyncio import Redis
 
-        pool = BlockingConnectionPool.from_url(self.url, max_connections=16, timeout=self.timeout_s,
-                                               socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-                                               retry=Retry(NoBackoff(), 0))
+        from policies.stores.redis_connect import Connect, open_pool, parse_url
+
+        # The same connections as the counter store (plain, TLS, Unix socket or Sentinel), in a pool of its own.
+        connect = self.connect or Connect(connect_timeout_s=self.timeout_s, timeout_s=self.timeout_s)
+        pool, self._sentinel = open_pool(parse_url(self.url), connect)
         self._client = Redis(connection_pool=pool)
 
     async def close(self) -> None:
@@ -73,6 +75,8 @@ class RedisCache:
         if self._client is not None:
             await self._client.aclose()
             await self._client.connection_pool.disconnect()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     def redis_key(self, model: str, key: str) -> str:
         return f"{self.base}{model_part(model)}:{key}"
