@@ -187,11 +187,12 @@ async def test_cache_control_no_cache_no_store_and_max_age(upstream, start_proxy
     await post_chat(base, ASK, {"Cache-Control": "no-cache"})
     hit = await post_chat(base, ASK)
     assert orjson.loads(hit[2])["id"] == "fresh"  # ...and its answer stored
+    assert hit[1]["age"] == "0"
     await asyncio.sleep(1.05)  # ages are whole seconds: the entry is now at least one second old
     too_old = await post_chat(base, ASK, {"Cache-Control": "max-age=0"})
     assert too_old[1]["x-groq-proxy-cache"] == "MISS"
     young = await post_chat(base, ASK, {"Cache-Control": "max-age=3600"})
-    assert young[1]["x-groq-proxy-cache"] == "HIT"
+    assert young[1]["x-groq-proxy-cache"] == "HIT" and int(young[1]["age"]) >= 1
 
 
 async def test_deterministic_caches_only_temperature_zero_or_a_seed(upstream, start_proxy):

@@ -18,7 +18,7 @@ fails mid-stream, the followers' streams end with an error event, as the leader'
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from policies.cache.entry import DONE, Entry, from_plain, from_stream, is_usage_chunk, split_events
 from proxy.app.errors import ProxyError
@@ -76,7 +76,7 @@ class Capture:
     def followed(self) -> bool:
         return self.followers > 0 and not self.ended
 
-    def keep(self, rest: Callable[[], "asyncio.Future | object"]) -> None:
+    def keep(self, rest: Callable[[], Awaitable[None]]) -> None:
         """The leader's client left mid-stream while followers wait: `rest()` reads the stream to its end in a
         task of its own, feeding this capture, and calls `stream_ended`."""
         self.handed = True

@@ -24,7 +24,7 @@ FINISHED = frozenset({"stop", "length", "tool_calls"})
 
 class Entry:
     __slots__ = ("key", "model", "who", "stored_at", "tokens", "answered_by", "plain", "events", "usage_event",
-                 "stream", "stream_usage", "size")
+                 "stream", "stream_usage", "size", "replies")
 
     def __init__(self, key: str, model: str, who: str, stored_at: float, tokens: int, answered_by: str,
                  plain: bytes, events: bytes, usage_event: bytes) -> None:
@@ -36,6 +36,9 @@ class Entry:
         # What the entry holds in memory: the plain answer and both streamed replies (which share their bytes
         # with `events` only when there is no usage chunk).
         self.size = len(plain) + len(self.stream) + (len(self.stream_usage) if usage_event else 0) + 200
+        # The last hit's reply of each shape (plain, stream, stream with usage) with its whole-second age: hits
+        # within the same second share one (immutable) decision instead of building their own.
+        self.replies: list = [None, None, None]
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.stored_at)

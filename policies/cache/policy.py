@@ -16,7 +16,6 @@ The cache never fails a request: a store that cannot be reached is a miss (logge
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Mapping
@@ -214,15 +213,23 @@ class ResponseCache(Policy):
         self._count(ctx, result)
         if self.charge_hits and self.mode == "enforce":  # a shadow hit is not the answer: upstream's is charged
             ctx.policy.served_tokens = entry.tokens
+        shape = 0
+        if ctx.stream:
+            options = ctx.body.get("stream_options")
+            shape = 2 if isinstance(options, dict) and options.get("include_usage") is True else 1
+        age = int(entry.age()) if result == HIT else -1
+        last = entry.replies[shape]
+        if last is not None and last[0] == age:
+            return last[1]
         headers = {HEADER: result, KEY_HEADER: key, "x-groq-proxy-model": entry.answered_by}
         if result == HIT:
-            headers["age"] = str(int(entry.age()))
-        if not ctx.stream:
-            return Respond(body=entry.plain, headers=headers)
-        options = ctx.body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            return Respond(events=(entry.stream_usage,), headers=headers)
-        return Respond(events=(entry.stream,), headers=headers)
+            headers["age"] = str(age)
+        if shape == 0:
+            reply = Respond(body=entry.plain, headers=headers)
+        else:
+            reply = Respond(events=(entry.stream_usage if shape == 2 else entry.stream,), headers=headers)
+        entry.replies[shape] = (age, reply)
+        return reply
 
     def _pass(self, ctx, result: str, key: str | None = None) -> Decision:
         headers = ctx.policy.headers
