@@ -89,8 +89,7 @@ class RequestContext:
         self.deadline: float | None = None  # loop time past which the request is answered 504
         self._tokens: int | None = None
         self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
-        # What the answer is told to as it passes (policies.cache.coalesce.Capture), set by a cache policy on a
-        # miss: `body(bytes)` for a plain answer, `stream(bytes)` for each piece of a stream forwarded.
+        # What the answer is told to as it passes (proxy.pipeline.tap.Tap: the cache's capture), set by a policy.
         self.tap: Any = None
 
     @property

@@ -26,6 +26,7 @@ from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
 from proxy.pipeline.hedge import race
+from proxy.pipeline.tap import keep_for_followers
 from proxy.routing.hints import read_hints
 from proxy.routing.plan import Plan, Planner
 from proxy.routing.router import Router
@@ -451,7 +452,7 @@ class Pipeline:
         client: ClientStream = ctx.client
         resp, splitter, state = opened.resp, opened.splitter, opened.state
         recorded = [opened.first] if self.observer.record_content else None
-        tap = ctx.tap  # a cache's capture: sees every piece the client is sent
+        tap = ctx.tap  # a policy's view of the answer (proxy/pipeline/tap.py): every piece the client is sent
         kept = False  # the client left while identical requests wait on this stream: read on for them
         try:
             async with asyncio.timeout_at(opened.start + provider.total_s):
@@ -482,12 +483,12 @@ class Pipeline:
         except ClientGone:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
-            kept = self._keep_for_followers(tap, opened)
+            kept = keep_for_followers(tap, opened)
             return client.response
         except asyncio.CancelledError:  # the client went away, or the request's deadline passed
             if attempt.ended is None:
                 self._cancelled(ctx, attempt)
-            kept = self._keep_for_followers(tap, opened)
+            kept = keep_for_followers(tap, opened)
             raise
         except TimeoutError:
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
@@ -520,39 +521,6 @@ class Pipeline:
             return await self._broken(ctx, attempt, client, "upstream_closed", "the upstream closed the stream early")
         self._answered(ctx, attempt)
         return await client.finish()
-
-    def _keep_for_followers(self, tap, opened: "_Opened") -> bool:
-        """The client left mid-stream while identical requests wait on this one (a cache's coalescing): the
-        upstream stream is read to its end for them, in a task of its own, within the attempt's timeout_s."""
-        if tap is None or not tap.followed:
-            return False
-        resp, splitter, state = opened.resp, opened.splitter, opened.state
-        deadline = opened.start + opened.provider.total_s
-
-        async def rest() -> None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    while not state.done and state.error is None:
-                        chunk = await resp.readany()
-                        if not chunk:
-                            break
-                        complete = splitter.feed(chunk)
-                        if complete:
-                            scan(complete, state)
-                            if state.malformed:
-                                break
-                            tap.stream(complete)
-            except (TimeoutError, UpstreamError):
-                pass
-            finally:
-                resp.release(drain=state.done)
-                whole = state.error is None and not state.malformed and (
-                    state.done or (bool(state.finish_reasons) and not splitter.tail.strip()))
-                tap.answered_by = opened.attempt.target.model
-                tap.stream_ended(whole)
-
-        tap.keep(rest)
-        return True
 
     async def _broken(self, ctx, attempt: Attempt, client: ClientStream, reason: str, detail: str):
         """A failure after the commit point: one error event, then the stream ends."""
