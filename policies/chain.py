@@ -50,7 +50,9 @@ class PolicyState:
         self.headers: dict[str, str] = {}
         self._prompt: int | None = None
         self._used: int | None = None
-        self.served_tokens: int | None = None  # an answer from the cache that charges budgets (charge_hits)
+        # Set when a policy answers (a cache hit): the tokens that answer costs the budgets and token limits (the
+        # entry's with charge_hits, else 0), reserved and charged in place of the estimate and the usage.
+        self.served_tokens: int | None = None
 
     def claim(self, policy: Policy, claim: Claim) -> None:
         self.claims.append(claim)
@@ -80,6 +82,14 @@ class PolicyState:
     @property
     def completion_limit(self) -> int | None:
         return completion_limit(self.body)
+
+    def reserve(self, operation: str, default_completion: int) -> int:
+        """The tokens a budget or token limit reserves for this request: the prompt's estimate plus the
+        completion limit (`default_completion` without one), or what an answer from a policy costs."""
+        if self.served_tokens is not None:
+            return self.served_tokens
+        completion = self.completion_limit if operation == "chat" else 0
+        return self.prompt_tokens + (default_completion if completion is None else completion)
 
     def used_tokens(self, ctx) -> int:
         """What the request used (`policies.estimate.used_tokens`), worked out once for every policy."""
@@ -154,6 +164,7 @@ class PolicyChain:
 
     async def on_request(self, ctx: "RequestContext") -> Decision:
         state = ctx.policy
+        answer = None  # a Respond (a cache hit): the policies after it still see the request, and may refuse it
         for policy in self.policies:
             state.ran += 1
             claims_before = len(state.claims)
@@ -170,15 +181,15 @@ class PolicyChain:
                 continue
             self._record(ctx, policy, decision)
             if policy.mode == ENFORCE:
-                if isinstance(decision, Respond) and state.claims and self.store is not None:
-                    # An answer from a policy (the cache's) is a request too: the limits before it count it.
-                    admitted = await self._admit(ctx, state)
-                    if admitted is not CONTINUE:
-                        return admitted
+                if isinstance(decision, Respond):
+                    answer = answer or decision
+                    continue
                 return decision
         if state.claims and self.store is not None:
-            return await self._admit(ctx, state)
-        return CONTINUE
+            admitted = await self._admit(ctx, state)  # an answer from a policy is a request too: limits count it
+            if admitted is not CONTINUE:
+                return admitted
+        return answer or CONTINUE
 
     async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
         for policy in self._before:

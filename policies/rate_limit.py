@@ -67,8 +67,7 @@ class RateLimit(Policy):
         state = ctx.policy
         tokens = 0
         if self.tpm:
-            completion = state.completion_limit if ctx.operation == "chat" else 0
-            tokens = state.prompt_tokens + (self.default_completion if completion is None else completion)
+            tokens = state.reserve(ctx.operation, self.default_completion)
         for claim in self.claims_for(ctx, tokens):
             state.claim(self, claim)
         return CONTINUE

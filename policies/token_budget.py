@@ -52,9 +52,7 @@ class TokenBudget(Policy):
 
     async def on_request(self, ctx) -> Decision:
         state = ctx.policy
-        completion = state.completion_limit if ctx.operation == "chat" else 0
-        amount = state.prompt_tokens + (self.default_completion if completion is None else completion)
-        state.claim(self, self.claim_for(ctx, amount=amount))
+        state.claim(self, self.claim_for(ctx, amount=state.reserve(ctx.operation, self.default_completion)))
         return CONTINUE
 
     def refused(self, ctx, claim: Claim, admission) -> Reject:

@@ -206,29 +206,48 @@ async def test_deterministic_caches_only_temperature_zero_or_a_seed(upstream, st
         assert (await post_chat(base, {**ASK, **extra}))[1]["x-groq-proxy-cache"] == "HIT"
 
 
-async def test_a_hit_counts_for_a_rate_limit(upstream, start_proxy):
+@pytest.mark.parametrize("limit_first", [True, False])
+async def test_a_hit_counts_for_a_rate_limit_wherever_it_is_listed(upstream, start_proxy, limit_first):
     scripted, url = upstream
-    base = await start_proxy(cache_config(url, policies=[{"use": "rate_limit", "requests_per_minute": 2}]))
+    limit = {"use": "rate_limit", "requests_per_minute": 2}
+    tables = [limit, {"use": "cache"}] if limit_first else [{"use": "cache"}, limit]
+    base = await start_proxy(config_for(url, {"tier-test": ["m1"]}, policies=tables))
     assert (await post_chat(base, ASK))[0] == 200
     assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "HIT"
     refused = await post_chat(base, ASK)
-    assert refused[0] == 429
+    assert refused[0] == 429 and refused[1]["x-groq-proxy-cache"] == "HIT"  # the hit was found, then refused
     assert len(scripted.requests) == 1
 
 
-@pytest.mark.parametrize("charge_hits,charged", [(False, 10), (True, 20)])
-async def test_hits_charge_budgets_only_with_charge_hits(upstream, start_proxy, charge_hits, charged):
-    scripted, url = upstream
-    budget = {"use": "token_budget", "tokens": 100000, "per": "global"}
-    base = await start_proxy(cache_config(url, charge_hits=charge_hits, policies=[budget]))
-    await post_chat(base, ASK)
-    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "HIT"
+async def usage_used(base: str) -> int:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
         async with session.get(base + "/v1/usage") as resp:
-            usage = await resp.json()
-    assert usage["budgets"][0]["used"] == charged, usage
+            return (await resp.json())["budgets"][0]["used"]
+
+
+@pytest.mark.parametrize("budget_first", [True, False])
+@pytest.mark.parametrize("charge_hits,charged", [(False, 10), (True, 20)])
+async def test_hits_charge_budgets_only_with_charge_hits(upstream, start_proxy, charge_hits, charged, budget_first):
+    scripted, url = upstream
+    budget = {"use": "token_budget", "tokens": 100000, "per": "global"}
+    cache = {"use": "cache", "charge_hits": charge_hits}
+    tables = [budget, cache] if budget_first else [cache, budget]
+    base = await start_proxy(config_for(url, {"tier-test": ["m1"]}, policies=tables))
+    await post_chat(base, ASK)
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "HIT"
+    assert await usage_used(base) == charged
+
+
+async def test_a_spent_budget_after_the_cache_does_not_refuse_a_free_hit(upstream, start_proxy):
+    scripted, url = upstream
+    budget = {"use": "token_budget", "tokens": 1015, "per": "global"}  # one request's reservation (1010) fits
+    base = await start_proxy(config_for(url, {"tier-test": ["m1"]}, policies=[{"use": "cache"}, budget]))
+    assert (await post_chat(base, ASK))[0] == 200  # 10 used: the next reservation does not fit
+    assert (await post_chat(base, {**ASK, "temperature": 0.3}))[0] == 429
+    hit = await post_chat(base, ASK)
+    assert hit[0] == 200 and hit[1]["x-groq-proxy-cache"] == "HIT"  # a hit reserves and costs nothing here
 
 
 async def test_embeddings_pass_by_the_cache(upstream, start_proxy):

@@ -204,15 +204,16 @@ class ResponseCache(Policy):
         def on_end(capture: Capture) -> None:
             capture.followers -= 1
             if capture.entry is not None and self.charge_hits:
-                ctx.policy.served_tokens = capture.entry.tokens
+                ctx.policy.served_tokens = capture.entry.tokens  # settled after the stream, at the end
 
         self._count(ctx, COALESCED)
+        ctx.policy.served_tokens = 0  # the tokens are known at the end (on_end), when charge_hits wants them
         return Respond(events=flight.follow(include_usage, on_end), headers={HEADER: COALESCED, KEY_HEADER: key})
 
     def _answer(self, ctx, entry: Entry, result: str, key: str) -> Respond:
         self._count(ctx, result)
-        if self.charge_hits and self.mode == "enforce":  # a shadow hit is not the answer: upstream's is charged
-            ctx.policy.served_tokens = entry.tokens
+        if self.mode == "enforce":  # a shadow hit is not the answer: upstream's is charged
+            ctx.policy.served_tokens = entry.tokens if self.charge_hits else 0
         shape = 0
         if ctx.stream:
             options = ctx.body.get("stream_options")
@@ -232,14 +233,13 @@ class ResponseCache(Policy):
         return reply
 
     def _pass(self, ctx, result: str, key: str | None = None) -> Decision:
-        headers = ctx.policy.headers
-        headers[HEADER] = result
         if key is not None:
-            headers[KEY_HEADER] = key
+            ctx.policy.headers[KEY_HEADER] = key
         self._count(ctx, result)
         return CONTINUE
 
     def _count(self, ctx, result: str) -> None:
+        ctx.policy.headers[HEADER] = result  # on whatever answers the request, a refusal after a hit included
         if ctx.span is not None:
             ctx.span.attrs[SPAN_ATTRIBUTE] = result
         if self.metrics is not None:
