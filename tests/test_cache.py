@@ -376,3 +376,21 @@ async def test_a_shadow_cache_counts_its_hits_but_answers_from_upstream(upstream
             text = await resp.text()
     assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="hit"} 1' in text
     assert 'groq_proxy_policy_decisions_total{policy="cache",decision="respond",mode="shadow"} 1' in text
+
+
+async def test_admin_delete_without_a_cache_policy_or_with_its_store_down(upstream, start_proxy):
+    from proxy.app.config import parse_config
+    from tests.conftest import closed_port_url
+
+    scripted, url = upstream
+    down = closed_port_url().replace("http://", "redis://").replace("/openai/v1", "/0")
+    for policies, store, expected in (([], None, (404, "cache_not_configured")),
+                                      ([{"use": "cache"}], {"backend": "redis", "url": down, "timeout_s": 0.2},
+                                       (503, "cache_unavailable"))):
+        raw = {"server": {"keepalive_s": 0, "admin_key_env": "CACHE_ADMIN"},
+               "providers": {"up": {"base_url": url, "api_key_env": "TEST_UPSTREAM_KEY"}},
+               "models": {"tier-test": {"chain": ["up:m1"]}}, "policies": policies, **({"store": store} if store else {})}
+        base = await start_proxy(parse_config(raw, env={"TEST_UPSTREAM_KEY": "k", "CACHE_ADMIN": ADMIN}))
+        status_, body = await delete(base)
+        assert (status_, body["error"]["code"]) == expected
+        assert "redis://" not in str(body)
