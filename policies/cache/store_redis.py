@@ -67,6 +67,7 @@ class RedisCache:
         self._waiting: list[tuple[str, asyncio.Future]] = []
         self._decoded: dict[str, tuple[bytes, Entry]] = {}
         self._decoded_bytes = 0
+        self._model_prefix: dict[str, str] = {}
 
     async def start(self) -> None:
         from redis.asyncio import Redis
@@ -88,7 +89,12 @@ class RedisCache:
             await self._sentinel.aclose()
 
     def redis_key(self, model: str, key: str) -> str:
-        return f"{self.base}{model_part(model)}:{key}"
+        prefix = self._model_prefix.get(model)
+        if prefix is None:  # models are the config's names (or a client's `provider:model`): kept bounded
+            if len(self._model_prefix) >= 1024:
+                self._model_prefix.clear()
+            prefix = self._model_prefix[model] = f"{self.base}{model_part(model)}:"
+        return prefix + key
 
     # --- a hit ------------------------------------------------------------------------------------------
 
