@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
-from policies.estimate import completion_limit, estimate, used_tokens
+from policies.estimate import GENERATES, completion_limit, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
 from policies.stores.base import SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
 from proxy.telemetry.logs import emit
@@ -88,7 +88,7 @@ class PolicyState:
         completion limit (`default_completion` without one), or what an answer from a policy costs."""
         if self.served_tokens is not None:
             return self.served_tokens
-        completion = self.completion_limit if operation == "chat" else 0
+        completion = self.completion_limit if operation in GENERATES else 0
         return self.prompt_tokens + (default_completion if completion is None else completion)
 
     def used_tokens(self, ctx) -> int:

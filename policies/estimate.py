@@ -58,10 +58,23 @@ def estimate(body: dict) -> int:
     return max(0, int(_estimator(body)))
 
 
+# The operations whose answer is generated text: their completion limit is reserved up front.
+GENERATES = frozenset({"chat", "responses"})
+
+
+def counts_tokens(ctx) -> bool:
+    """Whether token budgets and token limits apply: not to audio (its operation says `tokens = False`),
+    which is counted in requests and concurrency only."""
+    op = getattr(ctx, "op", None)  # a policy's unit test may hand in a context of its own
+    return op is None or op.tokens
+
+
 def completion_limit(body: dict) -> int | None:
     value = body.get("max_completion_tokens")
     if value is None:
         value = body.get("max_tokens")
+    if value is None:
+        value = body.get("max_output_tokens")  # the Responses API's name
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -73,6 +86,8 @@ def used_tokens(ctx) -> int:
     `x_groq.usage` or `usage` of a stream), else, for a stream cut short or a client gone, the prompt's
     estimate plus one token per content event that went out (each chunk of a Groq stream carries about one;
     the first, the role chunk, carries none). An attempt that failed before any answer used nothing."""
+    if not counts_tokens(ctx):
+        return 0
     total = 0
     for attempt in ctx.attempts:
         usage = attempt.usage

@@ -18,6 +18,7 @@ from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
 from policies.chain import duration
+from policies.estimate import counts_tokens
 from policies.schema import check_keys, choice, count, seconds
 from policies.scopes import scope
 from policies.stores.base import GCRA, Claim, Settlement
@@ -66,10 +67,11 @@ class RateLimit(Policy):
     async def on_request(self, ctx) -> Decision:
         state = ctx.policy
         tokens = 0
-        if self.tpm:
+        if self.tpm and counts_tokens(ctx):
             tokens = state.reserve(ctx.operation, self.default_completion)
         for claim in self.claims_for(ctx, tokens):
-            state.claim(self, claim)
+            if claim.header != "tokens" or counts_tokens(ctx):
+                state.claim(self, claim)
         return CONTINUE
 
     def refused(self, ctx, claim: Claim, admission) -> Reject:

@@ -13,6 +13,7 @@ import time
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
+from policies.estimate import counts_tokens
 from policies.schema import check_keys, choice, count
 from policies.scopes import PERIODS, iso, period_bounds, scope
 from policies.stores.base import BUDGET, Claim, Settlement
@@ -51,6 +52,8 @@ class TokenBudget(Policy):
         return Claim(BUDGET, known[2], self.tokens, amount, known[1], self.mode == "shadow")
 
     async def on_request(self, ctx) -> Decision:
+        if not counts_tokens(ctx):
+            return CONTINUE
         state = ctx.policy
         state.claim(self, self.claim_for(ctx, amount=state.reserve(ctx.operation, self.default_completion)))
         return CONTINUE

@@ -16,6 +16,10 @@ from proxy.app.server import build_app
 from proxy.sim.testing import ScriptedUpstream
 
 
+ADMIN_KEY = "admin-secret-for-tests"  # the value of TEST_ADMIN_KEY: `server={"admin_key_env": "TEST_ADMIN_KEY"}`
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 def config_for(upstream_url: str, chains: dict[str, list[str]] | None = None, **tables) -> Config:
     """A config whose provider `up` points at `upstream_url`. `chains` maps virtual model -> real models."""
     chains = chains or {"tier-test": ["m1", "m2", "m3"]}
@@ -25,7 +29,7 @@ def config_for(upstream_url: str, chains: dict[str, list[str]] | None = None, **
         "models": {name: {"chain": [f"up:{m}" for m in chain]} for name, chain in chains.items()},
         **tables,
     }
-    return parse_config(raw, env={"TEST_UPSTREAM_KEY": "sk-test-secret-upstream-key"})
+    return parse_config(raw, env={"TEST_UPSTREAM_KEY": "sk-test-secret-upstream-key", "TEST_ADMIN_KEY": ADMIN_KEY})
 
 
 @pytest.fixture

@@ -248,7 +248,7 @@ async def test_wrong_method_is_405_with_allow(proxy, prefix, method, path, allow
         ("GET", "/v1"),
         ("POST", "/v1/completions"),
         ("POST", "/v1/chat/completion"),
-        ("POST", "/openai/v1/responses"),
+        ("POST", "/openai/v1/assistants"),  # /responses is served now (Responses API and audio)
         ("POST", "/v2/chat/completions"),
         ("GET", "/v1/modelz/tier-test"),
         ("POST", "/chat/completions"),

@@ -401,10 +401,11 @@ EVERY_KIND_OF_ANSWER = [
     ("PUT", "/v1/models", b"{}", 405),
     ("POST", "/healthz", b"{}", 405),
     ("GET", "/v1/chat/completions", None, 405),
-    ("POST", "/admin/benchmark", b"{}", 400),
+    ("POST", "/admin/benchmark", b"{}", 403),  # the admin API is off without server.admin_key_env
     ("GET", "/v1/usage", None, 200),
     ("GET", "/admin/usage?user=x", None, 403),
-    ("POST", "/admin/benchmark", b"x" * 5000, 413),  # over client_max_size (server.max_body_bytes)
+    ("POST", "/admin/reload", b"{}", 403),
+    ("POST", "/v1/chat/completions", b"x" * 5000, 413),  # over client_max_size (server.max_body_bytes)
     ("POST", "/v1/chat/completions", b"{}", 400),
     ("POST", "/v1/embeddings", b"x" * 5000, 413),
 ]

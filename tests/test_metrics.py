@@ -327,6 +327,7 @@ async def test_fresh_proxy_scrape_is_valid_and_lists_every_family(upstream, star
         "groq_proxy_upstream_duration_seconds": "histogram", "groq_proxy_overhead_seconds": "histogram",
         "groq_proxy_latency_category_total": "counter", "gen_ai_client_token_usage": "histogram",
         "groq_proxy_key_attempts_total": "counter", "groq_proxy_observed_latency_ms": "gauge",
+        "groq_proxy_audio_bytes_total": "counter", "groq_proxy_audio_duration_seconds": "histogram",
     }
     assert not s.samples
 

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.app.config import parse_config
 from proxy.sim.testing import ScriptedUpstream, status
-from tests.conftest import config_for
+from tests.conftest import ADMIN, ADMIN_KEY, config_for
 from tests.procs import GROQ_PROXY, clean_env
 
 # The README's standard row (a virtual model whose name names no tier): ms limits of each category.
@@ -26,15 +26,21 @@ BENCH = {"model": "tier-test", "prompt": "Write a short story about a robot", "r
 
 
 async def admin(base: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    """POST /admin/benchmark, with the admin key unless `headers` say otherwise."""
     async with aiohttp.ClientSession() as s:
-        async with s.post(base + "/admin/benchmark", data=orjson.dumps(body), headers=headers or {}) as r:
+        async with s.post(base + "/admin/benchmark", data=orjson.dumps(body),
+                          headers=ADMIN if headers is None else headers) as r:
             return r.status, await r.json()
+
+
+def bench_config(url: str, **tables):
+    return config_for(url, server={"admin_key_env": "TEST_ADMIN_KEY"}, **tables)
 
 
 async def test_admin_benchmark_reports_each_run_and_the_summary(upstream, start_proxy):
     scripted, url = upstream
     scripted.behaviours["m1"] = status(503)  # every run falls over to m2: the report says who answered
-    base = await start_proxy(config_for(url))
+    base = await start_proxy(bench_config(url))
     code, report = await admin(base, BENCH)
     assert code == 200
     runs, summary = report["runs"], report["summary"]
@@ -57,9 +63,9 @@ async def test_admin_benchmark_reports_each_run_and_the_summary(upstream, start_
 async def test_admin_benchmark_judges_by_the_tiers_own_thresholds(upstream, start_proxy):
     scripted, url = upstream
     zero = {"excellent": 0, "good": 0, "acceptable": 0, "poor": 0}  # any time above 0 ms is critical
-    raw = {"server": {"keepalive_s": 0}, "providers": {"up": {"base_url": url}},
+    raw = {"server": {"keepalive_s": 0, "admin_key_env": "ADMIN_KEY"}, "providers": {"up": {"base_url": url}},
            "models": {"tier-test": {"chain": ["up:m1"], "latency_ms": zero}}}
-    base = await start_proxy(parse_config(raw, env={}))
+    base = await start_proxy(parse_config(raw, env={"ADMIN_KEY": ADMIN_KEY}))
     code, report = await admin(base, {**BENCH, "runs": 2})
     assert code == 200
     assert [r["category"] for r in report["runs"]] == ["critical", "critical"]
@@ -70,7 +76,7 @@ async def test_admin_benchmark_counts_failed_runs(upstream, start_proxy):
     scripted, url = upstream
     for m in ("m1", "m2", "m3"):
         scripted.behaviours[m] = status(500)
-    base = await start_proxy(config_for(url))
+    base = await start_proxy(bench_config(url))
     code, report = await admin(base, {**BENCH, "runs": 2})
     assert code == 200
     assert report["summary"]["succeeded"] == 0
@@ -90,7 +96,7 @@ async def test_admin_benchmark_counts_failed_runs(upstream, start_proxy):
 )
 async def test_admin_benchmark_bad_fields_are_400(upstream, start_proxy, body, param):
     scripted, url = upstream
-    base = await start_proxy(config_for(url))
+    base = await start_proxy(bench_config(url))
     code, answer = await admin(base, body)
     assert code == 400 and answer["error"]["param"] == param
     assert scripted.requests == []
@@ -98,7 +104,7 @@ async def test_admin_benchmark_bad_fields_are_400(upstream, start_proxy, body, p
 
 async def test_admin_benchmark_unknown_model_is_404(upstream, start_proxy):
     _, url = upstream
-    base = await start_proxy(config_for(url))
+    base = await start_proxy(bench_config(url))
     code, answer = await admin(base, {**BENCH, "model": "nope"})
     assert code == 404 and answer["error"]["code"] == "model_not_found"
 
@@ -112,12 +118,23 @@ async def test_admin_key_guards_the_benchmark(aiohttp_server, start_proxy):
         "models": {"tier-test": {"chain": ["up:m1"]}},
     }
     base = await start_proxy(parse_config(raw, env={"ADMIN_KEY": "admin-secret-123"}))
-    code, answer = await admin(base, BENCH)
+    code, answer = await admin(base, BENCH, {})
     assert code == 401 and answer["error"]["type"] == "authentication_error"
     assert "admin-secret-123" not in orjson.dumps(answer).decode()
     assert scripted.requests == []
     code, report = await admin(base, BENCH, {"Authorization": "Bearer admin-secret-123"})
     assert code == 200 and report["summary"]["succeeded"] == 3
+
+
+async def test_the_benchmark_is_off_without_an_admin_key(upstream, start_proxy):
+    """No server.admin_key_env: the admin API is off, so nobody can spend the provider key through it."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url))
+    for headers in ({}, ADMIN):
+        code, answer = await admin(base, BENCH, headers)
+        assert code == 403 and answer["error"]["code"] == "admin_key_not_configured"
+        assert "server.admin_key_env" in answer["error"]["message"]
+    assert scripted.requests == []
 
 
 async def test_bench_model_command_prints_progress_and_json():

@@ -114,6 +114,8 @@ class ResponseCache(Policy):
             self.metrics = cache_metrics
 
     async def close(self) -> None:
+        if self.metrics is not None and self in self.metrics.caches:  # a reload's new policy counts from now on
+            self.metrics.caches.remove(self)
         if self.store is not None:
             await self.store.close()
 

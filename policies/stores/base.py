@@ -84,3 +84,17 @@ class Store(Protocol):
         ...
 
     def status(self) -> dict: ...
+
+
+class Owners(Protocol):
+    """Who made an object the proxy only passes on (an uploaded file, a batch): the name (`file:ID`) maps to
+    the proxy key's id until `ttl_s` has passed, so what one key made can be hidden from every other key.
+    Both stores implement it; raises StoreUnavailable as the counters do."""
+
+    async def set_owner(self, name: str, owner: str, ttl_s: float) -> None: ...
+
+    async def owners(self, names: Sequence[str]) -> list[str | None]:
+        """Each name's owner, None when it has none (never recorded, expired or dropped)."""
+        ...
+
+    async def drop_owner(self, name: str) -> None: ...

@@ -30,6 +30,7 @@ class MemoryStore:
         self._slots: dict[str, int] = {}
         self._freed = asyncio.Event()
         self._next_prune = 0.0
+        self._owners: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
 
     async def start(self) -> None:
         pass
@@ -140,3 +141,23 @@ class MemoryStore:
         self._next_prune = now + 60.0
         self._budgets = {k: v for k, v in self._budgets.items() if v[2] > now}
         self._tat = {k: v for k, v in self._tat.items() if v > now}
+        self._owners = {k: v for k, v in self._owners.items() if v[1] > now}
+
+    # --- owners (base.Owners) ----------------------------------------------------------------------------
+
+    async def set_owner(self, name: str, owner: str, ttl_s: float) -> None:
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        self._owners[name] = (owner, now + ttl_s)
+
+    async def owners(self, names: Sequence[str]) -> list[str | None]:
+        now = self.clock()
+        out = []
+        for name in names:
+            found = self._owners.get(name)
+            out.append(found[0] if found is not None and found[1] > now else None)
+        return out
+
+    async def drop_owner(self, name: str) -> None:
+        self._owners.pop(name, None)

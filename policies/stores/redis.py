@@ -213,6 +213,32 @@ class RedisStore:
         # A slot freed by another replica sends no signal: a queued request looks again after a short pause.
         await asyncio.sleep(min(timeout, 0.025))
 
+    # --- owners (base.Owners): off the hot path, so plain commands, no script ------------------------------
+
+    async def set_owner(self, name: str, owner: str, ttl_s: float) -> None:
+        await self._command("set", self.prefix + "own:" + name, owner, px=max(1, int(ttl_s * 1000)))
+
+    async def owners(self, names: Sequence[str]) -> list[str | None]:
+        if not names:
+            return []
+        found = await self._command("mget", [self.prefix + "own:" + name for name in names])
+        return [None if value is None else value.decode() for value in found]
+
+    async def drop_owner(self, name: str) -> None:
+        await self._command("delete", self.prefix + "own:" + name)
+
+    async def _command(self, method: str, *args, **kwargs):
+        if not self.available and time.monotonic() < self._retry_at:
+            raise StoreUnavailable("redis is unreachable")
+        try:
+            result = await getattr(self._client, method)(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            raise StoreUnavailable("redis is unreachable") from None
+        if not self.available:
+            self._up()
+        return result
+
     # --- calls, failures, recovery ----------------------------------------------------------------------
 
     async def _call(self, script: tuple[str, str], keys: list, args: list):

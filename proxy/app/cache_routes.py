@@ -1,6 +1,7 @@
 """`DELETE /admin/cache`: empties the response caches (every `use = "cache"` policy), all of it, one model's
 entries (`?model=NAME`, the virtual model or the real model named directly) or one entry (`?key=KEY`, the
-64 hex digits a response through the cache names in `x-groq-proxy-cache-key`). With the admin key."""
+64 hex digits a response through the cache names in `x-groq-proxy-cache-key`). With the admin key: the route
+is declared behind `admin_only` in proxy/app/admin_routes.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import orjson
 from aiohttp import web
 
 from policies.cache.policy import ResponseCache
-from proxy.app.admin_auth import admin_refusal
 from proxy.app.errors import ProxyError, new_request_id
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -19,10 +19,7 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 async def admin_cache_delete(request: web.Request) -> web.Response:
     from proxy.app.server import STATE
 
-    state = request.app[STATE]
-    refused = admin_refusal(request, state.config.server.admin_key)
-    if refused is not None:
-        return refused
+    state = request.app[STATE]  # the admin key was checked where the route is declared (admin_only)
     headers = {"x-request-id": new_request_id()}
     model, key = request.query.get("model"), request.query.get("key")
     if model is not None and key is not None:

@@ -48,7 +48,7 @@ def decide_simulation(args, config: Config) -> bool:
 
 def cmd_serve(args) -> int:
     from proxy.admin import catalogue
-    from proxy.app.server import build_app
+    from proxy.app.server import STATE, build_app
 
     if args.port is not None:
         _check_port_arg(args.port)
@@ -82,7 +82,11 @@ def cmd_serve(args) -> int:
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
-    serve(app, host, port, lambda url: _say(f"groq-proxy listening on {url} ({source})"), loop, access_log=None)
+    def listening(url: str) -> None:
+        app[STATE].public_url = url  # where POST /admin/benchmark sends its runs from the admin port
+        _say(f"groq-proxy listening on {url} ({source})")
+
+    serve(app, host, port, listening, loop, access_log=None)
     return 0
 
 

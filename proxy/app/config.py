@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from proxy.routing.latency import Thresholds, default_thresholds
 
 CONFIG_ENV = "GROQ_PROXY_CONFIG"
+MAX_FILE_BYTES = 200 * 1024 * 1024  # Groq's limit on a batch input file (200 MB)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -31,6 +32,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 10 * 1024 * 1024
+    max_audio_bytes: int = 25 * 1024 * 1024  # an audio upload held for fall-over (Groq's free-tier file limit)
+    max_file_bytes: int = MAX_FILE_BYTES  # the largest upload to /v1/files (Groq's own limit by default)
     keepalive_s: float = 15.0
     log_level: str = "info"
     request_read_timeout_s: float = 75.0
@@ -39,6 +42,7 @@ class ServerConfig:
     max_headers: int = 100
     admin_key_env: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    admin_port: int | None = None  # the admin API only on this port (0: any free one), not on `port`
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class RoutingConfig:
     key_rest_s: float = 60.0  # a pool key that answered 401/403, or 429 without retry-after, rests this long
     auto_model: str | None = None
     request_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    batch_provider: str | None = None  # where /v1/files and /v1/batches go; None: the first provider
 
 
 @dataclass(frozen=True)
@@ -193,8 +198,9 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
     return value
 
 
-_SERVER_KEYS = {"host", "port", "max_body_bytes", "keepalive_s", "log_level", "admin_key_env",
-                "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers"}
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_audio_bytes", "max_file_bytes", "keepalive_s", "log_level",
+                "admin_key_env", "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers",
+                "admin_port"}
 
 
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
@@ -206,6 +212,17 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     port = _number(raw, "port", where, 8080, integer=True)
     if port > 65535:
         raise ConfigError(f"server.port: must be at most 65535, got {port}")
+    admin_port = raw.get("admin_port")
+    if admin_port is not None:
+        admin_port = _number(raw, "admin_port", where, 0, integer=True)
+        if admin_port > 65535:
+            raise ConfigError(f"server.admin_port: must be at most 65535, got {admin_port}")
+        if admin_env is None:
+            raise ConfigError("server.admin_port: the admin API is off without an admin key; set "
+                              "server.admin_key_env too")
+        if admin_port == port and port != 0:
+            raise ConfigError(f"server.admin_port: must differ from server.port ({port}): the admin API is served "
+                              "only on its own port")
     level = _string(raw, "log_level", where, "info").lower()
     if level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"server.log_level: must be one of debug, info, warning, error, got {level!r}")
@@ -213,10 +230,13 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         host=_string(raw, "host", where, "127.0.0.1"),
         port=port,
         max_body_bytes=_number(raw, "max_body_bytes", where, 10 * 1024 * 1024, minimum=1, integer=True),
+        max_audio_bytes=_number(raw, "max_audio_bytes", where, 25 * 1024 * 1024, minimum=1, integer=True),
+        max_file_bytes=_number(raw, "max_file_bytes", where, MAX_FILE_BYTES, minimum=1, integer=True),
         keepalive_s=_number(raw, "keepalive_s", where, 15.0),
         log_level=level,
         admin_key_env=admin_env,
         admin_key=env.get(admin_env) if admin_env else None,
+        admin_port=admin_port,
         request_read_timeout_s=float(_number(raw, "request_read_timeout_s", where, 75.0, minimum=0.01)),
         # Below these a real client's request would not fit (a long model id in the URL, a large cookie).
         max_url_bytes=_number(raw, "max_url_bytes", where, 4096, minimum=256, integer=True),
@@ -487,10 +507,15 @@ def _parse_telemetry(raw: Mapping, env: Mapping[str, str]) -> TelemetryConfig:
 TIER_PREFIX = "tier-"
 
 
-def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel]) -> RoutingConfig:
+def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel],
+                   providers: Mapping[str, ProviderConfig]) -> RoutingConfig:
     where = "routing"
     _check_keys(raw, {"cooldown_after_failures", "cooldown_s", "max_cooldown_s", "key_rest_s", "auto_model",
-                      "request_types"}, where)
+                      "request_types", "batch_provider"}, where)
+    batch_provider = _string(raw, "batch_provider", where, None)
+    if batch_provider is not None and batch_provider not in providers:
+        raise ConfigError(f"{where}.batch_provider: must name a provider ({', '.join(providers)}), "
+                          f"got {batch_provider!r}")
     auto = _string(raw, "auto_model", where, None)
     if auto is not None and auto in models:
         raise ConfigError(f"{where}.auto_model: {auto!r} is already a virtual model")
@@ -514,6 +539,7 @@ def _parse_routing(raw: Mapping, models: Mapping[str, VirtualModel]) -> RoutingC
         key_rest_s=float(_number(raw, "key_rest_s", where, 60.0, minimum=0.001)),
         auto_model=auto,
         request_types=MappingProxyType(types),
+        batch_provider=batch_provider,
     )
 
 
@@ -543,7 +569,7 @@ def parse_config(raw: Mapping, *, env: Mapping[str, str] | None = None, source: 
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),
-        routing=_parse_routing(_table(raw, "routing", "routing"), models),
+        routing=_parse_routing(_table(raw, "routing", "routing"), models, providers),
         telemetry=_parse_telemetry(_table(raw, "telemetry", "telemetry"), env),
         source=source,
         policies=_parse_policy_tables(raw, env),

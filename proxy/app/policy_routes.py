@@ -3,7 +3,6 @@ and answer the usage API (`GET /v1/usage` for the caller, `GET /admin/usage` for
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 import orjson
@@ -15,6 +14,7 @@ from policies.identity import Identity, body_identity
 from policies.stores.base import StoreUnavailable
 from policies.stores.memory import MemoryStore
 from policies.usage import usage_report
+from proxy.app.admin_auth import admin_only
 from proxy.app.config import Config
 from proxy.app.errors import ProxyError, new_request_id
 from proxy.telemetry.logs import emit, register_secrets
@@ -31,12 +31,17 @@ class PolicyMetrics:
                                 "types the config does not name count as other).", ("key_id", "request_type"))
 
 
-async def open_chain(config: Config, metrics) -> PolicyChain:
-    """The store, opened (a Redis that is down does not stop the start), and the chain over it."""
+async def open_chain(config: Config, metrics, previous: tuple[Config, PolicyChain] | None = None) -> PolicyChain:
+    """The store, opened (a Redis that is down does not stop the start), and the chain over it. On a reload,
+    `previous` is the running config and chain: a store configured the same is the running one, so its counters
+    (all of them, in memory too) carry over by their keys."""
     pc: PoliciesConfig = config.policies or PoliciesConfig()
     store = None
-    if pc.uses_store or pc.policies:
-        if pc.store.backend == "redis":
+    if pc.uses_store or pc.policies or pc.keys is not None:  # [auth]: who owns each file and batch is kept there
+        if previous is not None and previous[1].store is not None and \
+                (previous[0].policies or PoliciesConfig()).store == pc.store:
+            store = previous[1].store
+        elif pc.store.backend == "redis":
             from policies.stores.redis import RedisStore
             from policies.stores.redis_connect import parse_url
 
@@ -45,24 +50,28 @@ async def open_chain(config: Config, metrics) -> PolicyChain:
                                prefix=pc.store.prefix, connect=pc.store.connect)
         else:
             store = MemoryStore()
-            if pc.uses_store:
-                emit(logging.WARNING, "policy_store_memory",
-                     message="Limits and budgets are counted in this process only (store.backend = \"memory\"): "
-                             "run one process, or use the Redis store to share them between processes.")
-        await store.start()
+        if store.backend == "memory" and pc.uses_store:
+            emit(logging.WARNING, "policy_store_memory",
+                 message="Limits and budgets are counted in this process only (store.backend = \"memory\"): "
+                         "run one process, or use the Redis store to share them between processes.")
+        if previous is None or store is not previous[1].store:
+            await store.start()
     for policy in pc.policies:
         await policy.start(pc.store, metrics)
     policy_metrics = None
     if metrics is not None and (pc.policies or pc.keys is not None):
-        policy_metrics = PolicyMetrics()
-        metrics.all = metrics.all + (policy_metrics.decisions, policy_metrics.requests)
+        policy_metrics = getattr(metrics, "policy", None)  # one set of families, however many reloads
+        if policy_metrics is None:
+            policy_metrics = metrics.policy = PolicyMetrics()
+            metrics.all = metrics.all + (policy_metrics.decisions, policy_metrics.requests)
     return PolicyChain(pc.policies, keys=pc.keys, store=store, request_types=pc.request_types, metrics=policy_metrics)
 
 
-async def close_chain(chain: PolicyChain) -> None:
+async def close_chain(chain: PolicyChain, *, keep_store: bool = False) -> None:
+    """The policies' own resources, and the store unless a newer chain took it over (`keep_store`)."""
     for policy in chain.policies:
         await policy.close()
-    if chain.store is not None:
+    if chain.store is not None and not keep_store:
         await chain.store.close()
 
 
@@ -102,19 +111,12 @@ async def my_usage(request: web.Request) -> web.Response:
     return await _report(request, identity, None)
 
 
+@admin_only
 async def admin_usage(request: web.Request) -> web.Response:
     """GET /admin/usage?key=ID (or user=, team=): anyone's usage, with the admin key."""
     from proxy.app.server import STATE
 
     state = request.app[STATE]
-    admin = state.config.server.admin_key
-    if admin is None:
-        return ProxyError(403, "/admin/usage needs an admin key: set server.admin_key_env.",
-                          type="authentication_error", code="admin_key_not_configured").to_response(_id())
-    presented = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(presented.encode(), f"Bearer {admin}".encode()):
-        return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
-                          type="authentication_error", code="invalid_api_key").to_response(_id())
     chain = state.pipeline.policies
     given = [(name, request.query[name]) for name in ("key", "user", "team") if request.query.get(name)]
     if len(given) != 1:

@@ -6,20 +6,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web, web_urldispatcher
 
+from proxy.app import batches_api, files_api
+from proxy.app.admin_routes import ADMIN_ROUTES, admin_listener
 from proxy.app.config import Config
-from proxy.app.cache_routes import admin_cache_delete
-from proxy.app.policy_routes import admin_usage, close_chain, my_usage, open_chain
+from proxy.app.endpoints import unknown_path
+from proxy.app.policy_routes import my_usage
+from proxy.app.reload import Generation, Reloads
 from proxy.pipeline.context import RequestContext
-from proxy.routing.cooldown import Cooldowns
 from proxy.app import http_errors
 from proxy.app.errors import ProxyError, new_request_id
-from proxy.routing.latency import default_thresholds
-from proxy.telemetry.logs import emit, register_secrets
+from proxy.telemetry.logs import emit
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observe import Observer
 from proxy.telemetry.otlp import Encoder, Exporter
@@ -28,6 +29,9 @@ from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
 from proxy.upstream.providers import Upstreams
 from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
+from proxy.app.responses_api import read_responses, validate_responses
+from proxy.app.audio_api import (read_speech, read_transcription, read_translation, validate_form,
+                                 validate_speech)
 
 if TYPE_CHECKING:
     from proxy.sim.simulator import SimulatorConfig
@@ -37,7 +41,9 @@ PREFIXES = ("/v1", "/openai/v1")
 
 @dataclass
 class ProxyState:
-    """What the running app holds; filled in on start-up (the simulator may change the provider URLs)."""
+    """What the running app holds; filled in on start-up (the simulator may change the provider URLs).
+    `config`, `router`, `pipeline`, `observer` and the model list are the current generation's (proxy/app/reload.py),
+    all set at once by `install`; a request handler reads `generation` once and keeps it to its end."""
 
     config: Config
     simulate: bool = False
@@ -49,6 +55,21 @@ class ProxyState:
     exporter: Exporter | None = None  # or proxy.telemetry.sdk.SdkExporter, which has the same surface
     models: list = field(default_factory=list)
     models_body: bytes = b""
+    objects: Any = None  # proxy.app.provider_objects.ProviderObjects: files and batches, made on first use
+    generation: Generation | None = None
+    reloads: Reloads | None = None
+    public_url: str | None = None  # where the public port listens, once it does (the CLI's banner)
+    admin_url: str | None = None  # where server.admin_port listens
+
+    def install(self, generation: Generation) -> None:
+        self.generation = generation
+        self.config = generation.config
+        self.router = generation.router
+        self.pipeline = generation.pipeline
+        self.upstreams = generation.pipeline.upstreams  # a reload's providers, over the one pooled client
+        self.observer = generation.pipeline.observer
+        self.models = generation.models
+        self.models_body = generation.models_body
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -63,27 +84,37 @@ def _id_header() -> dict[str, str]:
     return {"x-request-id": _request_id()}
 
 
-async def _answer(request: web.Request, operation: str, validate) -> web.StreamResponse:
+async def _answer(request: web.Request, operation: str, validate, read=None) -> web.StreamResponse:
+    """One request through the pipeline. `read(request, config)` reads the body of an endpoint other than chat
+    and embeddings, and returns it with its operation (proxy/pipeline/operation.py)."""
     started = time.perf_counter()
-    state = request.app[STATE]
-    observer = state.observer
+    generation = request.app[STATE].generation  # this request's config to its end, whatever a reload does
+    pipeline = generation.pipeline
+    observer = pipeline.observer
     span = observer.request_started(request, operation)
     request_id = _request_id()
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    generation.enter()
     try:
         try:
-            identity = state.pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
-            body = await read_json(request, state.config.server.max_body_bytes)
-            route = state.router.resolve(validate(body))
+            identity = pipeline.policies.authenticate(request.headers)  # [auth]: 401 before the body is read
+            if read is None:
+                op = None
+                body = await read_json(request, generation.config.server.max_body_bytes)
+            else:
+                body, op = await read(request, generation.config)
+            route = generation.router.resolve(validate(body))
             ctx = RequestContext(
-                request_id, operation, route, body, operation == "chat" and body.get("stream") is True, started
+                request_id, operation, route, body,
+                body.get("stream") is True and (operation == "chat" or op is not None and op.sse), started,
             )
+            ctx.op = op
             ctx.span = span
             ctx.identity = identity
-            response = await state.pipeline.handle(request, ctx)
+            response = await pipeline.handle(request, ctx)
         except ProxyError as error:
-            response = error.to_response({"x-request-id": request_id, **state.pipeline.extra_headers})
+            response = error.to_response({"x-request-id": request_id, **pipeline.extra_headers})
         except Exception:
             emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
@@ -91,6 +122,7 @@ async def _answer(request: web.Request, operation: str, validate) -> web.StreamR
         status = response.status
         return response
     finally:
+        generation.leave()
         observer.request_ended(span, ctx, status, started)
 
 
@@ -100,6 +132,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _answer(request, "embeddings", validate_embeddings)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "responses", validate_responses, read_responses)
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "transcription", validate_form, read_transcription)
+
+
+async def translations(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "translation", validate_form, read_translation)
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    return await _answer(request, "speech", validate_speech, read_speech)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -148,28 +196,6 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **_id_header()})
 
 
-async def admin_benchmark(request: web.Request) -> web.Response:
-    """POST /admin/benchmark: the model benchmark, run through this proxy over loopback."""
-    from proxy.admin.model_bench import BenchRequest, run_benchmark
-
-    state = request.app[STATE]
-    key = state.config.server.admin_key
-    if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
-        return ProxyError(401, "The admin endpoints need the admin key (server.admin_key_env) as a Bearer token.",
-                          type="authentication_error", code="invalid_api_key").to_response(_id_header())
-    try:
-        req = BenchRequest.from_body(await read_json(request, 1 << 20))
-        vm = state.config.models.get(req.model)
-        state.router.resolve(req.model)
-    except ProxyError as error:
-        return error.to_response(_id_header())
-    host, port = request.transport.get_extra_info("sockname")[:2]
-    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    thresholds = vm.latency if vm else default_thresholds(req.model)
-    report = await run_benchmark(f"http://{'[' + host + ']' if ':' in host else host}:{port}", req, thresholds)
-    return web.Response(body=orjson.dumps(report), content_type="application/json", headers=_id_header())
-
-
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"}, headers=_id_header())
 
@@ -181,10 +207,6 @@ async def readyz(request: web.Request) -> web.Response:
     if ready and state.pipeline.policies.store is not None:  # a store that is down degrades, it does not stop
         body["store"] = state.pipeline.policies.store.status()
     return web.json_response(body, status=200 if ready else 503, headers=_id_header())
-
-
-async def not_found(request: web.Request) -> web.Response:
-    return ProxyError(404, f"Unknown path {request.path}.", code="unknown_url").to_response(_id_header())
 
 
 def _method_not_allowed(allowed: str):
@@ -223,27 +245,23 @@ def models_list(config: Config) -> list[dict]:
 
 async def _lifecycle(app: web.Application):
     state = app[STATE]
-    sim_runner = None
+    sim_runner = simulator_url = None
     if state.simulate:
         from proxy.sim.simulator import SimulatorConfig, start_simulator
 
-        sim_runner, url = await start_simulator(state.simulator_config or SimulatorConfig())
-        state.config = state.config.with_base_urls(url)
+        sim_runner, simulator_url = await start_simulator(state.simulator_config or SimulatorConfig())
+        state.config = state.config.with_base_urls(simulator_url)
         emit(
             logging.WARNING,
             "simulated_upstream",
             message="No Groq key and no config: answering from the built-in simulator, not from Groq. "
             "Set GROQ_API_KEY (or give --config) to use Groq.",
-            simulator=url,
+            simulator=simulator_url,
         )
     config = state.config
-    register_secrets(*(key for p in config.providers.values() for key in (p.api_keys or (p.api_key,))))
     upstreams = Upstreams(config)
     await upstreams.open()
     state.upstreams = upstreams
-    state.router = Router(config)
-    state.models = models_list(config)
-    state.models_body = orjson.dumps({"object": "list", "data": state.models})
     telemetry = config.telemetry
     tracer = Tracer(telemetry.sample_ratio, parent_based=telemetry.parent_based) if telemetry.tracing else None
     if tracer is not None and telemetry.exporter == "sdk":
@@ -256,14 +274,13 @@ async def _lifecycle(app: web.Application):
         state.exporter = Exporter(tracer, Encoder(telemetry.service_name), telemetry.traces_url,
                                   dict(telemetry.headers), interval_s=telemetry.export_interval_s)
         state.exporter.start()
-    state.observer = Observer(config, tracer, ProxyMetrics() if telemetry.metrics else None)
-    chain = await open_chain(config, state.observer.metrics)
-    chain.record = state.observer.decision
-    state.pipeline = Pipeline(config, upstreams, Cooldowns(config.routing), chain, state.observer,
-                              router=state.router)
+    state.reloads = Reloads(state, upstreams, tracer, ProxyMetrics() if telemetry.metrics else None, models_list,
+                            simulator_url)
+    await state.reloads.start(config)
+    state.reloads.handle_sighup()
     yield
     state.pipeline = None
-    await close_chain(chain)
+    await state.reloads.close()
     if state.exporter is not None:
         await state.exporter.close()
     await upstreams.close()
@@ -273,6 +290,40 @@ async def _lifecycle(app: web.Application):
 
 def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
     server = config.server
+    app = new_application(server)
+    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
+    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(admin_listener)
+    routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics)]
+    if server.admin_port is None:  # else only on the admin port (proxy/app/admin_routes.py)
+        routes += ADMIN_ROUTES
+    for prefix in PREFIXES:
+        routes += [
+            (prefix + "/chat/completions", "POST", chat_completions),
+            (prefix + "/embeddings", "POST", embeddings),
+            (prefix + "/responses", "POST", responses),
+            (prefix + "/audio/transcriptions", "POST", transcriptions),
+            (prefix + "/audio/translations", "POST", translations),
+            (prefix + "/audio/speech", "POST", speech),
+            (prefix + "/models", "GET", list_models),
+            (prefix + "/models/{model_id:.+}", "GET", get_model),
+            (prefix + "/usage", "GET", my_usage),
+            (prefix + "/files", "POST", files_api.upload),
+            (prefix + "/files", "GET", files_api.list_files),
+            (prefix + "/files/{file_id}", "GET", files_api.retrieve),
+            (prefix + "/files/{file_id}", "DELETE", files_api.delete),
+            (prefix + "/files/{file_id}/content", "GET", files_api.content),
+            (prefix + "/batches", "POST", batches_api.create),
+            (prefix + "/batches", "GET", batches_api.list_batches),
+            (prefix + "/batches/{batch_id}", "GET", batches_api.retrieve),
+            (prefix + "/batches/{batch_id}/cancel", "POST", batches_api.cancel),
+        ]
+    add_routes(app, routes)
+    return app
+
+
+def new_application(server) -> web.Application:
+    """An aiohttp app with the [server] limits: the public one, and the admin port's."""
     http_errors.install()
     handler_args = {
         # A client that hangs up cancels its handler (aiohttp >= 3.9 no longer does by default), so the
@@ -287,28 +338,26 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None) 
         "max_headers": server.max_headers,
     }
     app = web.Application(client_max_size=server.max_body_bytes, handler_args=handler_args)
-    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
     app[READ_TIMEOUT] = server.request_read_timeout_s
-    app.cleanup_ctx.append(_lifecycle)
-    routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
-              ("/admin/benchmark", "POST", admin_benchmark), ("/admin/usage", "GET", admin_usage),
-              ("/admin/cache", "DELETE", admin_cache_delete)]
-    for prefix in PREFIXES:
-        routes += [
-            (prefix + "/chat/completions", "POST", chat_completions),
-            (prefix + "/embeddings", "POST", embeddings),
-            (prefix + "/models", "GET", list_models),
-            (prefix + "/models/{model_id:.+}", "GET", get_model),
-            (prefix + "/usage", "GET", my_usage),
-        ]
+    return app
+
+
+def add_routes(app: web.Application, routes: list) -> None:
+    """`routes` (path, method, handler), each with its 405, then a 404 in OpenAI's shape listing them for every
+    other target."""
+    served: dict[str, dict] = {}  # path -> method -> handler: a path may take several methods
     for path, method, handler in routes:
-        if method == "GET":
-            app.router.add_get(path, handler)  # HEAD too
-        else:
-            app.router.add_route(method, path, handler)
-        app.router.add_route("*", path, _method_not_allowed(method))
-    app.router.add_route("*", "/{tail:.*}", not_found)
+        served.setdefault(path, {})[method] = handler
+    for path, handlers in served.items():
+        for method, handler in handlers.items():
+            if method == "GET":
+                app.router.add_get(path, handler)  # HEAD too
+            else:
+                app.router.add_route(method, path, handler)
+        app.router.add_route("*", path, _method_not_allowed(", ".join(handlers)))
+    # Anything else is answered here, listing what is served: no other path reaches a provider with its key.
+    not_found_listing = unknown_path(served, PREFIXES)
+    app.router.add_route("*", "/{tail:.*}", not_found_listing)
     not_a_path = _NotAPath()
     app.router.register_resource(not_a_path)
-    not_a_path.add_route("*", not_found)
-    return app
+    not_a_path.add_route("*", not_found_listing)

@@ -99,9 +99,10 @@ class ClientStream:
             pass
         return self.response
 
-    async def fail(self, error: ProxyError, headers: dict[str, str]) -> web.StreamResponse:
-        """An error before any data: a plain error response, or an error event when keep-alives went out."""
+    async def fail(self, error: ProxyError, headers: dict[str, str], event: bytes | None = None) -> web.StreamResponse:
+        """An error before any data: a plain error response, or an error event (`event`, else chat's) when
+        keep-alives went out."""
         await self.stop_keepalive()
         if self.response is None:
             return error.to_response(headers)
-        return await self.finish(error.sse_event())
+        return await self.finish(error.sse_event() if event is None else event)

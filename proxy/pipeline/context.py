@@ -59,7 +59,7 @@ class RequestContext:
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
         "forwarded", "base_headers", "client", "chain", "hints", "client_fields", "deadline", "_tokens", "auto",
-        "headers", "identity", "request_type", "module", "policy", "tap",
+        "headers", "identity", "request_type", "module", "policy", "op", "tap",
     )
 
     def __init__(
@@ -89,6 +89,7 @@ class RequestContext:
         self.deadline: float | None = None  # loop time past which the request is answered 504
         self._tokens: int | None = None
         self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
+        self.op: Any = None  # proxy.pipeline.operation.Operation of an endpoint other than chat and embeddings
         # What the answer is told to as it passes (proxy.pipeline.tap.Tap: the cache's capture), set by a policy.
         self.tap: Any = None
 

@@ -3,6 +3,10 @@
 The commit point is explicit. Before the first data event reaches the client, any attempt failure moves on
 to the next model of the chain. After it, a failure ends the stream with one SSE error event.
 
+Endpoints other than chat and embeddings (the Responses API, audio) run the same chain with an operation on
+their context (proxy/pipeline/operation.py) that says where they go upstream, what their answer and commit point
+are and how their error event looks; chat and embeddings have none and take the paths below unchanged.
+
 Deadlines: a plain answer has timeout_s for the whole (Groq sends nothing of it before all of it is generated);
 a stream has first_byte_timeout_s to its first data event (`_open`), then timeout_s (`_forward`). A client that
 hangs up cancels the handler's task, and with it the attempt in flight and the rest of the chain.
@@ -196,7 +200,8 @@ class Pipeline:
                 continue
             if self.policies and self.policies.has_before_attempt and await self._policy_skips(ctx, index, target):
                 continue
-            if plan.hedge_after_ms is None or hedges >= plan.max_hedges or position >= len(chain):
+            if (plan.hedge_after_ms is None or hedges >= plan.max_hedges or position >= len(chain)
+                    or ctx.op is not None and ctx.op.opens):
                 result = await self._model(ctx, index, target)
             else:
                 delay = plan.hedge_delay(target, ctx.stream, self.routing.observed)
@@ -230,7 +235,7 @@ class Pipeline:
                 return await self._finish(ctx, result)
         error = all_failed_error(ctx)
         if ctx.client is not None:
-            return await ctx.client.fail(error, ctx.base_headers)
+            return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
     async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
@@ -267,6 +272,8 @@ class Pipeline:
             return await self._forward(ctx, result.attempt, result.provider, result)
         if ctx.tap is not None and ctx.answered is not None and result.status == 200:
             ctx.tap.body(result.body)  # the cache's capture of a plain answer
+        if ctx.op is not None and not isinstance(result, web.StreamResponse):
+            return await result.forward()  # an operation's own byte stream past its commit point (audio)
         return result
 
     async def _deadline_passed(self, ctx: RequestContext, seconds: float) -> web.StreamResponse:
@@ -277,8 +284,9 @@ class Pipeline:
         )
         if ctx.client is not None:
             if ctx.client.prepared:
-                return await ctx.client.finish(error.sse_event())
-            return await ctx.client.fail(error, ctx.base_headers)
+                sequence = max(a.events for a in ctx.attempts)
+                return await ctx.client.finish(_op_event(ctx, error, sequence) or error.sse_event())
+            return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
     def _mark_losers(self, ctx: RequestContext, winner) -> None:
@@ -303,16 +311,20 @@ class Pipeline:
         target = attempt.target
         body = ctx.body
         body["model"] = target.model
+        op = ctx.op
         if target.params:
-            payload = orjson.dumps(self._with_entry_params(ctx, target.params))
-        else:
-            payload = orjson.dumps(body)
+            body = self._with_entry_params(ctx, target.params)
+        payload = orjson.dumps(body) if op is None else op.encode(body)
         headers = {**ctx.forwarded, **provider.key_headers[attempt.key]}
+        if op is not None and op.content_type is not None:
+            headers["Content-Type"] = op.content_type
         self.observer.attempt_started(ctx, attempt, provider, headers)
         self.routing.limits.spend(target.key, attempt.key, ctx.tokens_if_estimated)
         try:
             if ctx.client is not None:
                 return await self._open(ctx, attempt, provider, payload, headers)
+            if op is not None and op.opens:
+                return await op.open(self, ctx, attempt, provider, payload, headers)
             return await self._plain(ctx, attempt, provider, payload, headers)
         except AttemptFailed as failure:
             self._fell_over(ctx, attempt, failure, provider)
@@ -343,7 +355,11 @@ class Pipeline:
     # --- one attempt, not streamed ----------------------------------------------------------------------
 
     async def _plain(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
-        path = provider.chat_path if ctx.operation == "chat" else provider.embeddings_path
+        op = ctx.op
+        if op is not None:
+            path = provider.path(op.endpoint)
+        else:
+            path = provider.chat_path if ctx.operation == "chat" else provider.embeddings_path
         resp = None
         try:
             # Groq sends nothing of a plain answer until all of it is generated, so a first-byte deadline would
@@ -368,6 +384,9 @@ class Pipeline:
             if failure is not None:
                 raise failure
             return self._passed_back(ctx, attempt, status, body, resp)
+        if op is not None:
+            content_type = op.answer(attempt, body, resp.headers.get("content-type", ""), self.observer.record_content)
+            return self._plain_answer(ctx, attempt, body, resp, content_type)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -382,11 +401,14 @@ class Pipeline:
         attempt.usage = obj.get("usage")
         attempt.response_id = obj.get("id")
         attempt.response_model = obj.get("model")
+        return self._plain_answer(ctx, attempt, body, resp, "application/json")
+
+    def _plain_answer(self, ctx: RequestContext, attempt: Attempt, body: bytes, resp, content_type: str):
         self._answered(ctx, attempt)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
             headers.update(ctx.policy.headers)
-        headers["Content-Type"] = "application/json"
+        headers["Content-Type"] = content_type
         return web.Response(body=body, headers=headers)
 
     # --- one attempt, streamed: opened until its first data event, then forwarded past the commit point ------
@@ -398,10 +420,14 @@ class Pipeline:
         start = asyncio.get_running_loop().time()
         resp = None
         opened = None
+        op = ctx.op
+        # The commit point: chat's first data event, or where the operation puts it (`Operation.commit_end`).
+        commit_end = first_data_end if op is None else op.commit_end
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s):
                 resp = await self.upstreams.client.request(
-                    provider.origin, "POST", provider.chat_path, headers, payload, provider.connect_s
+                    provider.origin, "POST", provider.chat_path if op is None else provider.path(op.endpoint),
+                    headers, payload, provider.connect_s,
                 )
                 attempt.status = resp.status
                 self.routing.limits.observe(attempt.target.key, attempt.key, resp.headers)
@@ -413,7 +439,7 @@ class Pipeline:
                     if ctx.client.prepared:  # keep-alives went out: the status can no longer change
                         attempt.outcome = "passed_back"
                         self._end(ctx, attempt, INFO)
-                        return await ctx.client.finish(_error_event(resp.status, body))
+                        return await ctx.client.finish(_error_event(resp.status, body, op))
                     return self._passed_back(ctx, attempt, resp.status, body, resp)
                 if not resp.content_type.startswith("text/event-stream"):
                     raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
@@ -421,19 +447,23 @@ class Pipeline:
                 first = b""
                 # Comments do not count as a first event. Whatever arrived with the first event has not reached
                 # the client either, so a failure in it still falls over.
-                while first_data_end(first) < 0:
+                while commit_end(first) < 0:
                     chunk = await resp.readany()
                     if not chunk:
                         raise AttemptFailed("upstream_closed", "the stream ended before its first event")
                     first += splitter.feed(chunk)
             attempt.first_byte = time.perf_counter()
-            state = StreamState()
-            scan(first, state)
+            if op is None:
+                state = StreamState()
+                scan(first, state)
+            else:
+                state = op.new_state()
+                op.scan(first, state)
             if state.error is not None:
                 raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
             if state.malformed:
                 raise AttemptFailed("malformed", state.malformed)
-            if state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
+            if op is None and state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
                 raise AttemptFailed("malformed", "the stream ended ([DONE]) before its first chunk")
             attempt.response_id, attempt.response_model = state.response_id, state.response_model
             opened = _Opened(resp, splitter, first, state, start, ctx, attempt, provider)
@@ -454,6 +484,8 @@ class Pipeline:
         recorded = [opened.first] if self.observer.record_content else None
         tap = ctx.tap  # a policy's view of the answer (proxy/pipeline/tap.py): every piece the client is sent
         kept = False  # the client left while identical requests wait on this stream: read on for them
+        op = ctx.op
+        scan_ = scan if op is None else op.scan
         try:
             async with asyncio.timeout_at(opened.start + provider.total_s):
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
@@ -469,10 +501,10 @@ class Pipeline:
                         break
                     complete = splitter.feed(chunk)
                     if complete:
-                        scan(complete, state)
+                        scan_(complete, state)
                         if state.malformed:
                             # The well-formed events before the bad one still belong to the client.
-                            await client.write(well_formed_prefix(complete))
+                            await client.write((well_formed_prefix if op is None else op.well_formed_prefix)(complete))
                             break
                         if tap is not None:
                             tap.stream(complete)
@@ -501,7 +533,7 @@ class Pipeline:
                 resp.release(drain=state.done)
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
         if recorded is not None:
-            attempt.content = output_from_stream(b"".join(recorded))
+            attempt.content = (output_from_stream if op is None else op.content)(b"".join(recorded))
         if state.malformed:
             return await self._broken(ctx, attempt, client, "malformed", state.malformed)
         if state.error is not None:
@@ -533,7 +565,7 @@ class Pipeline:
             type="server_error",
             code=reason,
         )
-        return await client.finish(error.sse_event())
+        return await client.finish(_op_event(ctx, error, attempt.events) or error.sse_event())
 
     # --- bookkeeping ------------------------------------------------------------------------------------
 
@@ -667,8 +699,9 @@ def _check_embeddings(obj) -> None:
             raise AttemptFailed("malformed", "200 with a data item that has no embedding")
 
 
-def _error_event(status: int, body: bytes) -> bytes:
-    """An upstream error body as one SSE event: compact JSON on one `data:` line, whatever its layout."""
+def _error_event(status: int, body: bytes, op=None) -> bytes:
+    """An upstream error body as one SSE event: compact JSON on one `data:` line, whatever its layout (or the
+    operation's own error event)."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -676,7 +709,16 @@ def _error_event(status: int, body: bytes) -> bytes:
     if not (isinstance(obj, dict) and "error" in obj):
         text = body.decode(errors="replace").strip()[:500] or f"upstream answered {status}"
         obj = ProxyError(status, text).body()
+    if op is not None:
+        error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+        event = op.error_event(ProxyError(status, str(error.get("message")), code=error.get("code")), 0)
+        return redact(event.decode()).encode()
     return b"data: " + redact(orjson.dumps(obj).decode()).encode() + b"\n\n"
+
+
+def _op_event(ctx: RequestContext, error: ProxyError, sequence: int = 0) -> bytes | None:
+    """The error event of the request's operation (the Responses API's own); None for chat and embeddings."""
+    return None if ctx.op is None else ctx.op.error_event(error, sequence)
 
 
 def _describe(error) -> str:

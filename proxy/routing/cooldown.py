@@ -19,12 +19,16 @@ class Cooldowns:
     def __init__(self, routing: RoutingConfig, clock: Callable[[], float] = time.monotonic,
                  max_tracked: int = MAX_TRACKED) -> None:
         self._max = max_tracked
-        self._after = routing.cooldown_after_failures
-        self._cooldown_s = routing.cooldown_s
-        self._max_s = routing.max_cooldown_s
+        self.reconfigure(routing)
         self._clock = clock
         self._failures: dict[str, int] = {}
         self._until: dict[str, float] = {}
+
+    def reconfigure(self, routing: RoutingConfig) -> None:
+        """A reload's new thresholds; the counts and the cool-downs running are kept (proxy/app/reload.py)."""
+        self._after = routing.cooldown_after_failures
+        self._cooldown_s = routing.cooldown_s
+        self._max_s = routing.max_cooldown_s
 
     def remaining(self, key: str) -> float:
         """Seconds this model is still skipped for; 0 when it may be tried."""

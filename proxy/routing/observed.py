@@ -55,11 +55,14 @@ class Series:
 
 
 class ObservedLatency:
-    def __init__(self, models) -> None:
-        """`models`: the `provider:model` keys the config names; no other is tracked."""
+    def __init__(self, models, previous: "ObservedLatency | None" = None) -> None:
+        """`models`: the `provider:model` keys the config names; no other is tracked. After a reload, the
+        series of the models still named are `previous`'s own (still fed by the requests it started)."""
         models = tuple(models)
-        self._ttft = {key: Series() for key in models}
-        self._total = {key: Series() for key in models}
+        old_ttft = previous._ttft if previous is not None else {}
+        old_total = previous._total if previous is not None else {}
+        self._ttft = {key: old_ttft.get(key) or Series() for key in models}
+        self._total = {key: old_total.get(key) or Series() for key in models}
 
     def add(self, key: str, stream: bool, ms: float) -> None:
         series = (self._ttft if stream else self._total).get(key)

@@ -1,5 +1,6 @@
 """What the router learns while it runs, in one place: key pools per provider, Groq's rate-limit view per model
-and key, observed latency per model. Built once per app; the pipeline reads and feeds it."""
+and key, observed latency per model. Built once per app, and again on a reload from the one before it: what
+was learned of the providers and models still configured carries over."""
 
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ from proxy.routing.ratelimits import RateLimits
 
 
 class RoutingState:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
-        self.pools = {name: KeyPool(p.api_key_envs or ("",), clock) for name, p in config.providers.items()}
-        self.limits = RateLimits(clock)
-        self.observed = ObservedLatency(t.key for t in config.real_targets())
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 previous: "RoutingState | None" = None) -> None:
+        old_pools = previous.pools if previous is not None else {}
+        self.pools = {}
+        for name, p in config.providers.items():
+            pool = old_pools.get(name)  # a pool of the same keys keeps its resting keys and its turn
+            names = p.api_key_envs or ("",)
+            self.pools[name] = pool if pool is not None and pool.names == names else KeyPool(names, clock)
+        # Groq's view per model and key is bounded and keyed by model: shared as it is.
+        self.limits = previous.limits if previous is not None else RateLimits(clock)
+        self.observed = ObservedLatency((t.key for t in config.real_targets()),
+                                        previous.observed if previous is not None else None)
         self.key_rest_s = config.routing.key_rest_s

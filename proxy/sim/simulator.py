@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.sim.files import SimFiles
+
 SIMULATED_HEADER = "x-groq-proxy-simulated"
 
 PREFIXES = ("/openai/v1", "/v1")
@@ -58,6 +60,10 @@ class SimulatorConfig:
         "groq/compound",
         "groq/compound-mini",
         "nomic-embed-text",
+        "whisper-large-v3-turbo",
+        "whisper-large-v3",
+        "playai-tts",
+        "playai-tts-arabic",
     )
     decommissioned: tuple[str, ...] = (
         "llama3-8b-8192",
@@ -67,6 +73,7 @@ class SimulatorConfig:
         "gemma2-9b-it",
         "llama-3.1-8b-instant",
         "llama-3.3-70b-versatile",
+        "distil-whisper-large-v3-en",
     )
 
     def __post_init__(self) -> None:
@@ -591,8 +598,15 @@ async def _write_paced(
 # --- app, server, CLI ----------------------------------------------------------------
 
 
+def _api_modules() -> tuple:
+    from proxy.sim import audio, responses
+
+    return (responses, audio)
+
+
 def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Application:
     simulator = _Simulator(config)
+    api_modules = _api_modules()
     # Long prompts in load tests exceed aiohttp's 1 MiB default body limit.
     app = web.Application(middlewares=[_json_http_errors], client_max_size=32 * 1024**2)
     for prefix in PREFIXES:
@@ -600,6 +614,9 @@ def build_simulator_app(config: SimulatorConfig = SimulatorConfig()) -> web.Appl
         app.router.add_post(f"{prefix}/embeddings", simulator.embeddings)
         app.router.add_get(f"{prefix}/models", simulator.models)
         app.router.add_get(f"{prefix}/models/{{model:.+}}", simulator.model)
+        for module in api_modules:  # the other endpoints Groq serves, one module each
+            module.add_routes(app, prefix, simulator)
+    SimFiles().register(app, PREFIXES)  # files and batches
     return app
 
 

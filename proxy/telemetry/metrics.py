@@ -93,8 +93,15 @@ class ProxyMetrics:
                                     "variable's name) and outcome.", ("provider", "key", "outcome"))
         self.usage_hist = Histogram("gen_ai_client_token_usage", "GenAI token usage per request (semconv).",
                                     ("gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"), _TOKENS)
+        # Audio is not counted in tokens: its size and the time it took instead.
+        self.audio_bytes = Counter(p + "audio_bytes_total", "Audio requests' bytes by operation (transcription, "
+                                   "translation, speech) and direction (in: upload or text, out: transcript or "
+                                   "audio).", ("operation", "virtual_model", "model", "direction"))
+        self.audio_duration = Histogram(p + "audio_duration_seconds", "Whole time of an audio request, by "
+                                        "operation.", ("operation", "virtual_model", "model"))
         self.all = (self.requests, self.duration, self.ttft, self.tokens, self.attempts, self.fallbacks,
-                    self.upstream, self.overhead, self.category, self.usage_hist, self.key_attempts)
+                    self.upstream, self.overhead, self.category, self.usage_hist, self.key_attempts,
+                    self.audio_bytes, self.audio_duration)
 
     def render(self, exporter=None, observed=None) -> bytes:
         out: list[str] = []

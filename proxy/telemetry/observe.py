@@ -24,6 +24,7 @@ from proxy.telemetry.semconv import (
     GEN_AI_RESPONSE_MODEL, GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, LATENCY_CATEGORY, POLICY_DECISION, REQUEST_ID, SERVER_ADDRESS,
     SERVER_PORT, STREAM, TIME_TO_FIRST_CHUNK_MS, URL_PATH, VIRTUAL_MODEL,
+    AUDIO_REQUEST_BYTES, AUDIO_RESPONSE_BYTES,
 )
 from proxy.telemetry.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
@@ -39,11 +40,13 @@ _ATTEMPT_CLOSING = (
 
 
 class Observer:
-    def __init__(self, config: Config, tracer: Tracer | None, metrics: ProxyMetrics | None) -> None:
+    def __init__(self, config: Config, tracer: Tracer | None, metrics: ProxyMetrics | None,
+                 previous: "Observer | None" = None) -> None:
+        """`previous`: the observer of the config a reload replaces, whose running figures carry over."""
         self.tracer = tracer
         self.metrics = metrics
         self.record_content = config.telemetry.record_content
-        self.rolling = RollingP95()
+        self.rolling = previous.rolling if previous is not None else RollingP95()
         self._static: dict[tuple, tuple] = {}  # the shared static attributes of spans alike
         self._thresholds = {name: vm.latency for name, vm in config.models.items()}
         self._default = default_thresholds("standard")
@@ -111,6 +114,8 @@ class Observer:
                             if isinstance(count, int):
                                 m.tokens.inc((virtual, model, kind), count)
                                 m.usage_hist.observe((ctx.operation, virtual, kind), count)
+        if ctx is not None and ctx.op is not None and ctx.op.audio:
+            self._audio(ctx, span, virtual, model, total)
         if span is not None:
             attrs = span.attrs
             if ctx is None:
@@ -131,6 +136,18 @@ class Observer:
                 span.status = STATUS_ERROR
                 attrs.setdefault(ERROR_TYPE, str(status))
             self.tracer.end(span)
+
+    def _audio(self, ctx: RequestContext, span: Span | None, virtual: str, model: str, total: float) -> None:
+        """Audio's measure in place of tokens: its bytes in and out, and the time the request took."""
+        op = ctx.op
+        if self.metrics is not None:
+            m = self.metrics
+            m.audio_bytes.inc((ctx.operation, virtual, model, "in"), op.bytes_in)
+            m.audio_bytes.inc((ctx.operation, virtual, model, "out"), op.bytes_out)
+            m.audio_duration.observe((ctx.operation, virtual, model), total)
+        if span is not None:
+            span.attrs[AUDIO_REQUEST_BYTES] = op.bytes_in
+            span.attrs[AUDIO_RESPONSE_BYTES] = op.bytes_out
 
     def decision(self, ctx: RequestContext, policy: str, decision: str, **attrs) -> None:
         """A policy decision becomes an event on the request's span."""
@@ -158,7 +175,7 @@ class Observer:
                 (ATTEMPT_INDEX, attempt.index),
             )
         attrs = {}
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
         if max_tokens is not None:
             attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         if body.get("temperature") is not None:
@@ -206,6 +223,9 @@ class Observer:
             attrs[GEN_AI_USAGE_OUTPUT_TOKENS] = usage.get("completion_tokens")
         if attempt.content is not None:
             attrs[GEN_AI_OUTPUT_MESSAGES] = attempt.content
+        if ctx.op is not None and ctx.op.audio and outcome == "answered":
+            attrs[AUDIO_REQUEST_BYTES] = ctx.op.bytes_in
+            attrs[AUDIO_RESPONSE_BYTES] = ctx.op.bytes_out
         if failed and outcome != "skipped":
             span.set_error(attempt.reason or "error", redact(attempt.detail) if attempt.detail else "")
         self.tracer.end(span)
@@ -237,7 +257,7 @@ def _parts(content) -> list[dict]:
         return [{"type": "text", "content": content}]
     parts = []
     for part in content or ():
-        if isinstance(part, dict) and part.get("type") == "text":
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text"):
             parts.append({"type": "text", "content": part.get("text", "")})
         elif isinstance(part, dict):
             parts.append({"type": part.get("type", "unknown")})  # images and the like: the kind, not the data
@@ -249,8 +269,14 @@ def input_messages(body: dict) -> str:
         messages = [{"role": m.get("role"), "parts": _parts(m.get("content"))} for m in body["messages"]]
     else:
         inputs = body.get("input")
-        messages = [{"role": "user", "parts": _parts(i if isinstance(i, str) else str(i))}
-                    for i in (inputs if isinstance(inputs, list) else [inputs])]
+        messages = []
+        if isinstance(body.get("instructions"), str):  # the Responses API's system message
+            messages.append({"role": "system", "parts": _parts(body["instructions"])})
+        for i in inputs if isinstance(inputs, list) else [inputs]:
+            if isinstance(i, dict) and "content" in i:  # a Responses input item
+                messages.append({"role": i.get("role", "user"), "parts": _parts(i["content"])})
+            else:
+                messages.append({"role": "user", "parts": _parts(i if isinstance(i, str) else str(i))})
     return orjson.dumps(messages).decode()
 
 

@@ -56,3 +56,5 @@ TIME_TO_FIRST_CHUNK_MS = "groq_proxy.time_to_first_chunk_ms"
 POLICY_DECISION = "groq_proxy.policy.decision"
 ATTEMPT_KEY = "groq_proxy.attempt.key"  # the pool key by its variable's name, never its value
 ATTEMPT_HEDGE = "groq_proxy.attempt.hedge"  # started in parallel with an attempt in flight
+AUDIO_REQUEST_BYTES = "groq_proxy.audio.request_bytes"  # audio: the upload (or speech's input text), in bytes
+AUDIO_RESPONSE_BYTES = "groq_proxy.audio.response_bytes"  # audio: the transcript, or speech's audio, in bytes

@@ -11,7 +11,8 @@ the OTLP exporter uses this client too.
 One `Client` holds a pool per origin. `request()` writes the request head and body (in one write unless the
 body is 64 KiB or more) and returns when the response head has arrived; the body is read whole (`read`, at
 most `MAX_BODY` bytes) or as it comes (`readany`, with reading paused while more than `HIGH_WATER` bytes wait
-unread). `release()` gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest
+unread). `request_stream()` sends a body that comes in pieces (a file upload), chunked, at the upstream's
+pace. `release()` gives a fully read keep-alive connection back to the pool (`drain=True`: once the rest
 has arrived); anything else closes it. Cancelling a request (a deadline) closes its connection.
 
 A pooled connection can die while idle: the upstream (or a load balancer before it) closes it after its own
@@ -37,7 +38,7 @@ import ssl
 import string
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import AsyncIterator, Mapping
 from urllib.parse import quote, urlsplit
 
 import aiohappyeyeballs
@@ -211,7 +212,8 @@ class _Connection(asyncio.Protocol):
     """One upstream connection and the response being read from it (one at a time: no pipelining)."""
 
     __slots__ = ("pool", "transport", "parser", "response", "closed", "paused", "keep_alive", "reused", "answered",
-                 "idle_s", "expires", "_headers", "_informational", "_until_close", "_drain", "_drained", "head_size")
+                 "idle_s", "expires", "_headers", "_informational", "_until_close", "_drain", "_drained", "head_size",
+                 "_writable", "sent_whole")
 
     def __init__(self, pool: "_Pool") -> None:
         self.pool = pool
@@ -231,6 +233,8 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.TimerHandle | None = None  # set while a released response is read to its end
         self._drained = 0
         self.head_size = 0  # bytes received for the current request while its final head is not whole
+        self._writable: asyncio.Future | None = None  # set while the transport's write buffer is over its limit
+        self.sent_whole = True  # False when a streamed body stopped early: the connection is then not reused
 
     # --- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -239,6 +243,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         if self._drain is not None:
             self._drain.cancel()
             self._drain = None
@@ -278,6 +283,22 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost says what that means for the response
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    async def writable(self, answered: asyncio.Future) -> None:
+        """Returns once the transport's write buffer is below its limit, or the upstream has answered (and may
+        read no more): a streamed body waits here, so it goes at the upstream's pace and never piles up."""
+        waiting = self._writable
+        if waiting is not None and not answered.done():
+            await asyncio.wait((waiting, answered), return_when=asyncio.FIRST_COMPLETED)
 
     # --- httptools callbacks --------------------------------------------------------------------------
 
@@ -360,7 +381,8 @@ class _Connection(asyncio.Protocol):
     def finished(self, reusable: bool) -> None:
         """The response is done with; back to the pool if the exchange ended cleanly, else closed."""
         self.response = None
-        if reusable and self.keep_alive and not self.closed and not self.paused and not self.pool.client.closed:
+        if (reusable and self.keep_alive and self.sent_whole and not self.closed and not self.paused
+                and not self.pool.client.closed):
             self.pool.put(self)
         else:
             self.abort()
@@ -512,6 +534,46 @@ class Client:
             # of an answer came, so the request goes once more, on a new connection (never reused: so only once).
             conn = await pool.connect(connect_timeout_s)
 
+    async def request_stream(self, origin: Origin, method: str, path: str, headers: dict[str, str],
+                             body: AsyncIterator[bytes], connect_timeout_s: float) -> Response:
+        """Sends one request whose body comes in pieces (`Transfer-Encoding: chunked`), each written once the
+        connection can take it, so a large upload is never held whole; returns once the response head has
+        arrived. Always on a new connection: a body read once cannot be sent again, so the pooled connection's
+        one resend (a FIN crossing the request) is not available to it. An upstream that answers before the
+        body is whole (a 413, a 401) stops the sending; that connection is then closed, not pooled. When `body`
+        raises (the client's upload broke or broke a rule) the connection is closed and the error goes on."""
+        if self.closed:
+            raise ConnectFailed("the upstream client is closed")
+        pool = self._pools.get(origin) or self._pool(origin)
+        head = _request_head(method, pool.target, path, origin.host_header, pool.proxy_lines, headers, None)
+        conn = await pool.connect(connect_timeout_s)
+        conn.answered = False
+        conn.head_size = 0
+        response = conn.response = Response(conn)
+        response._head = head_arrived = asyncio.get_running_loop().create_future()
+        transport = conn.transport
+        try:
+            transport.write(head)
+            whole = False
+            async for piece in body:
+                if head_arrived.done() or conn.closed:
+                    break
+                if piece:
+                    transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    await conn.writable(head_arrived)
+            else:
+                whole = not conn.closed
+                if whole:
+                    transport.write(b"0\r\n\r\n")
+            conn.sent_whole = whole
+            await head_arrived
+            return response
+        except BaseException:  # the client's body failed, a deadline, a broken connection: the connection goes
+            response.close()
+            raise
+        finally:
+            response._head = None
+
     async def close(self) -> None:
         self.closed = True
         for pool in self._pools.values():
@@ -534,12 +596,14 @@ def keep_alive_limit(value: str, idle_s: float) -> float:
 
 
 def _request_head(method: str, target: str, path: str, host: str, proxy_lines: str, headers: dict[str, str],
-                  length: int) -> bytes:
+                  length: int | None) -> bytes:
+    """The request line and headers; `length` None: a chunked body."""
     lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):  # one line break per header
         _check_headers(headers)
     return (f"{method} {target}{path} HTTP/1.1\r\nHost: {host}\r\n{proxy_lines}{lines}"
-            f"Content-Length: {length}\r\n\r\n").encode("utf-8", "surrogateescape")
+            + ("Transfer-Encoding: chunked\r\n\r\n" if length is None else f"Content-Length: {length}\r\n\r\n")
+            ).encode("utf-8", "surrogateescape")
 
 
 def _check_headers(headers: dict[str, str]) -> None:

@@ -42,6 +42,12 @@ class Provider:
     total_s: float
     connect_s: float
     pool_idle_s: float
+    base: str = ""  # the base URL's path and query: where the other endpoints are (`path`)
+    query: str = ""
+
+    def path(self, endpoint: str) -> str:
+        """The upstream path of an endpoint under the base URL ("responses", "audio/speech")."""
+        return f"{self.base}/{endpoint}{self.query}"
 
     @classmethod
     def from_config(cls, cfg: ProviderConfig) -> "Provider":
@@ -64,6 +70,8 @@ class Provider:
             total_s=cfg.timeout_s,
             connect_s=cfg.connect_timeout_s,
             pool_idle_s=cfg.pool_idle_s,
+            base=base,
+            query=query,
         )
 
 
@@ -76,6 +84,17 @@ class Upstreams:
 
     async def open(self) -> None:
         self.client = Client()
+        self._limit_idle()
+
+    def sharing(self, config: Config) -> "Upstreams":
+        """A reload's providers over this client: its pooled connections stay warm (they are kept per origin).
+        The one that opened the client closes it."""
+        other = Upstreams(config)
+        other.client = self.client
+        other._limit_idle()
+        return other
+
+    def _limit_idle(self) -> None:
         for provider in self.providers.values():
             self.client.limit_idle(provider.origin, provider.pool_idle_s)
 

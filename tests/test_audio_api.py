@@ -1,0 +1,324 @@
+"""Audio through the proxy with the real openai and groq clients: the held upload sent again on fall-over,
+413 past server.max_audio_bytes, 400 for a form without its file, speech streamed as it arrives (and cut, not
+completed, when the upstream breaks after its first bytes), request limits without token budgets, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import aiohttp
+import groq
+import httpx
+import openai
+import pytest
+
+from policies.identity import hash_key
+from proxy.sim.testing import Behaviour, status
+from proxy.sim.testing_api import AUDIO, TRANSCRIPT, ApiUpstream
+from tests.conftest import config_for
+
+UPLOAD = bytes(range(256)) * 40 + b"\r\n--not-a-boundary\r\n"  # binary, with CRLFs and dashes inside
+
+
+@pytest.fixture
+async def api(aiohttp_server):
+    scripted = ApiUpstream()
+    server = await aiohttp_server(scripted.app())
+    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
+
+
+async def test_transcription_falls_over_and_sends_the_upload_again(api, start_proxy):
+    scripted, url = api
+    scripted.behaviours["m1"] = status(503)
+    base = await start_proxy(config_for(url))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="client-key", max_retries=0) as client:
+        raw = await client.audio.transcriptions.with_raw_response.create(
+            model="tier-test", file=("call.m4a", io.BytesIO(UPLOAD), "audio/m4a"), language="en",
+            timestamp_granularities=["segment", "word"], response_format="verbose_json")
+        result = raw.parse()
+    assert result.text == TRANSCRIPT
+    assert raw.headers["x-groq-proxy-model"] == "m2" and raw.headers["x-groq-proxy-attempts"] == "2"
+    assert scripted.models_sent() == ["m1", "m2"]
+    for record, model in zip(scripted.requests, ["m1", "m2"]):
+        assert record["path"] == "/openai/v1/audio/transcriptions"
+        assert record["file"] == UPLOAD and record["filename"] == "call.m4a"
+        assert record["body"]["model"] == model and record["body"]["language"] == "en"
+        grains = [v for k, v in record["all"] if k == "timestamp_granularities[]"]
+        assert grains == ["segment", "word"]  # a repeated field keeps every value
+        assert record["headers"]["Authorization"] == "Bearer sk-test-secret-upstream-key"
+
+
+async def test_translation_in_text_format(api, start_proxy):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        with pytest.warns(DeprecationWarning):  # openai-python 3.x marks translations deprecated; it still works
+            text = await client.audio.translations.create(model="tier-test", file=("a.wav", UPLOAD),
+                                                          response_format="text")
+    assert text == TRANSCRIPT + "\n"
+    assert scripted.requests[0]["path"] == "/openai/v1/audio/translations"
+    assert scripted.requests[0]["file"] == UPLOAD
+
+
+async def test_groq_sdk_audio_methods(api, start_proxy):
+    scripted, url = api
+    scripted.behaviours["m1"] = Behaviour("close")  # the connection breaks: the next model answers
+    base = await start_proxy(config_for(url))
+    async with groq.AsyncGroq(base_url=base, api_key="x", max_retries=0) as client:
+        transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+        translation = await client.audio.translations.create(model="tier-test", file=("a.wav", UPLOAD))
+        async with client.audio.speech.with_streaming_response.create(
+                model="tier-test", voice="Fritz-PlayAI", input="hello", response_format="wav") as response:
+            audio = await response.read()
+    assert transcript.text == TRANSCRIPT and translation.text == TRANSCRIPT
+    assert audio == AUDIO
+    assert {r["path"] for r in scripted.requests} == {
+        "/openai/v1/audio/transcriptions", "/openai/v1/audio/translations", "/openai/v1/audio/speech"}
+
+
+async def test_speech_streams_bytes_before_the_upstream_finishes(api, start_proxy):
+    """A dripping upstream: its first chunk goes out and the rest waits until the client has that chunk. A proxy
+    that held the audio until the end would never release it (the safety timeout would fire)."""
+    scripted, url = api
+    scripted.behaviours["m1"] = status(500)
+    scripted.speech_hold = asyncio.Event()
+    base = await start_proxy(config_for(url))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        async with client.audio.speech.with_streaming_response.create(
+                model="tier-test", voice="Fritz-PlayAI", input="hello there") as response:
+            assert response.headers["content-type"] == "audio/wav"
+            assert response.headers["x-groq-proxy-model"] == "m2"
+            chunks = response.iter_bytes()
+            first = await asyncio.wait_for(chunks.__anext__(), timeout=30)
+            assert not scripted.speech_hold.is_set()  # the upstream is still holding the rest back
+            scripted.speech_hold.set()
+            rest = b"".join([chunk async for chunk in chunks])
+    assert first + rest == AUDIO
+    assert scripted.models_sent() == ["m1", "m2"]
+
+
+async def test_speech_cut_after_its_first_bytes_is_not_a_complete_file(api, start_proxy):
+    scripted, url = api
+    scripted.behaviours["m1"] = Behaviour("cut", cut_after=1)
+    base = await start_proxy(config_for(url))
+    async with httpx.AsyncClient() as client:
+        async with client.stream("POST", base + "/v1/audio/speech",
+                                 json={"model": "tier-test", "voice": "v", "input": "hi"}) as response:
+            assert response.status_code == 200
+            received = bytearray()
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for chunk in response.aiter_bytes():
+                    received += chunk
+    assert AUDIO.startswith(bytes(received)) and len(received) < len(AUDIO)
+    assert scripted.models_sent() == ["m1"]  # past the commit point: no fall-over
+
+
+async def test_over_size_upload_is_413_and_nothing_goes_upstream(api, start_proxy):
+    scripted, url = api
+    base = await start_proxy(config_for(url, server={"max_audio_bytes": 1000}))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.audio.transcriptions.create(model="tier-test", file=("a.wav", bytes(200_000)))
+        ok = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", bytes(1000)))
+    assert info.value.status_code == 413
+    error = info.value.body
+    assert error["code"] == "request_too_large" and error["param"] == "file" and "1000" in error["message"]
+    assert ok.text == TRANSCRIPT
+    assert len(scripted.requests) == 1 and scripted.requests[0]["file"] == bytes(1000)
+
+
+async def test_over_size_file_in_a_chunked_upload_is_413(api, start_proxy):
+    """No Content-Length (chunked): the limit is checked as the body arrives, then on the file itself."""
+    scripted, url = api
+    base = await start_proxy(config_for(url, server={"max_audio_bytes": 1000}))
+    form = aiohttp.FormData()
+    form.add_field("model", "tier-test")
+    form.add_field("file", b"x" * 1001, filename="a.wav", content_type="audio/wav")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/transcriptions", data=form, chunked=True) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"]["code"] == "request_too_large"
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize("fields, param, fragment", [
+    ({"model": "tier-test"}, "file", "'file' is a required property"),
+    ({}, "model", "model parameter"),
+    ({"model": "tier-test", "response_format": "mp3"}, "response_format", "must be one of"),
+    ({"model": "tier-test", "temperature": "hot"}, "temperature", "between 0 and 1"),
+])
+async def test_bad_form_gets_an_openai_shaped_400(api, start_proxy, fields, param, fragment):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    if param != "file":
+        form.add_field("file", UPLOAD, filename="a.wav")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/transcriptions", data=form) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+    assert error["param"] == param and fragment in error["message"]
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize("headers, data, fragment", [
+    ({"Content-Type": "application/json"}, b'{"model": "tier-test"}', "multipart/form-data"),
+    ({"Content-Type": "multipart/form-data"}, b"--x\r\n", "boundary"),
+    ({"Content-Type": "multipart/form-data; boundary=xyz"}, b"--xyz\r\nContent-Disposition: form-data; "
+     b'name="model"\r\n\r\ntier-test', "cut short"),
+])
+async def test_not_a_multipart_body_is_400(api, start_proxy, headers, data, fragment):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/translations", data=data, headers=headers) as resp:
+            assert resp.status == 400
+            assert fragment in (await resp.json())["error"]["message"]
+    assert scripted.requests == []
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"voice": "v", "input": "hi"}, "model"),
+    ({"model": "tier-test", "voice": "v"}, "input"),
+    ({"model": "tier-test", "voice": "v", "input": ""}, "input"),
+    ({"model": "tier-test", "input": "hi"}, "voice"),
+    ({"model": "tier-test", "input": "hi", "voice": "v", "speed": "fast"}, "speed"),
+])
+async def test_bad_speech_request_is_400(api, start_proxy, body, param):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/speech", json=body) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == param
+    assert scripted.requests == []
+
+
+KEY = "gp-audio-test-key"
+
+
+async def test_request_limits_apply_and_token_budgets_do_not(api, start_proxy):
+    """A token budget of 1 token would refuse any chat request; audio is not counted in tokens and passes. The
+    request limit (2 a minute) counts audio requests like any other."""
+    scripted, url = api
+    base = await start_proxy(config_for(url, auth={"keys": [{"id": "app", "sha256": hash_key(KEY)}]}, policies=[
+        {"use": "token_budget", "per": "key", "tokens": 1, "period": "day"},
+        {"use": "rate_limit", "per": "key", "requests_per_minute": 2}]))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0) as client:
+        transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+        speech = await client.audio.speech.create(model="tier-test", voice="v", input="a long text " * 50)
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.audio.speech.create(model="tier-test", voice="v", input="hi")
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
+            async with session.get(base + "/v1/usage") as resp:
+                usage = await resp.json()
+    assert transcript.text == TRANSCRIPT and speech.read() == AUDIO
+    assert info.value.code == "rate_limit_exceeded" and info.value.type == "requests"
+    assert usage["budgets"][0]["used"] == 0
+
+
+async def test_audio_metrics_carry_bytes_and_time(api, start_proxy):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+        speech = await client.audio.speech.create(model="tier-test", voice="v", input="hello")
+        assert speech.read() == AUDIO
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    m = 'groq_proxy_audio_bytes_total{operation="%s",virtual_model="tier-test",model="m1",direction="%s"} %d'
+    assert m % ("transcription", "in", len(UPLOAD)) in text
+    assert m % ("speech", "out", len(AUDIO)) in text
+    assert m % ("speech", "in", len("hello")) in text
+    assert 'groq_proxy_audio_duration_seconds_count{operation="speech",virtual_model="tier-test",model="m1"} 1' in text
+
+
+async def test_the_simulator_serves_audio_with_the_default_chains(start_proxy):
+    """`make serve` without a key: the default config's audio tiers and alias answered by the simulator."""
+    from proxy.app.config import load_config
+
+    base = await start_proxy(load_config(None, env={}), simulate=True)
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        transcript = await client.audio.transcriptions.create(model="tier-transcribe", file=("a.wav", UPLOAD))
+        old = await client.audio.transcriptions.create(model="distil-whisper-large-v3-en", file=("a.wav", UPLOAD))
+    async with groq.AsyncGroq(base_url=base, api_key="x", max_retries=0) as client:
+        translation = await client.audio.translations.create(model="tier-translate", file=("a.wav", UPLOAD))
+        speech = await client.audio.speech.create(model="tier-speech", voice="Fritz-PlayAI", input="hello there")
+        direct = await client.audio.speech.create(model="playai-tts", voice="Fritz-PlayAI", input="hello")
+        audio, short = await speech.read(), await direct.read()
+        with pytest.raises(groq.BadRequestError) as info:  # Groq translates with whisper-large-v3 only
+            await client.audio.translations.create(model="whisper-large-v3-turbo", file=("a.wav", UPLOAD))
+    assert "does not support translations" in info.value.message
+    assert transcript.text == old.text == translation.text and transcript.text
+    assert audio.startswith(b"RIFF") and audio[8:12] == b"WAVE" and len(audio) > len(short)
+
+
+@pytest.mark.parametrize("file, extra, fragment", [
+    (b"", {}, "'file' is empty"),
+    (None, {"url": "https://example.com/a.wav"}, "'url' is not supported"),
+])
+async def test_an_empty_file_or_a_url_is_400(api, start_proxy, file, extra, fragment):
+    scripted, url = api
+    base = await start_proxy(config_for(url))
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("model", "tier-test")
+    for name, value in extra.items():
+        form.add_field(name, value)
+    if file is not None:
+        form.add_field("file", file, filename="a.wav")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/transcriptions", data=form) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+    assert fragment in error["message"] and error["param"] in ("file", "url")
+    assert scripted.requests == []
+
+
+async def test_the_audio_limit_is_its_own_not_max_body_bytes(api, start_proxy):
+    """server.max_body_bytes bounds JSON bodies; an upload larger than it but within max_audio_bytes passes."""
+    scripted, url = api
+    base = await start_proxy(config_for(url, server={"max_body_bytes": 1000, "max_audio_bytes": 100_000}))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", bytes(50_000)))
+    assert transcript.text == TRANSCRIPT and scripted.requests[0]["file"] == bytes(50_000)
+
+
+@pytest.mark.parametrize("value", [0, -1, "25MB", 1.5, True])
+def test_max_audio_bytes_is_validated_naming_the_key(value):
+    from proxy.app.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"^server\.max_audio_bytes: "):
+        parse_config({"server": {"max_audio_bytes": value}, "providers": {"groq": {"base_url": "http://h/v1"}},
+                      "models": {"t": {"chain": ["groq:m"]}}}, env={})
+
+
+def test_max_audio_bytes_defaults_to_groqs_limit_and_can_be_set():
+    from proxy.app.config import load_config, parse_config
+
+    assert load_config(None, env={}).server.max_audio_bytes == 25 * 1024 * 1024
+    config = parse_config({"server": {"max_audio_bytes": 1000}, "providers": {"groq": {"base_url": "http://h/v1"}},
+                           "models": {"t": {"chain": ["groq:m"]}}}, env={})
+    assert config.server.max_audio_bytes == 1000
+
+
+async def test_a_speech_stream_holds_its_concurrency_slot_until_the_audio_ends(api, start_proxy):
+    scripted, url = api
+    scripted.speech_hold = asyncio.Event()
+    base = await start_proxy(config_for(url, policies=[{"use": "concurrency", "per": "global", "limit": 1}]))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        async with client.audio.speech.with_streaming_response.create(
+                model="tier-test", voice="v", input="hello") as response:
+            chunks = response.iter_bytes()
+            first = await asyncio.wait_for(chunks.__anext__(), timeout=30)
+            with pytest.raises(openai.RateLimitError) as info:  # the first is still streaming: no slot
+                await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+            scripted.speech_hold.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        assert first + rest == AUDIO
+        transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
+    assert info.value.code == "concurrency_limit_exceeded"
+    assert transcript.text == TRANSCRIPT
