@@ -369,8 +369,9 @@ async def test_a_shadow_cache_counts_its_hits_but_answers_from_upstream(upstream
     scripted, url = upstream
     base = await start_proxy(cache_config(url, mode="shadow", charge_hits=True))
     await post_chat(base, ASK)
-    await post_chat(base, ASK)
+    answer = await post_chat(base, ASK)
     assert len(scripted.requests) == 2  # the shadow hit changed nothing: upstream answered
+    assert "x-groq-proxy-cache" not in answer[1] and "age" not in answer[1]
     async with aiohttp.ClientSession() as session:
         async with session.get(base + "/metrics") as resp:
             text = await resp.text()

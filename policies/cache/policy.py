@@ -235,13 +235,16 @@ class ResponseCache(Policy):
         return reply
 
     def _pass(self, ctx, result: str, key: str | None = None) -> Decision:
-        if key is not None:
+        if key is not None and self.mode == "enforce":
             ctx.policy.headers[KEY_HEADER] = key
         self._count(ctx, result)
         return CONTINUE
 
     def _count(self, ctx, result: str) -> None:
-        ctx.policy.headers[HEADER] = result  # on whatever answers the request, a refusal after a hit included
+        # On whatever answers the request, a refusal after a hit included; a shadow cache changes no answer, nor
+        # its headers (it is counted, and its result is on the span).
+        if self.mode == "enforce":
+            ctx.policy.headers[HEADER] = result
         if ctx.span is not None:
             ctx.span.attrs[SPAN_ATTRIBUTE] = result
         if self.metrics is not None:
