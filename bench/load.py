@@ -139,6 +139,7 @@ def measure(wrk: Wrk, url: str, mode: str, connections: int, seconds: float, sid
         mean_ms=raw["mean_us"] / 1000, max_ms=raw["max_us"] / 1000,
         requests=raw["requests"], seconds=secs, errors=errors,
         cpu_cores={k: round(v, 3) for k, v in cores.items()},
-        cpu_us_per_request=(after[measured] - before[measured]) * 1e6 / raw["requests"] if raw["requests"] else 0.0,
+        cpu_us_per_request=sum(after[n] - before[n] for n in watched if n == measured or n.startswith(measured + "/"))
+        * 1e6 / raw["requests"] if raw["requests"] else 0.0,
         raw=raw,
     )

@@ -18,6 +18,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (a `--workers` supervisor's workers)."""
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     out = {}
     with open(f"/proc/{pid}/status") as f:

@@ -83,11 +83,12 @@ def render(bench: Bench, meta: dict) -> str:
             direct, proxy = find_run(runs, mode, connections, "direct"), find_run(runs, mode, connections, "proxy")
             thin = find_run(runs, mode, connections, "pass-through")
             traced = find_run(runs, mode, connections, "proxy+tracing")
+            multi = find_run(runs, mode, connections, f"proxy-{args.workers}w") if args.workers else None
             cached = [r for r in (find_run(runs, mode, connections, s) for s in CACHE_SIDES) if r is not None]
             if not (direct or thin or proxy or traced):
                 continue
             out.append(f"{mode}, {connections} conn")
-            for run in (direct, thin, proxy, traced, *cached):
+            for run in (direct, thin, proxy, multi, traced, *cached):
                 if run is None:
                     continue
                 cpu = f"{run.cpu_us_per_request:.0f}"
@@ -99,6 +100,10 @@ def render(bench: Bench, meta: dict) -> str:
                            f"{ratio(proxy.p50_ms, direct.p50_ms):>10}{ratio(proxy.p99_ms, direct.p99_ms):>10}")
                 out.append(f"  {'added by the proxy':<24}{'':>10}{proxy.p50_ms - direct.p50_ms:>+10.3f}"
                            f"{proxy.p99_ms - direct.p99_ms:>+10.3f}")
+            if multi and proxy:
+                out.append(f"  {f'{args.workers} workers / 1 worker':<24}{ratio(multi.rps, proxy.rps):>10}"
+                           f"{ratio(multi.p50_ms, proxy.p50_ms):>10}{ratio(multi.p99_ms, proxy.p99_ms):>10}"
+                           f"{ratio(multi.cpu_us_per_request, proxy.cpu_us_per_request):>12}")
             if thin and direct:
                 out.append(f"  {'added by pass-through':<24}{'':>10}{thin.p50_ms - direct.p50_ms:>+10.3f}"
                            f"{thin.p99_ms - direct.p99_ms:>+10.3f}")
@@ -146,7 +151,7 @@ def render(bench: Bench, meta: dict) -> str:
     out += tracing_lines(bench)
     out += ["", "targets (2 cores shared by wrk, upstream and proxy"
             + (f"; medians of {args.repeat} rounds)" if repeated else ")")]
-    for row in target_rows(runs, memory):
+    for row in target_rows(runs, memory, args.workers):
         sign = ">=" if row["higher_is_better"] else "<="
         limit = f"{row['limit']:,.0f} req/s" if row["unit"] == "req/s" else f"{row['limit']:g} {row['unit']}"
         out.append(f"  {row['target']:<40}{fmt_value(row['value'], row['unit']):>14}   {sign} {limit:<12} "
@@ -206,6 +211,6 @@ def json_report(bench: Bench, meta: dict) -> dict:
                              for row in tracing_by_round(bench.runs, mode, c)],
         "memory": bench.memory,
         "tracing": bench.tracing,
-        "targets": target_rows(medians(bench.runs), bench.memory),
+        "targets": target_rows(medians(bench.runs), bench.memory, bench.args.workers),
         "notes": bench.notes,
     }

@@ -6,6 +6,7 @@
     python -m bench.run --tracing        # also a second proxy with tracing (every request) and metrics on
     python -m bench.run --cache          # also cache hits, memory and Redis store (with the pass-through)
     python -m bench.run --repeat 5       # each cell's sides measured 5 times, interleaved; medians printed
+    python -m bench.run --workers 2      # also `serve --workers 2` ("proxy-2w") beside the one-worker proxy
 
 For each mode (non-stream, stream) and connection count (1, 16) it measures wrk -> canned upstream ("direct")
 and wrk -> proxy -> canned upstream ("proxy"), each after a short warm-up, and prints req/s, p50 and p99, the
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tracing", action="store_true",
                         help="also measure a proxy with tracing (every request sampled, exported to "
                              "bench/otlp_sink.py) and metrics on, beside the plain proxy")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="also measure `groq-proxy serve --workers N` (side proxy-Nw) beside the one-worker "
+                             "proxy, and report its req/s over one worker's (default: not measured)")
     parser.add_argument("--cache", action="store_true",
                         help="also measure cache hits: a proxy with the response cache on the memory store and one "
                              "on Redis (every request the same, so hits); implies --baseline")
@@ -99,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--connections: at least one count, each at least 1")
     if not args.modes or any(m not in MODES for m in args.modes):
         parser.error("--modes: non-stream, stream or both")
+    if args.workers == 1 or args.workers < 0:
+        parser.error("--workers: 2 or more (the one-worker proxy is always measured)")
     if args.pin and (os.cpu_count() or 1) < 2:
         parser.error("--pin needs at least 2 cores")
     return args

@@ -11,9 +11,9 @@ from pathlib import Path
 from bench.errors import BenchError
 from bench.load import Run, Wrk, measure
 from bench.processes import Process
-from bench.procfs import NOISY_CORES, memory_mb, others_cores
+from bench.procfs import NOISY_CORES, children, memory_mb, others_cores
 from bench.sides import (
-    CACHE_SIDES, DIRECT_PATH, HOST, PROXY_PATH, PROXY_SIDES, cache_config, check_answers, prime_cache,
+    CACHE_SIDES, DIRECT_PATH, HOST, PROXY_PATH, cache_config, check_answers, is_proxy_side, prime_cache,
     start_passthrough, start_proxy, start_sink, start_upstream,
 )
 from bench.stats import noise
@@ -71,6 +71,11 @@ class Bench:
                 self.workdir, self.upstream_port, self.cpu_proxy)
             check_answers(self.passthrough_port, PROXY_PATH, via_proxy=False)
             self.log(f"pass-through on :{self.passthrough_port} (pid {self.passthrough.pid})")
+        if self.args.workers:
+            side = f"proxy-{self.args.workers}w"
+            self._start_proxy(side)
+            self.log(f"{side} on :{self.ports[side]} (supervisor pid {self.procs[side].pid}, "
+                     f"workers {children(self.procs[side].pid)})")
         if self.args.tracing:
             self.sink, self.sink_port = start_sink(self.workdir, self.cpu_upstream)
             self._start_proxy("proxy+tracing")
@@ -108,11 +113,13 @@ class Bench:
     @property
     def sides(self) -> tuple[str, ...]:
         sides = ("direct", "pass-through", "proxy") if self.args.baseline else ("direct", "proxy")
+        if self.args.workers:  # right after the one-worker proxy, so the two stay neighbours in every round
+            sides = (*sides, f"proxy-{self.args.workers}w")
         sides = (*sides, "proxy+tracing") if self.args.tracing else sides
         return (*sides, *CACHE_SIDES) if self.args.cache else sides
 
     def url(self, side: str) -> str:
-        if side in PROXY_SIDES:
+        if is_proxy_side(side):
             return f"http://{HOST}:{self.ports[side]}{PROXY_PATH}"
         if side == "pass-through":
             return f"http://{HOST}:{self.passthrough_port}{PROXY_PATH}"
@@ -120,6 +127,8 @@ class Bench:
 
     def watched(self) -> dict[str, int]:
         pids = {side: proc.pid for side, proc in self.procs.items()}
+        for side, proc in self.procs.items():  # a --workers supervisor's workers: "proxy-2w/1234"
+            pids.update((f"{side}/{child}", child) for child in children(proc.pid))
         pids["upstream"] = self.upstream.pid
         if self.passthrough is not None:
             pids["pass-through"] = self.passthrough.pid
@@ -145,7 +154,7 @@ class Bench:
         """One measured run after a warm-up; measured again once when other work disturbed it (the quieter
         of the two is kept), and once when the proxy died during it."""
         best: Run | None = None
-        is_proxy = side in PROXY_SIDES
+        is_proxy = is_proxy_side(side)
         for attempt in range(self.args.remeasure + 2):
             if is_proxy and not self.procs[side].alive():
                 self.restart_proxy(side)

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -27,6 +28,7 @@ PROXY_CONFIG = """\
 host = "{host}"
 port = {port}
 log_level = "{log_level}"
+drain_s = 0  # the bench stops its proxies when idle: no grace for a load balancer
 
 [providers.groq]
 base_url = "http://{host}:{upstream_port}/openai/v1"
@@ -58,6 +60,16 @@ prefix = "bench:"
 """
 CACHE_SIDES = ("cache-memory", "cache-redis")
 PROXY_SIDES = ("proxy", "proxy+tracing", *CACHE_SIDES)
+
+
+def is_proxy_side(side: str) -> bool:
+    """"proxy", "proxy+tracing", or "proxy-Nw" (`serve --workers N`, bench --workers N)."""
+    return side in PROXY_SIDES or workers_of(side) > 1
+
+
+def workers_of(side: str) -> int:
+    found = re.fullmatch(r"proxy-(\d+)w", side)
+    return int(found.group(1)) if found else 1
 
 
 def free_port() -> int:
@@ -105,7 +117,12 @@ def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | No
     # No GROQ_* (keys, config paths) and no OTEL_* (an exporter endpoint there would turn tracing on in "proxy").
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ", "OTEL_"))}
     env["BENCH_KEY"] = "bench"
-    argv = pinned([*proxy_argv(), "serve", "--config", str(config), "--port", str(port), "--no-check"], cpu)
+    argv = [*proxy_argv(), "serve", "--config", str(config), "--port", str(port), "--no-check"]
+    workers = workers_of(side)
+    if workers > 1:  # never pinned: the workers are there to use every core
+        argv += ["--workers", str(workers)]
+    else:
+        argv = pinned(argv, cpu)
     proc = Process(side, argv, workdir / f"{slug}.log", env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

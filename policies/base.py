@@ -10,6 +10,10 @@ policy that does nothing is a valid policy. The hooks, in the order the pipeline
   `on_request` hooks have continued, and asks the claim's policy (`refused`) for its `Reject` if one does
   not fit.
 - `before_attempt(ctx, attempt)`: before each upstream attempt; `Skip(reason)` passes over that model.
+- `hedge_claims(ctx)`: a hedge is about to put a second attempt in flight; the claims to reserve for it (a
+  budget reserves what the first attempt did). The chain admits them in one store call, all or nothing: if one
+  does not fit, no hedge starts. They are given back when the request ends, and what every attempt produced
+  is charged by `after`'s settlement.
 - `on_response(ctx, attempt)`: an attempt answered (a stream: once it has ended). The answer has gone out,
   so only what the policy records matters; a decision here is recorded, not acted upon.
 - `after(ctx)`: the request ended, whatever the outcome (rejected, failed, the client gone). Called for every
@@ -103,6 +107,10 @@ class Policy:
 
     async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
         return CONTINUE
+
+    def hedge_claims(self, ctx: "RequestContext") -> list:
+        """What a second attempt in flight reserves (a hedge): none unless the policy counts tokens."""
+        return []
 
     async def on_response(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
         return CONTINUE

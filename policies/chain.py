@@ -36,7 +36,7 @@ class PolicyState:
     they add to the answer, the settlements to send at the end."""
 
     __slots__ = ("ran", "claims", "owners", "by_owner", "admitted", "admission", "settlements", "headers", "_prompt",
-                 "_used", "body", "served_tokens")
+                 "_used", "body", "hedged", "served_tokens")
 
     def __init__(self, body: dict) -> None:
         self.body = body
@@ -47,6 +47,7 @@ class PolicyState:
         self.admitted = False
         self.admission: Admission | None = None
         self.settlements: list[Settlement] = []
+        self.hedged: list[Claim] | None = None  # what hedges reserved for their attempts, given back at the end
         self.headers: dict[str, str] = {}
         self._prompt: int | None = None
         self._used: int | None = None
@@ -121,6 +122,8 @@ class PolicyChain:
         self._before = tuple(p for p in self.policies if type(p).before_attempt is not cls.before_attempt)
         self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
         self._settles = frozenset(id(p) for p in self.policies if type(p).after is not cls.after)
+        self._hedgers = tuple(p for p in self.policies if type(p).hedge_claims is not cls.hedge_claims)
+        self._settle_soon = getattr(store, "settle_soon", None)  # a store that settles in the background
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
@@ -206,6 +209,36 @@ class PolicyChain:
                     return decision
         return CONTINUE
 
+    async def reserve_hedge(self, ctx: "RequestContext") -> bool:
+        """A hedge is about to put another attempt in flight: every policy that counts tokens reserves for it
+        too, in one store call, all or nothing. False when one has no room for it: then no hedge starts. What
+        was reserved is given back at the end; `after`'s settlement charges what every attempt produced."""
+        state = ctx.policy
+        if state is None or not state.admitted or self.store is None or not self._hedgers:
+            return True
+        claims, owners = [], []
+        for policy in self._hedgers:
+            for claim in policy.hedge_claims(ctx):
+                claims.append(claim)
+                owners.append(policy)
+        if not claims:
+            return True
+        try:
+            admission = await self.store.admit(claims)
+        except StoreUnavailable:
+            closed = False
+            for policy in dict.fromkeys(owners):
+                self._record(ctx, policy, _ERROR)
+                closed = closed or (policy.on_error == CLOSED and policy.mode == ENFORCE)
+            return not closed
+        if not admission.ok:
+            self._record(ctx, owners[admission.failed], _NO_HEDGE)
+            return False
+        if state.hedged is None:
+            state.hedged = []
+        state.hedged += claims
+        return True
+
     async def on_response(self, ctx: "RequestContext", attempt: "Attempt") -> None:
         for policy in self._on_response:
             try:
@@ -229,7 +262,13 @@ class PolicyChain:
             except Exception:
                 self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
                            hook="after", exc_info=True)
+        if state.hedged:  # the hedges' reservations go back; what their attempts produced is in `after`'s charge
+            state.settlements += [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
+                                  for c in state.hedged]
         if state.settlements and self.store is not None:
+            if self._settle_soon is not None:
+                self._settle_in_background(ctx, state.settlements)
+                return
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # The client went away and the handler is being cancelled: the settlement must still land.
@@ -283,6 +322,24 @@ class PolicyChain:
         self._warn("policy_store_unavailable", request_id=ctx.request_id,
                    policies=",".join(p.name for p in owners), outcome="refused" if closed else "admitted")
         return _unavailable() if closed else CONTINUE
+
+    def _settle_in_background(self, ctx: "RequestContext", settlements: list[Settlement]) -> None:
+        """The Redis store's settlement goes with its next call and the answer does not wait for it: one
+        round trip less for the client, one wake-up less for the handler. It is queued before the answer
+        goes out, so this process's next admission reaches Redis after it (a call carries settlements first)."""
+        try:
+            future = self._settle_soon(settlements)
+        except StoreUnavailable:
+            future = None
+        if future is None:
+            self._settle_failed(ctx.request_id)
+            return
+        request_id = ctx.request_id
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._settle_failed(request_id))
+
+    def _settle_failed(self, request_id: str) -> None:
+        self._warn("policy_settle_failed", request_id=request_id,
+                   message="the store is unreachable; the reservation lapses with its period or lease")
 
     async def _settle(self, ctx: "RequestContext", settlements: list[Settlement]) -> None:
         try:
@@ -339,6 +396,7 @@ class _Labelled:
 
 
 _ERROR = _Labelled("error")
+_NO_HEDGE = Skip("no_room_for_a_hedge")
 _SHADOW_REJECT = _Labelled("reject")
 
 

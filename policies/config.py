@@ -181,7 +181,7 @@ def parse(raw: Mapping, env: Mapping[str, str] | None = None) -> PoliciesConfig:
 def check_workers(config: PoliciesConfig, workers: int) -> None:
     """Several processes on the memory store would each keep their own counters, multiplying every limit by
     the number of processes, and with [auth] their own owners of files and batches, so a file made through one
-    process would be missing in the next: refused. (For the `workers` setting, when the server gets one.)"""
+    process would be missing in the next: refused (`server.workers`, `serve --workers`; proxy/app/workers.py)."""
     if workers > 1 and config.uses_store and config.store.backend == "memory":
         raise ConfigError(f"store.backend: {workers} worker processes on the memory store would each enforce the "
                           "limits on their own; use backend = \"redis\"")

@@ -30,7 +30,8 @@ def _text_bytes(value) -> int:
 
 
 def estimate_prompt_tokens(body: dict) -> int:
-    """Chat: message contents (and tool calls) at 4 bytes a token; embeddings: the input the same way."""
+    """Chat: message contents (and tool calls) at 4 bytes a token; embeddings and the Responses API: the input
+    the same way, with the Responses API's `instructions` and `tools` (its system prompt and tool definitions)."""
     messages = body.get("messages")
     if isinstance(messages, list):
         total = PER_REQUEST
@@ -42,7 +43,8 @@ def estimate_prompt_tokens(body: dict) -> int:
         if tools:
             total += (_text_bytes(tools) + 3) // 4
         return total
-    return (_text_bytes(body.get("input")) + 3) // 4
+    size = _text_bytes(body.get("input")) + _text_bytes(body.get("instructions")) + _text_bytes(body.get("tools"))
+    return (size + 3) // 4
 
 
 _estimator: Callable[[dict], int] = estimate_prompt_tokens

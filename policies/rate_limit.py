@@ -74,6 +74,10 @@ class RateLimit(Policy):
                 state.claim(self, claim)
         return CONTINUE
 
+    def hedge_claims(self, ctx) -> list[Claim]:
+        """A hedge is not another request, but its tokens count: the tokens claim is reserved again."""
+        return [c for c in ctx.policy.claims_of(self) if c.header == "tokens"]
+
     def refused(self, ctx, claim: Claim, admission) -> Reject:
         kind = claim.header
         headers = {f"x-ratelimit-limit-{kind}": str(claim.limit), f"x-ratelimit-remaining-{kind}": "0"}

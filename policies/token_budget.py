@@ -58,6 +58,10 @@ class TokenBudget(Policy):
         state.claim(self, self.claim_for(ctx, amount=state.reserve(ctx.operation, self.default_completion)))
         return CONTINUE
 
+    def hedge_claims(self, ctx) -> list[Claim]:
+        """A hedge's attempt may use as much as the first: it reserves the same again while both are in flight."""
+        return ctx.policy.claims_of(self)
+
     def refused(self, ctx, claim: Claim, admission) -> Reject:
         resets = iso(claim.param)
         who = "everyone" if self.per == "global" else f"this {self.per}"

@@ -11,9 +11,12 @@ import time
 
 import pytest
 
+from policies.stores.memory import MemoryStore
+from policies.stores.redis import RedisStore
 from proxy.app.config import Config, parse_config
 from proxy.app.server import build_app
 from proxy.sim.testing import ScriptedUpstream
+from proxy.sim.testing_api import ApiUpstream
 
 
 ADMIN_KEY = "admin-secret-for-tests"  # the value of TEST_ADMIN_KEY: `server={"admin_key_env": "TEST_ADMIN_KEY"}`
@@ -36,6 +39,14 @@ def config_for(upstream_url: str, chains: dict[str, list[str]] | None = None, **
 async def upstream(aiohttp_server):
     """Starts a ScriptedUpstream; returns (scripted, base_url). Set `scripted.behaviours[model]` per test."""
     scripted = ScriptedUpstream()
+    server = await aiohttp_server(scripted.app())
+    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
+
+
+@pytest.fixture
+async def api(aiohttp_server):
+    """Starts an ApiUpstream (the Responses API and audio, beside chat); returns (scripted, base_url)."""
+    scripted = ApiUpstream()
     server = await aiohttp_server(scripted.app())
     return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
 
@@ -269,6 +280,18 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request, redis_url):
+    """The policy store, each version in turn: memory, and Redis under a prefix of its own."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    s = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await s.start()
+    yield s
+    await s.close()
 
 
 @pytest.fixture

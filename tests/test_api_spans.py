@@ -10,16 +10,9 @@ import orjson
 import pytest
 
 from proxy.sim.testing import status
-from proxy.sim.testing_api import AUDIO, ApiUpstream
+from proxy.sim.testing_api import AUDIO
 from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 from tests.test_tracing import traced_config
-
-
-@pytest.fixture
-async def api(aiohttp_server):
-    scripted = ApiUpstream()
-    server = await aiohttp_server(scripted.app())
-    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
 
 
 async def test_a_streamed_response_span_carries_its_usage_after_a_fallover(api, otlp, start_proxy):  # noqa: F811

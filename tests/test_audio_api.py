@@ -15,17 +15,10 @@ import pytest
 
 from policies.identity import hash_key
 from proxy.sim.testing import Behaviour, status
-from proxy.sim.testing_api import AUDIO, TRANSCRIPT, ApiUpstream
+from proxy.sim.testing_api import AUDIO, TRANSCRIPT
 from tests.conftest import config_for
 
 UPLOAD = bytes(range(256)) * 40 + b"\r\n--not-a-boundary\r\n"  # binary, with CRLFs and dashes inside
-
-
-@pytest.fixture
-async def api(aiohttp_server):
-    scripted = ApiUpstream()
-    server = await aiohttp_server(scripted.app())
-    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
 
 
 async def test_transcription_falls_over_and_sends_the_upload_again(api, start_proxy):

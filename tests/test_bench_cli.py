@@ -16,7 +16,7 @@ from bench.run import parse_args
 
 OPTIONS = ("--duration", "--warmup", "--quick", "--connections", "--modes", "--threads", "--mem-requests",
            "--log-level", "--baseline", "--tracing", "--upstream-chunked", "--pin", "--repeat", "--quiet-wait",
-           "--remeasure", "--json")
+           "--remeasure", "--json", "--workers")
 META = {"date": "2026-11-30 05:00 UTC", "commit": "abc1234", "cpus": 2, "cpu_model": "test cpu",
         "loadavg_before": "0.00 0.00 0.00"}
 
@@ -45,6 +45,7 @@ def test_defaults_and_the_ones_repeat_and_quick_change():
     (["--connections", "1,x"], "--connections: comma-separated integers"),
     (["--connections", "0"], "--connections: at least one count"),
     (["--modes", "both"], "--modes: non-stream, stream or both"),
+    (["--workers", "1"], "--workers: 2 or more"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -88,3 +89,19 @@ def test_the_table_with_rounds_shows_medians_and_each_rounds_tracing_loss():
     assert "  proxy                        5,000     3.000     6.000         200    0.00   4,000-6,000 (40%)" in lines
     assert "    by round, req/s lost  20.0% 10.0% 25.0%   (median 20.0%, range 10.0 to 25.0)" in lines
     assert any(ln.startswith("  lost to tracing              20.0%") for ln in lines)
+
+
+def test_the_table_with_workers_shows_their_ratio_to_one_worker_and_the_target():
+    args = parse_args(["--modes", "non-stream", "--connections", "16", "--mem-requests", "0", "--workers", "2"])
+    assert args.workers == 2
+    bench = SimpleNamespace(args=args, memory={}, tracing={}, notes=[],
+                            runs=[run("direct", 40_000, 0.2, 1.0, 10), run("proxy", 5_000, 3.0, 6.0, 200),
+                                  run("proxy-2w", 7_500, 2.0, 5.0, 210)])
+    lines = render(bench, META).splitlines()
+    cell = lines.index("non-stream, 16 conn")
+    assert lines[cell + 3] == "  proxy-2w                     7,500     2.000     5.000         210    0.00"
+    assert "  2 workers / 1 worker         1.50x     0.67x     0.83x       1.05x" in lines
+    assert "  non-stream req/s 2 workers / 1, 16 conn          1.50x   >= 1.4 x        met" in lines
+    row = next(r for r in json_report(bench, META)["targets"] if r["unit"] == "x")
+    assert row == {"target": "non-stream req/s 2 workers / 1, 16 conn", "value": 1.5, "limit": 1.4, "unit": "x",
+                   "higher_is_better": True, "met": True}

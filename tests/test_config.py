@@ -453,3 +453,19 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert str(info.value) == f"config: {path} is not UTF-8 text (byte 20 is 0xe9); TOML files are UTF-8"
+
+
+def test_workers_and_drain_default_and_are_checked():
+    server = parse_config(BASE, env=ENV).server
+    assert (server.workers, server.drain_s, server.drain_timeout_s) == (1, 5.0, 30.0)
+    for key, value, says in [("workers", 0, "at least 1"), ("workers", 2.5, "an integer"), ("workers", True, "an integer"),
+                             ("workers", 65, "at most 64"), ("drain_s", -1, "at least 0"), ("drain_s", "5", "a number"),
+                             ("drain_timeout_s", float("nan"), "at least 0"),
+                             ("drain_timeout_s", float("inf"), "finite"), ("drain_s", float("inf"), "finite")]:
+        message = config_error(with_change(f"server.{key}", value))
+        assert message.startswith(f"server.{key}: must") and says in message, (key, value, message)
+    raw = with_change("server.drain_s", 10)
+    raw["server"]["drain_timeout_s"] = 5
+    assert config_error(raw) == "server.drain_timeout_s: must be at least server.drain_s (10), got 5"
+    raw["server"]["drain_timeout_s"] = 10
+    assert parse_config(raw, env=ENV).server.drain_timeout_s == 10.0

@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from policies.identity import hash_key
 from proxy.sim.simulator import build_simulator_app
@@ -441,3 +442,78 @@ async def test_broken_multipart_bodies_get_400_and_the_provider_no_file(sim, sta
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/files") as resp:
             assert (await resp.json())["data"] == []
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/files/.."), ("GET", "/v1/files/%2E%2E/content"), ("DELETE", "/v1/files/%2e"),
+    ("GET", "/v1/batches/.."), ("POST", "/v1/batches/%2E%2E/cancel"), ("GET", "/openai/v1/files/./content"),
+])
+async def test_a_dot_segment_id_never_reaches_the_provider(sim, start_proxy, method, path):
+    """`..` as an id would make the provider's path `/openai/v1/files/../content`, which any server or
+    gateway that resolves dot segments serves as `/openai/v1/content`: another endpoint, with the proxy's key.
+    Without [auth] nothing else stands in its way; it is not found."""
+    recorder, url = sim
+    base = await start_proxy(config_for(url))
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, URL(base + path, encoded=True)) as resp:
+            body = await resp.json()
+    assert recorder.seen == []
+    assert resp.status == 404 and body["error"]["code"] in ("file_not_found", "batch_not_found"), body
+
+
+async def test_head_of_a_files_content_has_no_body(sim, start_proxy):
+    """HEAD is served wherever GET is. A HEAD answer with the file's bytes after its head breaks HTTP: the
+    client reads them as the start of the next answer on the connection."""
+    _, url = sim
+    base = await start_proxy(config_for(url))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    made = await client.files.create(file=("b.jsonl", io.BytesIO(JSONL)), purpose="batch")
+    await client.close()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:  # one connection
+        async with session.head(f"{base}/v1/files/{made.id}/content") as resp:
+            assert resp.status == 200 and resp.headers["Content-Length"] == str(len(JSONL))
+            assert await resp.read() == b""
+        async with session.get(f"{base}/v1/files/{made.id}/content") as resp:
+            assert resp.status == 200 and await resp.read() == JSONL
+
+
+async def test_a_providers_busy_or_broken_answer_reaches_the_client_in_openais_shape(aiohttp_server, start_proxy):
+    """A 429 keeps its retry-after (the client's one hint of when to come back); an error page that is not
+    OpenAI's JSON (a gateway's HTML 503) becomes a 502 in OpenAI's shape, as every other failure of the
+    provider is."""
+    async def busy(request):
+        if request.path.endswith("/batches"):
+            return web.json_response({"error": {"message": "Rate limit reached", "type": "requests",
+                                                "code": "rate_limit_exceeded"}}, status=429,
+                                     headers={"retry-after": "7", "x-ratelimit-remaining-requests": "0"})
+        return web.Response(status=503, text="<html><body>503 Service Temporarily Unavailable</body></html>",
+                            content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", busy)
+    server = await aiohttp_server(app)
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1"))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/v1/batches") as resp:
+            body = await resp.json()
+            assert resp.status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+            assert resp.headers["retry-after"] == "7" and resp.headers["x-ratelimit-remaining-requests"] == "0"
+        async with session.get(base + "/v1/files") as resp:
+            assert resp.status == 502 and resp.content_type == "application/json"
+            error = (await resp.json())["error"]
+    assert error["type"] == "server_error" and error["code"] == "upstream_error" and "503" in error["message"]
+
+
+async def test_a_file_name_reaches_the_provider_as_the_client_named_it(sim, start_proxy):
+    """httpx writes a backslash in a quoted file name as `\\\\` (a quoted-pair), and aiohttp reads it back:
+    the proxy, writing the name again, must escape it the same way, or `a\\b.jsonl` becomes `ab.jsonl`."""
+    _, url = sim
+    base = await start_proxy(config_for(url))
+    direct = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
+    proxied = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+    for name in ("a\\b.jsonl", 'say "hi".jsonl', "café \\ x.jsonl"):
+        want = (await direct.files.create(file=(name, io.BytesIO(JSONL)), purpose="batch")).filename
+        got = (await proxied.files.create(file=(name, io.BytesIO(JSONL)), purpose="batch")).filename
+        assert got == want, (name, got, want)
+    await direct.close()
+    await proxied.close()

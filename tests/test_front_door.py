@@ -182,6 +182,18 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_an_internal_error(served):
     assert ("499", "1") in counted and not [s for s, _ in counted if s == "500"], counted
 
 
+def test_a_client_that_leaves_mid_audio_upload_is_logged_as_for_chat(served):
+    """Before: the 499 was counted, but no `client_closed` line said why (the audio upload had a reader of its own)."""
+    with served.connect() as sock:
+        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\n" + HOST + b"Expect: 100-continue\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 4000\r\n\r\n")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')
+    line = served.wait_for_log(event="client_closed", during="upload", path="/v1/audio/transcriptions")
+    assert line["status"] == 499
+    assert not [line for line in served.log_lines() if line["event"] == "internal_error"]
+
+
 def test_a_body_that_does_not_decompress_is_400_and_logs_no_error(served):
     """Before: a 500 `internal_error`, then aiohttp's own "Unhandled exception" traceback as it went on reading."""
     raw = exchange(served, b"POST /v1/chat/completions HTTP/1.1\r\n" + HOST + b"Content-Encoding: gzip\r\n"

@@ -17,17 +17,6 @@ from proxy.sim.simulator import build_simulator_app
 from tests.conftest import config_for
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request, redis_url):
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    s = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
-    await s.start()
-    yield s
-    await s.close()
-
-
 async def test_owners_are_recorded_read_and_dropped(store):
     await store.set_owner("file:f1", "alpha", 3600)
     await store.set_owner("batch:b1", "bravo", 3600)

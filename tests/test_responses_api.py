@@ -14,15 +14,7 @@ import pytest
 from policies.identity import hash_key
 from proxy.sim import responses as rs
 from proxy.sim.testing import Behaviour, status
-from proxy.sim.testing_api import ApiUpstream
 from tests.conftest import config_for
-
-
-@pytest.fixture
-async def api(aiohttp_server):
-    scripted = ApiUpstream()
-    server = await aiohttp_server(scripted.app())
-    return scripted, f"http://127.0.0.1:{server.port}/openai/v1"
 
 
 async def test_plain_response_falls_over_and_reports_usage(api, start_proxy):
@@ -156,6 +148,26 @@ async def test_token_budget_is_charged_the_responses_usage(api, start_proxy):
             usage = await resp.json()
     assert usage["budgets"][0]["used"] == 20  # 10 tokens (response.usage.total_tokens) each
     assert usage["budgets"][0]["reserved"] == 0
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief. " * 400},
+                                           {"role": "user", "content": "hi"}]}),
+    ("/v1/responses", {"instructions": "Be brief. " * 400, "input": "hi"}),
+    ("/v1/responses", {"input": "hi", "tools": [{"type": "function", "name": "lookup",
+                                                  "description": "Looks it up. " * 400, "parameters": {}}]}),
+])
+async def test_the_token_limit_counts_instructions_and_tools_as_for_chat(api, start_proxy, path, body):
+    """4000 bytes of system prompt are about 1000 tokens, over a limit of 500 a minute whichever API carries
+    them: refused up front, nothing sent."""
+    scripted, url = api
+    base = await start_proxy(config_for(url, policies=[
+        {"use": "rate_limit", "per": "global", "tokens_per_minute": 500, "default_completion": 10}]))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + path, json={"model": "tier-test", **body}) as resp:
+            error = (await resp.json())["error"]
+    assert resp.status == 429 and "tokens" in error["message"], error
+    assert scripted.requests == []
 
 
 @pytest.mark.parametrize("body, param, fragment", [

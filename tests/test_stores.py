@@ -17,17 +17,6 @@ from policies.stores.redis import RedisStore
 from tests.conftest import until
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request, redis_url):
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    s = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
-    await s.start()
-    yield s
-    await s.close()
-
-
 def budget(key: str, limit: int, amount: int, soft: bool = False) -> Claim:
     return Claim(BUDGET, key, limit, amount, time.time() + 3600, soft=soft)
 
@@ -210,8 +199,106 @@ async def test_redis_gives_back_what_a_cancelled_request_was_admitted(redis_url)
         waiting = asyncio.ensure_future(store.admit([slot, budget_claim]))
         await asyncio.sleep(0)  # queued: its call is on the way
         waiting.cancel()
-        await until(lambda: not store._sending, what="the store's calls to finish")
+        await until(lambda: not store.busy, what="the store's calls to finish")
         assert await store.read([slot, budget_claim]) == [(0, 0), (0, 0)]
         assert not store._leases
+    finally:
+        await store.close()
+
+
+async def test_redis_settlements_and_admissions_that_wait_together_share_one_call(redis_url):
+    """What queued while nothing was on the way goes in one call, settlements first: a slot given back in the
+    same call as a new admission is free for it, and settlements of one counter are summed exactly."""
+    store = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await store.start()
+    try:
+        slot = lambda lease: Claim(SLOT, "s", 1, 1, 0.0, lease=lease)  # noqa: E731
+        end = time.time() + 3600
+        assert (await store.admit([slot("a"), Claim(BUDGET, "b", 1000, 90, end)])).ok
+        before = store.round_trips
+        settled, admitted = (await asyncio.gather(
+            store.settle([Settlement(SLOT, "s", lease="a"), Settlement(BUDGET, "b", reserved=30, used=10, param=end)]),
+            store.admit([slot("b")]),
+            *(store.settle([Settlement(BUDGET, "b", reserved=30, used=used, param=end)]) for used in (11, 12)),
+        ))[:2]
+        assert admitted.ok  # the slot given back in the same call was free for it
+        assert store.round_trips == before + 1
+        assert await store.read([slot("x"), Claim(BUDGET, "b", 1000, 0, end)]) == [(1, 0), (33, 0)]
+    finally:
+        await store.close()
+
+
+async def test_redis_that_stops_answering_fails_calls_within_the_timeout_then_recovers(redis_server):
+    from redis.asyncio import Redis
+
+    store = RedisStore(redis_server.url, prefix="x:", timeout_s=0.3)
+    await store.start()
+    raw = Redis.from_url(redis_server.url)
+    try:
+        claim = Claim(GCRA, "g", 100, 1, 60.0)
+        assert (await store.admit([claim])).ok
+        await raw.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # Redis holds every other client's commands
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.admit([claim]), 10)  # fails by the store's own timeout, no hang
+        assert store.status()["status"] == "unavailable"
+        await until(lambda: store.available, timeout=15, what="the store to find Redis answering again")
+        assert (await asyncio.wait_for(store.admit([claim]), 10)).ok  # on a new connection
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_redis_password_and_database_come_from_the_url(tmp_path, caplog):
+    from redis.asyncio import Redis
+
+    from tests.conftest import RedisServer
+
+    caplog.set_level(logging.INFO, logger="groq_proxy")
+    server = RedisServer(str(tmp_path), "--requirepass", "pw-7f3a9c")
+    server.start()
+    try:
+        url = f"redis://:pw-7f3a9c@127.0.0.1:{server.port}/3"
+        store = RedisStore(url, prefix="x:")
+        await store.start()
+        try:
+            assert (await store.admit([Claim(GCRA, "g", 100, 1, 60.0)])).ok
+            raw = Redis.from_url(url)
+            assert await raw.exists("x:g") == 1  # on database 3
+            await raw.aclose()
+            assert "pw-7f3a9c" not in str(store.status())
+        finally:
+            await store.close()
+        wrong = RedisStore(f"redis://:nope@127.0.0.1:{server.port}/3", prefix="x:")
+        await wrong.start()
+        try:
+            assert wrong.status()["status"] == "unavailable"
+            with pytest.raises(StoreUnavailable):
+                await wrong.admit([Claim(GCRA, "g", 100, 1, 60.0)])
+        finally:
+            await wrong.close()
+        assert not any("pw-7f3a9c" in r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+    finally:
+        server.stop()
+
+
+async def test_redis_settles_in_the_background_and_a_read_comes_after_it(redis_url):
+    """The chain does not wait for a settlement on Redis (settle_soon); a usage read made right after still
+    sees it, as it would have when the answer waited."""
+    store = RedisStore(redis_url, prefix=f"t{os.urandom(6).hex()}:")
+    await store.start()
+    try:
+        claim = budget("b", 1000, 50)
+        assert (await store.admit([claim])).ok
+        landed = store.settle_soon([Settlement(BUDGET, "b", reserved=50, used=7, param=claim.param)])
+        assert not landed.done()
+        read_script, seen = store._call, []
+
+        async def reading(*args):  # the read goes to Redis only once the settlement has landed
+            seen.append(landed.done())
+            return await read_script(*args)
+
+        store._call = reading
+        assert await store.read([claim]) == [(7, 0)]
+        assert seen == [True] and landed.exception() is None
     finally:
         await store.close()

@@ -74,6 +74,9 @@ class Store(Protocol):
 
     async def settle(self, settlements: Sequence[Settlement]) -> None: ...
 
+    # Optional: `settle_soon(settlements) -> Future`, a settlement the caller does not wait for (the Redis store:
+    # it rides the store's next call). The chain uses it when a store has it, and awaits `settle` otherwise.
+
     async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
         """For each claim, (used, reserved) now: GCRA units in the last period, budget used and reserved,
         slots held. Reserves nothing."""

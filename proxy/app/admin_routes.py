@@ -20,6 +20,7 @@ from proxy.app.errors import ProxyError, new_request_id
 from proxy.app.listen import ListenError, url_of
 from proxy.app.policy_routes import admin_usage
 from proxy.app.reload import ReloadRefused
+from proxy.app.workers import RELOAD_SIBLINGS
 from proxy.app.validation import read_json
 from proxy.routing.latency import default_thresholds
 from proxy.telemetry.logs import emit
@@ -44,6 +45,9 @@ async def admin_reload(request: web.Request) -> web.Response:
     except ReloadRefused as exc:
         return ProxyError(400, f"The config was not reloaded (the running config stays): {exc}",
                           code="config_invalid").to_response(_id())
+    reload_siblings = request.app.get(RELOAD_SIBLINGS)
+    if reload_siblings is not None:  # --workers: the supervisor reloads the other workers (proxy/app/workers.py)
+        reload_siblings()
     return _json(result)
 
 

@@ -12,18 +12,13 @@ in bytes and the time taken instead.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.app.config import Config
 from proxy.app.errors import ProxyError, bad_request
-from proxy.app.validation import READ_TIMEOUT, _client_gone, _kind, _model, read_json
+from proxy.app.validation import _kind, _model, read_body, read_json
 from proxy.pipeline.operation import Operation
-from proxy.telemetry.logs import emit
 from proxy.upstream import multipart
 from proxy.upstream.providers import AttemptFailed
 
@@ -73,34 +68,11 @@ class FormOperation(AudioOperation):
 
 async def read_upload(request: web.Request, audio_limit: int) -> bytes:
     """The whole multipart body, at most `audio_limit` bytes and the form's overhead (413 past it, before the
-    rest is read); a stall longer than server.request_read_timeout_s between two reads is a 408, a client
-    that leaves a 499."""
-    limit = audio_limit + FORM_OVERHEAD
+    rest is read); a stall or a client that leaves is answered as for any body (proxy/app/validation.py)."""
     length = request.content_length
-    if length is not None and length > limit:
+    if length is not None and length > audio_limit + FORM_OVERHEAD:
         raise _too_large(audio_limit)
-    content = request.content
-    timeout = request.app[READ_TIMEOUT]
-    loop = asyncio.get_running_loop()
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(timeout) as deadline:
-            while chunk := await content.readany():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(audio_limit)
-                chunks.append(chunk)
-                deadline.reschedule(loop.time() + timeout)
-    except TimeoutError:
-        emit(logging.INFO, "request_timeout", status=408, path=request.path, timeout_s=timeout)
-        raise ProxyError(408, f"The upload stalled: nothing arrived for {timeout:g} s.", code="request_timeout",
-                         headers={"Connection": "close"}) from None
-    except (ConnectionError, RequestPayloadError):
-        if _client_gone(request):
-            raise ProxyError(499, "The client closed the connection during the upload.",
-                             code="client_closed_request") from None
-        raise bad_request("The upload could not be read (a broken chunked encoding).") from None
-    return b"".join(chunks)
+    return await read_body(request, audio_limit + FORM_OVERHEAD, _too_large(audio_limit))
 
 
 def _too_large(limit: int) -> ProxyError:

@@ -8,7 +8,9 @@ import orjson
 from aiohttp import web
 
 from proxy.app.errors import bad_request
-from proxy.app.provider_objects import Call, answer, filtered_list, parse
+from proxy.app.object_call import Call, answer
+from proxy.app.object_list import filtered_list
+from proxy.app.provider_objects import parse
 from proxy.app.validation import read_json
 
 

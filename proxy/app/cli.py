@@ -7,12 +7,14 @@ import asyncio
 import gc
 import logging
 import os
+import select
 import sys
+from dataclasses import replace
 
-from proxy.app.config import CONFIG_ENV, Config, ConfigError, load_config
+from proxy.app.config import CONFIG_ENV, MAX_WORKERS, Config, ConfigError, load_config
 from proxy.app.errors import ProxyError
 from proxy.app.listen import ListenError, check_port, serve
-from proxy.telemetry.logs import emit, setup_logging
+from proxy.telemetry.logs import BatchingHandler, emit, setup_logging
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -48,13 +50,25 @@ def decide_simulation(args, config: Config) -> bool:
 
 def cmd_serve(args) -> int:
     from proxy.admin import catalogue
+    from proxy.app.drain import DRAIN
     from proxy.app.server import STATE, build_app
+    from proxy.app.workers import check_workers, prepare_worker, supervise
 
     if args.port is not None:
         _check_port_arg(args.port)
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        raise ProxyError(400, f"--workers: must be from 1 to {MAX_WORKERS}, got {args.workers}")
     config = load_config(args.config)
     setup_logging(config.server.log_level)
-    simulate = decide_simulation(args, config)
+    workers = args.workers if args.workers is not None else config.server.workers
+    if workers != config.server.workers:  # --workers wins, also for what reads server.workers (the admin port)
+        config = replace(config, server=replace(config.server, workers=workers))
+    worker = args.worker_index is not None  # one of a supervisor's workers (proxy/app/workers.py)
+    if workers > 1 and not worker:
+        check_workers(config, workers)
+    if workers > 1:  # the processes share one stderr: no write may interleave mid-line
+        BatchingHandler.atomic_bytes = select.PIPE_BUF
+    simulate = decide_simulation(args, config) or args.simulator_url is not None
     if not simulate:
         missing = _missing_keys(config)
         if missing:
@@ -76,17 +90,25 @@ def cmd_serve(args) -> int:
             return 3
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    app = build_app(config, simulate=simulate)
+    if workers > 1 and not worker:
+        return supervise(args, config, workers, simulate, host, port, loop, _say)
     source = "simulated upstream" if simulate else config.source
+    # A worker of a simulated proxy uses the supervisor's one simulator: every worker talks to the same upstream.
+    app = build_app(config, simulate=simulate, simulator_url=args.simulator_url)
+    if worker:
+        banner = prepare_worker(app, args.worker_index, workers, args.worker_dir, _say)
+    else:
+        banner = lambda url: _say(f"groq-proxy listening on {url} ({source})")  # noqa: E731
     # Start-up objects live as long as the process: keep them out of the collector's full passes, and
     # collect the young generation less often (requests allocate much, and almost all of it dies young).
     gc.freeze()
     gc.set_threshold(7000, 20, 20)
+
     def listening(url: str) -> None:
         app[STATE].public_url = url  # where POST /admin/benchmark sends its runs from the admin port
-        _say(f"groq-proxy listening on {url} ({source})")
+        banner(url)
 
-    serve(app, host, port, listening, loop, access_log=None)
+    serve(app, host, port, listening, loop, drain=app[DRAIN], reuse_port=worker, access_log=None)
     return 0
 
 
@@ -234,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--simulate", action="store_true", help="answer from the built-in simulator, not the providers")
     serve.add_argument("--strict", action="store_true", help="refuse to start when a configured model is missing")
     serve.add_argument("--no-check", action="store_true", help="skip the model-catalogue check at start")
+    serve.add_argument("--workers", type=int, help="worker processes on the port (default: server.workers, 1)")
+    # Set by the supervisor for its workers (proxy/app/workers.py); not for people.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    serve.add_argument("--simulator-url", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     simulate = sub.add_parser("simulate", help="run the Groq-like simulator as an upstream")

@@ -43,6 +43,9 @@ class ServerConfig:
     admin_key_env: str | None = None
     admin_key: str | None = field(default=None, repr=False)
     admin_port: int | None = None  # the admin API only on this port (0: any free one), not on `port`
+    workers: int = 1  # processes on one port (proxy/app/workers.py)
+    drain_s: float = 5.0  # on SIGTERM: /readyz says 503 this long before the listener closes (proxy/app/drain.py)
+    drain_timeout_s: float = 30.0  # from SIGTERM: what is still in flight then is ended with an error
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def _env_name(raw: Mapping, key: str, where: str) -> str | None:
 
 _SERVER_KEYS = {"host", "port", "max_body_bytes", "max_audio_bytes", "max_file_bytes", "keepalive_s", "log_level",
                 "admin_key_env", "request_read_timeout_s", "max_url_bytes", "max_header_bytes", "max_headers",
-                "admin_port"}
+                "admin_port", "workers", "drain_s", "drain_timeout_s"}
+MAX_WORKERS = 64
 
 
 def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
@@ -226,6 +230,17 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
     level = _string(raw, "log_level", where, "info").lower()
     if level not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"server.log_level: must be one of debug, info, warning, error, got {level!r}")
+    workers = _number(raw, "workers", where, 1, minimum=1, integer=True)
+    if workers > MAX_WORKERS:
+        raise ConfigError(f"server.workers: must be at most {MAX_WORKERS}, got {workers}")
+    drain_s = float(_number(raw, "drain_s", where, 5.0))
+    drain_timeout_s = float(_number(raw, "drain_timeout_s", where, 30.0))
+    for key, value in (("drain_s", drain_s), ("drain_timeout_s", drain_timeout_s)):
+        if value == float("inf"):  # a process that never exits is what a kill -9 is then needed for
+            raise ConfigError(f"server.{key}: must be a finite number of seconds, got inf")
+    if drain_timeout_s < drain_s:  # both count from SIGTERM: the listener closes before the last requests are cut
+        raise ConfigError(f"server.drain_timeout_s: must be at least server.drain_s ({drain_s:g}), "
+                          f"got {drain_timeout_s:g}")
     return ServerConfig(
         host=_string(raw, "host", where, "127.0.0.1"),
         port=port,
@@ -242,6 +257,9 @@ def _parse_server(raw: Mapping, env: Mapping[str, str]) -> ServerConfig:
         max_url_bytes=_number(raw, "max_url_bytes", where, 4096, minimum=256, integer=True),
         max_header_bytes=_number(raw, "max_header_bytes", where, 8190, minimum=1024, integer=True),
         max_headers=_number(raw, "max_headers", where, 100, minimum=16, integer=True),
+        workers=workers,
+        drain_s=drain_s,
+        drain_timeout_s=drain_timeout_s,
     )
 
 

@@ -9,7 +9,9 @@ from aiohttp import web
 
 from proxy.app.errors import ProxyError
 from proxy.app.multipart_upload import Upload
-from proxy.app.provider_objects import Call, answer, filtered_list, parse, upstream_failed, upstream_timeout
+from proxy.app.object_call import Call, answer
+from proxy.app.object_list import filtered_list
+from proxy.app.provider_objects import parse, upstream_failed, upstream_timeout
 from proxy.upstream.http1 import UpstreamError
 
 
@@ -112,7 +114,7 @@ async def _content(request: web.Request, call: Call) -> web.StreamResponse:
     total_s = objects.provider.total_s
     try:
         await out.prepare(request)  # the commit point: from here a failure can only cut the download short
-        while True:
+        while request.method != "HEAD":  # a HEAD answer is its head alone (aiohttp would send what is written)
             async with asyncio.timeout(total_s):
                 chunk = await response.readany()
             if not chunk:

@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from proxy.app.errors import ProxyError, bad_request
 from proxy.app.validation import READ_TIMEOUT
 from proxy.telemetry.logs import emit
+from proxy.upstream.multipart import quote
 
 PURPOSES = ("batch",)  # what Groq's files API takes
 CHUNK = 64 * 1024  # bytes read from the client (and written upstream) at a time
@@ -36,11 +37,6 @@ MAX_FIELDS = 16
 def too_large(limit: int) -> ProxyError:
     return ProxyError(413, f"The file is larger than the limit of {limit} bytes (server.max_file_bytes).",
                       param="file", code="file_too_large")
-
-
-def _quoted(value: str) -> str:
-    """A name or filename inside a Content-Disposition's quotes, as browsers write it (WHATWG HTML)."""
-    return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
 
 
 class Upload:
@@ -96,7 +92,7 @@ class Upload:
         yield b"".join(self._fields)
         self._fields = []
         part = self._file
-        disposition = f'form-data; name="file"; filename="{_quoted(part.filename or "file")}"'
+        disposition = f'form-data; name="file"; filename="{quote(part.filename or "file")}"'
         media = part.headers.get("Content-Type", "application/octet-stream")
         yield (f"--{self.boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {media}\r\n\r\n"
                .encode("utf-8", "surrogateescape"))
@@ -143,7 +139,7 @@ class Upload:
                 raise bad_request(f"The form field `{name[:64]}` is larger than {MAX_FIELD} bytes.", param=name[:64])
         if name == "purpose":
             self.purpose = value.decode("utf-8", "replace").strip()
-        return (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n'
+        return (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{quote(name)}"\r\n\r\n'
                 .encode("utf-8", "surrogateescape") + bytes(value) + b"\r\n")
 
     async def _read(self, awaitable):

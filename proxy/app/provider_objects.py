@@ -23,7 +23,6 @@ budgets and policies of one's own do not (a file is not tokens, and a batch's to
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,21 +30,12 @@ from urllib.parse import urlencode
 from weakref import WeakKeyDictionary
 
 import orjson
-from aiohttp import web
 
-from policies.base import CONTINUE, Reject
 from policies.chain import PolicyChain
 from policies.concurrency import Concurrency
 from policies.rate_limit import RateLimit
 from policies.stores.base import StoreUnavailable
-from proxy.app.errors import ProxyError, new_request_id
-from proxy.pipeline.context import RequestContext
-from proxy.routing.router import Route
-from proxy.telemetry.logs import emit
-from proxy.telemetry.semconv import (
-    ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, REQUEST_ID, URL_PATH,
-)
-from proxy.telemetry.tracing import STATUS_ERROR
+from proxy.app.errors import ProxyError
 from proxy.upstream.http1 import Response, UpstreamError, split_url
 
 if TYPE_CHECKING:
@@ -54,11 +44,9 @@ if TYPE_CHECKING:
     from proxy.upstream.providers import Upstreams
 
 OWNER_TTL_S = 30 * 86400.0  # how long an owner is remembered when the object says nothing of its expiry
-ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a file or batch id may look like; anything else is not found
-LIST_QUERY = {"after": ID, "limit": re.compile(r"[1-9][0-9]{0,4}"), "order": re.compile(r"asc|desc"),
-              "purpose": re.compile(r"[a-z_]{1,32}")}
-# What the policies and the metrics see as the model: none, and the operation as the label.
-_ROUTES = {name: Route(name, None, (), label=name) for name in ("files", "batches")}
+# What a file or batch id may look like; anything else is not found. It starts with a letter, a digit or `_`:
+# `.` and `..` would be dot segments of the provider's path (`/files/../content` is served as `/content`).
+ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def not_found(kind: str, object_id: str, param: str | None = None, status: int = 404) -> ProxyError:
@@ -194,184 +182,8 @@ def store_down() -> ProxyError:
                       "again shortly.", type="server_error", code="policy_unavailable", headers={"retry-after": "1"})
 
 
-class Call:
-    """One file or batch request: authenticated, admitted by the policies that apply, ended by `finish`."""
-
-    __slots__ = ("objects", "chain", "identity", "ctx", "policies", "request_id")
-
-    def __init__(self, objects: ProviderObjects, chain: PolicyChain, operation: str, span) -> None:
-        self.objects = objects
-        self.chain = chain
-        self.identity: "Identity | None" = None
-        self.policies: PolicyChain | None = None
-        self.request_id = new_request_id()
-        self.ctx = RequestContext(self.request_id, operation, _ROUTES[operation], {}, False)
-        self.ctx.span = span
-
-    async def begin(self, request: web.Request) -> None:
-        """Raises the 401 of a missing or wrong proxy key, or the policies' rejection."""
-        self.identity = self.ctx.identity = self.chain.authenticate(request.headers)
-        if self.identity is not None and self.ctx.span is not None:
-            self.ctx.span.attrs["groq_proxy.key_id"] = self.identity.key
-        policies = self.objects.policies_for(self.chain)
-        if policies is None:
-            return
-        ctx = self.ctx
-        policies.begin(ctx, request.headers)
-        self.policies = policies
-        decision = await policies.on_request(ctx)
-        if decision is not CONTINUE and isinstance(decision, Reject):
-            raise decision.error()
-
-    def headers(self) -> dict[str, str]:
-        if self.ctx.policy is not None and self.ctx.policy.headers:
-            return {"x-request-id": self.request_id, **self.ctx.policy.headers}
-        return {"x-request-id": self.request_id}
-
-    async def finish(self) -> None:
-        if self.policies is not None:
-            await self.policies.after(self.ctx)
-
-    # --- answers --------------------------------------------------------------------------------------------
-
-    def json(self, obj: Any, status: int = 200) -> web.Response:
-        return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json",
-                            headers=self.headers())
-
-    def passed(self, response: Response, body: bytes) -> web.Response:
-        """The provider's answer as it is, unless it is about the proxy's own key (401, 403), which the
-        client can do nothing about: that is a 502."""
-        if response.status in (401, 403, 407):
-            raise ProxyError(502, f"The batch provider refused the proxy's credentials ({response.status}).",
-                             type="server_error", code="upstream_auth_failed")
-        media = response.headers.get("content-type", "application/json")
-        return web.Response(status=response.status, body=body, headers={"Content-Type": media, **self.headers()})
-
-    def list_page(self, page: dict, data: list, has_more: bool) -> web.Response:
-        out = {**page, "data": data}
-        if "has_more" in page or has_more:
-            out["has_more"] = has_more
-        if "first_id" in page or "last_id" in page:
-            out["first_id"] = data[0].get("id") if data else None
-            out["last_id"] = data[-1].get("id") if data else None
-        return self.json(out)
-
-
-MAX_PAGES = 10  # provider pages read for one filtered list at most
-
-
-async def filtered_list(request: web.Request, call: Call, tail: str, kind: str, on_mine=None) -> web.Response:
-    """A list of the caller's own objects. The provider pages, the proxy filters: while a page leaves fewer
-    than `limit` of the caller's own and the provider has more, the next provider page is read (up to
-    MAX_PAGES), so a client that pages on `has_more` and the last id sees every object of its own.
-    `on_mine(item)` is awaited for each object of the caller's that is listed."""
-    objects, identity = call.objects, call.identity
-    query = list_query(request)
-    response = await objects.call("GET", tail, query=query)
-    raw = await objects.read(response)
-    if response.status != 200 or identity is None or identity.key is None:
-        return call.passed(response, raw)
-    limit = int(query["limit"]) if "limit" in query else None  # None: the provider's page, however long
-    mine: list = []
-    page = parse(raw)
-    for pages in range(1, MAX_PAGES + 1):
-        data = page.get("data") if isinstance(page, dict) else None
-        if not isinstance(data, list):
-            return call.passed(response, raw) if pages == 1 else call.list_page({"object": "list"}, mine, True)
-        items = [item for item in data if isinstance(item, dict)]
-        seen = await objects.visible(call.chain, identity, kind, [item.get("id") for item in items])
-        for index, (item, ok) in enumerate(zip(items, seen)):
-            if ok:
-                mine.append(item)
-                if on_mine is not None:
-                    await on_mine(item)
-                if len(mine) == limit:
-                    more = index + 1 < len(items) or page.get("has_more") is True
-                    return call.list_page(page, mine, more)
-        last = items[-1].get("id") if items else None
-        if page.get("has_more") is not True or not isinstance(last, str) or not ID.fullmatch(last):
-            return call.list_page(page, mine, page.get("has_more") is True)
-        if pages == MAX_PAGES:
-            return call.list_page(page, mine, True)
-        query["after"] = last
-        response = await objects.call("GET", tail, query=query)
-        raw = await objects.read(response)
-        if response.status != 200:
-            return call.passed(response, raw)
-        page = parse(raw)
-    raise AssertionError("unreachable")
-
-
 def parse(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-
-
-def list_query(request: web.Request) -> dict[str, str]:
-    """The list parameters OpenAI's clients send, checked; nothing else of the client's query goes upstream."""
-    query = {}
-    for name, pattern in LIST_QUERY.items():
-        value = request.query.get(name)
-        if value is None:
-            continue
-        if not pattern.fullmatch(value):
-            raise ProxyError(400, f"Invalid value for `{name}`.", param=name, code="invalid_value")
-        query[name] = value
-    return query
-
-
-async def answer(request: web.Request, operation: str, work) -> web.StreamResponse:
-    """Runs `work(call)` for one file or batch request, turns every ProxyError into its answer, and counts
-    it: `groq_proxy_requests_total` and the duration with `virtual_model` = files or batches, and a SERVER span
-    named by the route (`GET /v1/files/{file_id}`), never by an id."""
-    from proxy.app.server import STATE  # the app module imports this one for its routes
-
-    started = time.perf_counter()
-    state = request.app[STATE]
-    objects = state.objects
-    if objects is None or objects.config is not state.config:  # made on first use, again after a reload
-        objects = state.objects = ProviderObjects(state.config, state.upstreams)
-    observer = state.observer
-    span = None
-    if observer.tracer is not None:
-        route = request.match_info.route.resource.canonical  # one of the proxy's own few routes
-        span = observer.tracer.start_request(request.headers.get("traceparent"), f"{request.method} {route}", {
-            HTTP_REQUEST_METHOD: request.method, HTTP_ROUTE: route, URL_PATH: request.path})
-    generation = state.generation  # its policy chain and store stay open until this call ends (a reload)
-    call = Call(objects, generation.pipeline.policies, operation, span)
-    status = 499  # stays so only when the handler is cancelled (the client went away)
-    generation.enter()
-    try:
-        try:
-            try:
-                await call.begin(request)
-                response = await work(call)
-            finally:
-                await call.finish()
-        except ProxyError as error:
-            response = error.to_response(call.headers())
-        except Exception:
-            emit(logging.ERROR, "internal_error", request_id=call.request_id, exc_info=True)
-            error = ProxyError(500, f"Internal error in the proxy (request {call.request_id}).", type="server_error")
-            response = error.to_response(call.headers())
-        status = response.status
-        return response
-    finally:
-        generation.leave()
-        _ended(observer, call, span, status, started)
-
-
-def _ended(observer, call: Call, span, status: int, started: float) -> None:
-    if observer.metrics is not None:
-        key = (call.ctx.operation, "none", str(status))
-        observer.metrics.requests.inc(key)
-        observer.metrics.duration.observe(key, time.perf_counter() - started)
-    if span is not None:
-        span.attrs[HTTP_RESPONSE_STATUS_CODE] = status
-        span.attrs[REQUEST_ID] = call.request_id
-        if status >= 500:
-            span.status = STATUS_ERROR
-            span.attrs[ERROR_TYPE] = str(status)
-        observer.tracer.end(span)

@@ -3,6 +3,7 @@ what the app owns (the upstream session, the embedded simulator)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from aiohttp import web, web_urldispatcher
 from proxy.app import batches_api, files_api
 from proxy.app.admin_routes import ADMIN_ROUTES, admin_listener
 from proxy.app.config import Config
+from proxy.app.drain import DRAIN, Drain
 from proxy.app.endpoints import unknown_path
 from proxy.app.policy_routes import my_usage
 from proxy.app.reload import Generation, Reloads
@@ -27,6 +29,7 @@ from proxy.telemetry.otlp import Encoder, Exporter
 from proxy.pipeline.pipeline import Pipeline
 from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
+from proxy.telemetry.worker_metrics import WORKER_METRICS
 from proxy.upstream.providers import Upstreams
 from proxy.app.validation import READ_TIMEOUT, read_json, validate_chat, validate_embeddings
 from proxy.app.responses_api import read_responses, validate_responses
@@ -48,6 +51,7 @@ class ProxyState:
     config: Config
     simulate: bool = False
     simulator_config: "SimulatorConfig | None" = None
+    simulator_url: str | None = None  # a --workers supervisor's simulator, shared: none is started here
     router: Router | None = None
     pipeline: Pipeline | None = None
     upstreams: Upstreams | None = None
@@ -112,7 +116,16 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             ctx.op = op
             ctx.span = span
             ctx.identity = identity
-            response = await pipeline.handle(request, ctx)
+            drain = request.app[DRAIN]
+            task = drain.enter(ctx)
+            try:
+                response = await pipeline.handle(request, ctx)
+            except asyncio.CancelledError:
+                if not drain.was_cut(task, ctx):
+                    raise
+                response = await drain.cut_response(ctx)
+            finally:
+                drain.leave(task)
         except ProxyError as error:
             response = error.to_response({"x-request-id": request_id, **pipeline.extra_headers})
         except Exception:
@@ -184,16 +197,24 @@ def _observed_fields(state: ProxyState, model_id: str) -> dict:
     return {}
 
 
+def render_metrics(app: web.Application) -> bytes:
+    """This process's own exposition."""
+    state = app[STATE]
+    observed = state.pipeline.routing.observed if state.pipeline is not None else None
+    return state.observer.metrics.render(state.exporter, observed)
+
+
 async def metrics(request: web.Request) -> web.Response:
     observer = request.app[STATE].observer
     if observer is None or observer.metrics is None:
         return ProxyError(404, "Metrics are turned off (telemetry.metrics = false).",
                           code="unknown_url").to_response(_id_header())
-    state = request.app[STATE]
-    exporter = state.exporter
-    observed = state.pipeline.routing.observed if state.pipeline is not None else None
-    return web.Response(body=observer.metrics.render(exporter, observed),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", **_id_header()})
+    body = render_metrics(request.app)
+    siblings = request.app.get(WORKER_METRICS)
+    if siblings is not None:  # --workers N: this scrape covers every worker (proxy/telemetry/worker_metrics.py)
+        body = await siblings.merged(body)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                                            **_id_header()})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -202,6 +223,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    if request.app[DRAIN].draining:  # a SIGTERM: the load balancer is to stop sending requests here
+        return web.json_response({"status": "draining"}, status=503, headers=_id_header())
     ready = state.pipeline is not None and state.upstreams is not None and state.upstreams.ready
     body = {"status": "ready" if ready else "starting"}
     if ready and state.pipeline.policies.store is not None:  # a store that is down degrades, it does not stop
@@ -245,8 +268,11 @@ def models_list(config: Config) -> list[dict]:
 
 async def _lifecycle(app: web.Application):
     state = app[STATE]
-    sim_runner = simulator_url = None
-    if state.simulate:
+    sim_runner = None
+    simulator_url = state.simulator_url  # a --workers supervisor's simulator, shared: none is started here
+    if simulator_url is not None:
+        state.config = state.config.with_base_urls(simulator_url)
+    elif state.simulate:
         from proxy.sim.simulator import SimulatorConfig, start_simulator
 
         sim_runner, simulator_url = await start_simulator(state.simulator_config or SimulatorConfig())
@@ -288,10 +314,13 @@ async def _lifecycle(app: web.Application):
         await sim_runner.cleanup()
 
 
-def build_app(config: Config, *, simulate: bool = False, simulator_config=None) -> web.Application:
+def build_app(config: Config, *, simulate: bool = False, simulator_config=None,
+              simulator_url: str | None = None) -> web.Application:
     server = config.server
     app = new_application(server)
-    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config)
+    app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config,
+                            simulator_url=simulator_url)
+    app[DRAIN] = Drain(server.drain_s, server.drain_timeout_s)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(admin_listener)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics)]

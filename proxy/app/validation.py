@@ -48,26 +48,33 @@ async def read_json(request: web.Request, limit: int) -> dict:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body. One that arrived with the head is read at once; one still arriving must not stall for more
-    than server.request_read_timeout_s between two reads (408), and a client that leaves during the upload
-    is a 499, not an error of the proxy."""
-    content = request.content
-    try:
-        if content.is_eof():
+    """The body. One that arrived with the head is read at once; one still arriving is read as `read_body`
+    says."""
+    if request.content.is_eof():
+        try:
             return await request.read()
-        timeout = request.app[READ_TIMEOUT]
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+    return await read_body(request, limit, _too_large(limit))
+
+
+async def read_body(request: web.Request, limit: int, too_large: ProxyError) -> bytes:
+    """The body as it arrives: past `limit` bytes, `too_large`; a stall longer than
+    server.request_read_timeout_s between two reads is a 408, and a client that leaves during the upload is a
+    499, not an error of the proxy."""
+    content = request.content
+    timeout = request.app[READ_TIMEOUT]
+    try:
         loop = asyncio.get_running_loop()
         chunks, size = [], 0
         async with asyncio.timeout(timeout) as deadline:
             while chunk := await content.readany():
                 size += len(chunk)
                 if size > limit:
-                    raise _too_large(limit)
+                    raise too_large
                 chunks.append(chunk)
                 deadline.reschedule(loop.time() + timeout)
         return b"".join(chunks)
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
     except TimeoutError:
         emit(logging.INFO, "request_timeout", status=408, path=request.path, timeout_s=timeout)
         _stop_reading(request)

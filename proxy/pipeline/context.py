@@ -59,7 +59,7 @@ class RequestContext:
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
         "forwarded", "base_headers", "client", "chain", "hints", "client_fields", "deadline", "_tokens", "auto",
-        "headers", "identity", "request_type", "module", "policy", "op", "tap",
+        "headers", "identity", "request_type", "module", "policy", "op", "settling", "drained", "tap",
     )
 
     def __init__(
@@ -90,6 +90,8 @@ class RequestContext:
         self._tokens: int | None = None
         self.auto = False  # asked for the auto model: `route` is the tier the proxy chose
         self.op: Any = None  # proxy.pipeline.operation.Operation of an endpoint other than chat and embeddings
+        self.settling = False  # its policies are settling: a drain must not cut it now (proxy/app/drain.py)
+        self.drained = False  # cut by a drain past server.drain_timeout_s
         # What the answer is told to as it passes (proxy.pipeline.tap.Tap: the cache's capture), set by a policy.
         self.tap: Any = None
 

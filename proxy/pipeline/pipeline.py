@@ -166,6 +166,7 @@ class Pipeline:
             except TimeoutError:
                 return await self._deadline_passed(ctx, plan.deadline_s)
         finally:
+            ctx.settling = True  # from here a drain's cut would lose the settlement (proxy/app/drain.py)
             if ctx.client is not None:
                 await ctx.client.stop_keepalive()
             if policies:
@@ -214,7 +215,15 @@ class Pipeline:
                             nxt = position
                             position += 1
                             if not self.cooldowns.remaining(chain[nxt].key):
-                                return self._model(ctx, nxt, chain[nxt], hedge=True)
+                                if not self.policies:
+                                    return self._model(ctx, nxt, chain[nxt], hedge=True)
+
+                                def refused():  # no room for a second attempt: that model stays next in the chain
+                                    nonlocal position
+                                    if position == nxt + 1:
+                                        position = nxt
+
+                                return self._hedge(ctx, nxt, chain[nxt], refused)
                         return None
 
                     result, started = await race(
@@ -237,6 +246,14 @@ class Pipeline:
         if ctx.client is not None:
             return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
+
+    async def _hedge(self, ctx: RequestContext, index: int, target, refused):
+        """A hedge's attempt, once the policies have reserved for a second attempt in flight (a budget without
+        room for it: no hedge, and `refused()` leaves the model for the chain to try later)."""
+        if not await self.policies.reserve_hedge(ctx):
+            refused()
+            return None
+        return await self._model(ctx, index, target, hedge=True)
 
     async def _model(self, ctx: RequestContext, index: int, target, hedge: bool = False, probe: bool = False):
         """One model, with each key of its provider's pool in turn while the failure is the key's (401/403,
@@ -348,6 +365,8 @@ class Pipeline:
             attempt.reason, attempt.detail = "hedge_lost", "another attempt produced a data event first"
         elif ctx.deadline is not None and asyncio.get_running_loop().time() >= ctx.deadline:
             attempt.outcome, attempt.reason = "cancelled", "deadline_exceeded"
+        elif ctx.drained:  # past server.drain_timeout_s of a shutdown
+            attempt.outcome, attempt.reason = "cancelled", "shutting_down"
         else:  # the client went away while this attempt was in flight
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
         self._end(ctx, attempt, INFO)
@@ -404,6 +423,13 @@ class Pipeline:
         return self._plain_answer(ctx, attempt, body, resp, "application/json")
 
     def _plain_answer(self, ctx: RequestContext, attempt: Attempt, body: bytes, resp, content_type: str):
+        if ctx.answered is not None:
+            # Two racers of a hedge done in the same turn of the loop: the one that answered first has won. This
+            # one's usage stays on it: budgets charge what every attempt produced.
+            attempt.outcome, attempt.reason = "hedge_lost", "hedge_lost"
+            attempt.detail = "another attempt answered first"
+            self._end(ctx, attempt, INFO)
+            return None
         self._answered(ctx, attempt)
         headers = {**ctx.base_headers, **self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
         if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's

@@ -42,7 +42,12 @@ class JsonFormatter(logging.Formatter):
 
 class BatchingHandler(logging.StreamHandler):
     """Writes lines in batches: one write per line costs a request more than the line itself at thousands of
-    requests a second. Warnings and errors go out at once; info lines within `max_delay_s`."""
+    requests a second. Warnings and errors go out at once; info lines within `max_delay_s`.
+
+    `atomic_bytes` (set in `--workers` processes, which share one stderr): each write is whole lines of at most
+    that many bytes, PIPE_BUF, so a pipe never interleaves two processes' lines mid-line."""
+
+    atomic_bytes = 0
 
     def __init__(self, stream=None, max_lines: int = 256, max_delay_s: float = 0.2) -> None:
         super().__init__(stream)
@@ -76,10 +81,28 @@ class BatchingHandler(logging.StreamHandler):
         if self._lines:
             lines, self._lines = self._lines, []
             try:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
+                if self.atomic_bytes:
+                    for piece in _pieces(lines, self.atomic_bytes):
+                        self.stream.write(piece)
+                        self.stream.flush()
+                else:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
             except (OSError, ValueError):
                 pass
+
+
+def _pieces(lines: list[str], limit: int):
+    piece, size = [], 0
+    for line in lines:
+        n = len(line.encode()) + 1
+        if piece and size + n > limit:
+            yield "\n".join(piece) + "\n"
+            piece, size = [], 0
+        piece.append(line)
+        size += n
+    if piece:
+        yield "\n".join(piece) + "\n"
 
 
 _direct: BatchingHandler | None = None  # set while our batching writer is the logger's only handler

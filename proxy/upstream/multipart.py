@@ -126,15 +126,17 @@ class Form:
         out = []
         for name, value in fields.items():
             for one in value if isinstance(value, list) else (value,):
-                part = f'{delimiter}Content-Disposition: form-data; name="{_quote(name)}"\r\n\r\n{one}\r\n'
+                part = f'{delimiter}Content-Disposition: form-data; name="{quote(name)}"\r\n\r\n{one}\r\n'
                 out.append(part.encode())
         f = self.file
-        out.append(f'{delimiter}Content-Disposition: form-data; name="{_quote(f.name)}"; '
-                   f'filename="{_quote(f.filename)}"\r\nContent-Type: {f.content_type}\r\n\r\n'.encode())
+        out.append(f'{delimiter}Content-Disposition: form-data; name="{quote(f.name)}"; '
+                   f'filename="{quote(f.filename)}"\r\nContent-Type: {f.content_type}\r\n\r\n'.encode())
         out.append(f.data)
         out.append(f"\r\n--{self.boundary}--\r\n".encode())
         return b"".join(out)
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
+    """A name or file name inside a Content-Disposition's quotes, written as httpx writes it (a backslash as a
+    quoted-pair, which aiohttp and the provider read back; `"`, CR and LF percent-encoded as browsers do)."""
     return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
