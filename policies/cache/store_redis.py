@@ -6,11 +6,12 @@ script (put.lua) that also keeps the policy's index (a sorted set by expiry, the
 entries over `max_entries` or `max_bytes` are evicted, those that expire first going first; an entry over
 `max_entry_bytes` is never sent; the bookkeeping keys expire with the last entry. Nothing grows without bound.
 
-A hit is one GET on a pooled connection, sent without redis-py's command layer (as the counter store does);
-lookups that arrive while one is on its way go together in the next MGET, so under load a hit costs a share
-of one redis-py call. Bytes that are the same as the last ones read for a key give back the entry decoded
-then (its replies included): a hit from Redis decodes nothing it has decoded before. Puts go out in the
-background, after the answer: the client never waits for them.
+A hit is one GET on the cache's own connection (`policies.stores.resp`, opened by `redis_dial` as the
+counter store's is: plain, TLS, Unix socket or the master Sentinel names), pipelined with every other call on
+its way: a few microseconds of CPU, where redis-py's client spent 50-85. Bytes that are the same as the last
+ones read for a key give back the entry decoded then (its replies included): a hit from Redis decodes
+nothing it has decoded before. Puts go out in the background, after the answer: the client never waits for
+them. redis-py's client is kept for the admin's SCAN.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ import struct
 import time
 from importlib import resources
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
+
+from policies.stores import redis_dial
+from policies.stores.redis_connect import Connect, open_pool, parse_url
+from policies.stores.resp import ReplyError, RespConnection
 
 from policies.cache.entry import Entry
 from policies.stores.redis import safe_url
 from proxy.telemetry.logs import emit
 
 _PENDING_MAX = 256  # puts on their way at most; beyond, a put is dropped (the answer is simply not cached)
-_BATCH = 64  # lookups in one MGET at most
 _DECODED_BYTES = 8 * 1024 * 1024  # entries decoded from Redis kept with their bytes (then forgotten all at once)
 
 
@@ -58,13 +62,14 @@ class RedisCache:
         self._put, self._forget = _script("put.lua"), _script("forget.lua")
         self._client = None
         self._sentinel = None
+        self._connect_settings = None
         self._tasks: set[asyncio.Task] = set()
         self._held = (0, 0)
         self._warned = 0.0
         self._down_until = 0.0  # after a failure, a second of misses without trying (no connect per request)
-        self.calls = 0  # Redis commands sent (GET, MGET, EVALSHA): a hit is one, or a share of one MGET
-        self._fetching = False  # a GET or MGET is on its way: lookups now wait for the next MGET
-        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self.calls = 0  # Redis commands sent (GET, EVALSHA): a hit is one
+        self._conn: RespConnection | None = None  # the hot path's connection, opened at the first call
+        self._dialing: asyncio.Task | None = None
         self._decoded: dict[str, tuple[bytes, Entry]] = {}
         self._decoded_bytes = 0
         self._model_prefix: dict[str, str] = {}
@@ -72,16 +77,21 @@ class RedisCache:
     async def start(self) -> None:
         from redis.asyncio import Redis
 
-        from policies.stores.redis_connect import Connect, open_pool, parse_url
 
         # The same connections as the counter store (plain, TLS, Unix socket or Sentinel), in a pool of its own.
         connect = self.connect or Connect(connect_timeout_s=self.timeout_s, timeout_s=self.timeout_s)
+        self._connect_settings = connect
         pool, self._sentinel = open_pool(parse_url(self.url), connect)
         self._client = Redis(connection_pool=pool)
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._dialing is not None:
+            self._dialing.cancel()
+            await asyncio.gather(self._dialing, return_exceptions=True)
+        if self._conn is not None:
+            self._conn.close()
         if self._client is not None:
             await self._client.aclose()
             await self._client.connection_pool.disconnect()
@@ -103,8 +113,8 @@ class RedisCache:
             return None
         redis_key = self.redis_key(model, key)
         try:
-            blob = await self._fetch(redis_key)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            blob = await self._command("GET", redis_key)
+        except (RedisError, ReplyError, OSError, asyncio.TimeoutError) as exc:
             self._failed(exc)
             raise
         if blob is None:
@@ -123,57 +133,32 @@ class RedisCache:
         self._decoded[redis_key] = (blob, entry)
         return entry
 
-    async def _fetch(self, redis_key: str) -> bytes | None:
-        """One GET, or a place in the next MGET when a call is on its way: lookups that arrive together share
-        one call (under load most hits pay a fraction of a redis-py call)."""
-        if self._fetching:
-            future = asyncio.get_running_loop().create_future()
-            self._waiting.append((redis_key, future))
-            return await future
-        self._fetching = True
-        try:
-            return await self._command("GET", redis_key)
-        finally:
-            self._fetching = False
-            if self._waiting:
-                self._fetching = True
-                task = asyncio.get_running_loop().create_task(self._drain())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[:_BATCH], self._waiting[_BATCH:]
-                try:
-                    blobs = await self._command("MGET", *(k for k, _ in batch))
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else RedisError("cancelled"))
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, future), blob in zip(batch, blobs):
-                    if not future.done():
-                        future.set_result(blob)
-        finally:
-            self._fetching = False
-
     async def _command(self, *args):
         self.calls += 1
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connection()
+        reply = conn.call(*args)
         try:
-            await connection.send_packed_command(connection.pack_command(*args), check_health=False)
-            return await connection.read_response()
-        except RedisError:
+            async with asyncio.timeout(self.timeout_s):
+                return await reply
+        except TimeoutError:
+            conn.close()  # out of step with the server now: the next call opens another
             raise
-        except BaseException:  # a timeout or a cancellation mid-answer leaves the connection out of step
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+
+    async def _connection(self) -> RespConnection:
+        """The connection, opened once for every call that needs it meanwhile."""
+        if self._dialing is None:
+            target = parse_url(self.url)
+            self._dialing = asyncio.get_running_loop().create_task(
+                redis_dial.dial(target, self._connect_settings, self._sentinel))
+            self._dialing.add_done_callback(self._dialed)
+        return await asyncio.shield(self._dialing)
+
+    def _dialed(self, task: asyncio.Task) -> None:
+        self._dialing = None
+        if not task.cancelled() and task.exception() is None:
+            self._conn = task.result()
 
     # --- a put ------------------------------------------------------------------------------------------
 
@@ -194,15 +179,17 @@ class RedisCache:
             held = await self._script(self._put, [redis_key, self.index, self.sizes, self.total],
                                       [blob, self.ttl_ms, self.max_entries, self.max_bytes])
             self._held = (int(held[0]), int(held[1]))
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (RedisError, ReplyError, OSError, asyncio.TimeoutError) as exc:
             self._failed(exc)
 
     async def _script(self, script: tuple[str, str], keys: list, args: list):
         text, sha = script
         try:
             return await self._command("EVALSHA", sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._client.script_load(text)
+        except ReplyError as exc:
+            if not exc.noscript:
+                raise
+            await self._command("SCRIPT", "LOAD", text)
             return await self._command("EVALSHA", sha, len(keys), *keys, *args)
 
     def _failed(self, exc: BaseException) -> None:
