@@ -119,3 +119,26 @@ class UsageUpstream(ChatUpstream):
         await response.write(sse(chat_chunk(model, None, "stop", x_groq={"id": "req_x", "usage": usage})))
         await response.write(b"data: [DONE]\n\n")
         return response
+
+
+class RememberingCache(Policy):
+    """The response cache's two contracts with the status page and the request log, without its store: the
+    `x-groq-proxy-cache` header on every answer it saw (HIT for a prompt answered before, MISS otherwise) and
+    the `cache_stats()` hook. It answers a repeated prompt with a canned completion."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    async def on_request(self, ctx):
+        prompt = _orjson.dumps(ctx.body.get("messages")).decode()
+        if prompt in self.seen:
+            return Respond(body=completion("cached"), headers={"x-groq-proxy-cache": "HIT", "age": "1"})
+        ctx.policy.headers["x-groq-proxy-cache"] = "MISS"
+        return CONTINUE
+
+    async def after(self, ctx):
+        if ctx.answered is not None:
+            self.seen.add(_orjson.dumps(ctx.body.get("messages")).decode())
+
+    def cache_stats(self) -> dict:
+        return {"entries": len(self.seen)}

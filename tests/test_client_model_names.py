@@ -105,6 +105,9 @@ async def test_made_up_model_names_grow_neither_metrics_nor_memory(aiohttp_serve
     cooldowns = state.pipeline.cooldowns
     assert 0 < len(cooldowns._failures) <= MAX_TRACKED and 0 < len(cooldowns._until) <= MAX_TRACKED
     assert set(observer.rolling._samples) <= {("other", "other")}
+    # The status page's rolling counts: rows for the config's names only, every made-up name in `other`.
+    assert observer.recent_requests.names() == ["tier-test", "invalid", "other"]
+    assert observer.recent_attempts.names() == ["up:ok-configured", "other"]
     assert statuses == {"ok": {200}, "gone": {404}, "busy": {429}, "down": {502}}
 
 

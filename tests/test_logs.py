@@ -57,3 +57,20 @@ def test_what_aiohttp_and_asyncio_log_becomes_one_json_line_each(capsys, json_lo
     assert [(l["level"], l["event"]) for l in lines] == [
         ("error", "Error handling request from 127.0.0.1"), ("error", "Task exception was never retrieved")]
     assert "ValueError: boom\nsecond line" in lines[0]["exception"]
+
+
+def test_a_line_built_whole_is_written_as_built_and_redacted(capsys, json_logging, caplog):
+    """emit_line (the request line): the same JSON line on the direct path, the same record otherwise."""
+    logs.register_secrets("sk-prebuilt-line-secret")
+    logs.setup_logging("info")
+    built = {"ts": 1.5, "level": "info", "event": "request", "status": 200, "detail": "sk-prebuilt-line-secret"}
+    logs.emit_line(logging.INFO, built)
+    logs._direct.flush()
+    [line] = [orjson.loads(text) for text in capsys.readouterr().err.splitlines()]
+    assert line == {**built, "detail": "[redacted]"}
+
+    logs.log.handlers.append(caplog.handler)  # another handler: the record path, as an operator's would get
+    logs.emit_line(logging.INFO, built)
+    [record] = [r for r in caplog.records if r.getMessage() == "request"]
+    assert record.fields == {"status": 200, "detail": "sk-prebuilt-line-secret"}
+    assert orjson.loads(logs.JsonFormatter().format(record))["detail"] == "[redacted]"

@@ -18,6 +18,7 @@ from proxy.app.provider_objects import ProviderObjects, parse
 from proxy.pipeline.context import RequestContext
 from proxy.routing.router import Route
 from proxy.telemetry.logs import emit
+from proxy.telemetry.request_log import log_request
 from proxy.telemetry.semconv import (
     ERROR_TYPE, HTTP_REQUEST_METHOD, HTTP_RESPONSE_STATUS_CODE, HTTP_ROUTE, REQUEST_ID, URL_PATH,
 )
@@ -152,6 +153,8 @@ async def answer(request: web.Request, operation: str, work) -> web.StreamRespon
 
 
 def _ended(observer, call: Call, span, status: int, started: float) -> None:
+    log_request(call.ctx, request_id=call.request_id, operation=call.ctx.operation, status=status,
+                ms=(time.perf_counter() - started) * 1000.0, category=None, cache=None, record_content=False)
     if observer.metrics is not None:
         key = (call.ctx.operation, "none", str(status))
         observer.metrics.requests.inc(key)

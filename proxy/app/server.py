@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web, web_urldispatcher
 
+from proxy.admin.status import status_routes
 from proxy.app import batches_api, files_api
 from proxy.app.admin_routes import ADMIN_ROUTES, admin_listener
 from proxy.app.config import Config
@@ -25,6 +26,7 @@ from proxy.app.errors import ProxyError, new_request_id
 from proxy.telemetry.logs import emit
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observe import Observer
+from proxy.telemetry.request_log import cache_result
 from proxy.telemetry.otlp import Encoder, Exporter
 from proxy.pipeline.pipeline import Pipeline
 from proxy.routing.router import Router
@@ -99,6 +101,7 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
     request_id = _request_id()
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
+    cache = None
     generation.enter()
     try:
         try:
@@ -133,10 +136,11 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
             response = error.to_response({"x-request-id": request_id})
         status = response.status
+        cache = cache_result(response.headers)
         return response
     finally:
         generation.leave()
-        observer.request_ended(span, ctx, status, started)
+        observer.request_ended(span, ctx, status, started, request_id, operation, cache)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -323,7 +327,8 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None,
     app[DRAIN] = Drain(server.drain_s, server.drain_timeout_s)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(admin_listener)
-    routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics)]
+    routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),
+              *status_routes(app)]
     if server.admin_port is None:  # else only on the admin port (proxy/app/admin_routes.py)
         routes += ADMIN_ROUTES
     for prefix in PREFIXES:

@@ -38,6 +38,10 @@ class KeyPool:
     def rest(self, index: int, seconds: float) -> None:
         self._until[index] = max(self._until[index], self._clock() + seconds)
 
+    def rest_left(self, index: int) -> float:
+        """Seconds key `index` still rests (0 when it may be used): what the status page shows."""
+        return max(0.0, self._until[index] - self._clock())
+
     def resting_for(self) -> float:
         """Seconds until the first resting key may be used again (0 when one may be used now)."""
         return max(0.0, min(self._until) - self._clock())

@@ -108,6 +108,19 @@ class RateLimits:
             return "rate_limit_predicted", state.tokens_until - now
         return None
 
+    def view(self, model: str, key: int) -> dict | None:
+        """What Groq last said this model and key have left, while that view holds (the status page)."""
+        state = self._states.get((model, key))
+        if state is None:
+            return None
+        now = self._clock()
+        out = {}
+        if state.requests is not None and state.requests_until > now:
+            out["remaining_requests"] = max(0, int(state.requests))
+        if state.tokens is not None and state.tokens_until > now:
+            out["remaining_tokens"] = max(0, int(state.tokens))
+        return out or None
+
     def spend(self, model: str, key: int, tokens: int | None) -> None:
         """Takes a request just sent off the last view, so requests in flight do not all count on it."""
         state = self._states.get((model, key))

@@ -147,5 +147,17 @@ def emit(level: int, event: str, **fields) -> None:
         log.handle(log.makeRecord(log.name, level, "groq_proxy", 0, event, (), exc_info, extra={"fields": fields}))
 
 
+def emit_line(level: int, line: dict) -> None:
+    """A line already built as the JSON object it becomes (`ts`, `level`, `event` first, then its fields): the
+    per-request line goes out without a keyword-argument copy. The caller has checked the level."""
+    direct = _direct
+    handlers = log.handlers
+    if direct is not None and level < logging.WARNING and len(handlers) == 1 and handlers[0] is direct:
+        direct.add_line(redact(orjson.dumps(line, default=str).decode()), level)
+        return
+    fields = {k: v for k, v in line.items() if k not in ("ts", "level", "event")}
+    log.handle(log.makeRecord(log.name, level, "groq_proxy", 0, line["event"], (), None, extra={"fields": fields}))
+
+
 def now_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 2)

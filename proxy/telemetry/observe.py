@@ -1,7 +1,9 @@
-"""What the pipeline tells the outside world: spans, metrics, latency categories.
+"""What the pipeline tells the outside world: spans, metrics, latency categories, the request's log line and
+the status page's counts of the last minutes.
 
 The pipeline calls four hooks (request started / ended, attempt started / ended) and `decision` for policy
-decisions. With tracing off and metrics off every hook returns at once.
+decisions. With tracing off and metrics off, a request costs only the counts (an increment each) and its log
+line; the other hooks return at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from proxy.routing.latency import RollingP95, default_thresholds
 from proxy.routing.router import OTHER
 from proxy.telemetry.logs import redact
 from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.recent import RecentCounts
+from proxy.telemetry.request_log import log_request
 from proxy.telemetry.semconv import (
     ANSWERED_BY, ATTEMPTS, ATTEMPT_HEDGE, ATTEMPT_INDEX, ATTEMPT_KEY, ATTEMPT_OUTCOME, ATTEMPT_REASON, ERROR_TYPE, GEN_AI_INPUT_MESSAGES,
     GEN_AI_OPERATION_NAME, GEN_AI_OUTPUT_MESSAGES, GEN_AI_PROVIDER_NAME, GEN_AI_REQUEST_MAX_TOKENS,
@@ -29,6 +33,12 @@ from proxy.telemetry.semconv import (
 from proxy.telemetry.tracing import KIND_CLIENT, STATUS_ERROR, Span, Tracer
 
 _FAILED = frozenset({"fell_over", "failed_after_commit", "cancelled", "hedge_lost"})
+REQUEST_COUNTS = ("requests", "client_errors", "errors")  # answered (< 400), 4xx, 5xx
+ATTEMPT_COUNTS = ("answered", "failed", "skipped")
+CACHE_COUNTS = ("hit", "miss", "bypass", "coalesced")
+# What counts for or against a model (a lost hedge, a request error passed back or a client gone do not).
+_RECENT_ATTEMPT = {"answered": "answered", "fell_over": "failed", "failed_after_commit": "failed",
+                   "skipped": "skipped"}
 _REQUEST_CLOSING = (
     HTTP_RESPONSE_STATUS_CODE, GEN_AI_REQUEST_MODEL, VIRTUAL_MODEL, ATTEMPTS,
     STREAM, GEN_AI_RESPONSE_MODEL, ANSWERED_BY, LATENCY_CATEGORY,
@@ -55,6 +65,13 @@ class Observer:
         models = {t.model for t in config.real_targets()}
         models.update(to.split(":", 1)[1] for to in config.aliases.values() if ":" in to)
         self._models = frozenset(models)
+        # The status page's last minutes: rows only for names the config gives (others count as `other`); a
+        # reload keeps the rows of the names still configured.
+        self.recent_requests = RecentCounts((*config.models, "invalid"), REQUEST_COUNTS,
+                                            previous=previous and previous.recent_requests)
+        self.recent_attempts = RecentCounts((t.key for t in config.real_targets()), ATTEMPT_COUNTS,
+                                            previous=previous and previous.recent_attempts)
+        self.recent_cache = RecentCounts(config.models, CACHE_COUNTS, previous=previous and previous.recent_cache)
 
     def model_label(self, model: str) -> str:
         return model if model in self._models else OTHER
@@ -72,7 +89,9 @@ class Observer:
                                           (HTTP_ROUTE, route), (GEN_AI_OPERATION_NAME, operation))
         return self.tracer.start_request(request.headers.get("traceparent"), f"{request.method} {route}", {}, static)
 
-    def request_ended(self, span: Span | None, ctx: RequestContext | None, status: int, started: float) -> None:
+    def request_ended(self, span: Span | None, ctx: RequestContext | None, status: int, started: float,
+                      request_id: str = "", operation: str = "", cache: str | None = None) -> None:
+        """`cache`: the response cache's verdict (its x-groq-proxy-cache header), None when none looked."""
         total = time.perf_counter() - started
         virtual, model, category = "invalid", "none", None
         if ctx is not None:
@@ -93,6 +112,12 @@ class Observer:
                     status = 504
                 else:
                     status = 502
+        recent = "invalid" if ctx is None else (ctx.route.virtual or OTHER)
+        self.recent_requests.add(recent, "requests" if status < 400 else "client_errors" if status < 500 else "errors")
+        if cache is not None:
+            self.recent_cache.add(recent, cache.lower())
+        log_request(ctx, request_id=request_id, operation=operation, status=status, ms=total * 1000.0,
+                    category=category, cache=cache, record_content=self.record_content, input_messages=input_messages)
         if self.metrics is not None:
             m = self.metrics
             key = (virtual, model, str(status))
@@ -189,6 +214,9 @@ class Observer:
         headers["traceparent"] = span.traceparent
 
     def attempt_ended(self, ctx: RequestContext, attempt: Attempt) -> None:
+        counted = _RECENT_ATTEMPT.get(attempt.outcome)
+        if counted is not None:
+            self.recent_attempts.add(attempt.target.key, counted)
         m = self.metrics
         if m is not None:
             model = self.model_label(attempt.target.model)
