@@ -395,3 +395,17 @@ async def test_admin_delete_without_a_cache_policy_or_with_its_store_down(upstre
         status_, body = await delete(base)
         assert (status_, body["error"]["code"]) == expected
         assert "redis://" not in str(body)
+
+
+async def test_the_status_page_shows_the_cache(upstream, start_proxy):
+    import aiohttp
+
+    scripted, url = upstream
+    base = await start_proxy(cache_config(url))
+    await post_chat(base, ASK)
+    await post_chat(base, ASK)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/status.json") as resp:
+            data = await resp.json()
+    stores = data["cache"]["stores"]
+    assert stores["cache"]["entries"] == 1 and stores["cache"]["backend"] == "memory" and stores["cache"]["bytes"] > 0

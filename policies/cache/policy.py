@@ -113,6 +113,12 @@ class ResponseCache(Policy):
             cache_metrics.caches.append(self)
             self.metrics = cache_metrics
 
+    def cache_stats(self) -> dict:
+        """What the status page shows of this cache (proxy/admin/status.py)."""
+        entries, size = self.store.held() if self.store is not None else (0, 0)
+        return {"backend": self.store.backend if self.store is not None else None, "entries": entries,
+                "bytes": size, "in_flight": len(self.flights)}
+
     async def close(self) -> None:
         if self.metrics is not None and self in self.metrics.caches:  # a reload's new policy counts from now on
             self.metrics.caches.remove(self)
