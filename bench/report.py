@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from bench.procfs import NOISY_CORES
+from bench.sides import CACHE_SIDES
 from bench.stats import Median, find_run, loss_pct, medians, noise, tracing_by_round
 from bench.targets import target_rows
 from bench.tracing import SPANS_PER_REQUEST
@@ -83,10 +84,11 @@ def render(bench: Bench, meta: dict) -> str:
             thin = find_run(runs, mode, connections, "pass-through")
             traced = find_run(runs, mode, connections, "proxy+tracing")
             multi = find_run(runs, mode, connections, f"proxy-{args.workers}w") if args.workers else None
+            cached = [r for r in (find_run(runs, mode, connections, s) for s in CACHE_SIDES) if r is not None]
             if not (direct or thin or proxy or traced):
                 continue
             out.append(f"{mode}, {connections} conn")
-            for run in (direct, thin, proxy, multi, traced):
+            for run in (direct, thin, proxy, multi, traced, *cached):
                 if run is None:
                     continue
                 cpu = f"{run.cpu_us_per_request:.0f}"
@@ -130,6 +132,15 @@ def render(bench: Bench, meta: dict) -> str:
                                   f"{max(lost):.1f})" if lost else ""))
                     out.append(f"    {'by round, CPU added':<22}" + " ".join(f"{x:+.1f}%" for x in added)
                                + (f"   (median {statistics.median(added):+.1f}%)" if added else ""))
+            for hits in cached:  # the cache sides: hits, against the pass-through and the direct call
+                if thin:
+                    out.append(f"  {hits.side + ' / pass-through':<24}{ratio(hits.rps, thin.rps):>10}"
+                               f"{ratio(hits.p50_ms, thin.p50_ms):>10}{ratio(hits.p99_ms, thin.p99_ms):>10}"
+                               f"{ratio(hits.cpu_us_per_request, thin.cpu_us_per_request):>12}")
+                if direct:
+                    out.append(f"  {'added by ' + hits.side:<24}{ratio(hits.rps, direct.rps):>10}"
+                               f"{hits.p50_ms - direct.p50_ms:>+10.3f}{hits.p99_ms - direct.p99_ms:>+10.3f}"
+                               "   (req/s as a ratio of direct; p50, p99 added)")
     if memory.get("rss_after_mb") is not None:
         out += [
             "",

@@ -4,6 +4,7 @@
     python -m bench.run --quick          # 3 s runs
     python -m bench.run --json out.json  # also write every number
     python -m bench.run --tracing        # also a second proxy with tracing (every request) and metrics on
+    python -m bench.run --cache          # also cache hits, memory and Redis store (with the pass-through)
     python -m bench.run --repeat 5       # each cell's sides measured 5 times, interleaved; medians printed
     python -m bench.run --workers 2      # also `serve --workers 2` ("proxy-2w") beside the one-worker proxy
 
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also measure `groq-proxy serve --workers N` (side proxy-Nw) beside the one-worker "
                              "proxy, and report its req/s over one worker's (default: not measured)")
+    parser.add_argument("--cache", action="store_true",
+                        help="also measure cache hits: a proxy with the response cache on the memory store and one "
+                             "on Redis (every request the same, so hits); implies --baseline")
     parser.add_argument("--upstream-chunked", action="store_true",
                         help="the canned upstream frames streams chunked (as Groq does) instead of Content-Length")
     parser.add_argument("--pin", action="store_true",
@@ -76,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default 1; 0 with --repeat > 1, where the median outvotes a disturbed round)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     args = parser.parse_args(argv)
+    if args.cache:
+        args.baseline = True  # the cache's targets are ratios to the pass-through
     if args.quick:
         args.duration = 3.0
     if args.warmup is None:

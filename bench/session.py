@@ -13,8 +13,8 @@ from bench.load import Run, Wrk, measure
 from bench.processes import Process
 from bench.procfs import NOISY_CORES, children, memory_mb, others_cores
 from bench.sides import (
-    DIRECT_PATH, HOST, PROXY_PATH, check_answers, is_proxy_side, start_passthrough, start_proxy, start_sink,
-    start_upstream,
+    CACHE_SIDES, DIRECT_PATH, HOST, PROXY_PATH, cache_config, check_answers, is_proxy_side, prime_cache,
+    start_passthrough, start_proxy, start_sink, start_upstream,
 )
 from bench.stats import noise
 from bench.tracing import check_export
@@ -27,6 +27,8 @@ class Bench:
         self.upstream: Process | None = None
         self.passthrough: Process | None = None
         self.sink: Process | None = None  # the OTLP receiver (--tracing)
+        self.redis: Process | None = None  # the cache-redis side's Redis (--cache)
+        self.redis_port = 0
         self.passthrough_port = 0
         self.upstream_port = 0
         self.sink_port = 0
@@ -80,10 +82,20 @@ class Bench:
             check_export(self)
             self.log(f"OTLP sink on :{self.sink_port} (pid {self.sink.pid}), proxy+tracing on "
                      f":{self.ports['proxy+tracing']} (pid {self.procs['proxy+tracing'].pid}, every request traced)")
+        if self.args.cache:
+            from bench.policies import start_redis
+
+            self.redis, self.redis_port = start_redis(self.workdir)
+            for side in CACHE_SIDES:
+                self._start_proxy(side)
+            self.log(f"cache sides: cache-memory on :{self.ports['cache-memory']}, cache-redis on "
+                     f":{self.ports['cache-redis']} (Redis on :{self.redis_port})")
 
     def _start_proxy(self, side: str) -> None:
         sink_port = self.sink_port if side == "proxy+tracing" else 0
-        proc, port = start_proxy(self.workdir, self.upstream_port, self.args.log_level, self.cpu_proxy, side, sink_port)
+        extra = cache_config(side, self.redis_port) if side in CACHE_SIDES else ""
+        proc, port = start_proxy(self.workdir, self.upstream_port, self.args.log_level, self.cpu_proxy, side, sink_port,
+                                 extra=extra)
         self.procs[side], self.ports[side], self.served[side] = proc, port, 0
         if side == "proxy":
             self.memory["rss_start_mb"] = round(memory_mb(proc.pid)["VmRSS"], 1)
@@ -94,7 +106,7 @@ class Bench:
 
 
     def stop(self) -> None:
-        for proc in (*self.procs.values(), self.passthrough, self.sink, self.upstream):
+        for proc in (*self.procs.values(), self.passthrough, self.sink, self.upstream, self.redis):
             if proc is not None:
                 proc.stop()
 
@@ -103,7 +115,8 @@ class Bench:
         sides = ("direct", "pass-through", "proxy") if self.args.baseline else ("direct", "proxy")
         if self.args.workers:  # right after the one-worker proxy, so the two stay neighbours in every round
             sides = (*sides, f"proxy-{self.args.workers}w")
-        return (*sides, "proxy+tracing") if self.args.tracing else sides
+        sides = (*sides, "proxy+tracing") if self.args.tracing else sides
+        return (*sides, *CACHE_SIDES) if self.args.cache else sides
 
     def url(self, side: str) -> str:
         if is_proxy_side(side):
@@ -121,6 +134,8 @@ class Bench:
             pids["pass-through"] = self.passthrough.pid
         if self.sink is not None:
             pids["otlp-sink"] = self.sink.pid
+        if self.redis is not None:
+            pids["redis"] = self.redis.pid
         return pids
 
     def wait_quiet(self) -> None:
@@ -143,6 +158,8 @@ class Bench:
         for attempt in range(self.args.remeasure + 2):
             if is_proxy and not self.procs[side].alive():
                 self.restart_proxy(side)
+            if side in CACHE_SIDES:
+                prime_cache(self.ports[side], mode)
             self.wait_quiet()
             if self.args.warmup > 0:
                 warm = self.wrk.run(self.url(side), mode, connections, self.args.warmup)

@@ -46,7 +46,20 @@ endpoint = "http://{host}:{sink_port}"
 sample_ratio = 1.0
 metrics = true
 """
-PROXY_SIDES = ("proxy", "proxy+tracing")
+# Appended for the cache sides (--cache): every request of a run is the same, so all but the first are hits.
+CACHE_CONFIG = """
+[[policies]]
+use = "cache"
+ttl_s = 3600
+"""
+CACHE_REDIS_STORE = """
+[store]
+backend = "redis"
+url = "redis://{host}:{redis_port}/0"
+prefix = "bench:"
+"""
+CACHE_SIDES = ("cache-memory", "cache-redis")
+PROXY_SIDES = ("proxy", "proxy+tracing", *CACHE_SIDES)
 
 
 def is_proxy_side(side: str) -> bool:
@@ -90,16 +103,17 @@ def start_sink(workdir: Path, cpu: int | None) -> tuple[Process, int]:
 
 
 def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | None,
-                side: str = "proxy", sink_port: int = 0, tier_extra: str = "") -> tuple[Process, int]:
+                side: str = "proxy", sink_port: int = 0, tier_extra: str = "", extra: str = "") -> tuple[Process, int]:
     """The proxy ("proxy"), or with tracing on and exported to the sink at `sink_port` ("proxy+tracing").
-    `tier_extra`: lines added to the benchmarked tier's table (bench/hedge_cost.py's hedging)."""
+    `tier_extra`: lines added to the benchmarked tier's table (bench/hedge_cost.py's hedging); `extra`: tables
+    added to the config (the cache sides' policy and store)."""
     port = free_port()
     slug = side.replace("+", "-")
     config = workdir / f"{slug}.toml"
     text = PROXY_CONFIG.format(host=HOST, port=port, upstream_port=upstream_port, log_level=log_level) + tier_extra
     if sink_port:
         text += TRACING_CONFIG.format(host=HOST, sink_port=sink_port)
-    config.write_text(text)
+    config.write_text(text + extra)
     # No GROQ_* (keys, config paths) and no OTEL_* (an exporter endpoint there would turn tracing on in "proxy").
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ", "OTEL_"))}
     env["BENCH_KEY"] = "bench"
@@ -123,10 +137,11 @@ def start_proxy(workdir: Path, upstream_port: int, log_level: str, cpu: int | No
     raise BenchError(f"the {side} did not become ready on port {port} (re-run if it is being edited):\n{proc.tail()}")
 
 
-def http_call(port: int, method: str, path: str, body: str | None = None, timeout: float = 5.0):
+def http_call(port: int, method: str, path: str, body: str | None = None, timeout: float = 5.0,
+              headers: dict | None = None):
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
@@ -152,3 +167,23 @@ def check_answers(port: int, path: str, via_proxy: bool) -> None:
         raise BenchError(f"{where}: stream does not end with a usage chunk and [DONE]: {body[-300:]!r}")
     if via_proxy and headers.get("x-groq-proxy-model") != "openai/gpt-oss-20b":
         raise BenchError(f"{where}: answer not from the first model of the chain: {headers}")
+
+
+def cache_config(side: str, redis_port: int) -> str:
+    store = CACHE_REDIS_STORE.format(host=HOST, redis_port=redis_port) if side == "cache-redis" else ""
+    return store + CACHE_CONFIG
+
+
+def prime_cache(port: int, mode: str) -> None:
+    """Stores the answer of the run's one request in the shape the run asks (`no-cache`: fetched and stored
+    afresh), so a streamed run replays the upstream's own stream; then checks the next one is a hit."""
+    body = STREAM_BODY if mode == "stream" else PLAIN_BODY
+    status, headers, raw = http_call(port, "POST", PROXY_PATH, body, headers={"Cache-Control": "no-cache"})
+    if status != 200:
+        raise BenchError(f"cache side (port {port}): priming answered {status}: {raw[:300]!r}")
+    for _ in range(100):  # a Redis put lands just after its answer
+        status, headers, raw = http_call(port, "POST", PROXY_PATH, body)
+        if headers.get("x-groq-proxy-cache") == "HIT":
+            return
+        time.sleep(0.01)
+    raise BenchError(f"cache side (port {port}): no hit after priming: {headers}")

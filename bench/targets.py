@@ -19,6 +19,9 @@ class Targets:
     rss_after_requests: int = 100_000
     tracing_loss_pct_16: float = 20.0  # req/s proxy+tracing may lose against proxy (issue 3, item 7)
     workers_2_ratio_16: float = 1.4  # req/s of `serve --workers 2` over one worker's (issue 11, item 10)
+    cache_memory_x_passthrough_16: float = 1.5  # cache hits (memory store) against the pass-through (issue 9, item 8)
+    cache_memory_added_p50_ms_1: float = 0.15  # ... and their added p50 over a direct call at 1 connection
+    cache_redis_x_passthrough_16: float = 1.0  # cache hits from Redis against the pass-through
 
 
 
@@ -45,6 +48,17 @@ def target_rows(runs: list[Median], memory: dict, workers: int = 0) -> list[dict
     served = memory.get("total_requests") if enough else TARGETS.rss_after_requests
     add(f"RSS after {served:,} requests", memory.get("rss_after_mb") if enough else None,
         TARGETS.rss_mb, "MB", False)
+    if any(r.side == "cache-memory" for r in runs):
+        for mode in MODES:
+            thin = find_run(runs, mode, 16, "pass-through")
+            for side, limit in (("cache-memory", TARGETS.cache_memory_x_passthrough_16),
+                                ("cache-redis", TARGETS.cache_redis_x_passthrough_16)):
+                hits = find_run(runs, mode, 16, side)
+                add(f"{mode} {side} hits / pass-through, 16 conn", hits.rps / thin.rps if hits and thin else None,
+                    limit, "x", True)
+            hits, direct = find_run(runs, mode, 1, "cache-memory"), find_run(runs, mode, 1, "direct")
+            add(f"{mode} cache-memory added p50 at 1 conn", hits.p50_ms - direct.p50_ms if hits and direct else None,
+                TARGETS.cache_memory_added_p50_ms_1, "ms", False)
     if any(r.side == "proxy+tracing" for r in runs):
         for mode in MODES:
             proxy, tracing = find_run(runs, mode, 16, "proxy"), find_run(runs, mode, 16, "proxy+tracing")

@@ -4,7 +4,8 @@ A policy subclasses `Policy` and overrides the hooks it needs; every hook of the
 policy that does nothing is a valid policy. The hooks, in the order the pipeline calls them:
 
 - `on_request(ctx)`: before anything is sent upstream. Admit (`CONTINUE`), refuse (`Reject`) or answer
-  without calling upstream (`Respond`). A policy that counts something in a shared store adds `Claim`s with
+  without calling upstream (`Respond`; the policies after it still run and may refuse, and every claim is
+  admitted before the answer goes out: an answer from the cache is a request for the limits too). A policy that counts something in a shared store adds `Claim`s with
   `ctx.policy.claim(self, claim)` and continues: the chain sends every claim of the request in one store call once all
   `on_request` hooks have continued, and asks the claim's policy (`refused`) for its `Reject` if one does
   not fit.
@@ -116,6 +117,11 @@ class Policy:
 
     async def after(self, ctx: "RequestContext") -> None:
         """Settle what `on_request` reserved."""
+
+    async def start(self, store, metrics) -> None:
+        """The app is starting: open what the policy owns. `store` is the `[store]` config
+        (policies.config.StoreConfig); `metrics` the proxy's metric set (None when metrics are off), whose
+        `all` a policy may extend with series of its own."""
 
     async def close(self) -> None:
         """The app is stopping: release what the policy owns."""

@@ -18,8 +18,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from policies.base import CONTINUE, Decision, Policy, Reject, Skip
-from policies.estimate import completion_limit, estimate, used_tokens
+from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
+from policies.estimate import GENERATES, completion_limit, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
 from policies.stores.base import SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
 from proxy.telemetry.logs import emit
@@ -36,7 +36,7 @@ class PolicyState:
     they add to the answer, the settlements to send at the end."""
 
     __slots__ = ("ran", "claims", "owners", "by_owner", "admitted", "admission", "settlements", "headers", "_prompt",
-                 "_used", "body", "hedged")
+                 "_used", "body", "hedged", "served_tokens")
 
     def __init__(self, body: dict) -> None:
         self.body = body
@@ -51,6 +51,9 @@ class PolicyState:
         self.headers: dict[str, str] = {}
         self._prompt: int | None = None
         self._used: int | None = None
+        # Set when a policy answers (a cache hit): the tokens that answer costs the budgets and token limits (the
+        # entry's with charge_hits, else 0), reserved and charged in place of the estimate and the usage.
+        self.served_tokens: int | None = None
 
     def claim(self, policy: Policy, claim: Claim) -> None:
         self.claims.append(claim)
@@ -81,10 +84,18 @@ class PolicyState:
     def completion_limit(self) -> int | None:
         return completion_limit(self.body)
 
+    def reserve(self, operation: str, default_completion: int) -> int:
+        """The tokens a budget or token limit reserves for this request: the prompt's estimate plus the
+        completion limit (`default_completion` without one), or what an answer from a policy costs."""
+        if self.served_tokens is not None:
+            return self.served_tokens
+        completion = self.completion_limit if operation in GENERATES else 0
+        return self.prompt_tokens + (default_completion if completion is None else completion)
+
     def used_tokens(self, ctx) -> int:
         """What the request used (`policies.estimate.used_tokens`), worked out once for every policy."""
         if self._used is None:
-            self._used = used_tokens(ctx)
+            self._used = used_tokens(ctx) + (self.served_tokens or 0)
         return self._used
 
 
@@ -156,6 +167,7 @@ class PolicyChain:
 
     async def on_request(self, ctx: "RequestContext") -> Decision:
         state = ctx.policy
+        answer = None  # a Respond (a cache hit): the policies after it still see the request, and may refuse it
         for policy in self.policies:
             state.ran += 1
             claims_before = len(state.claims)
@@ -172,10 +184,15 @@ class PolicyChain:
                 continue
             self._record(ctx, policy, decision)
             if policy.mode == ENFORCE:
+                if isinstance(decision, Respond):
+                    answer = answer or decision
+                    continue
                 return decision
         if state.claims and self.store is not None:
-            return await self._admit(ctx, state)
-        return CONTINUE
+            admitted = await self._admit(ctx, state)  # an answer from a policy is a request too: limits count it
+            if admitted is not CONTINUE:
+                return admitted
+        return answer or CONTINUE
 
     async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
         for policy in self._before:

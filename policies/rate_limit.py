@@ -18,7 +18,7 @@ from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
 from policies.chain import duration
-from policies.estimate import GENERATES, counts_tokens
+from policies.estimate import counts_tokens
 from policies.schema import check_keys, choice, count, seconds
 from policies.scopes import scope
 from policies.stores.base import GCRA, Claim, Settlement
@@ -68,8 +68,7 @@ class RateLimit(Policy):
         state = ctx.policy
         tokens = 0
         if self.tpm and counts_tokens(ctx):
-            completion = state.completion_limit if ctx.operation in GENERATES else 0
-            tokens = state.prompt_tokens + (self.default_completion if completion is None else completion)
+            tokens = state.reserve(ctx.operation, self.default_completion)
         for claim in self.claims_for(ctx, tokens):
             if claim.header != "tokens" or counts_tokens(ctx):
                 state.claim(self, claim)

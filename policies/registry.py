@@ -19,6 +19,7 @@ BUILTINS = {
     "token_budget": "policies.token_budget:TokenBudget",
     "rate_limit": "policies.rate_limit:RateLimit",
     "concurrency": "policies.concurrency:Concurrency",
+    "cache": "policies.cache.policy:ResponseCache",
 }
 
 

@@ -13,7 +13,7 @@ import time
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
-from policies.estimate import GENERATES, counts_tokens
+from policies.estimate import counts_tokens
 from policies.schema import check_keys, choice, count
 from policies.scopes import PERIODS, iso, period_bounds, scope
 from policies.stores.base import BUDGET, Claim, Settlement
@@ -55,9 +55,7 @@ class TokenBudget(Policy):
         if not counts_tokens(ctx):
             return CONTINUE
         state = ctx.policy
-        completion = state.completion_limit if ctx.operation in GENERATES else 0
-        amount = state.prompt_tokens + (self.default_completion if completion is None else completion)
-        state.claim(self, self.claim_for(ctx, amount=amount))
+        state.claim(self, self.claim_for(ctx, amount=state.reserve(ctx.operation, self.default_completion)))
         return CONTINUE
 
     def hedge_claims(self, ctx) -> list[Claim]:

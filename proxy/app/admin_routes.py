@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.admin.config_view import render
 from proxy.app.admin_auth import admin_only
+from proxy.app.cache_routes import admin_cache_delete
 from proxy.app.errors import ProxyError, new_request_id
 from proxy.app.listen import ListenError, url_of
 from proxy.app.policy_routes import admin_usage
@@ -99,6 +100,7 @@ ADMIN_ROUTES = [
     ("/admin/usage", "GET", admin_usage),
     ("/admin/reload", "POST", admin_reload),
     ("/admin/config", "GET", admin_config),
+    ("/admin/cache", "DELETE", admin_only(admin_cache_delete)),
 ]
 
 

@@ -56,6 +56,8 @@ async def open_chain(config: Config, metrics, previous: tuple[Config, PolicyChai
                          "run one process, or use the Redis store to share them between processes.")
         if previous is None or store is not previous[1].store:
             await store.start()
+    for policy in pc.policies:
+        await policy.start(pc.store, metrics)
     policy_metrics = None
     if metrics is not None and (pc.policies or pc.keys is not None):
         policy_metrics = getattr(metrics, "policy", None)  # one set of families, however many reloads

@@ -59,7 +59,7 @@ class RequestContext:
     __slots__ = (
         "request_id", "operation", "route", "body", "stream", "started", "attempts", "answered", "span",
         "forwarded", "base_headers", "client", "chain", "hints", "client_fields", "deadline", "_tokens", "auto",
-        "headers", "identity", "request_type", "module", "policy", "op", "settling", "drained",
+        "headers", "identity", "request_type", "module", "policy", "op", "settling", "drained", "tap",
     )
 
     def __init__(
@@ -92,6 +92,8 @@ class RequestContext:
         self.op: Any = None  # proxy.pipeline.operation.Operation of an endpoint other than chat and embeddings
         self.settling = False  # its policies are settling: a drain must not cut it now (proxy/app/drain.py)
         self.drained = False  # cut by a drain past server.drain_timeout_s
+        # What the answer is told to as it passes (proxy.pipeline.tap.Tap: the cache's capture), set by a policy.
+        self.tap: Any = None
 
     @property
     def virtual_model(self) -> str | None:

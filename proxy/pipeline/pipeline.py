@@ -30,6 +30,7 @@ from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
 from proxy.pipeline.context import Attempt, RequestContext
 from proxy.pipeline.hedge import race
+from proxy.pipeline.tap import keep_for_followers
 from proxy.routing.hints import read_hints
 from proxy.routing.plan import Plan, Planner
 from proxy.routing.router import Router
@@ -146,6 +147,8 @@ class Pipeline:
                 policies.begin(ctx, request.headers)
                 decision = await policies.on_request(ctx)
                 if decision is not CONTINUE:
+                    if ctx.policy.headers:
+                        base_headers.update(ctx.policy.headers)
                     return await respond(request, decision, base_headers)
                 if ctx.policy.headers:
                     base_headers.update(ctx.policy.headers)
@@ -284,6 +287,8 @@ class Pipeline:
     async def _finish(self, ctx: RequestContext, result) -> web.StreamResponse:
         if isinstance(result, _Opened):
             return await self._forward(ctx, result.attempt, result.provider, result)
+        if ctx.tap is not None and ctx.answered is not None and result.status == 200:
+            ctx.tap.body(result.body)  # the cache's capture of a plain answer
         if ctx.op is not None and not isinstance(result, web.StreamResponse):
             return await result.forward()  # an operation's own byte stream past its commit point (audio)
         return result
@@ -503,6 +508,8 @@ class Pipeline:
         client: ClientStream = ctx.client
         resp, splitter, state = opened.resp, opened.splitter, opened.state
         recorded = [opened.first] if self.observer.record_content else None
+        tap = ctx.tap  # a policy's view of the answer (proxy/pipeline/tap.py): every piece the client is sent
+        kept = False  # the client left while identical requests wait on this stream: read on for them
         op = ctx.op
         scan_ = scan if op is None else op.scan
         try:
@@ -511,6 +518,8 @@ class Pipeline:
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
                 attempt.events = opened.first.count(b"data:")
+                if tap is not None:
+                    tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
                     chunk = await resp.readany()
@@ -523,6 +532,8 @@ class Pipeline:
                             # The well-formed events before the bad one still belong to the client.
                             await client.write((well_formed_prefix if op is None else op.well_formed_prefix)(complete))
                             break
+                        if tap is not None:
+                            tap.stream(complete)
                         await client.write(complete)
                         attempt.events += complete.count(b"data:")
                         if recorded is not None:
@@ -530,10 +541,12 @@ class Pipeline:
         except ClientGone:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
+            kept = keep_for_followers(tap, opened)
             return client.response
         except asyncio.CancelledError:  # the client went away, or the request's deadline passed
             if attempt.ended is None:
                 self._cancelled(ctx, attempt)
+            kept = keep_for_followers(tap, opened)
             raise
         except TimeoutError:
             return await self._broken(ctx, attempt, client, "timeout", f"not complete in {provider.total_s:g}s")
@@ -542,7 +555,8 @@ class Pipeline:
             return await self._broken(ctx, attempt, client, failure.reason, failure.detail)
         finally:
             # Past [DONE] the stream's content is all here; its last empty chunk may still be on the way.
-            resp.release(drain=state.done)
+            if not kept:
+                resp.release(drain=state.done)
         attempt.usage, attempt.finish_reasons = state.usage, state.finish_reasons
         if recorded is not None:
             attempt.content = (output_from_stream if op is None else op.content)(b"".join(recorded))

@@ -22,8 +22,10 @@ async def respond(request: web.Request, decision: Decision, base_headers: dict[s
             body = orjson.dumps(body)
         headers.setdefault("Content-Type", "application/json")
         return web.Response(status=decision.status, body=body, headers=headers)
-    response = web.StreamResponse(status=decision.status, headers={**SSE_HEADERS, **headers})
     events = decision.events
+    if isinstance(events, (list, tuple)):  # all of it known (a cache hit): one response, one write
+        return web.Response(status=decision.status, body=b"".join(events), headers={**SSE_HEADERS, **headers})
+    response = web.StreamResponse(status=decision.status, headers={**SSE_HEADERS, **headers})
     try:
         await response.prepare(request)
         if hasattr(events, "__aiter__"):
