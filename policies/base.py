@@ -96,7 +96,7 @@ class Policy:
     mode = "enforce"
     on_error = "open"
     wait_s: float = 0  # a policy whose claims may wait for capacity sets how long
-    uses_store = False  # True for a policy that makes claims: then several processes need the Redis store
+    uses_store = False  # True for a policy that keeps state in the store (claims, a cache): several processes need Redis
 
     def refused(self, ctx: "RequestContext", claim, admission) -> Reject:
         """The store refused one of this policy's claims: the answer to give (a policy that claims overrides)."""

@@ -184,7 +184,7 @@ def check_workers(config: PoliciesConfig, workers: int) -> None:
     process would be missing in the next: refused (`server.workers`, `serve --workers`; proxy/app/workers.py)."""
     if workers > 1 and config.uses_store and config.store.backend == "memory":
         raise ConfigError(f"store.backend: {workers} worker processes on the memory store would each enforce the "
-                          "limits on their own; use backend = \"redis\"")
+                          "limits on their own (and keep their own cache); use backend = \"redis\"")
     if workers > 1 and config.keys is not None and config.store.backend == "memory":  # files and batches' owners
         raise ConfigError(f"store.backend: {workers} worker processes on the memory store would each keep their own "
                           "record of which proxy key owns each file and batch; use backend = \"redis\"")

@@ -89,3 +89,19 @@ def test_several_workers_on_the_memory_store_are_refused():
     redis = config_for("http://127.0.0.1:1/v1", store={"backend": "redis", "url": "redis://127.0.0.1:1/0"},
                        policies=[{"use": "rate_limit", "requests_per_minute": 5}])
     check_workers(redis.policies, 4)
+
+
+def test_several_workers_with_a_memory_cache_are_refused():
+    # each worker would keep its own cache: a hit on one is a miss on the next, and coalescing splits by process
+    import pytest
+
+    from policies.config import check_workers
+    from proxy.app.config import ConfigError
+
+    config = config_for("http://127.0.0.1:1/v1", policies=[{"use": "cache"}])
+    check_workers(config.policies, 1)
+    with pytest.raises(ConfigError, match="store.backend: 2 worker processes on the memory store"):
+        check_workers(config.policies, 2)
+    redis = config_for("http://127.0.0.1:1/v1", store={"backend": "redis", "url": "redis://127.0.0.1:1/0"},
+                       policies=[{"use": "cache"}])
+    check_workers(redis.policies, 2)

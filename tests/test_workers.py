@@ -101,7 +101,7 @@ async def test_more_than_one_worker_on_the_memory_store_is_refused(tmp_path):
                      env=clean_env())
     assert proc.process.returncode == 2
     assert proc.stderr.strip() == ('groq-proxy: config error: store.backend: 2 worker processes on the memory store '
-                                   'would each enforce the limits on their own; use backend = "redis"')
+                                   'would each enforce the limits on their own (and keep their own cache); use backend = "redis"')
     with_key = tmp_path / "workers.toml"
     with_key.write_text("[server]\nworkers = 3\n" + path.read_text())
     proc = await run(tmp_path, "refused-config", "serve", "--config", str(with_key), "--port", "0", env=clean_env())

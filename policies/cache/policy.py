@@ -62,6 +62,8 @@ class CacheMetrics:
 
 
 class ResponseCache(Policy):
+    uses_store = True  # on the memory store each process would keep its own cache: several workers need Redis
+
     def __init__(self, scope: str = "global", ttl_s: float = 3600.0, max_entries: int = 10000,
                  max_bytes: int = 100 * 1024 * 1024, max_entry_bytes: int = 1024 * 1024, cacheable: str = "always",
                  coalesce: bool = True, charge_hits: bool = False) -> None:

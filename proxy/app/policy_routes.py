@@ -52,7 +52,7 @@ async def open_chain(config: Config, metrics, previous: tuple[Config, PolicyChai
             store = MemoryStore()
         if store.backend == "memory" and pc.uses_store:
             emit(logging.WARNING, "policy_store_memory",
-                 message="Limits and budgets are counted in this process only (store.backend = \"memory\"): "
+                 message="Limits, budgets and the cache are kept in this process only (store.backend = \"memory\"): "
                          "run one process, or use the Redis store to share them between processes.")
         if previous is None or store is not previous[1].store:
             await store.start()
