@@ -87,16 +87,7 @@ class RedisCache:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._dialing is not None:
-            self._dialing.cancel()
-            await asyncio.gather(self._dialing, return_exceptions=True)
-        if self._conn is not None:
-            self._conn.close()
-        if self._client is not None:
-            await self._client.aclose()
-            await self._client.connection_pool.disconnect()
-        if self._sentinel is not None:
-            await self._sentinel.aclose()
+        await redis_dial.close_all(self._dialing, self._conn, self._client, self._sentinel)
 
     def redis_key(self, model: str, key: str) -> str:
         prefix = self._model_prefix.get(model)

@@ -134,16 +134,7 @@ class RedisStore:
         if self.busy:  # settlements on their way: let them land
             self._idle = self._idle or self._loop.create_future()
             await asyncio.wait([self._idle], timeout=self.timeout_s * 2)
-        if self._connecting is not None:
-            self._connecting.cancel()
-            await asyncio.gather(self._connecting, return_exceptions=True)
-        if self._conn is not None:
-            self._conn.close()
-        if self._client is not None:
-            await self._client.aclose()
-            await self._client.connection_pool.disconnect()
-        if self._sentinel is not None:
-            await self._sentinel.aclose()
+        await redis_dial.close_all(self._connecting, self._conn, self._client, self._sentinel)
 
     async def _dial_target(self) -> RespConnection:
         return await redis_dial.dial(parse_url(self.url), self.connect, self._sentinel)
@@ -389,29 +380,29 @@ class RedisStore:
         await self._command("delete", self.prefix + "own:" + name)
 
     async def _command(self, method: str, *args, **kwargs):
-        if not self.available and time.monotonic() < self._retry_at:
-            raise StoreUnavailable("redis is unreachable")
-        try:
-            result = await getattr(self._client, method)(*args, **kwargs)
-        except (RedisError, OSError) as exc:
-            self._down(exc)
-            raise StoreUnavailable("redis is unreachable") from None
-        if not self.available:
-            self._up()
-        return result
+        return await self._guarded(lambda: getattr(self._client, method)(*args, **kwargs))
 
     # --- calls, failures, recovery ----------------------------------------------------------------------
 
     async def _call(self, script: tuple[str, str], keys: list, args: list):
-        if not self.available and time.monotonic() < self._retry_at:
-            raise StoreUnavailable("redis is unreachable")
         text, sha = script
-        try:
+
+        async def evalsha():
             try:
-                result = await self._client.evalsha(sha, len(keys), *keys, *args)
+                return await self._client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
                 await self._client.script_load(text)
-                result = await self._client.evalsha(sha, len(keys), *keys, *args)
+                return await self._client.evalsha(sha, len(keys), *keys, *args)
+
+        return await self._guarded(evalsha)
+
+    async def _guarded(self, call: Callable[[], Awaitable]):
+        """One redis-py call off the hot path: refused for a second after a failure, marks the store down on one
+        and up again on a success."""
+        if not self.available and time.monotonic() < self._retry_at:
+            raise StoreUnavailable("redis is unreachable")
+        try:
+            result = await call()
         except (RedisError, OSError) as exc:
             self._down(exc)
             raise StoreUnavailable("redis is unreachable") from None

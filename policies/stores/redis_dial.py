@@ -25,6 +25,21 @@ def tls_context(connect: Connect) -> ssl.SSLContext:
     return context
 
 
+async def close_all(dialing: asyncio.Task | None, conn: RespConnection | None, client, sentinel) -> None:
+    """Ends what a Redis-backed store holds: a dial on its way, the hot connection, redis-py's client with its
+    pool, and the sentinels' clients."""
+    if dialing is not None:
+        dialing.cancel()
+        await asyncio.gather(dialing, return_exceptions=True)
+    if conn is not None:
+        conn.close()
+    if client is not None:
+        await client.aclose()
+        await client.connection_pool.disconnect()
+    if sentinel is not None:
+        await sentinel.aclose()
+
+
 async def dial(target: RedisTarget, connect: Connect, sentinel=None) -> RespConnection:
     """A connection to the server, authenticated and on its database, within `connect_timeout_s`."""
     loop = asyncio.get_running_loop()
