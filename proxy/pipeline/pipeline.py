@@ -517,7 +517,8 @@ class Pipeline:
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
-                attempt.events = opened.first.count(b"data:")
+                # The data events that reached the client: chat's scanner counts them as it goes.
+                attempt.events = state.events if op is None else opened.first.count(b"data:")
                 if tap is not None:
                     tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
@@ -535,7 +536,7 @@ class Pipeline:
                         if tap is not None:
                             tap.stream(complete)
                         await client.write(complete)
-                        attempt.events += complete.count(b"data:")
+                        attempt.events = state.events if op is None else attempt.events + complete.count(b"data:")
                         if recorded is not None:
                             recorded.append(complete)
         except ClientGone:
