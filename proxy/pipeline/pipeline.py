@@ -167,7 +167,7 @@ class Pipeline:
                 return await self._deadline_passed(ctx, plan.deadline_s)
         finally:
             ctx.settling = True  # from here a drain's cut would lose the settlement (proxy/app/drain.py)
-            if ctx.client is not None:
+            if ctx.client is not None and ctx.client.keeping_alive:
                 await ctx.client.stop_keepalive()
             if policies:
                 if ctx.answered is not None and policies.has_on_response:
