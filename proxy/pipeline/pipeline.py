@@ -522,22 +522,19 @@ class Pipeline:
                     tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
-                    chunk = await resp.readany()
-                    if not chunk:
+                    complete = await opened.next_events(scan_)
+                    if not complete:
                         break
-                    complete = splitter.feed(chunk)
-                    if complete:
-                        scan_(complete, state)
-                        if state.malformed:
-                            # The well-formed events before the bad one still belong to the client.
-                            await client.write((well_formed_prefix if op is None else op.well_formed_prefix)(complete))
-                            break
-                        if tap is not None:
-                            tap.stream(complete)
-                        await client.write(complete)
-                        attempt.events += complete.count(b"data:")
-                        if recorded is not None:
-                            recorded.append(complete)
+                    if state.malformed:
+                        # The well-formed events before the bad one still belong to the client.
+                        await client.write((well_formed_prefix if op is None else op.well_formed_prefix)(complete))
+                        break
+                    if tap is not None:
+                        tap.stream(complete)
+                    await client.write(complete)
+                    attempt.events += complete.count(b"data:")
+                    if recorded is not None:
+                        recorded.append(complete)
         except ClientGone:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
@@ -692,6 +689,20 @@ class _Opened:
                  ctx: RequestContext, attempt: Attempt, provider: Provider) -> None:
         self.resp, self.splitter, self.first, self.state, self.start = resp, splitter, first, state, start
         self.ctx, self.attempt, self.provider = ctx, attempt, provider
+
+    async def next_events(self, scan) -> bytes:
+        """The next whole events of the stream, read and scanned into its state by `scan`; b"" when the
+        upstream ended it. The one read loop of a stream past its commit point: the client's and the
+        followers' (proxy/pipeline/tap.py)."""
+        resp, splitter, state = self.resp, self.splitter, self.state
+        while True:
+            chunk = await resp.readany()
+            if not chunk:
+                return b""
+            complete = splitter.feed(chunk)
+            if complete:
+                scan(complete, state)
+                return complete
 
 
 def _completion_choices(obj) -> list[dict]:
