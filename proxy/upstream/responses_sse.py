@@ -21,6 +21,8 @@ import re
 
 import orjson
 
+from proxy.upstream.sse import event_object
+
 PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
 _ENDS = frozenset({"response.completed", "response.incomplete"})
 # The types worth parsing past the preamble. `"type":"error"` cannot sit inside a string of the JSON text
@@ -105,19 +107,11 @@ def scan(complete: bytes, state: ResponsesState) -> None:
         name, data = _fields(event)
         if data is None:
             continue
-        if data == b"[DONE]":
-            state.done = True
-            return
-        if not data.startswith(b"{"):
-            state.malformed = f"event data is not a JSON object: {data[:60]!r}"
-            return
-        if state.response_id is not None and _MARKER.search(data) is None:
-            continue
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            state.malformed = "event data is not valid JSON"
-            return
+        obj = event_object(data, state, _MARKER)
+        if obj is None:
+            if state.done or state.malformed:
+                return
+            continue  # past the preamble, an event that neither ends nor fails the stream
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             state.malformed = "event is not a Responses stream event: no type"
             return

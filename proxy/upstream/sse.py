@@ -56,24 +56,34 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def inspect_event(data: bytes, state: StreamState) -> None:
-    """Records what one event's data says. Sets `state.malformed` for data that is not a JSON object."""
+def event_object(data: bytes, state, marker: re.Pattern):
+    """The JSON of one event's data when it is worth parsing: the stream's first event, or one that `marker`
+    finds. None otherwise, with `state.done` set for `[DONE]` and `state.malformed` for data that is not a JSON
+    object. Every stream scanner starts an event so (chat here, the Responses API in responses_sse.py)."""
     if data == b"[DONE]":
         state.done = True
-        return
+        return None
     if not data.startswith(b"{"):
         state.malformed = f"event data is not a JSON object: {data[:60]!r}"
+        return None
+    if state.response_id is not None and marker.search(data) is None:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        state.malformed = "event data is not valid JSON"
+        return None
+
+
+def inspect_event(data: bytes, state: StreamState) -> None:
+    """Records what one event's data says. Sets `state.malformed` for data that is not a JSON object."""
+    obj = event_object(data, state, _MARKER)
+    if obj is None:
         return
-    if state.response_id is None or _MARKER.search(data) is not None:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            state.malformed = "event data is not valid JSON"
-            return
-        if not isinstance(obj, dict):
-            state.malformed = "event data is not a JSON object"
-            return
-        _record(obj, state)
+    if not isinstance(obj, dict):
+        state.malformed = "event data is not a JSON object"
+        return
+    _record(obj, state)
 
 
 def _record(obj: dict, state: StreamState) -> None:
