@@ -719,16 +719,22 @@ class _Opened:
                 return complete
 
 
-def _completion_choices(obj) -> list[dict]:
-    """The choices of a 200 that is a chat completion: a JSON object without `error`, whose `choices` is a
-    non-empty list of objects each with a `message` object. Anything else is not an answer: AttemptFailed."""
+def _answer_items(obj, member: str, what: str) -> list:
+    """The `member` list of a 200 that is an answer: a JSON object without `error`, whose `member` is a
+    non-empty list. Anything else is not `what`: AttemptFailed."""
     if not isinstance(obj, dict):
         raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
     if "error" in obj:
         raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise AttemptFailed("malformed", "200 without choices: not a chat completion")
+    items = obj.get(member)
+    if not isinstance(items, list) or not items:
+        raise AttemptFailed("malformed", f"200 without {member}: not {what}")
+    return items
+
+
+def _completion_choices(obj) -> list[dict]:
+    """The choices of a 200 that is a chat completion, each an object with a `message` object."""
+    choices = _answer_items(obj, "choices", "a chat completion")
     for choice in choices:
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             raise AttemptFailed("malformed", "200 with a choice that has no message: not a chat completion")
@@ -736,16 +742,8 @@ def _completion_choices(obj) -> list[dict]:
 
 
 def _check_embeddings(obj) -> None:
-    """A 200 that is an embeddings answer: a JSON object without `error`, whose `data` is a non-empty list of
-    objects each with an `embedding`. Anything else is not an answer: AttemptFailed."""
-    if not isinstance(obj, dict):
-        raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
-    if "error" in obj:
-        raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
-    data = obj.get("data")
-    if not isinstance(data, list) or not data:
-        raise AttemptFailed("malformed", "200 without data: not an embeddings list")
-    for item in data:
+    """A 200 that is an embeddings answer: its `data` items are objects each with an `embedding`."""
+    for item in _answer_items(obj, "data", "an embeddings list"):
         if not isinstance(item, dict) or "embedding" not in item:
             raise AttemptFailed("malformed", "200 with a data item that has no embedding")
 
