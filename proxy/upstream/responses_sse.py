@@ -21,7 +21,7 @@ import re
 
 import orjson
 
-from proxy.upstream.sse import event_object
+from proxy.upstream.sse import _separator, event_object, prefix_before_malformed
 
 PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
 _ENDS = frozenset({"response.completed", "response.incomplete"})
@@ -56,10 +56,6 @@ def usage_of(usage) -> dict | None:
     out["prompt_tokens"] = usage.get("input_tokens")
     out["completion_tokens"] = usage.get("output_tokens")
     return out
-
-
-def _separator(complete: bytes) -> bytes:
-    return b"\r\n\r\n" if b"\r" in complete and b"\r\n\r\n" in complete else b"\n\n"
 
 
 def _fields(event: bytes) -> tuple[bytes | None, bytes | None]:
@@ -143,16 +139,7 @@ def _record(obj: dict, state: ResponsesState) -> None:
 
 def well_formed_prefix(complete: bytes) -> bytes:
     """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
-    sep = _separator(complete)
-    end = 0
-    while (cut := complete.find(sep, end)) >= 0:
-        probe = ResponsesState()
-        probe.response_id = ""
-        scan(complete[end : cut + len(sep)], probe)
-        if probe.malformed:
-            break
-        end = cut + len(sep)
-    return complete[:end]
+    return prefix_before_malformed(complete, scan, ResponsesState)
 
 
 def output_text(raw: bytes) -> str:

@@ -283,15 +283,18 @@ def has_data(complete: bytes) -> bool:
 
 def well_formed_prefix(complete: bytes) -> bytes:
     """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
+    return prefix_before_malformed(complete, scan, StreamState)
+
+
+def prefix_before_malformed(complete: bytes, scanner, new_state) -> bytes:
+    """The leading events of `complete` that `scanner` finds well formed, each probed with a `new_state()` past
+    its stream's first event, bytes unchanged (the chat and the Responses API scanner's `well_formed_prefix`)."""
     end = 0
     sep = _separator(complete)
-    while end < len(complete):
-        cut = complete.find(sep, end)
-        if cut < 0:
-            break
-        probe = StreamState()
+    while (cut := complete.find(sep, end)) >= 0:
+        probe = new_state()
         probe.response_id = ""  # parse only what the markers ask for, as scan() does past the first event
-        scan(complete[end : cut + len(sep)], probe)
+        scanner(complete[end : cut + len(sep)], probe)
         if probe.malformed:
             break
         end = cut + len(sep)
