@@ -33,7 +33,8 @@ class SpeechOperation(AudioOperation):
         self.request = request
 
     async def open(self, pipeline, ctx, attempt, provider, payload: bytes, headers: dict):
-        """Sends the request and reads until the first byte of audio; any failure until then falls over."""
+        """Sends the request and reads until the first byte of audio; any failure until then falls over. The
+        opening is the pipeline's, the same as an SSE stream's (`Pipeline._open`); only its end is audio's own."""
         self.bytes_in = len(ctx.body["input"].encode())  # validated: a non-empty string
 
         async def first_audio(ctx, attempt, provider, resp, start: float) -> _Opened:
