@@ -1,4 +1,4 @@
-"""The `groq-proxy` command: serve, simulate, models."""
+"""The `groq-proxy` command: serve, simulate, models, config."""
 
 from __future__ import annotations
 
@@ -195,6 +195,23 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """The effective config: the file over the built-in defaults, every default filled in, secrets masked (what
+    GET /admin/config shows of a running proxy). A config error exits 2, as `serve` would."""
+    import orjson
+
+    from proxy.admin.config_view import render
+    from proxy.telemetry.logs import register_secrets
+
+    config = load_config(args.config)
+    register_secrets(*(key for p in config.providers.values() for key in p.api_keys), config.server.admin_key)
+    try:
+        print(orjson.dumps(orjson.loads(render(config)), option=orjson.OPT_INDENT_2).decode(), flush=True)
+    except BrokenPipeError:  # `groq-proxy config | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def cmd_bench_model(args) -> int:
     from proxy.routing.latency import default_thresholds
     from proxy.admin.model_bench import BenchRequest, render, run_benchmark
@@ -277,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--simulate", action="store_true", help="check against the built-in simulator")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
+
+    show = sub.add_parser("config", help="print the effective config (the file over the built-in defaults) as JSON")
+    show.add_argument("--config", help=f"TOML config file (default: ${CONFIG_ENV}, else the built-in config)")
+    show.set_defaults(func=cmd_config)
 
     bench = sub.add_parser("bench-model", help="time streamed runs of one model through the proxy")
     bench.add_argument("--model", required=True, help="virtual or real model, e.g. tier-fast")
