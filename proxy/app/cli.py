@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import select
 import sys
@@ -130,6 +131,13 @@ def check_simulate_args(args) -> None:
         value = getattr(args, name)
         if not value >= 0:  # also refuses nan
             raise ProxyError(400, f"--{name.replace('_', '-')}: must be 0 or more, got {value}")
+        if value == math.inf:  # a delay of inf holds every request forever
+            raise ProxyError(400, f"--{name.replace('_', '-')}: must be a finite number, got inf")
+    from proxy.sim.simulator import MAX_COMPLETION_TOKENS
+
+    if not 1 <= args.completion_tokens <= MAX_COMPLETION_TOKENS:
+        raise ProxyError(400, f"--completion-tokens: must be from 1 to {MAX_COMPLETION_TOKENS}, "
+                              f"got {args.completion_tokens}")
     _check_port_arg(args.port)
 
 
