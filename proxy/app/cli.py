@@ -50,6 +50,9 @@ def decide_simulation(args, config: Config) -> bool:
 
 
 def cmd_serve(args) -> int:
+    from proxy.app.early_sighup import hold
+
+    hold()  # the console script held it already (proxy/app/entry.py); this covers a caller of main()
     from proxy.admin import catalogue
     from proxy.app.drain import DRAIN
     from proxy.app.server import STATE, build_app

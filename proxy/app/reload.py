@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import fields, replace
 from typing import Callable
 
 import orjson
 
 from policies.config import check_workers
+from proxy.app import early_sighup
 from proxy.app.config import Config, ConfigError, ServerConfig, load_config
 from proxy.app.policy_routes import close_chain, open_chain
 from proxy.pipeline.pipeline import Pipeline
@@ -93,7 +93,7 @@ class Reloads:
         self._lock = asyncio.Lock()
         self._live: list[Generation] = []  # the current one, and retired ones whose chain is not closed yet
         self._tasks: set[asyncio.Task] = set()
-        self._signal_installed = False
+        self._sighup_before = None  # what SIGHUP did before the loop's handler: put back at the end
         self._closing = False
         self.count = 0
 
@@ -201,15 +201,11 @@ class Reloads:
 
     def handle_sighup(self) -> None:
         """SIGHUP reloads (a worker supervisor forwards it to each worker). Only where the loop can take
-        signals: the main thread of a Unix process."""
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is None:
-            return
-        try:
-            asyncio.get_running_loop().add_signal_handler(sighup, self._on_sighup)
-        except (NotImplementedError, RuntimeError, ValueError):
-            return
-        self._signal_installed = True
+        signals: the main thread of a Unix process. One that came while the proxy started (held by
+        proxy/app/early_sighup.py) reloads now: the file may have changed after the start read it."""
+        self._sighup_before = early_sighup.install(asyncio.get_running_loop(), self._on_sighup)
+        if self._sighup_before is not None and early_sighup.take():
+            self._on_sighup()
 
     def _on_sighup(self) -> None:
         task = asyncio.get_running_loop().create_task(self._quiet_reload())
@@ -225,8 +221,8 @@ class Reloads:
     async def close(self) -> None:
         """At the app's end: every chain not closed yet, each store once."""
         self._closing = True
-        if self._signal_installed:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self._sighup_before is not None:
+            early_sighup.restore(asyncio.get_running_loop(), self._sighup_before)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         closed: set[int] = set()
