@@ -445,3 +445,49 @@ async def test_admin_config_masks_a_redis_password_given_alone(upstream, start_p
     shown = view["policies"]["store"]["url"]
     assert "pw9" not in shown and "p%40ss" not in shown and "p@ss" not in shown
     assert shown.startswith(url.split("://")[0] + "://[masked]@127.0.0.1:1/")
+
+
+async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy, redis_store_table):
+    """GET /v1/usage takes the generation once and holds it, as a request through the pipeline does. Before, it
+    did not count on its generation: a reload that changed [store] closed the old store at once, under the
+    usage read still in flight on it."""
+    _, url = upstream
+    store = redis_store_table
+
+    def text(timeout_s: float, rpm: int) -> str:
+        table = (f'[store]\nbackend = "redis"\nurl = "{store["url"]}"\nprefix = "{store["prefix"]}"\n'
+                 f"timeout_s = {timeout_s}\n")
+        return toml(url, {"tier-test": ["m1"]},
+                    table + f'[[policies]]\nuse = "rate_limit"\nper = "user"\nrequests_per_minute = {rpm}\n')
+
+    base, state, path = await proxy(text(1.0, 10))
+    for _ in range(2):
+        assert (await call(base, "POST", "/v1/chat/completions", {**chat("tier-test"), "user": "ann"}))[0] == 200
+    old_store, old = state.pipeline.policies.store, state.generation
+    reached, gate, closed = asyncio.Event(), asyncio.Event(), []
+    read, close = old_store.read, old_store.close
+
+    async def gated_read(claims):
+        reached.set()
+        await gate.wait()
+        return await read(claims)
+
+    async def watched_close():
+        closed.append(old_store)
+        await close()
+
+    old_store.read, old_store.close = gated_read, watched_close
+    usage = asyncio.ensure_future(call(base, "GET", "/v1/usage?user=ann"))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        path.write_text(text(2.0, 20))
+        assert (await reload(base))[0] == 200
+        assert state.generation is not old and state.pipeline.policies.store is not old_store
+        assert closed == []  # the usage read still runs on the old generation's store
+    finally:
+        gate.set()
+    code, report = await asyncio.wait_for(usage, 10)
+    assert code == 200, report
+    [limit] = report["limits"]
+    assert limit["requests"]["limit"] == 10 and limit["requests"]["used"] == 2  # the old generation's, whole
+    await until(lambda: closed == [old_store], what="the old store closed once the usage read ended")
