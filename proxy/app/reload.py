@@ -35,7 +35,7 @@ from proxy.routing.cooldown import Cooldowns
 from proxy.routing.router import Router
 from proxy.routing.state import RoutingState
 from proxy.telemetry.logs import emit, log, register_secrets
-from proxy.telemetry.metrics import Counter
+from proxy.telemetry.metrics import Counter, Gauge
 from proxy.telemetry.observe import Observer
 from proxy.upstream.providers import Upstreams
 
@@ -75,25 +75,6 @@ class Generation:
             self._on_idle = on_idle
 
 
-class ReloadMetrics:
-    """`groq_proxy_reloads_total{result}` and `groq_proxy_config_generation`, in the app's metric set. With
-    workers each counts its own reloads (proxy/telemetry/worker_metrics.py sums the counter, and keeps the gauge
-    one series per worker, so a worker left on an older generation shows)."""
-
-    def __init__(self) -> None:
-        self.reloads = Counter("groq_proxy_reloads_total", "Config reloads (SIGHUP, POST /admin/reload) by result: ok "
-                               "(installed) or error (refused; the running config stays).", ("result",))
-        for result in ("ok", "error"):  # both series from the start: an alert on error sees a rise from 0
-            self.reloads.inc((result,), 0)
-        self.generation = 0
-
-    def render(self, out: list[str]) -> None:
-        self.reloads.render(out)
-        out.append("# HELP groq_proxy_config_generation The running config's generation: 1 at start, one more per "
-                   "reload installed.\n# TYPE groq_proxy_config_generation gauge\n"
-                   f"groq_proxy_config_generation {self.generation}\n")
-
-
 class ReloadRefused(Exception):
     """The new config was not installed; the message says why (it names the key, and never a secret)."""
 
@@ -116,10 +97,15 @@ class Reloads:
         self._sighup_before = None  # what SIGHUP did before the loop's handler: put back at the end
         self._closing = False
         self.count = 0
-        self._counts = None
-        if metrics is not None:
-            self._counts = ReloadMetrics()
-            metrics.all = metrics.all + (self._counts,)
+        self._reloads = self._generation = None
+        if metrics is not None:  # with workers, each counts its own: summed, and the gauge kept per worker
+            self._reloads = Counter("groq_proxy_reloads_total", "Config reloads (SIGHUP, POST /admin/reload) by "
+                                    "result: ok (installed) or error (refused; the running config stays).", ("result",))
+            for result in ("ok", "error"):  # both series from the start: an alert on error sees a rise from 0
+                self._reloads.inc((result,), 0)
+            self._generation = Gauge("groq_proxy_config_generation", "The running config's generation: 1 at start, "
+                                     "one more per reload installed.")
+            metrics.all = metrics.all + (self._reloads, self._generation)
 
     # --- building --------------------------------------------------------------------------------------
 
@@ -151,8 +137,8 @@ class Reloads:
         self._cooldowns.reconfigure(generation.config.routing)
         self._state.install(generation)
         self._live.append(generation)
-        if self._counts is not None:
-            self._counts.generation = generation.number
+        if self._generation is not None:
+            self._generation.set((), generation.number)
 
     # --- reloading -------------------------------------------------------------------------------------
 
@@ -210,8 +196,8 @@ class Reloads:
                     "restart_required": restart}
 
     def _count(self, result: str) -> None:
-        if self._counts is not None:
-            self._counts.reloads.inc((result,))
+        if self._reloads is not None:
+            self._reloads.inc((result,))
 
     def _close_later(self, generation: Generation) -> None:
         task = asyncio.get_running_loop().create_task(self._close(generation))
