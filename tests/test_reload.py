@@ -491,3 +491,39 @@ async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy
     [limit] = report["limits"]
     assert limit["requests"]["limit"] == 10 and limit["requests"]["used"] == 2  # the old generation's, whole
     await until(lambda: closed == [old_store], what="the old store closed once the usage read ended")
+
+
+async def test_admin_cache_delete_keeps_its_generation_and_the_cache_it_empties(upstream, proxy):
+    """DELETE /admin/cache holds the generation it started on, as /v1/usage does. Before, a reload (any: each
+    builds the cache policy anew) closed the old cache's store under a delete still in flight on it (on Redis a
+    SCAN of many round trips)."""
+    _, url = upstream
+    cache = '[[policies]]\nuse = "cache"\n'
+    base, state, path = await proxy(toml(url, {"tier-test": ["m1"]}, cache))
+    assert (await call(base, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 200
+    [policy] = state.pipeline.policies.policies
+    old_store = policy.store
+    reached, gate, closed = asyncio.Event(), asyncio.Event(), []
+    delete, close = old_store.delete, old_store.close
+
+    async def gated_delete(**kwargs):
+        reached.set()
+        await gate.wait()
+        return await delete(**kwargs)
+
+    async def watched_close():
+        closed.append(old_store)
+        await close()
+
+    old_store.delete, old_store.close = gated_delete, watched_close
+    emptied = asyncio.ensure_future(call(base, "DELETE", "/admin/cache", headers=ADMIN))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        path.write_text(toml(url, {"tier-test": ["m1"], "tier-new": ["m2"]}, cache))
+        assert (await reload(base))[0] == 200
+        assert state.pipeline.policies.policies[0].store is not old_store
+        assert closed == []  # the delete still runs on the old generation's cache
+    finally:
+        gate.set()
+    assert await asyncio.wait_for(emptied, 10) == (200, {"deleted": 1, "policies": ["cache"]})
+    await until(lambda: closed == [old_store], what="the old cache closed once the delete ended")
