@@ -447,18 +447,19 @@ async def test_admin_config_masks_a_redis_password_given_alone(upstream, start_p
     assert shown.startswith(url.split("://")[0] + "://[masked]@127.0.0.1:1/")
 
 
-async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy, redis_store_table):
-    """GET /v1/usage takes the generation once and holds it, as a request through the pipeline does. Before, it
-    did not count on its generation: a reload that changed [store] closed the old store at once, under the
-    usage read still in flight on it."""
+@pytest.mark.parametrize("route", ["/v1/usage?user=ann", "/status.json"])
+async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy, redis_store_table, route):
+    """GET /v1/usage (and the status page's usage of the global limits) takes the generation once and holds it,
+    as a request through the pipeline does. Before, it did not count on its generation: a reload that changed
+    [store] closed the old store at once, under the usage read still in flight on it."""
     _, url = upstream
     store = redis_store_table
 
     def text(timeout_s: float, rpm: int) -> str:
         table = (f'[store]\nbackend = "redis"\nurl = "{store["url"]}"\nprefix = "{store["prefix"]}"\n'
                  f"timeout_s = {timeout_s}\n")
-        return toml(url, {"tier-test": ["m1"]},
-                    table + f'[[policies]]\nuse = "rate_limit"\nper = "user"\nrequests_per_minute = {rpm}\n')
+        limit = f'[[policies]]\nuse = "rate_limit"\nname = "{{per}}"\nper = "{{per}}"\nrequests_per_minute = {rpm}\n'
+        return toml(url, {"tier-test": ["m1"]}, table + limit.format(per="user") + limit.format(per="global"))
 
     base, state, path = await proxy(text(1.0, 10))
     for _ in range(2):
@@ -477,7 +478,7 @@ async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy
         await close()
 
     old_store.read, old_store.close = gated_read, watched_close
-    usage = asyncio.ensure_future(call(base, "GET", "/v1/usage?user=ann"))
+    usage = asyncio.ensure_future(call(base, "GET", route))
     try:
         await asyncio.wait_for(reached.wait(), 10)
         path.write_text(text(2.0, 20))
@@ -488,8 +489,9 @@ async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy
         gate.set()
     code, report = await asyncio.wait_for(usage, 10)
     assert code == 200, report
-    [limit] = report["limits"]
-    assert limit["requests"]["limit"] == 10 and limit["requests"]["used"] == 2  # the old generation's, whole
+    limits = report["limits"] if route.startswith("/v1/usage") else report["policies"]["limits"]
+    assert [(limit["per"], limit["requests"]["limit"], limit["requests"]["used"]) for limit in limits] == \
+        ([("user", 10, 2)] if route.startswith("/v1/usage") else []) + [("global", 10, 2)]  # the old generation's
     await until(lambda: closed == [old_store], what="the old store closed once the usage read ended")
 
 
