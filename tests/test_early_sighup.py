@@ -132,3 +132,24 @@ async def test_the_end_of_the_app_puts_back_what_sighup_did_before(aiohttp_serve
         assert signal.getsignal(signal.SIGHUP) is before
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+async def test_the_console_script_holds_sighup_before_it_imports_the_server(tmp_path):
+    """The slow imports (aiohttp, a few hundred milliseconds) come after `hold()`: the script records what was
+    imported when SIGHUP was held, then `serve` ends on a bad flag."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import signal, sys\n"
+        "from proxy.app import early_sighup\n"
+        "hold = early_sighup.hold\n"
+        "def probe():\n"
+        "    hold()\n"
+        "    print('aiohttp' in sys.modules, signal.getsignal(signal.SIGHUP) is early_sighup._remember, flush=True)\n"
+        "early_sighup.hold = probe\n"
+        "from proxy.app.entry import main\n"
+        "sys.exit(main(['serve', '--port', '70000']))\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env=clean_env())
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2, err
+    assert out.decode().splitlines()[0] == "False True"  # held, and aiohttp not imported yet
