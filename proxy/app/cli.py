@@ -134,7 +134,7 @@ def check_simulate_args(args) -> None:
         value = getattr(args, name)
         if not value >= 0:  # also refuses nan
             raise ProxyError(400, f"--{name.replace('_', '-')}: must be 0 or more, got {value}")
-        if value == math.inf:  # a delay of inf holds every request forever
+        if value == math.inf:  # a delay that holds every request forever, a pace that is none
             raise ProxyError(400, f"--{name.replace('_', '-')}: must be a finite number, got inf")
     from proxy.sim.simulator import MAX_COMPLETION_TOKENS
 
