@@ -23,10 +23,11 @@ TEXT = "Hello there!"
 
 
 class GatedUpstream(ChatUpstream):
-    """Counts its calls. The first call waits for `first` (a stream: sends its first event, then waits for
-    `rest`); with `fail_first` it then answers 500. Every later call answers at once."""
+    """Counts its calls. The first `gated` calls wait for `first` (a stream: sends its first event, then waits
+    for `rest`); with `fail_first` the first then answers 500. Every later call answers at once."""
 
-    def __init__(self, fail_first: bool = False) -> None:
+    def __init__(self, fail_first: bool = False, gated: int = 1) -> None:
+        self.gated = gated
         self.first, self.rest = asyncio.Event(), asyncio.Event()
         self.calls = 0
         self.fail_first = fail_first
@@ -36,10 +37,11 @@ class GatedUpstream(ChatUpstream):
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         self.calls += 1
-        gated = self.calls == 1
+        call = self.calls
+        gated = call <= self.gated
         if gated:
             await self.first.wait()
-            if self.fail_first:
+            if self.fail_first and call == 1:
                 return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
         if not body.get("stream"):
             return web.Response(body=orjson.dumps(completion(body["model"], TEXT)), content_type="application/json")
@@ -81,7 +83,10 @@ async def until_waiting(base: str, n: int, what: str) -> None:
         if await waiting(base) >= n:
             return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{what}: fewer than {n} waiting")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/status.json") as resp:
+            data = await resp.json()
+    raise AssertionError(f"{what}: fewer than {n} waiting: {data['cache']}")
 
 
 @pytest.fixture
@@ -90,8 +95,8 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
     sharing one Redis (the suite's unless given) under a prefix of their own."""
     started = []
 
-    async def start(redis: str | None = None, fail_first: bool = False, **cache):
-        upstream = GatedUpstream(fail_first)
+    async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, **cache):
+        upstream = GatedUpstream(fail_first, gated)
         server = await aiohttp_server(upstream.app())
         prefix = f"t{uuid.uuid4().hex[:8]}:"
         extra = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in cache.items())
@@ -255,7 +260,7 @@ async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(repli
 
 
 async def test_with_redis_stopped_requests_are_answered_and_coalesced_in_each_process(replicas, redis_server):
-    upstream, _, (one, two) = await replicas(redis=redis_server.url)
+    upstream, _, (one, two) = await replicas(redis=redis_server.url, gated=2)
     redis_server.stop()
     leaders = [send(one, ASK)]
     await until(lambda: upstream.calls == 1, what="the first leader upstream")
