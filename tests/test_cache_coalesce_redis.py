@@ -283,3 +283,80 @@ def test_coalesce_wait_s_is_checked_at_start():
         with pytest.raises(ConfigError, match="coalesce_wait_s") as caught:
             config_for("http://127.0.0.1:9/openai/v1", policies=[{"use": "cache", "coalesce_wait_s": bad}])
         assert message in str(caught.value)
+
+
+# --- the same, two proxies in this process (their policies' state in reach) ----------------------------------
+
+
+async def two_in_process(aiohttp_server, start_proxy, store: dict, upstream: GatedUpstream):
+    server = await aiohttp_server(upstream.app())
+    url = f"http://127.0.0.1:{server.port}/openai/v1"
+    configs = [config_for(url, {"tier-test": ["m1"]}, store=store, policies=[{"use": "cache"}]) for _ in range(2)]
+    bases = [await start_proxy(config) for config in configs]
+    return bases, [config.policies.policies[0] for config in configs]
+
+
+async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_upstream(
+        aiohttp_server, start_proxy, redis_store_table):
+    sent: list[str] = []
+    at_upstream: list[list[str]] = []
+
+    class Recording(GatedUpstream):
+        async def _chat(self, request):
+            at_upstream.append(list(sent))
+            return await super()._chat(request)
+
+    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, Recording(gated=0))
+    command = cache.store._command
+
+    async def recorded(*args):
+        sent.append(args[0])
+        return await command(*args)
+
+    cache.store._command = recorded
+    await post_chat(base, {**ASK, "messages": [{"role": "user", "content": "warm"}]})  # the scripts loaded
+    await until(lambda: not cache.store._tasks, what="the warm answer's put and end sent")
+    sent.clear()
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "MISS"
+    # the lookup and the lease; the tick's SPOP (every 50 ms while a lease is held) is nobody's wait
+    assert [c for c in at_upstream[-1] if c != "SPOP"] == ["GET", "EVALSHA"]
+
+
+async def test_a_follower_that_joins_after_the_leaders_last_look_is_still_answered(
+        aiohttp_server, start_proxy, redis_store_table, monkeypatch):
+    from policies.cache import coalesce_redis
+
+    monkeypatch.setattr(coalesce_redis, "_TICK_S", 3600.0)  # the leader never looks: only its end learns of it
+    upstream = GatedUpstream()
+    (one, two), (_, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, upstream)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    follower = send(two, {**ASK, "stream": True})
+    await until(lambda: sum(f.followers for f in cache_two.flights.values()) == 1, what="the follower waiting")
+    upstream.first.set()
+    (status, _, _), (f_status, f_headers, f_raw) = await asyncio.wait_for(asyncio.gather(leader, follower), 30)
+    assert status == f_status == 200 and f_headers["x-groq-proxy-cache"] == "COALESCED"
+    assert text_of(f_raw, True) == TEXT and f_raw.endswith(b"data: [DONE]\n\n")
+    assert upstream.calls == 1
+
+
+async def test_an_entry_stored_between_the_lookup_and_the_lease_is_looked_up_again(redis_url):
+    from policies.cache.coalesce import Capture
+    from policies.cache.coalesce_redis import STORED, SharedFlights
+    from policies.cache.entry import from_plain
+    from policies.cache.policy import ResponseCache
+    from policies.cache.store_redis import RedisCache
+
+    store = RedisCache(redis_url, "cache", ttl_s=60, max_entries=10, max_bytes=1 << 20, max_entry_bytes=1 << 20,
+                       prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    try:
+        entry = from_plain("k" * 64, "tier-test", "all", "m1", orjson.dumps(completion("m1", TEXT)))
+        await store.put(entry)
+        cache = ResponseCache()
+        cache.store = store
+        shared = SharedFlights(store, 1.0)
+        assert await shared.claim(Capture(cache, "k" * 64, "tier-test", "all")) == STORED
+        await shared.close()
+    finally:
+        await store.close()
