@@ -360,3 +360,27 @@ async def test_an_entry_stored_between_the_lookup_and_the_lease_is_looked_up_aga
         await shared.close()
     finally:
         await store.close()
+
+
+async def test_emptying_the_cache_leaves_the_requests_in_flight_alone(redis_url):
+    from policies.cache.entry import from_plain
+    from policies.cache.store_redis import RedisCache
+
+    store = RedisCache(redis_url, "cache", ttl_s=60, max_entries=10, max_bytes=1 << 20, max_entry_bytes=1 << 20,
+                       prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    client = aioredis.from_url(redis_url)
+    try:
+        entry = from_plain("k" * 64, "tier-test", "all", "m1", orjson.dumps(completion("m1", TEXT)))
+        await store.put(entry)
+        lease = store.redis_key("tier-test", "j" * 64) + ":lease"
+        await client.set(lease, "abc:1", px=60_000)
+        await client.xadd(store.base + "flight:abc:1", {"d": b"data: {}\n\n"})
+        await client.sadd(store.base + "followed:abc", lease)
+        assert await store.delete() == 1
+        assert await store.delete(model="tier-test") == 0
+        assert await client.exists(lease, store.base + "flight:abc:1", store.base + "followed:abc") == 3
+    finally:
+        await client.delete(lease, store.base + "flight:abc:1", store.base + "followed:abc")
+        await client.aclose()
+        await store.close()

@@ -59,6 +59,7 @@ class RedisCache:
         self.timeout_s = timeout_s
         self.base = f"{prefix}cache:{policy}:"
         self.index, self.sizes, self.total = self.base + "index", self.base + "sizes", self.base + "bytes"
+        self._in_flight = (self.base + "flight:", self.base + "followed:")
         self._put, self._forget = _script("put.lua"), _script("forget.lua")
         self._client = None
         self._sentinel = None
@@ -242,7 +243,8 @@ class RedisCache:
         batch: list[str] = []
         async for found in self._client.scan_iter(match=pattern, count=500):
             name = found.decode() if isinstance(found, bytes) else found
-            if name in (self.index, self.sizes, self.total):
+            if name in (self.index, self.sizes, self.total) or name.endswith(":lease") or name.startswith(
+                    self._in_flight):  # requests in flight across replicas (coalesce_redis.py): not entries
                 continue
             batch.append(name)
             if len(batch) >= 500:
