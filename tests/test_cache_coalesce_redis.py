@@ -210,6 +210,8 @@ async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themsel
                 if await published():
                     break
                 await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the leader never published its first chunk")
         finally:
             await client.aclose()
     proc_one.process.kill()  # the leader's replica dies: its lease is no longer renewed

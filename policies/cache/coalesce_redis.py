@@ -109,10 +109,11 @@ class SharedFlights:
         store = self.store
         if store.is_down():
             return DOWN
-        lease_key = store.redis_key(capture.model, capture.key) + ":lease"
+        entry_key = store.redis_key(capture.model, capture.key)
+        lease_key = entry_key + ":lease"
         token = f"{self.replica}:{next(self._numbers)}"
         try:
-            reply = await store.run_script(self._lead, [store.redis_key(capture.model, capture.key), lease_key],
+            reply = await store.run_script(self._lead, [entry_key, lease_key],
                                            [token, LEASE_MS, f"{store.base}followed:", LEASE_MS * 2])
         except _FAILURES as exc:
             store.failed(exc)
