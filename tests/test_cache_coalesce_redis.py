@@ -142,6 +142,11 @@ async def test_identical_requests_on_two_replicas_make_one_upstream_call(replica
     assert {a[1]["x-groq-proxy-cache"] for a in answers[1:]} == {"COALESCED"}
     for (_, _, raw), body in zip(answers[1:], bodies):
         assert text_of(raw, body["stream"]) == TEXT
+    async with aiohttp.ClientSession() as session:  # counted as in-process followers are
+        async with session.get(two + "/metrics") as resp:
+            text = await resp.text()
+    assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="coalesced"} 7' in text
+    assert 'result="miss"' not in text
     # a plain leader too: its answer reaches the other replica's followers, streamed and not
     plain_ask = {**ASK, "messages": [{"role": "user", "content": "Say hello, plainly"}]}
     upstream.calls = 0
@@ -386,3 +391,30 @@ async def test_emptying_the_cache_leaves_the_requests_in_flight_alone(redis_url)
         await client.delete(lease, store.base + "flight:abc:1", store.base + "followed:abc")
         await client.aclose()
         await store.close()
+
+
+async def test_a_leader_whose_client_leaves_mid_stream_reads_on_for_the_other_replicas_followers(
+        aiohttp_server, start_proxy, redis_store_table):
+    upstream = GatedUpstream()
+    (one, two), (cache_one, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table,
+                                                              upstream)
+    upstream.first.set()
+    url = "/v1/chat/completions"
+    async with aiohttp.ClientSession() as leader_session, aiohttp.ClientSession() as session:
+        leader = await leader_session.post(one + url, json={**ASK, "stream": True})
+        await leader.content.readuntil(b"\n\n")  # committed: the leader's first event is out
+        follow = [asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True})) for _ in range(2)]
+        flight = next(iter(cache_one.flights.values()))
+        await until(lambda: flight.lease.published, what="the other replica following")
+        responses = await asyncio.gather(*follow)
+        leader.close()  # the leader's client goes away mid-stream; no request of its own replica waits
+        await leader_session.close()
+        await until(lambda: flight.handed, what="the stream kept for the other replica")
+        upstream.rest.set()
+        raws = [await resp.read() for resp in responses]
+    assert all(r.headers["x-groq-proxy-cache"] == "COALESCED" for r in responses)
+    assert all(text_of(raw, True) == TEXT and raw.endswith(b"data: [DONE]\n\n") for raw in raws)
+    assert upstream.calls == 1
+    await until(lambda: not cache_one.store._tasks, what="the answer's put")
+    hit = await post_chat(two, ASK)  # stored once, by the leader's replica, and a hit on the other
+    assert hit[1]["x-groq-proxy-cache"] == "HIT" and text_of(hit[2], False) == TEXT

@@ -166,7 +166,7 @@ class SharedFlights:
         if lease.conn is not None:
             lease.conn.call("PEXPIRE", lease.stream, _STREAM_TTL_MS).add_done_callback(_drop)
         if lease.ending:  # the end script ran before this was known: the marker goes out here
-            self._mark(lease, b"done" if capture.whole else b"failed", capture.answered_by)
+            self._mark(lease, b"done" if capture.whole and not lease.broken else b"failed", capture.answered_by)
 
     def _mark(self, lease: Lease, marker: bytes, model: str) -> None:
         conn = lease.conn or self.store.live_connection()
