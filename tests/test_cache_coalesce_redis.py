@@ -329,6 +329,33 @@ async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_
     assert [c for c in at_upstream[-1] if c != "SPOP"] == ["GET", "EVALSHA"]
 
 
+async def test_a_request_whose_max_age_refuses_the_entry_takes_the_lease_at_once(
+        aiohttp_server, start_proxy, redis_store_table):
+    sent: list[str] = []
+    at_upstream: list[list[str]] = []
+
+    class Recording(GatedUpstream):
+        async def _chat(self, request):
+            at_upstream.append(list(sent))
+            return await super()._chat(request)
+
+    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, Recording(gated=0))
+    command = cache.store._command
+
+    async def recorded(*args):
+        sent.append(args[0])
+        return await command(*args)
+
+    cache.store._command = recorded
+    await post_chat(base, ASK)
+    await until(lambda: not cache.store._tasks, what="the answer's put and end sent")
+    sent.clear()
+    fresh = await post_chat(base, ASK, {"Cache-Control": "max-age=0"})
+    assert fresh[1]["x-groq-proxy-cache"] == "MISS" and len(at_upstream) == 2
+    # not the entry's existence asked again and again: the lookup and the lease
+    assert [c for c in at_upstream[-1] if c != "SPOP"] == ["GET", "EVALSHA"]
+
+
 async def test_a_follower_that_joins_after_the_leaders_last_look_is_still_answered(
         aiohttp_server, start_proxy, redis_store_table, monkeypatch):
     from policies.cache import coalesce_redis

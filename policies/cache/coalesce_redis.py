@@ -103,9 +103,10 @@ class SharedFlights:
 
     # --- a miss -----------------------------------------------------------------------------------------
 
-    async def claim(self, capture: "Capture") -> str:
+    async def claim(self, capture: "Capture", stale: bool = False) -> str:
         """LEAD (the capture leads, with a lease), FOLLOW (a relay feeds it from another replica's stream),
-        STORED (the entry is there now), or DOWN (Redis unreachable: it leads in this process only)."""
+        STORED (the entry is there now: not asked when the caller found it `stale`, too old for its max-age), or
+        DOWN (Redis unreachable: it leads in this process only)."""
         store = self.store
         if store.is_down():
             return DOWN
@@ -114,7 +115,8 @@ class SharedFlights:
         token = f"{self.replica}:{next(self._numbers)}"
         try:
             reply = await store.run_script(self._lead, [entry_key, lease_key],
-                                           [token, LEASE_MS, f"{store.base}followed:", LEASE_MS * 2])
+                                           [token, LEASE_MS, f"{store.base}followed:", LEASE_MS * 2,
+                                            0 if stale else 1])
         except _FAILURES as exc:
             store.failed(exc)
             return DOWN

@@ -1,10 +1,11 @@
 -- A miss asks to lead the upstream call of its key on every replica (cache/coalesce_redis.py).
 -- KEYS[1] the entry, KEYS[2] the key's lease. ARGV[1] this request's token (`{replica}:{n}`), ARGV[2] the
--- lease in ms, ARGV[3] the prefix of the replicas' followed sets, ARGV[4] their TTL in ms.
+-- lease in ms, ARGV[3] the prefix of the replicas' followed sets, ARGV[4] their TTL in ms, ARGV[5] '1' to
+-- look for the entry ('0' when the caller found one too old for its max-age).
 -- Returns {0} when the entry is there now (stored since the caller's GET), {1} when the caller holds the
 -- lease (it leads), {2, holder} when another request holds it: the caller follows it, and the holder's
 -- replica learns, from its followed set, that its answer must be published.
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
 local holder = redis.call('GET', KEYS[2])
 if not holder then return {0} end

@@ -163,7 +163,7 @@ class ResponseCache(Policy):
             if flight is None:
                 if shared is None:
                     break
-                flight = await self._claim(ctx, shared, key, model, who)
+                flight = await self._claim(ctx, shared, key, model, who, stale=entry is not None)
                 if flight is None:
                     return self._pass(ctx, MISS, key)
             decision = await self._follow(ctx, flight, key)
@@ -210,14 +210,14 @@ class ResponseCache(Policy):
             capture.coalesced = True
             self.flights[key] = capture
 
-    async def _claim(self, ctx, shared, key: str, model: str, who: str) -> Capture | None:
+    async def _claim(self, ctx, shared, key: str, model: str, who: str, stale: bool) -> Capture | None:
         """A miss with no flight of its key here asks Redis (policies/cache/coalesce_redis.py). Its capture is
         this process's flight meanwhile, so identical requests arriving here wait on it, not on Redis. None
         when this request leads (its capture is on the context); else the capture to follow."""
         capture = Capture(self, key, model, who)
         capture.coalesced = True
         self.flights[key] = capture
-        outcome = await shared.claim(capture)
+        outcome = await shared.claim(capture, stale)
         if outcome in (LEAD, DOWN):
             ctx.tap = capture
             return None
