@@ -360,7 +360,12 @@ async def test_a_follower_that_joins_after_the_leaders_last_look_is_still_answer
         aiohttp_server, start_proxy, redis_store_table, monkeypatch):
     from policies.cache import coalesce_redis
 
-    monkeypatch.setattr(coalesce_redis, "_TICK_S", 3600.0)  # the leader never looks: only its end learns of it
+    async def deaf(self) -> None:
+        return None
+
+    # the leader hears no message and never pops its set: only its end learns of the follower
+    monkeypatch.setattr(coalesce_redis, "_TICK_S", 3600.0)
+    monkeypatch.setattr(coalesce_redis.SharedFlights, "_subscribe", deaf)
     upstream = GatedUpstream()
     (one, two), (_, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, upstream)
     leader = send(one, ASK)
@@ -445,3 +450,30 @@ async def test_a_leader_whose_client_leaves_mid_stream_reads_on_for_the_other_re
     await until(lambda: not cache_one.store._tasks, what="the answer's put")
     hit = await post_chat(two, ASK)  # stored once, by the leader's replica, and a hit on the other
     assert hit[1]["x-groq-proxy-cache"] == "HIT" and text_of(hit[2], False) == TEXT
+
+
+async def test_the_leader_hears_of_a_follower_on_another_replica_at_once(
+        aiohttp_server, start_proxy, redis_store_table, monkeypatch):
+    from policies.cache import coalesce_redis
+
+    monkeypatch.setattr(coalesce_redis, "_TICK_S", 3600.0)  # its set never popped: only the message tells it
+    upstream = GatedUpstream()
+    (one, two), (cache_one, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table,
+                                                              upstream)
+    url = "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        leading = asyncio.ensure_future(session.post(one + url, json={**ASK, "stream": True}))
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        await until(lambda: cache_one.shared._subscriber is not None, what="the leader's replica subscribed")
+        following = asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True}))
+        flight = next(iter(cache_one.flights.values()))
+        await until(lambda: flight.lease.published, what="the leader told of its follower")
+        upstream.first.set()
+        leader, follower = await asyncio.gather(leading, following)
+        first = await follower.content.readuntil(b"\n\n")
+        assert follower.headers["x-groq-proxy-cache"] == "COALESCED" and b'"role":"assistant"' in first
+        assert upstream.finished == 0  # before the leader's stream ends
+        upstream.rest.set()
+        raw = first + await follower.read()
+        await leader.read()
+    assert text_of(raw, True) == TEXT and upstream.calls == 1

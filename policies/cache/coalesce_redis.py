@@ -11,8 +11,10 @@ module adds one Redis step to a miss that finds no flight of its key in its own 
   the key here follows as it would a local leader (one Redis reader per key per replica); or
 - says the entry is there now (stored since the GET): the request looks it up again.
 
-Publishing costs nothing when nobody follows: a follower adds the lease to its holder's "followed" set (in
-the same script), which the holder pops every 50 ms while it leads; from then on it appends what it captured
+Publishing costs nothing when nobody follows: a follower adds the lease to its holder's "followed" set and
+publishes its name on the channel of that name (in the same script). The holder subscribes to its channel
+(one connection a process, opened at its first miss), and pops its set each second while it leads, should a
+message be lost (its subscription was down); from then on it appends what it captured
 and each piece that comes after to its stream (XADD, bounded by MAXLEN and a TTL), and ends it with a
 marker: `done` (a whole answer), `failed` (none: the followers go upstream themselves, one of them taking the
 lease) or `alone` (it cannot be followed: the followers go upstream without the lease). `flight_end.lua`
@@ -44,8 +46,7 @@ if TYPE_CHECKING:
 
 LEAD, FOLLOW, STORED, DOWN = "lead", "follow", "stored", "down"
 LEASE_MS = 3000  # a leader that stops renewing (its process died) is given up on after this
-_RENEW_S = 1.0
-_TICK_S = 0.05  # how often a replica that leads looks for followers on other replicas
+_TICK_S = 1.0  # how often a replica that leads pops its followed set (messages tell it at once)
 _STREAM_TTL_MS = 10_000  # a published stream's life, renewed with the lease; kept this long after its end
 _STREAM_MAXLEN = 100_000  # pieces of one answer at most (an answer larger than max_entry_bytes still streams)
 _HELD_MAX_S = 600.0  # no lease is renewed, nor followed, longer than this (a leader that never ended)
@@ -90,16 +91,20 @@ class SharedFlights:
         self._ticking: asyncio.Task | None = None
         self._relays: set[asyncio.Task] = set()
         self._idle: list[RespConnection] = []
+        self._subscriber: RespConnection | None = None
+        self._subscribing: asyncio.Task | None = None
         self.calls = 0  # relay XREADs sent (what a test may count)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._ticking, *self._relays) if t is not None]
+        tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for conn in self._idle:
             conn.close()
         self._idle.clear()
+        if self._subscriber is not None:
+            self._subscriber.close()
 
     # --- a miss -----------------------------------------------------------------------------------------
 
@@ -110,6 +115,8 @@ class SharedFlights:
         store = self.store
         if store.is_down():
             return DOWN
+        if (self._subscriber is None or self._subscriber.closed) and self._subscribing is None:
+            self._subscribing = asyncio.get_running_loop().create_task(self._subscribe())
         entry_key = store.redis_key(capture.model, capture.key)
         lease_key = entry_key + ":lease"
         token = f"{self.replica}:{next(self._numbers)}"
@@ -204,14 +211,36 @@ class SharedFlights:
         finally:
             self.leases.pop(lease.key, None)
 
+    async def _subscribe(self) -> None:
+        """The connection on which this replica hears, at once, that another follows one of its leaders."""
+        store = self.store
+        try:
+            conn = await redis_dial.dial(parse_url(store.url), store.connect_settings, store.sentinel)
+            conn.on_push = self._pushed
+            try:
+                async with asyncio.timeout(store.timeout_s):
+                    await conn.call("SUBSCRIBE", self.followed)
+            except BaseException:
+                conn.close()
+                raise
+            self._subscriber = conn
+        except _FAILURES:
+            pass  # the set is popped each second meanwhile; the next lead tries again
+        finally:
+            self._subscribing = None
+
+    def _pushed(self, message) -> None:
+        if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+            capture = self.leases.get(message[2].decode(errors="replace"))
+            if capture is not None:
+                self._followed(capture)
+
     async def _tick(self) -> None:
-        """While this replica leads: its followed set popped every 50 ms, its leases renewed every second."""
-        loop = asyncio.get_running_loop()
-        renew_at = loop.time() + _RENEW_S
+        """While this replica leads: its leases renewed, and its followed set popped, every second."""
         try:
             while self.leases:
                 await asyncio.sleep(_TICK_S)
-                if self.store.is_down():
+                if self.store.is_down() or not self.leases:
                     continue
                 try:
                     popped = await self.store.command("SPOP", self.followed, 1000)
@@ -219,9 +248,7 @@ class SharedFlights:
                         capture = self.leases.get(name.decode())
                         if capture is not None:
                             self._followed(capture)
-                    if loop.time() >= renew_at and self.leases:
-                        renew_at = loop.time() + _RENEW_S
-                        await self._renew_all()
+                    await self._renew_all()
                 except _FAILURES as exc:
                     self.store.failed(exc)
         finally:
