@@ -93,7 +93,6 @@ class SharedFlights:
         self._idle: list[RespConnection] = []
         self._subscriber: RespConnection | None = None
         self._subscribing: asyncio.Task | None = None
-        self.calls = 0  # relay XREADs sent (what a test may count)
 
     async def close(self) -> None:
         tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
@@ -296,7 +295,6 @@ class SharedFlights:
                         marker = b"alone"  # nothing within coalesce_wait_s: go upstream on our own
                         break
                     args = ("XREAD", "COUNT", 1000, "BLOCK", max(1, int(block * 1000)), "STREAMS", stream, last)
-                self.calls += 1
                 pending = True
                 async with asyncio.timeout(block + self.store.timeout_s):
                     reply = await conn.call(*args)
