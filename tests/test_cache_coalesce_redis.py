@@ -193,7 +193,7 @@ async def test_a_streaming_follower_on_the_other_replica_gets_the_first_chunk_be
 
 @pytest.mark.parametrize("when", ["before_first_chunk", "mid_stream"])
 async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themselves(replicas, redis_url, when):
-    upstream, (proc_one, _), (one, two) = await replicas()
+    upstream, (proc_one, proc_two), (one, two) = await replicas()
     leader = send(one, {**ASK, "stream": True})
     await until(lambda: upstream.calls == 1, what="the leader upstream")
     if when == "mid_stream":
@@ -235,6 +235,7 @@ async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themsel
         else:
             assert text_of(raw, body["stream"]) == TEXT
     assert [a[1]["x-groq-proxy-cache"] for a in answers].count("MISS") == 1
+    assert '"event":"cache_coalesce_gave_up"' in proc_two.stderr and '"reason":"leader_lost"' in proc_two.stderr
 
 
 async def test_followers_of_a_leader_whose_upstream_fails_go_upstream_once(replicas):
@@ -254,7 +255,7 @@ async def test_followers_of_a_leader_whose_upstream_fails_go_upstream_once(repli
 
 
 async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(replicas):
-    upstream, _, (one, two) = await replicas(coalesce_wait_s=0.5)
+    upstream, (_, proc_two), (one, two) = await replicas(coalesce_wait_s=0.5)
     leader = send(one, ASK)
     await until(lambda: upstream.calls == 1, what="the leader upstream")
     followers = [send(two, {**ASK, "stream": i == 0}) for i in range(2)]
@@ -262,6 +263,7 @@ async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(repli
     assert not upstream.first.is_set() and upstream.calls == 2
     assert [a[0] for a in answers] == [200, 200]
     assert all(text_of(raw, i == 0) == TEXT for i, (_, _, raw) in enumerate(answers))
+    assert '"reason":"coalesce_wait_s"' in proc_two.stderr
     upstream.first.set()
     assert (await leader)[0] == 200
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -39,6 +41,7 @@ from redis.exceptions import RedisError
 from policies.stores import redis_dial
 from policies.stores.redis_connect import parse_url
 from policies.stores.resp import ReplyError, RespConnection
+from proxy.telemetry.logs import emit
 
 if TYPE_CHECKING:
     from policies.cache.coalesce import Capture
@@ -93,6 +96,7 @@ class SharedFlights:
         self._idle: list[RespConnection] = []
         self._subscriber: RespConnection | None = None
         self._subscribing: asyncio.Task | None = None
+        self._warned = 0.0
 
     async def close(self) -> None:
         tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
@@ -289,10 +293,10 @@ class SharedFlights:
                 else:
                     block = min(_BLOCK_S, (give_up if got else deadline) - loop.time())
                     if block <= 0 and got:
-                        marker = b"failed"
+                        marker = self._gave_up(capture, b"failed", "held_too_long")
                         break
-                    if block <= 0:
-                        marker = b"alone"  # nothing within coalesce_wait_s: go upstream on our own
+                    if block <= 0:  # nothing within coalesce_wait_s: go upstream on our own
+                        marker = self._gave_up(capture, b"alone", "coalesce_wait_s")
                         break
                     args = ("XREAD", "COUNT", 1000, "BLOCK", max(1, int(block * 1000)), "STREAMS", stream, last)
                 pending = True
@@ -314,8 +318,8 @@ class SharedFlights:
                             capture.answered_by = fields[3].decode() if len(fields) > 3 else ""
                             break
                     continue
-                if final:
-                    marker = b"failed"  # the lease is gone and no end came: the leader died or lost Redis
+                if final:  # the lease is gone and no end came: the leader died or lost Redis
+                    marker = self._gave_up(capture, b"failed", "leader_lost")
                     break
                 if await self.store.command("GET", lease_key) != token:
                     final = True  # one last look: its end may have landed just before the lease went
@@ -329,6 +333,14 @@ class SharedFlights:
                 else:
                     self._give_back(conn)
             self._landed(capture, marker or b"alone")
+
+    def _gave_up(self, capture: "Capture", marker: bytes, reason: str) -> bytes:
+        now = time.monotonic()
+        if now - self._warned > 10.0:  # at most one line in 10 s
+            self._warned = now
+            emit(logging.INFO, "cache_coalesce_gave_up", policy=capture.cache.name, reason=reason,
+                 message="requests waiting on an identical request on another replica go upstream themselves")
+        return marker
 
     def _landed(self, capture: "Capture", marker: bytes) -> None:
         if marker == b"alone":
