@@ -235,7 +235,7 @@ async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themsel
         else:
             assert text_of(raw, body["stream"]) == TEXT
     assert [a[1]["x-groq-proxy-cache"] for a in answers].count("MISS") == 1
-    assert '"event":"cache_coalesce_gave_up"' in proc_two.stderr and '"reason":"leader_lost"' in proc_two.stderr
+    await until(lambda: '"reason":"leader_lost"' in proc_two.stderr, 10.0, "cache_coalesce_gave_up logged")
 
 
 async def test_followers_of_a_leader_whose_upstream_fails_go_upstream_once(replicas):
@@ -263,7 +263,7 @@ async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(repli
     assert not upstream.first.is_set() and upstream.calls == 2
     assert [a[0] for a in answers] == [200, 200]
     assert all(text_of(raw, i == 0) == TEXT for i, (_, _, raw) in enumerate(answers))
-    assert '"reason":"coalesce_wait_s"' in proc_two.stderr
+    await until(lambda: '"reason":"coalesce_wait_s"' in proc_two.stderr, 10.0, "cache_coalesce_gave_up logged")
     upstream.first.set()
     assert (await leader)[0] == 200
 
