@@ -479,3 +479,19 @@ async def test_the_leader_hears_of_a_follower_on_another_replica_at_once(
         raw = first + await follower.read()
         await leader.read()
     assert text_of(raw, True) == TEXT and upstream.calls == 1
+
+
+async def test_followers_whose_redis_dies_while_they_wait_go_upstream_from_their_replica(replicas, redis_server):
+    upstream, _, (one, two) = await replicas(redis=redis_server.url, gated=2)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(4)]
+    followers = [send(two, b) for b in bodies]
+    await until_waiting(two, 4, "the other replica's followers")
+    redis_server.kill()  # their relay's XREAD loses its connection
+    await until(lambda: upstream.calls == 2, what="the followers' own call")
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    assert [a[0] for a in answers] == [200] * 5
+    assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
+    assert upstream.calls == 2  # the followers' replica went upstream once, for all of them
