@@ -142,6 +142,7 @@ class PolicyChain:
         # A store whose calls never wait (memory) is called without a coroutine: two fewer a request.
         self._admit_now = getattr(store, "admit_now", None)
         self._settle_now = getattr(store, "settle_now", None)
+        self._release_now = getattr(store, "release_now", None)
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
@@ -288,7 +289,11 @@ class PolicyChain:
                 self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
                            hook="after", exc_info=True)
         if state.admitted and self._self_settling:
-            self._settle_claims(ctx, state)
+            if self._release_now is not None:  # the memory store settles the claims themselves: no Settlements
+                self._release_now([c for c, o in zip(state.claims, state.owners) if o.settles_claims],
+                                  state.used_tokens(ctx))
+            else:
+                self._settle_claims(ctx, state)
         if state.hedged:  # the hedges' reservations go back; what their attempts produced is in `after`'s charge
             state.settlements += [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
                                   for c in state.hedged]

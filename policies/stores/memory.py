@@ -126,6 +126,34 @@ class MemoryStore:
             self._freed.set()
             self._freed = asyncio.Event()
 
+    def release_now(self, claims: Sequence[Claim], used: int) -> None:
+        """Settles admitted claims to what their request used, as `settle` would their Settlements (see
+        `PolicyChain._settle_claims`): a budget or a tokens limit is charged `used` in place of what it
+        reserved, a slot is freed, a requests limit has nothing to correct."""
+        now = self.clock()
+        freed = False
+        for c in claims:
+            kind = c.kind
+            if kind == SLOT:
+                held = self._slots.get(c.key, 0)
+                if held > 1:
+                    self._slots[c.key] = held - 1
+                else:
+                    self._slots.pop(c.key, None)
+                freed = True
+            elif kind == BUDGET:
+                rec = self._budgets.get(c.key)
+                if rec is not None and rec[2] > now:
+                    rec[0] += used
+                    rec[1] = rec[1] - c.amount if rec[1] > c.amount else 0
+            elif c.header == "tokens" and used != c.amount:
+                tat = self._tat.get(c.key)
+                if tat is not None:
+                    self._tat[c.key] = max(now, tat + (used - c.amount) * c.param / c.limit)
+        if freed and self._waiting:  # a request queued for a slot (wait_s) looks again
+            self._freed.set()
+            self._freed = asyncio.Event()
+
     async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
         now = self.clock()
         out = []
