@@ -139,6 +139,7 @@ class PolicyChain:
         self._self_settling = any(p.settles_claims for p in self.policies)
         self._hedgers = tuple(p for p in self.policies if type(p).hedge_claims is not cls.hedge_claims)
         self._settle_soon = getattr(store, "settle_soon", None)  # a store that settles in the background
+        self._watched = None  # the last future settle_soon gave, already watched for a failure
         # A store whose calls never wait (memory) is called without a coroutine: two fewer a request.
         self._admit_now = getattr(store, "admit_now", None)
         self._settle_now = getattr(store, "settle_now", None)
@@ -392,8 +393,11 @@ class PolicyChain:
         if future is None:
             self._settle_failed(ctx.request_id)
             return
-        request_id = ctx.request_id
-        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._settle_failed(request_id))
+        if future is not self._watched:  # settlements sent together share a future: one callback for them all
+            self._watched = future
+            request_id = ctx.request_id
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or
+                                     self._settle_failed(request_id))
 
     def _settle_failed(self, request_id: str) -> None:
         self._warn("policy_settle_failed", request_id=request_id,
