@@ -215,10 +215,14 @@ class PolicyChain:
                     answer = answer or decision
                     continue
                 return decision
-        if state.claims and self.store is not None:
-            admitted = await self._admit(ctx, state)  # an answer from a policy is a request too: limits count it
-            if admitted is not CONTINUE:
-                return admitted
+        if state.claims and self.store is not None:  # an answer from a policy is a request too: limits count it
+            admit_now = self._admit_now
+            if admit_now is not None and (admission := admit_now(state.claims)).ok:
+                self._took(ctx, state, admission)  # the memory store's usual case, without a coroutine
+            else:
+                admitted = await self._admit(ctx, state)
+                if admitted is not CONTINUE:
+                    return admitted
         return answer or CONTINUE
 
     async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
@@ -343,15 +347,7 @@ class PolicyChain:
             except StoreUnavailable:
                 return self._store_down(ctx, state)
             if admission.ok:
-                state.admitted = True
-                state.admission = admission
-                over = admission.over
-                for policy in state.spans:
-                    if over and any(state.owners[i] is policy for i in over):
-                        self._record(ctx, policy, _SHADOW_REJECT)
-                    else:
-                        self._continued(ctx, policy)
-                _ratelimit_headers(state, admission)
+                self._took(ctx, state, admission)
                 return CONTINUE
             policy = state.owners[admission.failed]
             claim = state.claims[admission.failed]
@@ -370,6 +366,23 @@ class PolicyChain:
             decision = policy.refused(ctx, claim, admission)
             self._record(ctx, policy, decision)
             return decision
+
+    def _took(self, ctx: "RequestContext", state: PolicyState, admission: Admission) -> None:
+        """The store admitted the request: each policy that claimed is recorded, and the headers set."""
+        state.admitted = True
+        state.admission = admission
+        over = admission.over
+        metrics, continues = self.metrics, self._continue_keys
+        for policy in state.spans:
+            if over and any(state.owners[i] is policy for i in over):
+                self._record(ctx, policy, _SHADOW_REJECT)
+                continue
+            if metrics is not None:  # _record's continue, inline
+                metrics.decisions.inc(continues[policy])
+            if ctx.span is not None and self.record is not None:
+                self.record(ctx, policy.name, "continue", mode=policy.mode)
+        if state.headed:
+            _ratelimit_headers(state, admission)
 
     def _store_down(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         owners = list(state.spans)
@@ -434,13 +447,6 @@ class PolicyChain:
             return _unavailable()
         return CONTINUE
 
-    def _continued(self, ctx: "RequestContext", policy: Policy) -> None:
-        """`_record` of the decision nearly every request gets, without its log line's checks."""
-        if self.metrics is not None:
-            self.metrics.decisions.inc(self._continue_keys[policy])
-        if ctx.span is not None and self.record is not None:
-            self.record(ctx, policy.name, "continue", mode=policy.mode)
-
     def _record(self, ctx: "RequestContext", policy: Policy, decision: Decision) -> None:
         label = decision.label
         if self.metrics is not None:
@@ -481,8 +487,6 @@ _NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f
 def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
     """x-ratelimit-* of the tightest throughput limit of each kind (requests, tokens) that applied."""
     headed = state.headed
-    if not headed:
-        return
     claims, remaining = state.claims, admission.remaining
     tightest: dict[str, int] = {}  # kind -> index of its claim with the least remaining
     for i in headed:
