@@ -64,11 +64,6 @@ class PolicyState:
         self.claims.append(claim)
         self.owners.append(policy)
 
-    @property
-    def by_owner(self) -> dict[Policy, list[Claim]]:
-        """Each policy's claims, in the order it made them."""
-        return {policy: self.claims[start:end] for policy, (start, end) in self.spans.items()}
-
     def claims_of(self, policy: Policy) -> list[Claim]:
         """The policy's claims that the store took (none when the request was refused or the store was down)."""
         if not self.admitted:
