@@ -289,11 +289,16 @@ class PolicyChain:
                 self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
                            hook="after", exc_info=True)
         if state.admitted and self._self_settling:
+            try:
+                used = state.used_tokens(ctx)
+            except Exception:  # a replaced estimator that raised: the reservations stand as the charge
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
+                           hook="after", exc_info=True)
+                used = -1
             if self._release_now is not None:  # the memory store settles the claims themselves: no Settlements
-                self._release_now([c for c, o in zip(state.claims, state.owners) if o.settles_claims],
-                                  state.used_tokens(ctx))
+                self._release_now([c for c, o in zip(state.claims, state.owners) if o.settles_claims], used)
             else:
-                self._settle_claims(ctx, state)
+                self._settle_claims(state, used)
         if state.hedged:  # the hedges' reservations go back; what their attempts produced is in `after`'s charge
             state.settlements += [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
                                   for c in state.hedged]
@@ -314,11 +319,10 @@ class PolicyChain:
     # --- the store ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _settle_claims(ctx: "RequestContext", state: PolicyState) -> None:
+    def _settle_claims(state: PolicyState, used: int) -> None:
         """The admitted claims of the policies that leave their settling to the chain (`settles_claims`): a
-        budget or a tokens limit is charged what the request used in place of what it reserved, a slot is
-        freed, a requests limit has nothing to correct."""
-        used = -1
+        budget or a tokens limit is charged what the request used (`used`; -1: unknown, what it reserved) in
+        place of what it reserved, a slot is freed, a requests limit has nothing to correct."""
         settlements = state.settlements
         for claim, owner in zip(state.claims, state.owners):
             if owner.settles_claims:
@@ -326,10 +330,8 @@ class PolicyChain:
                 if kind == SLOT:
                     settlements.append(Settlement(SLOT, claim.key, lease=claim.lease))
                 elif kind == BUDGET or claim.header == "tokens":
-                    if used < 0:
-                        used = state.used_tokens(ctx)
-                    settlements.append(Settlement(kind, claim.key, claim.amount, used, claim.limit, claim.param))
-
+                    settlements.append(Settlement(kind, claim.key, claim.amount, claim.amount if used < 0 else used,
+                                                  claim.limit, claim.param))
 
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         deadline = None
