@@ -17,7 +17,7 @@ class Attempt:
 
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
-        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "events",
+        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "stream",
         "key", "key_name", "hedge",
     )
 
@@ -41,7 +41,7 @@ class Attempt:
         self.response_model: str | None = None
         self.span: Any = None  # the telemetry span of this attempt, when tracing is on
         self.content: str | None = None  # the completion, only when the operator turned content recording on
-        self.events = 0  # SSE data events that reached the client: a cut stream's token estimate
+        self.stream: Any = None  # the scanner's state of its stream once forwarded to the client
 
     @property
     def elapsed_ms(self) -> float:

@@ -301,8 +301,7 @@ class Pipeline:
         )
         if ctx.client is not None:
             if ctx.client.prepared:
-                sequence = max(a.events for a in ctx.attempts)
-                return await ctx.client.finish(_op_event(ctx, error, sequence) or error.sse_event())
+                return await ctx.client.finish(_op_event(ctx, error) or error.sse_event())
             return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
@@ -517,7 +516,7 @@ class Pipeline:
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
-                attempt.events = opened.first.count(b"data:")
+                attempt.stream = state
                 if tap is not None:
                     tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
@@ -535,7 +534,6 @@ class Pipeline:
                         if tap is not None:
                             tap.stream(complete)
                         await client.write(complete)
-                        attempt.events += complete.count(b"data:")
                         if recorded is not None:
                             recorded.append(complete)
         except ClientGone:
@@ -591,7 +589,7 @@ class Pipeline:
             type="server_error",
             code=reason,
         )
-        return await client.finish(_op_event(ctx, error, attempt.events) or error.sse_event())
+        return await client.finish(_op_event(ctx, error) or error.sse_event())
 
     # --- bookkeeping ------------------------------------------------------------------------------------
 
@@ -742,9 +740,13 @@ def _error_event(status: int, body: bytes, op=None) -> bytes:
     return b"data: " + redact(orjson.dumps(obj).decode()).encode() + b"\n\n"
 
 
-def _op_event(ctx: RequestContext, error: ProxyError, sequence: int = 0) -> bytes | None:
-    """The error event of the request's operation (the Responses API's own); None for chat and embeddings."""
-    return None if ctx.op is None else ctx.op.error_event(error, sequence)
+def _op_event(ctx: RequestContext, error: ProxyError) -> bytes | None:
+    """The error event of the request's operation (the Responses API's own); None for chat and embeddings.
+    Numbered after the last event the client got: the stream state of the attempt forwarded, if one was."""
+    if ctx.op is None:
+        return None
+    sent = next((a.stream for a in ctx.attempts if a.stream is not None), None)
+    return ctx.op.error_event(error, getattr(sent, "sequence", 0))
 
 
 def _describe(error) -> str:
