@@ -291,6 +291,8 @@ class Pipeline:
             ctx.tap.body(result.body)  # the cache's capture of a plain answer
         if ctx.op is not None and not isinstance(result, web.StreamResponse):
             return await result.forward()  # an operation's own byte stream past its commit point (audio)
+        if ctx.identity is not None and ctx.answered is not None and ctx.op is not None and ctx.op.owned:
+            await ctx.op.own(self.policies, ctx.identity, ctx.body, ctx.answered.response_id)
         return result
 
     async def _deadline_passed(self, ctx: RequestContext, seconds: float) -> web.StreamResponse:
@@ -517,6 +519,8 @@ class Pipeline:
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
                 attempt.stream = state
+                if ctx.identity is not None and op is not None and op.owned:
+                    await op.own(self.policies, ctx.identity, ctx.body, attempt.response_id)
                 if tap is not None:
                     tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
