@@ -315,3 +315,31 @@ async def test_a_speech_stream_holds_its_concurrency_slot_until_the_audio_ends(a
         transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
     assert info.value.code == "concurrency_limit_exceeded"
     assert transcript.text == TRANSCRIPT
+
+
+async def test_tier_params_go_out_as_openai_python_sends_the_same_values(api, start_proxy):
+    """A tier's params reach the provider exactly as openai-python would send the same values itself: a boolean
+    as `true`, a list as repeated `name[]`, an object as `name[key]`, a number as its literal (not Python's
+    `True`, `['word', 'segment']`, `{'type': ...}`). What the client sent itself wins over a param."""
+    scripted, url = api
+    params = {"timestamp_granularities": ["word", "segment"], "diarize": True, "verbose": False,
+              "chunking_strategy": {"type": "server_vad", "threshold": 0.5}, "temperature": 0.25}
+    models = {"tier-params": {"chain": ["up:m1"], "params": params}, "tier-plain": {"chain": ["up:m1"]}}
+    base = await start_proxy(config_for(url, models=models))
+    upload = ("call.m4a", io.BytesIO(UPLOAD), "audio/m4a")
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        await client.audio.transcriptions.create(model="tier-params", file=upload, language="en")
+        upload[1].seek(0)
+        await client.audio.transcriptions.create(
+            model="tier-plain", file=upload, language="en", timestamp_granularities=["word", "segment"],
+            temperature=0.25, extra_body={"diarize": True, "verbose": False,
+                                          "chunking_strategy": {"type": "server_vad", "threshold": 0.5}})
+        upload[1].seek(0)
+        await client.audio.transcriptions.create(model="tier-params", file=upload,
+                                                 timestamp_granularities=["segment"], temperature=0.5)
+    by_params, by_client, client_wins = ([(k, v) for k, v in r["all"] if k != "file"] for r in scripted.requests)
+    assert sorted(by_params) == sorted(by_client)
+    assert ("diarize", "true") in by_params and ("chunking_strategy[type]", "server_vad") in by_params
+    assert [v for k, v in by_params if k == "timestamp_granularities[]"] == ["word", "segment"]
+    assert [v for k, v in client_wins if k.startswith("timestamp_granularities")] == ["segment"]
+    assert [v for k, v in client_wins if k == "temperature"] == ["0.5"]
