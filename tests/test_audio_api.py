@@ -62,7 +62,7 @@ async def test_groq_sdk_audio_methods(api, start_proxy):
         transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
         translation = await client.audio.translations.create(model="tier-test", file=("a.wav", UPLOAD))
         async with client.audio.speech.with_streaming_response.create(
-                model="tier-test", voice="Fritz-PlayAI", input="hello", response_format="wav") as response:
+                model="tier-test", voice="autumn", input="hello", response_format="wav") as response:
             audio = await response.read()
     assert transcript.text == TRANSCRIPT and translation.text == TRANSCRIPT
     assert audio == AUDIO
@@ -79,7 +79,7 @@ async def test_speech_streams_bytes_before_the_upstream_finishes(api, start_prox
     base = await start_proxy(config_for(url))
     async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
         async with client.audio.speech.with_streaming_response.create(
-                model="tier-test", voice="Fritz-PlayAI", input="hello there") as response:
+                model="tier-test", voice="autumn", input="hello there") as response:
             assert response.headers["content-type"] == "audio/wav"
             assert response.headers["x-groq-proxy-model"] == "m2"
             chunks = response.iter_bytes()
@@ -240,12 +240,18 @@ async def test_the_simulator_serves_audio_with_the_default_chains(start_proxy):
         old = await client.audio.transcriptions.create(model="distil-whisper-large-v3-en", file=("a.wav", UPLOAD))
     async with groq.AsyncGroq(base_url=base, api_key="x", max_retries=0) as client:
         translation = await client.audio.translations.create(model="tier-translate", file=("a.wav", UPLOAD))
-        speech = await client.audio.speech.create(model="tier-speech", voice="Fritz-PlayAI", input="hello there")
-        direct = await client.audio.speech.create(model="playai-tts", voice="Fritz-PlayAI", input="hello")
+        speech = await client.audio.speech.create(model="tier-speech", voice="autumn", input="hello there")
+        direct = await client.audio.speech.create(model="canopylabs/orpheus-v1-english", voice="troy", input="hello")
+        retired = await client.audio.speech.create(model="playai-tts", voice="autumn", input="hello")  # the alias
+        arabic = await client.audio.speech.create(model="playai-tts-arabic", voice="fahad", input="marhaba")
         audio, short = await speech.read(), await direct.read()
+        assert await retired.read() == short and (await arabic.read()).startswith(b"RIFF")
         with pytest.raises(groq.BadRequestError) as info:  # Groq translates with whisper-large-v3 only
             await client.audio.translations.create(model="whisper-large-v3-turbo", file=("a.wav", UPLOAD))
+        with pytest.raises(groq.BadRequestError) as wrong_voice:  # a PlayAI voice is no Orpheus voice
+            await client.audio.speech.create(model="tier-speech", voice="Fritz-PlayAI", input="hello")
     assert "does not support translations" in info.value.message
+    assert wrong_voice.value.body["error"]["param"] == "voice" and "autumn" in wrong_voice.value.message
     assert transcript.text == old.text == translation.text and transcript.text
     assert audio.startswith(b"RIFF") and audio[8:12] == b"WAVE" and len(audio) > len(short)
 
