@@ -31,6 +31,16 @@ ENFORCE, SHADOW = "enforce", "shadow"
 OPEN, CLOSED = "open", "closed"
 
 
+def _landed(admitting) -> Admission | None:
+    """The admission a store call made when the request was cancelled in the very turn it came back (the client
+    left as Redis answered): the call's future holds it, the request never read it, so it is not lost. A call
+    still on its way when the request is cancelled is the store's to give back when it lands."""
+    if isinstance(admitting, asyncio.Future) and admitting.done() and not admitting.cancelled():
+        if admitting.exception() is None and admitting.result().ok:
+            return admitting.result()
+    return None
+
+
 class PolicyState:
     """What the policies hold for one request: their claims, whether the store admitted them, the headers
     they add to the answer, the settlements to send at the end."""
@@ -223,8 +233,13 @@ class PolicyChain:
                 owners.append(policy)
         if not claims:
             return True
+        admitting = self.store.admit(claims)
         try:
-            admission = await self.store.admit(claims)
+            admission = await admitting
+        except asyncio.CancelledError:
+            if _landed(admitting) is not None:
+                state.hedged = [*(state.hedged or ()), *claims]  # given back in `after`
+            raise
         except StoreUnavailable:
             closed = False
             for policy in dict.fromkeys(owners):
@@ -281,8 +296,14 @@ class PolicyChain:
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         deadline = None
         while True:
+            admitting = self.store.admit(state.claims)
             try:
-                admission = await self.store.admit(state.claims)
+                admission = await admitting
+            except asyncio.CancelledError:
+                landed = _landed(admitting)
+                if landed is not None:  # `after` settles it as it would any admitted request's
+                    state.admitted, state.admission = True, landed
+                raise
             except StoreUnavailable:
                 return self._store_down(ctx, state)
             if admission.ok:
