@@ -17,8 +17,8 @@ class Attempt:
 
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
-        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "stream",
-        "key", "key_name", "hedge",
+        "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "events",
+        "stream", "key", "key_name", "hedge",
     )
 
     def __init__(self, index: int, target: Target, key: int = 0, key_name: str = "") -> None:
@@ -41,6 +41,7 @@ class Attempt:
         self.response_model: str | None = None
         self.span: Any = None  # the telemetry span of this attempt, when tracing is on
         self.content: str | None = None  # the completion, only when the operator turned content recording on
+        self.events = 0  # SSE data events that reached the client: a cut stream's token estimate
         self.stream: Any = None  # the scanner's state of its stream once forwarded to the client
 
     @property

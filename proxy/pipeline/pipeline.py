@@ -518,6 +518,7 @@ class Pipeline:
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
+                attempt.events = opened.first.count(b"data:")
                 attempt.stream = state
                 if ctx.identity is not None and op is not None and op.owned:
                     await op.own(self.policies, ctx.identity, ctx.body, attempt.response_id)
@@ -538,6 +539,7 @@ class Pipeline:
                         if tap is not None:
                             tap.stream(complete)
                         await client.write(complete)
+                        attempt.events += complete.count(b"data:")
                         if recorded is not None:
                             recorded.append(complete)
         except ClientGone:
