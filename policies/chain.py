@@ -233,8 +233,9 @@ class PolicyChain:
                 owners.append(policy)
         if not claims:
             return True
-        admitting = self.store.admit(claims)
+        admitting = None
         try:
+            admitting = self.store.admit(claims)  # raises StoreUnavailable at once while Redis is known down
             admission = await admitting
         except asyncio.CancelledError:
             if _landed(admitting) is not None:
@@ -296,8 +297,9 @@ class PolicyChain:
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         deadline = None
         while True:
-            admitting = self.store.admit(state.claims)
+            admitting = None
             try:
+                admitting = self.store.admit(state.claims)  # raises StoreUnavailable at once while Redis is down
                 admission = await admitting
             except asyncio.CancelledError:
                 landed = _landed(admitting)
