@@ -373,3 +373,32 @@ async def test_an_unreachable_proxy_is_a_connect_error_naming_it_without_credent
     logged = "\n".join(str(getattr(rec, "fields", "")) + rec.getMessage() for rec in proxy_log.records)
     for text in (r.body.decode(), logged, str(dict(r.headers))):
         assert_no_secret(text)
+
+
+@pytest.mark.parametrize("no_proxy", ["", "local.test"])
+async def test_the_catalogue_check_of_any_provider_goes_where_requests_go(no_proxy, aiohttp_server, raw_server,
+                                                                          monkeypatch):
+    """A provider that is not Groq is checked over httpx as well, so the check honours HTTP_PROXY and NO_PROXY
+    as the requests do (it went direct whatever the variables said, and reported a model missing that the
+    requests reach, or present where they cannot go)."""
+    from proxy.admin.catalogue import fetch_catalogue
+    from proxy.sim.simulator import build_simulator_app
+
+    server = await aiohttp_server(build_simulator_app())
+    proxy = ForwardProxy(hosts={"local.test": "127.0.0.1"})
+    environ = {"HTTP_PROXY": proxy_url(await raw_server(proxy), False), "NO_PROXY": no_proxy}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    base_url = f"http://local.test:{server.port}/v1"
+    catalogue = await fetch_catalogue("local", base_url, None, timeout_s=10)
+    through_proxy = ProxyEnv(environ).proxy_for("local.test", server.port, False) is not None
+    assert through_proxy is (no_proxy == "")
+    if through_proxy:  # local.test resolves only in the proxy: the check found the models there
+        assert catalogue.models and "openai/gpt-oss-20b" in catalogue.models
+        assert proxy.request_lines == [f"GET http://local.test:{server.port}/v1/models HTTP/1.1"]
+        await until(lambda: proxy.ended == proxy.connections, what="the check's connection to end")
+    else:  # direct, as the requests would go: the name does not resolve here
+        assert catalogue.models is None and proxy.connections == 0
