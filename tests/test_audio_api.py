@@ -16,7 +16,7 @@ import pytest
 from policies.identity import hash_key
 from proxy.sim.testing import Behaviour, status
 from proxy.sim.testing_api import AUDIO, TRANSCRIPT
-from tests.conftest import config_for
+from tests.conftest import attempt_fields, config_for
 
 UPLOAD = bytes(range(256)) * 40 + b"\r\n--not-a-boundary\r\n"  # binary, with CRLFs and dashes inside
 
@@ -349,3 +349,29 @@ async def test_tier_params_go_out_as_openai_python_sends_the_same_values(api, st
     assert [v for k, v in by_params if k == "timestamp_granularities[]"] == ["word", "segment"]
     assert [v for k, v in client_wins if k.startswith("timestamp_granularities")] == ["segment"]
     assert [v for k, v in client_wins if k == "temperature"] == ["0.5"]
+
+
+async def test_speech_before_its_first_byte_falls_over_or_passes_the_refusal_back(api, start_proxy, proxy_log):
+    """The opening speech shares with the SSE path: a 503, a connection that breaks and a first byte that does
+    not come within first_byte_timeout_s fall over; a 400 of the request's own goes back unchanged."""
+    scripted, url = api
+    scripted.behaviours["m1"] = status(503)
+    scripted.behaviours["m2"] = Behaviour("close")
+    scripted.behaviours["m3"] = Behaviour("hang")
+    scripted.behaviours["m4"] = status(400, "bad_voice", "no such voice")
+    config = config_for(url, {"tier-test": ["m1", "m2", "m3"], "tier-bad": ["m4", "m1"]},
+                        provider={"first_byte_timeout_s": 0.3})
+    base = await start_proxy(config)
+    speech = {"model": "tier-test", "voice": "v", "input": "hello"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(base + "/v1/audio/speech", json=speech) as resp:
+            assert resp.status == 502
+            error = (await resp.json())["error"]
+        async with session.post(base + "/v1/audio/speech", json={**speech, "model": "tier-bad"}) as resp:
+            assert resp.status == 400 and resp.headers["x-groq-proxy-attempts"] == "1"
+            refused = await resp.json()
+    assert error["code"] == "all_models_failed" and "up:m3: no audio in 0.3s" in error["message"]
+    assert refused["error"]["code"] == "bad_voice" and refused["error"]["message"] == "no such voice"
+    attempts = [(a["target"], a["outcome"], a.get("reason"), a["status"]) for a in attempt_fields(proxy_log)]
+    assert attempts == [("up:m1", "fell_over", "status_503", 503), ("up:m2", "fell_over", "upstream_closed", None),
+                        ("up:m3", "fell_over", "first_byte_timeout", None), ("up:m4", "passed_back", None, 400)]

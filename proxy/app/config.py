@@ -612,14 +612,16 @@ def default_config_text() -> str:
 
 
 def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:
-    """Loads `path`, else $GROQ_PROXY_CONFIG, else the packaged default."""
+    """Loads `path`, else $GROQ_PROXY_CONFIG, else the packaged default. A file is read over the packaged
+    default: what it leaves out, the default gives (proxy/app/config_defaults.py)."""
     env = os.environ if env is None else env
     path = path or env.get(CONFIG_ENV) or None
     if path is None:
         text, source = default_config_text(), "<default>"
     else:
         try:
-            text, source = Path(path).read_text(encoding="utf-8"), str(path)
+            # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not taken for a TOML key.
+            text, source = Path(path).read_text(encoding="utf-8-sig"), str(path)
         except OSError as exc:
             raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:
@@ -629,4 +631,8 @@ def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str]
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {source} is not valid TOML: {exc}") from None
+    if path is not None:
+        from proxy.app.config_defaults import over_defaults
+
+        raw = over_defaults(raw, tomllib.loads(default_config_text()))
     return parse_config(raw, env=env, source=source)

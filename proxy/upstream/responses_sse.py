@@ -21,6 +21,8 @@ import re
 
 import orjson
 
+from proxy.upstream.sse import _separator, event_object, prefix_before_malformed
+
 PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
 _ENDS = frozenset({"response.completed", "response.incomplete"})
 # The types worth parsing past the preamble. `"type":"error"` cannot sit inside a string of the JSON text
@@ -60,10 +62,6 @@ def usage_of(usage) -> dict | None:
     out["prompt_tokens"] = usage.get("input_tokens")
     out["completion_tokens"] = usage.get("output_tokens")
     return out
-
-
-def _separator(complete: bytes) -> bytes:
-    return b"\r\n\r\n" if b"\r" in complete and b"\r\n\r\n" in complete else b"\n\n"
 
 
 def _fields(event: bytes) -> tuple[bytes | None, bytes | None]:
@@ -111,20 +109,12 @@ def scan(complete: bytes, state: ResponsesState) -> None:
         name, data = _fields(event)
         if data is None:
             continue
-        if data == b"[DONE]":
-            state.done = True
-            return
-        if not data.startswith(b"{"):
-            state.malformed = f"event data is not a JSON object: {data[:60]!r}"
-            return
-        if state.response_id is not None and _MARKER.search(data) is None:
+        obj = event_object(data, state, _MARKER)
+        if obj is None:
+            if state.done or state.malformed:
+                return
             _count(data, state)
-            continue
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            state.malformed = "event data is not valid JSON"
-            return
+            continue  # past the preamble, an event that neither ends nor fails the stream
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             state.malformed = "event is not a Responses stream event: no type"
             return
@@ -162,16 +152,7 @@ def _record(obj: dict, state: ResponsesState) -> None:
 
 def well_formed_prefix(complete: bytes) -> bytes:
     """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
-    sep = _separator(complete)
-    end = 0
-    while (cut := complete.find(sep, end)) >= 0:
-        probe = ResponsesState()
-        probe.response_id = ""
-        scan(complete[end : cut + len(sep)], probe)
-        if probe.malformed:
-            break
-        end = cut + len(sep)
-    return complete[:end]
+    return prefix_before_malformed(complete, scan, ResponsesState)
 
 
 def output_text(raw: bytes) -> str:
