@@ -31,6 +31,16 @@ ENFORCE, SHADOW = "enforce", "shadow"
 OPEN, CLOSED = "open", "closed"
 
 
+def _landed(admitting) -> Admission | None:
+    """The admission a store call made when the request was cancelled in the very turn it came back (the client
+    left as Redis answered): the call's future holds it, the request never read it, so it is not lost. A call
+    still on its way when the request is cancelled is the store's to give back when it lands."""
+    if isinstance(admitting, asyncio.Future) and admitting.done() and not admitting.cancelled():
+        if admitting.exception() is None and admitting.result().ok:
+            return admitting.result()
+    return None
+
+
 class PolicyState:
     """What the policies hold for one request: their claims, whether the store admitted them, the headers
     they add to the answer, the settlements to send at the end."""
@@ -249,8 +259,14 @@ class PolicyChain:
                 owners.append(policy)
         if not claims:
             return True
+        admitting = None
         try:
-            admission = await self.store.admit(claims)
+            admitting = self.store.admit(claims)  # raises StoreUnavailable at once while Redis is known down
+            admission = await admitting
+        except asyncio.CancelledError:
+            if _landed(admitting) is not None:
+                state.hedged = [*(state.hedged or ()), *claims]  # given back in `after`
+            raise
         except StoreUnavailable:
             closed = False
             for policy in dict.fromkeys(owners):
@@ -336,11 +352,18 @@ class PolicyChain:
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         deadline = None
         while True:
+            admitting = None
             try:
                 if self._admit_now is not None:
                     admission = self._admit_now(state.claims)
                 else:
-                    admission = await self.store.admit(state.claims)
+                    admitting = self.store.admit(state.claims)  # raises StoreUnavailable at once while Redis is down
+                    admission = await admitting
+            except asyncio.CancelledError:
+                landed = _landed(admitting)
+                if landed is not None:  # `after` settles it as it would any admitted request's
+                    state.admitted, state.admission = True, landed
+                raise
             except StoreUnavailable:
                 return self._store_down(ctx, state)
             if admission.ok:
