@@ -11,7 +11,9 @@ happen to group in the proxy's event loop turns, which the A/A control shows: `p
 identical proxies, and their difference is the measure's own noise.
 
 Sides: proxy, proxy-again (A/A), proxy+hedge (a tier hedging after 10 s, never reached), policies-memory and
-policies-redis (as bench.policies: [auth] and the four built-ins, limits too high to refuse). Each round measures
+policies-redis (as bench.policies: [auth] and the four built-ins, limits too high to refuse), and passthrough
+(bench/passthrough.py, the reference the throughput figures compare with: its `x proxy` is the ratio
+the wall-clock runs are about). `--upstream-chunked` frames the canned upstream's streams as Groq does. Each round measures
 every side once, in rotated order. Under callgrind a request takes about 50 times as long, so the proxy is the
 bottleneck: on Redis more requests share a script call than under real load (the table says how many).
 Needs valgrind (apt-get install valgrind).
@@ -34,10 +36,10 @@ from bench.errors import BenchError
 from bench.load import PLAIN_BODY, STREAM_BODY
 from bench.policies import KEY, POLICIES, script_calls, start_redis
 from bench.processes import Process
-from bench.sides import HOST, PROXY_CONFIG, PROXY_PATH, free_port, http_call, proxy_argv, start_upstream
+from bench.sides import DIRECT_PATH, HOST, PROXY_CONFIG, PROXY_PATH, free_port, http_call, proxy_argv, start_upstream
 from policies.identity import hash_key
 
-SIDES = ("proxy", "proxy-again", "proxy+hedge", "policies-memory", "policies-redis")
+SIDES = ("proxy", "proxy-again", "proxy+hedge", "policies-memory", "policies-redis", "passthrough")
 HEDGED = "hedge = true\nhedge_after_ms = 10000\n"
 
 
@@ -54,19 +56,26 @@ def config_text(side: str, port: int, upstream_port: int, redis_port: int) -> st
 
 def start(workdir: Path, side: str, upstream_port: int, redis_port: int) -> tuple[Process, int]:
     port = free_port()
-    config = workdir / f"{side}.toml"
-    config.write_text(config_text(side, port, upstream_port, redis_port))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GROQ", "OTEL_"))}
     env["BENCH_KEY"] = "bench"
-    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={workdir}/{side}.cg.%p",
-            *proxy_argv(), "serve", "--config", str(config), "--port", str(port), "--no-check"]
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={workdir}/{side}.cg.%p"]
+    if side == "passthrough":
+        argv = [*valgrind, sys.executable, "-m", "bench.passthrough", "--host", HOST, "--port", str(port),
+                "--upstream", f"http://{HOST}:{upstream_port}{DIRECT_PATH}"]
+    else:
+        config = workdir / f"{side}.toml"
+        config.write_text(config_text(side, port, upstream_port, redis_port))
+        argv = [*valgrind, *proxy_argv(), "serve", "--config", str(config), "--port", str(port), "--no-check"]
     proc = Process(side, argv, workdir / f"{side}.log", env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if not proc.alive():
             break
         try:
-            status, _, body = http_call(port, "GET", "/readyz", timeout=30)
+            if side == "passthrough":  # no /readyz: ready once it answers a request
+                status, _, body = http_call(port, "POST", PROXY_PATH, PLAIN_BODY, timeout=30)
+            else:
+                status, _, body = http_call(port, "GET", "/readyz", timeout=30)
             if status == 200 and b'"unavailable"' not in body:
                 return proc, port
         except OSError:
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--upstream-chunked", action="store_true", help="streams framed chunked, as Groq does")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise BenchError("valgrind is not installed (apt-get install valgrind)")
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
         workdir = Path(tmp)
         try:
-            upstream, upstream_port = start_upstream(workdir, False, None)
+            upstream, upstream_port = start_upstream(workdir, args.upstream_chunked, None)
             procs.append(upstream)
             redis_port = 0
             if "policies-redis" in sides:
@@ -167,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.stop()
     median = {side: statistics.median(v) for side, v in results.items()}
     base = median.get("proxy")
-    print(f"\n{args.mode}, {args.connections} connections, {args.requests} requests a run, median of "
+    framing = " (upstream chunked)" if args.upstream_chunked else ""
+    print(f"\n{args.mode}{framing}, {args.connections} connections, {args.requests} requests a run, median of "
           f"{args.rounds} rounds (instructions the proxy process executed, per request)")
     print(f"{'side':18s} {'instr/request':>14s} {'x proxy':>8s} {'runs':>40s}")
     for side in sides:

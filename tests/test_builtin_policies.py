@@ -10,8 +10,11 @@ import openai
 import orjson
 import pytest
 
+from aiohttp import web
+
+from policies.estimate import estimate
 from policies.identity import hash_key
-from proxy.sim.testing import Behaviour, completion
+from proxy.sim.testing import Behaviour, completion, stream_events
 from tests.conftest import config_for, until
 from tests.policy_examples import UsageUpstream
 
@@ -145,6 +148,37 @@ async def test_token_budget_settles_a_cut_stream_to_an_estimate(aiohttp_server, 
     # The client left after the role chunk: charged the prompt's estimate and what went out, never the
     # whole reservation, and never nothing.
     assert budget["reserved"] == 0 and 8 <= budget["used"] < 60
+
+
+async def test_a_cut_stream_is_charged_per_data_event_not_per_data_text_inside_one(aiohttp_server, start_proxy):
+    """The estimate of a stream cut without usage counts the data events that went out: a content that itself
+    says `data:` is one event, not two (the pipeline counted `data:` in the bytes before the scanner counted
+    events: it counted 7 events where 4 went out, and charged 6 tokens for 3 words)."""
+    words = ["data: {", "x data: y", "data:"]
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in stream_events("m1", words)[:-2]:  # role chunk and the words; no finish chunk, no [DONE]
+            await resp.write(event)
+        await resp.write_eof()  # the upstream ends the stream early: failed after the commit point
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/openai/v1/chat/completions", cut)
+    server = await aiohttp_server(app)
+    base = await start_proxy(config_for(f"http://127.0.0.1:{server.port}/openai/v1", policies=[
+        {"use": "token_budget", "per": "global", "tokens": 100000}]))
+    body = {**BODY, "stream": True, "max_tokens": 200}
+    status, _, raw = await post(base, body)
+    assert status == 200 and b"upstream_closed" in raw
+    for _ in range(500):  # settled in the request's after(), which may finish just after the body went out
+        budget = (await get(base, "/v1/usage"))[1]["budgets"][0]
+        if budget["reserved"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert budget["reserved"] == 0
+    assert budget["used"] == estimate(body) + len(words)  # one token a content event; the role chunk none
 
 
 # --- rate_limit -----------------------------------------------------------------------------------------------

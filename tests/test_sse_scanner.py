@@ -280,7 +280,7 @@ def _state_of(scan_fn, blocks):
         if state.malformed or state.error is not None or state.done:
             break  # where the pipeline stops reading
     return (state.done, state.usage, state.finish_reasons, state.error, state.response_id, state.response_model,
-            bool(state.malformed))
+            bool(state.malformed), state.events)
 
 
 def test_the_fast_path_and_the_careful_path_agree_on_every_block():
@@ -305,6 +305,8 @@ def test_the_fast_path_and_the_careful_path_agree_on_every_block():
         lambda i: b"\n\n",
         lambda i: b'data: {"id":"c","choices":[]}\ndata: {"usage":null}\n\n',
         lambda i: b'data: {"id":"c","choices":[]}\nid: 5\n\n',
+        lambda i: b'data: {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n',
+        lambda i: b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"error"},"finish_reason":null}]}\n\n',
         lambda i: b"data: [DONE]\n\n",
     ]
     rng = random.Random(7)

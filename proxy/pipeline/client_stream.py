@@ -18,6 +18,14 @@ KEEPALIVE = b": keep-alive\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class _SSEResponse(web.StreamResponse):
+    """Its head leaves with the first bytes written after it (a keep-alive comment, or the commit's events),
+    in one send, as a web.Response's does: every prepare here is followed by a write in the same turn, so
+    sending the head alone would only cost a system call per stream."""
+
+    _send_headers_immediately = False
+
+
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be written."""
 
@@ -39,6 +47,11 @@ class ClientStream:
     @property
     def prepared(self) -> bool:
         return self.response is not None
+
+    @property
+    def keeping_alive(self) -> bool:
+        """A keep-alive is scheduled or running: `stop_keepalive()` has something to stop."""
+        return self._timer is not None or self._task is not None
 
     def _start_keepalive(self) -> None:
         self._timer = None
@@ -64,7 +77,7 @@ class ClientStream:
             self._task = None
 
     async def _prepare(self, headers: dict[str, str]) -> None:
-        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **self._base_headers, **headers})
+        response = _SSEResponse(status=200, headers={**SSE_HEADERS, **self._base_headers, **headers})
         self.response = response
         try:
             await response.prepare(self._request)
@@ -74,7 +87,11 @@ class ClientStream:
     async def commit(self, headers: dict[str, str], first: bytes, last: bool = False) -> None:
         """The commit point: the first data event goes to the client. `last` says `first` is the whole
         stream (it all came in one read): then headers, events and the end go out in one write."""
-        await self.stop_keepalive()
+        if self._timer is not None:  # the usual case: no keep-alive went out, nothing to wait for
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            await self.stop_keepalive()
         self.committed = True
         if self.response is None:
             await self._prepare(headers)

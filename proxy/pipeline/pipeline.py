@@ -167,7 +167,7 @@ class Pipeline:
                 return await self._deadline_passed(ctx, plan.deadline_s)
         finally:
             ctx.settling = True  # from here a drain's cut would lose the settlement (proxy/app/drain.py)
-            if ctx.client is not None:
+            if ctx.client is not None and ctx.client.keeping_alive:
                 await ctx.client.stop_keepalive()
             if policies:
                 if ctx.answered is not None and policies.has_on_response:
@@ -532,7 +532,8 @@ class Pipeline:
                 answer_headers = {**self._answer_headers(ctx, attempt), **_passed_on(resp.headers)}
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
-                attempt.events = opened.first.count(b"data:")
+                # The data events that reached the client: chat's scanner counts them as it goes.
+                attempt.events = state.events if op is None else opened.first.count(b"data:")
                 attempt.stream = state
                 if ctx.identity is not None and op is not None and op.owned:
                     await op.own(self.policies, ctx.identity, ctx.body, attempt.response_id)
@@ -550,7 +551,7 @@ class Pipeline:
                     if tap is not None:
                         tap.stream(complete)
                     await client.write(complete)
-                    attempt.events += complete.count(b"data:")
+                    attempt.events = state.events if op is None else attempt.events + complete.count(b"data:")
                     if recorded is not None:
                         recorded.append(complete)
         except ClientGone:

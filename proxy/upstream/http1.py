@@ -345,7 +345,9 @@ class _Connection(asyncio.Protocol):
                 raise BadResponse(f"the body is larger than {MAX_BODY} bytes")
             self.paused = True
             self.transport.pause_reading()
-        response._wake()
+        waiter = response._waiter  # response._wake() inlined: this runs for every piece of a chunked body
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         if self._informational:
