@@ -26,8 +26,9 @@ class GatedUpstream(ChatUpstream):
     """Counts its calls. The first `gated` calls wait for `first` (a stream: sends its first event, then waits
     for `rest`); with `fail_first` the first then answers 500. Every later call answers at once."""
 
-    def __init__(self, fail_first: bool = False, gated: int = 1) -> None:
+    def __init__(self, fail_first: bool = False, gated: int = 1, finish: str = "stop") -> None:
         self.gated = gated
+        self.finish = finish  # the answers' finish_reason
         self.first, self.rest = asyncio.Event(), asyncio.Event()
         self.calls = 0
         self.fail_first = fail_first
@@ -44,8 +45,11 @@ class GatedUpstream(ChatUpstream):
             if self.fail_first and call == 1:
                 return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps(completion(body["model"], TEXT)), content_type="application/json")
+            answer = completion(body["model"], TEXT)
+            answer["choices"][0]["finish_reason"] = self.finish
+            return web.Response(body=orjson.dumps(answer), content_type="application/json")
         events = stream_events(body["model"])
+        events[-2] = events[-2].replace(b'"finish_reason":"stop"', b'"finish_reason":"%s"' % self.finish.encode())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(events[0])
@@ -95,8 +99,9 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
     sharing one Redis (the suite's unless given) under a prefix of their own."""
     started = []
 
-    async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, **cache):
-        upstream = GatedUpstream(fail_first, gated)
+    async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, finish: str = "stop",
+                    **cache):
+        upstream = GatedUpstream(fail_first, gated, finish)
         server = await aiohttp_server(upstream.app())
         prefix = f"t{uuid.uuid4().hex[:8]}:"
         extra = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in cache.items())
@@ -252,6 +257,32 @@ async def test_followers_of_a_leader_whose_upstream_fails_go_upstream_once(repli
     assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers, bodies))
     assert upstream.calls == 2  # one follower led the next call, on the lease; the others waited for it
     assert sorted(a[1]["x-groq-proxy-cache"] for a in answers) == ["COALESCED"] * 3 + ["MISS"]
+
+
+@pytest.mark.parametrize("leader_streams", [False, True])
+async def test_followers_of_a_whole_answer_that_is_not_stored_get_it_without_going_upstream(replicas,
+                                                                                            leader_streams):
+    # content_filter is a whole answer the cache does not store: the plain followers (here and on the other
+    # replica) used to go upstream each (three rounds, then all at once: 13 calls for 13 requests)
+    upstream, _, (one, two) = await replicas(finish="content_filter")
+    leader = send(one, {**ASK, "stream": leader_streams})
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 3 == 0} for i in range(12)]
+    followers = [send(two if i % 2 else one, b) for i, b in enumerate(bodies)]
+    await until_waiting(two, 6, "the other replica's followers")
+    await until_waiting(one, 6, "the leader's replica's followers")
+    upstream.first.set()
+    upstream.rest.set()
+    leader_answer, *answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    assert upstream.calls == 1
+    assert [a[0] for a in answers] == [200] * 12
+    assert {a[1]["x-groq-proxy-cache"] for a in answers} == {"COALESCED"}
+    for (_, _, raw), body in zip(answers, bodies):
+        assert text_of(raw, body["stream"]) == TEXT
+        assert b'"finish_reason":"content_filter"' in raw
+    # and it was not stored: the next identical request goes upstream
+    assert (await post_chat(two, ASK))[1]["x-groq-proxy-cache"] == "MISS"
+    assert upstream.calls == 2
 
 
 async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(replicas):
