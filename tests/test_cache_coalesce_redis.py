@@ -100,7 +100,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
     started = []
 
     async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, finish: str = "stop",
-                    **cache):
+                    timeout_s: float = 0.5, **cache):
         upstream = GatedUpstream(fail_first, gated, finish)
         server = await aiohttp_server(upstream.app())
         prefix = f"t{uuid.uuid4().hex[:8]}:"
@@ -109,7 +109,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
         config.write_text(f'[providers.up]\nbase_url = "http://127.0.0.1:{server.port}/openai/v1"\n'
                           'api_key_env = "CACHE_TEST_KEY"\n[models.tier-test]\nchain = ["up:m1"]\n'
                           f'[store]\nbackend = "redis"\nurl = "{redis or redis_url}"\nprefix = "{prefix}"\n'
-                          'timeout_s = 0.5\n'
+                          f'timeout_s = {timeout_s}\n'
                           f'[[policies]]\nuse = "cache"\nttl_s = 60\n{extra}')
         env = clean_env(CACHE_TEST_KEY="sk-test-cache")
         bases = []
@@ -283,6 +283,46 @@ async def test_followers_of_a_whole_answer_that_is_not_stored_get_it_without_goi
     # and it was not stored: the next identical request goes upstream
     assert (await post_chat(two, ASK))[1]["x-groq-proxy-cache"] == "MISS"
     assert upstream.calls == 2
+
+
+async def test_a_client_that_leaves_while_its_lease_is_asked_for_leaves_nothing_to_wait_on(replicas, redis_url):
+    # The lead script is held by Redis (CLIENT PAUSE WRITE) while the client leaves: the request's task is
+    # cancelled inside the claim. Its capture used to stay this replica's flight of the key for good, and every
+    # later identical request here waited on it for ever.
+    upstream, (proc_one, _), (one, _) = await replicas(gated=0, timeout_s=30)
+    await post_chat(one, {**ASK, "messages": [{"role": "user", "content": "warm"}]})  # scripts loaded
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
+        try:
+            async with aiohttp.ClientSession() as session:
+                leaving = asyncio.ensure_future(session.post(one + "/v1/chat/completions", json=ASK))
+
+                async def held() -> bool:
+                    return any(c.get("cmd") == "evalsha" and "b" in c.get("flags", "")
+                               for c in await client.client_list())
+
+                for _ in range(3000):
+                    if await held():
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the lead script never reached Redis")
+                leaving.cancel()
+            await until(lambda: '"status":499' in proc_one.stderr, 30.0, "the request cancelled")
+        finally:
+            await client.execute_command("CLIENT", "UNPAUSE")
+        status, headers, raw = await asyncio.wait_for(post_chat(one, ASK), 60)
+        assert status == 200 and headers["x-groq-proxy-cache"] == "MISS" and text_of(raw, False) == TEXT
+        assert upstream.calls == 2  # the warm one, and this one: the cancelled one never went upstream
+        # the lease the script took after the client left was given up at once (its stream says so to anyone
+        # who followed it), not left to expire
+        ends = []
+        async for name in client.scan_iter(match=f"{replicas.prefix}cache:cache:flight:*"):
+            ends += [fields for _, fields in await client.xrange(name)]
+        assert ends == [{b"e": b"failed", b"m": b""}]
+    finally:
+        await client.aclose()
 
 
 async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(replicas):

@@ -130,6 +130,11 @@ class SharedFlights:
         except _FAILURES as exc:
             store.failed(exc)
             return DOWN
+        except asyncio.CancelledError:
+            # Its client left: the script may still take the lease. The end goes on the same connection,
+            # after it: the lease is freed, and anyone who followed it meanwhile goes upstream at once.
+            self.store.spawn(self._abandon(lease_key, token))
+            raise
         if reply[0] == 1:
             until = asyncio.get_running_loop().time() + _HELD_MAX_S
             capture.lease = Lease(lease_key, token, self.stream_of(token), until)
@@ -213,6 +218,13 @@ class SharedFlights:
             self.store.failed(exc)
         finally:
             self.leases.pop(lease.key, None)
+
+    async def _abandon(self, lease_key: str, token: str) -> None:
+        try:
+            await self.store.run_script(self._end, [lease_key, self.stream_of(token), self.followed],
+                                        [token, 1, b"failed", "", _STREAM_TTL_MS, _STREAM_MAXLEN])
+        except _FAILURES as exc:
+            self.store.failed(exc)
 
     async def _subscribe(self) -> None:
         """The connection on which this replica hears, at once, that another follows one of its leaders."""

@@ -217,7 +217,11 @@ class ResponseCache(Policy):
         capture = Capture(self, key, model, who)
         capture.coalesced = True
         self.flights[key] = capture
-        outcome = await shared.claim(capture, stale)
+        try:
+            outcome = await shared.claim(capture, stale)
+        except BaseException:  # its client left while Redis was asked: nothing may wait on it
+            capture.complete(False)
+            raise
         if outcome in (LEAD, DOWN):
             ctx.tap = capture
             return None
