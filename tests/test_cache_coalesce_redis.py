@@ -325,6 +325,37 @@ async def test_a_client_that_leaves_while_its_lease_is_asked_for_leaves_nothing_
         await client.aclose()
 
 
+async def test_a_redis_user_without_channels_still_coalesces_across_replicas(replicas, redis_server):
+    # Redis 7 gives a new ACL user no channels (acl-pubsub-default resetchannels). The lead script's PUBLISH was
+    # refused (NOPERM): the follower's replica took the whole script's failure for Redis down (cache off there
+    # for a second, logged cache_store_unavailable) and went upstream. The followed set alone tells the leader.
+    admin = aioredis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "proxy", "on", ">s3cret-pw", "~*", "resetchannels", "+@all")
+        url = f"redis://proxy:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+        upstream, procs, (one, two) = await replicas(redis=url)
+        leader = send(one, {**ASK, "stream": True})
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        bodies = [{**ASK, "stream": i == 0} for i in range(2)]
+        followers = [send(two, b) for b in bodies]
+        await until_waiting(two, 2, "the other replica's followers")
+        upstream.first.set()
+        upstream.rest.set()
+        answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+        assert upstream.calls == 1
+        assert [(a[0], a[1]["x-groq-proxy-cache"]) for a in answers] == [(200, "MISS")] + [(200, "COALESCED")] * 2
+        assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
+        # a subscription Redis refuses is not asked for again at every miss
+        dialled = (await admin.info("stats"))["total_connections_received"]
+        for i in range(10):
+            assert (await post_chat(one, {**ASK, "messages": [{"role": "user", "content": f"n{i}"}]}))[0] == 200
+        assert (await admin.info("stats"))["total_connections_received"] - dialled <= 2
+        for proc in procs:
+            assert "cache_store_unavailable" not in proc.stderr and "s3cret-pw" not in proc.stderr
+    finally:
+        await admin.aclose()
+
+
 async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(replicas):
     upstream, (_, proc_two), (one, two) = await replicas(coalesce_wait_s=0.5)
     leader = send(one, ASK)

@@ -54,6 +54,7 @@ _STREAM_TTL_MS = 10_000  # a published stream's life, renewed with the lease; ke
 _STREAM_MAXLEN = 100_000  # pieces of one answer at most (an answer larger than max_entry_bytes still streams)
 _HELD_MAX_S = 600.0  # no lease is renewed, nor followed, longer than this (a leader that never ended)
 _BLOCK_S = 1.0  # one XREAD BLOCK at most; after a silent one the relay checks the leader's lease
+_RESUBSCRIBE_S = 10.0  # after a subscription failed, the next is asked for no sooner than this
 _IDLE_READERS = 4  # relay connections kept for the next relay
 _FAILURES = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
 
@@ -96,6 +97,7 @@ class SharedFlights:
         self._idle: list[RespConnection] = []
         self._subscriber: RespConnection | None = None
         self._subscribing: asyncio.Task | None = None
+        self._subscribe_after = 0.0  # a subscription that failed (Redis down, or no channels for its user)
         self._warned = 0.0
 
     async def close(self) -> None:
@@ -118,7 +120,8 @@ class SharedFlights:
         store = self.store
         if store.is_down():
             return DOWN
-        if (self._subscriber is None or self._subscriber.closed) and self._subscribing is None:
+        if ((self._subscriber is None or self._subscriber.closed) and self._subscribing is None
+                and time.monotonic() >= self._subscribe_after):
             self._subscribing = asyncio.get_running_loop().create_task(self._subscribe())
         entry_key = store.redis_key(capture.model, capture.key)
         lease_key = entry_key + ":lease"
@@ -240,7 +243,8 @@ class SharedFlights:
                 raise
             self._subscriber = conn
         except _FAILURES:
-            pass  # the set is popped each second meanwhile; the next lead tries again
+            # The set is popped each second meanwhile; a later miss tries again, not every one.
+            self._subscribe_after = time.monotonic() + _RESUBSCRIBE_S
         finally:
             self._subscribing = None
 
