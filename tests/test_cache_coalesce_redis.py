@@ -293,6 +293,13 @@ async def test_a_client_that_leaves_while_its_lease_is_asked_for_leaves_nothing_
     await post_chat(one, {**ASK, "messages": [{"role": "user", "content": "warm"}]})  # scripts loaded
     client = aioredis.from_url(redis_url)
     try:
+        for _ in range(3000):  # its put and lease's end are through (they would be the script Redis holds)
+            if await client.zcard(f"{replicas.prefix}cache:cache:index") and not [
+                    k async for k in client.scan_iter(match=f"{replicas.prefix}*:lease")]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the warm answer was never stored")
         await client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
         try:
             async with aiohttp.ClientSession() as session:
