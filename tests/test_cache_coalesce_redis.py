@@ -563,6 +563,49 @@ async def test_a_leader_whose_client_leaves_mid_stream_reads_on_for_the_other_re
     assert hit[1]["x-groq-proxy-cache"] == "HIT" and text_of(hit[2], False) == TEXT
 
 
+async def test_a_reload_of_a_replica_that_reads_on_for_the_other_replicas_followers_does_not_cut_them(
+        replicas, redis_url):
+    # The leader's client leaves mid-stream: its replica reads on for the other replica's follower, and no request
+    # of its own holds its config generation. A reload (SIGHUP) then closed the old cache policy at once: its
+    # lease was no longer renewed, and the follower's stream ended with an error event, its answer complete
+    # upstream.
+    import signal
+
+    upstream, (proc_one, _), (one, two) = await replicas()
+    upstream.first.set()
+    url = "/v1/chat/completions"
+    client = aioredis.from_url(redis_url)
+    try:
+        async with aiohttp.ClientSession() as leader_session, aiohttp.ClientSession() as session:
+            leader = await leader_session.post(one + url, json={**ASK, "stream": True})
+            await leader.content.readuntil(b"\n\n")
+            follow = asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True}))
+            await until_waiting(two, 1, "the other replica's follower")
+            response = await follow
+            first = await response.content.readuntil(b"\n\n")  # the leader's chunk, relayed
+            leader.close()
+            await leader_session.close()
+            await until(lambda: '"status":499' in proc_one.stderr or '"status":200' in proc_one.stderr, 30.0,
+                        "the leader's request ended")
+            proc_one.process.send_signal(signal.SIGHUP)
+            await until(lambda: "config_reloaded" in proc_one.stderr, 30.0, "the reload")
+            lease = [k async for k in client.scan_iter(match=f"{replicas.prefix}*:lease")][0]
+            reading = asyncio.ensure_future(response.read())
+            renewed, last = 0, await client.pttl(lease)
+            while renewed < 2 and not reading.done():  # two renewals after the reload, or the stream cut
+                ttl = await client.pttl(lease)
+                if ttl > last:
+                    renewed += 1
+                last = ttl
+                await asyncio.sleep(0.05)
+            upstream.rest.set()
+            raw = first + await reading
+    finally:
+        await client.aclose()
+    assert text_of(raw, True) == TEXT and raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+    assert upstream.calls == 1
+
+
 async def test_the_leader_hears_of_a_follower_on_another_replica_at_once(
         aiohttp_server, start_proxy, redis_store_table, monkeypatch):
     from policies.cache import coalesce_redis

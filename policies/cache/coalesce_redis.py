@@ -101,6 +101,14 @@ class SharedFlights:
         self._warned = 0.0
 
     async def close(self) -> None:
+        # A leader whose client left mid-stream reads on for other replicas' followers with no request of its
+        # own holding its config generation: a reload waits for its end (within its attempt's timeout_s), and
+        # for the lease's end after it, before the lease stops being renewed.
+        kept = [asyncio.ensure_future(c.wait_end()) for c in self.leases.values() if c.handed and not c.ended]
+        if kept:
+            await asyncio.wait(kept, timeout=_HELD_MAX_S)
+            for waiting in kept:
+                waiting.cancel()
         tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
         for task in tasks:
             task.cancel()
