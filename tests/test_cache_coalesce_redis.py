@@ -26,8 +26,9 @@ class GatedUpstream(ChatUpstream):
     """Counts its calls. The first `gated` calls wait for `first` (a stream: sends its first event, then waits
     for `rest`); with `fail_first` the first then answers 500. Every later call answers at once."""
 
-    def __init__(self, fail_first: bool = False, gated: int = 1) -> None:
+    def __init__(self, fail_first: bool = False, gated: int = 1, finish: str = "stop") -> None:
         self.gated = gated
+        self.finish = finish  # the answers' finish_reason
         self.first, self.rest = asyncio.Event(), asyncio.Event()
         self.calls = 0
         self.fail_first = fail_first
@@ -44,8 +45,11 @@ class GatedUpstream(ChatUpstream):
             if self.fail_first and call == 1:
                 return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps(completion(body["model"], TEXT)), content_type="application/json")
+            answer = completion(body["model"], TEXT)
+            answer["choices"][0]["finish_reason"] = self.finish
+            return web.Response(body=orjson.dumps(answer), content_type="application/json")
         events = stream_events(body["model"])
+        events[-2] = events[-2].replace(b'"finish_reason":"stop"', b'"finish_reason":"%s"' % self.finish.encode())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(events[0])
@@ -95,8 +99,9 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
     sharing one Redis (the suite's unless given) under a prefix of their own."""
     started = []
 
-    async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, **cache):
-        upstream = GatedUpstream(fail_first, gated)
+    async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, finish: str = "stop",
+                    timeout_s: float = 0.5, **cache):
+        upstream = GatedUpstream(fail_first, gated, finish)
         server = await aiohttp_server(upstream.app())
         prefix = f"t{uuid.uuid4().hex[:8]}:"
         extra = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in cache.items())
@@ -104,7 +109,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
         config.write_text(f'[providers.up]\nbase_url = "http://127.0.0.1:{server.port}/openai/v1"\n'
                           'api_key_env = "CACHE_TEST_KEY"\n[models.tier-test]\nchain = ["up:m1"]\n'
                           f'[store]\nbackend = "redis"\nurl = "{redis or redis_url}"\nprefix = "{prefix}"\n'
-                          'timeout_s = 0.5\n'
+                          f'timeout_s = {timeout_s}\n'
                           f'[[policies]]\nuse = "cache"\nttl_s = 60\n{extra}')
         env = clean_env(CACHE_TEST_KEY="sk-test-cache")
         bases = []
@@ -252,6 +257,110 @@ async def test_followers_of_a_leader_whose_upstream_fails_go_upstream_once(repli
     assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers, bodies))
     assert upstream.calls == 2  # one follower led the next call, on the lease; the others waited for it
     assert sorted(a[1]["x-groq-proxy-cache"] for a in answers) == ["COALESCED"] * 3 + ["MISS"]
+
+
+@pytest.mark.parametrize("leader_streams", [False, True])
+async def test_followers_of_a_whole_answer_that_is_not_stored_get_it_without_going_upstream(replicas,
+                                                                                            leader_streams):
+    # content_filter is a whole answer the cache does not store: the plain followers (here and on the other
+    # replica) used to go upstream each (three rounds, then all at once: 13 calls for 13 requests)
+    upstream, _, (one, two) = await replicas(finish="content_filter")
+    leader = send(one, {**ASK, "stream": leader_streams})
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 3 == 0} for i in range(12)]
+    followers = [send(two if i % 2 else one, b) for i, b in enumerate(bodies)]
+    await until_waiting(two, 6, "the other replica's followers")
+    await until_waiting(one, 6, "the leader's replica's followers")
+    upstream.first.set()
+    upstream.rest.set()
+    leader_answer, *answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    assert upstream.calls == 1
+    assert [a[0] for a in answers] == [200] * 12
+    assert {a[1]["x-groq-proxy-cache"] for a in answers} == {"COALESCED"}
+    for (_, _, raw), body in zip(answers, bodies):
+        assert text_of(raw, body["stream"]) == TEXT
+        assert b'"finish_reason":"content_filter"' in raw
+    # and it was not stored: the next identical request goes upstream
+    assert (await post_chat(two, ASK))[1]["x-groq-proxy-cache"] == "MISS"
+    assert upstream.calls == 2
+
+
+async def test_a_client_that_leaves_while_its_lease_is_asked_for_leaves_nothing_to_wait_on(replicas, redis_url):
+    # The lead script is held by Redis (CLIENT PAUSE WRITE) while the client leaves: the request's task is
+    # cancelled inside the claim. Its capture used to stay this replica's flight of the key for good, and every
+    # later identical request here waited on it for ever.
+    upstream, (proc_one, _), (one, _) = await replicas(gated=0, timeout_s=30)
+    await post_chat(one, {**ASK, "messages": [{"role": "user", "content": "warm"}]})  # scripts loaded
+    client = aioredis.from_url(redis_url)
+    try:
+        for _ in range(3000):  # its put and lease's end are through (they would be the script Redis holds)
+            if await client.zcard(f"{replicas.prefix}cache:cache:index") and not [
+                    k async for k in client.scan_iter(match=f"{replicas.prefix}*:lease")]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the warm answer was never stored")
+        await client.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
+        try:
+            async with aiohttp.ClientSession() as session:
+                leaving = asyncio.ensure_future(session.post(one + "/v1/chat/completions", json=ASK))
+
+                async def held() -> bool:
+                    return any(c.get("cmd") == "evalsha" and "b" in c.get("flags", "")
+                               for c in await client.client_list())
+
+                for _ in range(3000):
+                    if await held():
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the lead script never reached Redis")
+                leaving.cancel()
+            await until(lambda: '"status":499' in proc_one.stderr, 30.0, "the request cancelled")
+        finally:
+            await client.execute_command("CLIENT", "UNPAUSE")
+        status, headers, raw = await asyncio.wait_for(post_chat(one, ASK), 60)
+        assert status == 200 and headers["x-groq-proxy-cache"] == "MISS" and text_of(raw, False) == TEXT
+        assert upstream.calls == 2  # the warm one, and this one: the cancelled one never went upstream
+        # the lease the script took after the client left was given up at once (its stream says so to anyone
+        # who followed it), not left to expire
+        ends = []
+        async for name in client.scan_iter(match=f"{replicas.prefix}cache:cache:flight:*"):
+            ends += [fields for _, fields in await client.xrange(name)]
+        assert ends == [{b"e": b"failed", b"m": b""}]
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_user_without_channels_still_coalesces_across_replicas(replicas, redis_server):
+    # Redis 7 gives a new ACL user no channels (acl-pubsub-default resetchannels). The lead script's PUBLISH was
+    # refused (NOPERM): the follower's replica took the whole script's failure for Redis down (cache off there
+    # for a second, logged cache_store_unavailable) and went upstream. The followed set alone tells the leader.
+    admin = aioredis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "proxy", "on", ">s3cret-pw", "~*", "resetchannels", "+@all")
+        url = f"redis://proxy:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+        upstream, procs, (one, two) = await replicas(redis=url)
+        leader = send(one, {**ASK, "stream": True})
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        bodies = [{**ASK, "stream": i == 0} for i in range(2)]
+        followers = [send(two, b) for b in bodies]
+        await until_waiting(two, 2, "the other replica's followers")
+        upstream.first.set()
+        upstream.rest.set()
+        answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+        assert upstream.calls == 1
+        assert [(a[0], a[1]["x-groq-proxy-cache"]) for a in answers] == [(200, "MISS")] + [(200, "COALESCED")] * 2
+        assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
+        # a subscription Redis refuses is not asked for again at every miss
+        dialled = (await admin.info("stats"))["total_connections_received"]
+        for i in range(10):
+            assert (await post_chat(one, {**ASK, "messages": [{"role": "user", "content": f"n{i}"}]}))[0] == 200
+        assert (await admin.info("stats"))["total_connections_received"] - dialled <= 2
+        for proc in procs:
+            assert "cache_store_unavailable" not in proc.stderr and "s3cret-pw" not in proc.stderr
+    finally:
+        await admin.aclose()
 
 
 async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(replicas):
@@ -452,6 +561,49 @@ async def test_a_leader_whose_client_leaves_mid_stream_reads_on_for_the_other_re
     await until(lambda: not cache_one.store._tasks, what="the answer's put")
     hit = await post_chat(two, ASK)  # stored once, by the leader's replica, and a hit on the other
     assert hit[1]["x-groq-proxy-cache"] == "HIT" and text_of(hit[2], False) == TEXT
+
+
+async def test_a_reload_of_a_replica_that_reads_on_for_the_other_replicas_followers_does_not_cut_them(
+        replicas, redis_url):
+    # The leader's client leaves mid-stream: its replica reads on for the other replica's follower, and no request
+    # of its own holds its config generation. A reload (SIGHUP) then closed the old cache policy at once: its
+    # lease was no longer renewed, and the follower's stream ended with an error event, its answer complete
+    # upstream.
+    import signal
+
+    upstream, (proc_one, _), (one, two) = await replicas()
+    upstream.first.set()
+    url = "/v1/chat/completions"
+    client = aioredis.from_url(redis_url)
+    try:
+        async with aiohttp.ClientSession() as leader_session, aiohttp.ClientSession() as session:
+            leader = await leader_session.post(one + url, json={**ASK, "stream": True})
+            await leader.content.readuntil(b"\n\n")
+            follow = asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True}))
+            await until_waiting(two, 1, "the other replica's follower")
+            response = await follow
+            first = await response.content.readuntil(b"\n\n")  # the leader's chunk, relayed
+            leader.close()
+            await leader_session.close()
+            await until(lambda: '"status":499' in proc_one.stderr or '"status":200' in proc_one.stderr, 30.0,
+                        "the leader's request ended")
+            proc_one.process.send_signal(signal.SIGHUP)
+            await until(lambda: "config_reloaded" in proc_one.stderr, 30.0, "the reload")
+            lease = [k async for k in client.scan_iter(match=f"{replicas.prefix}*:lease")][0]
+            reading = asyncio.ensure_future(response.read())
+            renewed, last = 0, await client.pttl(lease)
+            while renewed < 2 and not reading.done():  # two renewals after the reload, or the stream cut
+                ttl = await client.pttl(lease)
+                if ttl > last:
+                    renewed += 1
+                last = ttl
+                await asyncio.sleep(0.05)
+            upstream.rest.set()
+            raw = first + await reading
+    finally:
+        await client.aclose()
+    assert text_of(raw, True) == TEXT and raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+    assert upstream.calls == 1
 
 
 async def test_the_leader_hears_of_a_follower_on_another_replica_at_once(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
-from policies.cache.entry import DONE, Entry, from_plain, from_stream, is_usage_chunk, split_events
+from policies.cache.entry import DONE, FINISHED, Entry, from_plain, from_stream, is_usage_chunk, split_events
 from proxy.app.errors import ProxyError
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ _BACKGROUND: set[asyncio.Task] = set()
 class Capture:
     """What one upstream answer is, as it comes: the tap the pipeline feeds, and what followers wait on."""
 
-    __slots__ = ("cache", "key", "model", "who", "answered_by", "plain", "events", "ended", "entry", "handed",
+    __slots__ = ("cache", "key", "model", "who", "answered_by", "plain", "events", "ended", "entry", "served", "handed",
                  "followers", "_wake", "coalesced", "size", "too_big", "whole", "lease", "relay", "alone")
 
     def __init__(self, cache: "ResponseCache", key: str, model: str, who: str) -> None:
@@ -42,6 +42,8 @@ class Capture:
         self.events: list[bytes] = []  # the stream's data events so far ([DONE] and comments left out)
         self.ended = False
         self.entry: Entry | None = None  # set when it ended with an answer worth storing
+        # What its followers are answered with: the entry, or a whole answer not to store (content_filter).
+        self.served: Entry | None = None
         self.handed = False  # the leader's client left mid-stream: the pipeline reads on for the followers
         self.followers = 0
         self.coalesced = False  # registered as the flight of its key
@@ -106,17 +108,23 @@ class Capture:
         JSON is parsed), stores it, and wakes the followers."""
         if self.ended:
             return
-        entry = None
+        entry = served = None
         if answered and not self.too_big:
-            if self.plain is not None:
-                entry = from_plain(self.key, self.model, self.who, self.answered_by, self.plain)
-            elif self.events:
-                entry = from_stream(self.key, self.model, self.who, self.answered_by, self.events)
-        self.entry = entry
+            entry = served = self._entry(FINISHED)
+            if entry is None and self.followers:  # whole, but not stored: still the followers' answer
+                served = self._entry(None)
+        self.entry, self.served = entry, served
         self.whole = answered
         self.ended = True
         self.cache.landed(self)
         self._notify()
+
+    def _entry(self, finished: frozenset | None) -> Entry | None:
+        if self.plain is not None:
+            return from_plain(self.key, self.model, self.who, self.answered_by, self.plain, finished)
+        if self.events:
+            return from_stream(self.key, self.model, self.who, self.answered_by, self.events, finished)
+        return None
 
     def _notify(self) -> None:
         wake = self._wake
@@ -152,7 +160,7 @@ class Capture:
         if self.whole:
             usage = b""
             if include_usage:
-                entry = self.entry
+                entry = self.served
                 usage = entry.usage_event if entry is not None else next(
                     (e for e in self.events if is_usage_chunk(e)), b"")
             yield usage + DONE

@@ -54,6 +54,7 @@ _STREAM_TTL_MS = 10_000  # a published stream's life, renewed with the lease; ke
 _STREAM_MAXLEN = 100_000  # pieces of one answer at most (an answer larger than max_entry_bytes still streams)
 _HELD_MAX_S = 600.0  # no lease is renewed, nor followed, longer than this (a leader that never ended)
 _BLOCK_S = 1.0  # one XREAD BLOCK at most; after a silent one the relay checks the leader's lease
+_RESUBSCRIBE_S = 10.0  # after a subscription failed, the next is asked for no sooner than this
 _IDLE_READERS = 4  # relay connections kept for the next relay
 _FAILURES = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
 
@@ -96,9 +97,18 @@ class SharedFlights:
         self._idle: list[RespConnection] = []
         self._subscriber: RespConnection | None = None
         self._subscribing: asyncio.Task | None = None
+        self._subscribe_after = 0.0  # a subscription that failed (Redis down, or no channels for its user)
         self._warned = 0.0
 
     async def close(self) -> None:
+        # A leader whose client left mid-stream reads on for other replicas' followers with no request of its
+        # own holding its config generation: a reload waits for its end (within its attempt's timeout_s), and
+        # for the lease's end after it, before the lease stops being renewed.
+        kept = [asyncio.ensure_future(c.wait_end()) for c in self.leases.values() if c.handed and not c.ended]
+        if kept:
+            await asyncio.wait(kept, timeout=_HELD_MAX_S)
+            for waiting in kept:
+                waiting.cancel()
         tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
         for task in tasks:
             task.cancel()
@@ -118,7 +128,8 @@ class SharedFlights:
         store = self.store
         if store.is_down():
             return DOWN
-        if (self._subscriber is None or self._subscriber.closed) and self._subscribing is None:
+        if ((self._subscriber is None or self._subscriber.closed) and self._subscribing is None
+                and time.monotonic() >= self._subscribe_after):
             self._subscribing = asyncio.get_running_loop().create_task(self._subscribe())
         entry_key = store.redis_key(capture.model, capture.key)
         lease_key = entry_key + ":lease"
@@ -130,6 +141,11 @@ class SharedFlights:
         except _FAILURES as exc:
             store.failed(exc)
             return DOWN
+        except asyncio.CancelledError:
+            # Its client left: the script may still take the lease. The end goes on the same connection,
+            # after it: the lease is freed, and anyone who followed it meanwhile goes upstream at once.
+            self.store.spawn(self._abandon(lease_key, token))
+            raise
         if reply[0] == 1:
             until = asyncio.get_running_loop().time() + _HELD_MAX_S
             capture.lease = Lease(lease_key, token, self.stream_of(token), until)
@@ -214,6 +230,13 @@ class SharedFlights:
         finally:
             self.leases.pop(lease.key, None)
 
+    async def _abandon(self, lease_key: str, token: str) -> None:
+        try:
+            await self.store.run_script(self._end, [lease_key, self.stream_of(token), self.followed],
+                                        [token, 1, b"failed", "", _STREAM_TTL_MS, _STREAM_MAXLEN])
+        except _FAILURES as exc:
+            self.store.failed(exc)
+
     async def _subscribe(self) -> None:
         """The connection on which this replica hears, at once, that another follows one of its leaders."""
         store = self.store
@@ -228,7 +251,8 @@ class SharedFlights:
                 raise
             self._subscriber = conn
         except _FAILURES:
-            pass  # the set is popped each second meanwhile; the next lead tries again
+            # The set is popped each second meanwhile; a later miss tries again, not every one.
+            self._subscribe_after = time.monotonic() + _RESUBSCRIBE_S
         finally:
             self._subscribing = None
 

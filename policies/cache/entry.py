@@ -98,9 +98,11 @@ def is_usage_chunk(event: bytes) -> bool:
     return b'"usage"' in event and _EMPTY_CHOICES.search(event) is not None
 
 
-def from_stream(key: str, model: str, who: str, answered_by: str, events: list[bytes]) -> Entry | None:
+def from_stream(key: str, model: str, who: str, answered_by: str, events: list[bytes],
+                finished: frozenset | None = FINISHED) -> Entry | None:
     """An entry from a streamed answer's data events (as `split_events` gives them); None when they are not a
-    whole single-choice answer that finished."""
+    whole single-choice answer that finished (with `finished` None: that ended for any reason, as an answer
+    followers get but the cache does not store)."""
     kept, usage_event, usage = [], b"", None
     first: dict | None = None
     message: dict = {"role": "assistant", "content": None}
@@ -154,7 +156,7 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
                         logprobs.setdefault(name, []).extend(items)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
-    if first is None or finish not in FINISHED:
+    if first is None or not finish or (finished is not None and finish not in finished):
         return None
     if content or not tools:
         message["content"] = "".join(content)
@@ -174,8 +176,10 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
                  usage_event)
 
 
-def from_plain(key: str, model: str, who: str, answered_by: str, body: bytes) -> Entry | None:
-    """An entry from a plain answer's body; None when it is not a whole single-choice answer that finished."""
+def from_plain(key: str, model: str, who: str, answered_by: str, body: bytes,
+               finished: frozenset | None = FINISHED) -> Entry | None:
+    """An entry from a plain answer's body; None when it is not a whole single-choice answer that finished
+    (with `finished` None: that ended for any reason)."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -186,7 +190,7 @@ def from_plain(key: str, model: str, who: str, answered_by: str, body: bytes) ->
     choice = choices[0]
     finish = choice.get("finish_reason")
     message = choice.get("message")
-    if finish not in FINISHED or not isinstance(message, dict):
+    if not finish or (finished is not None and finish not in finished) or not isinstance(message, dict):
         return None
     base = {"id": obj.get("id"), "object": "chat.completion.chunk", "created": obj.get("created"),
             "model": obj.get("model")}

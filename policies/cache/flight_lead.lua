@@ -16,5 +16,6 @@ if not replica then return {0} end
 local followed = ARGV[3] .. replica
 redis.call('SADD', followed, KEYS[2])
 redis.call('PEXPIRE', followed, ARGV[4])
-redis.call('PUBLISH', followed, KEYS[2])
+-- pcall: a user Redis allows no channels (Redis 7's default for a new ACL user) still follows, through the set.
+redis.pcall('PUBLISH', followed, KEYS[2])
 return {2, holder}

@@ -217,7 +217,11 @@ class ResponseCache(Policy):
         capture = Capture(self, key, model, who)
         capture.coalesced = True
         self.flights[key] = capture
-        outcome = await shared.claim(capture, stale)
+        try:
+            outcome = await shared.claim(capture, stale)
+        except BaseException:  # its client left while Redis was asked: nothing may wait on it
+            capture.complete(False)
+            raise
         if outcome in (LEAD, DOWN):
             ctx.tap = capture
             return None
@@ -232,14 +236,14 @@ class ResponseCache(Policy):
         try:
             if ctx.stream:
                 await flight.wait_first()
-                if flight.events and flight.entry is None and not flight.ended:
+                if flight.events and flight.served is None and not flight.ended:
                     return self._live(ctx, flight, key)
             else:
                 await flight.wait_end()
         finally:
             flight.followers -= 1
-        if flight.entry is not None:
-            return self._answer(ctx, flight.entry, COALESCED, key)
+        if flight.served is not None:
+            return self._answer(ctx, flight.served, COALESCED, key)
         if flight.ended and flight.whole and flight.events and ctx.stream:
             return self._live(ctx, flight, key)  # whole but too large to store: replayed from what it captured
         return None  # it failed (or broke mid-stream before this request sent anything): go upstream
@@ -251,8 +255,8 @@ class ResponseCache(Policy):
 
         def on_end(capture: Capture) -> None:
             capture.followers -= 1
-            if capture.entry is not None and self.charge_hits:
-                ctx.policy.served_tokens = capture.entry.tokens  # settled after the stream, at the end
+            if capture.served is not None and self.charge_hits:
+                ctx.policy.served_tokens = capture.served.tokens  # settled after the stream, at the end
 
         self._count(ctx, COALESCED)
         ctx.policy.served_tokens = 0  # the tokens are known at the end (on_end), when charge_hits wants them
