@@ -95,7 +95,8 @@ async def test_every_worker_answers_status_json_for_the_whole_proxy(tmp_path, re
     assert proxy.process.returncode == 0
 
 
-async def test_a_cool_down_on_one_worker_shows_as_the_worst_state_and_on_how_many(tmp_path, upstream):
+async def test_a_cool_down_on_one_worker_shows_as_the_worst_state_and_on_how_many(tmp_path, upstream,
+                                                                                   redis_store_table):
     scripted, url = upstream
     scripted.behaviours["m1"] = status(503)
     path = tmp_path / "proxy.toml"
@@ -110,7 +111,13 @@ chain = ["up:m1", "up:m2"]
 [routing]
 cooldown_after_failures = 1
 cooldown_s = 120
-""")
+
+[[policies]]
+use = "rate_limit"
+name = "global-rpm"
+per = "global"
+requests_per_minute = 1000
+""" + "[store]\n" + "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in redis_store_table.items()))
     env = clean_env(TEST_UPSTREAM_KEY="sk-test-secret-upstream-key")
     proxy, base = await start_serving(tmp_path, "proxy", "--workers", "2", "--no-check", "--config", str(path),
                                       env=env)
@@ -125,6 +132,9 @@ cooldown_s = 120
             entry = virtual(report, "tier-test")["chain"][0]
             assert entry["model"] == "up:m1" and entry["state"] == "cooling_down"
             assert "sk-test-secret" not in orjson.dumps(report).decode()
+            # the shared store's limits, read once by the answering worker: the one request counted
+            limit = next(x for x in report["policies"]["limits"] if x["policy"] == "global-rpm")
+            assert limit["requests"]["limit"] == 1000 and 0 < limit["requests"]["used"] <= 1, limit
     finally:
         await proxy.stop()
 

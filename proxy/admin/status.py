@@ -74,19 +74,20 @@ async def status_json(request: web.Request) -> web.Response:
     if siblings is None:
         report = await build_status(state, request.app[STARTED])
     else:  # --workers N: the whole proxy (proxy/admin/status_workers.py)
-        own, others = await asyncio.gather(sibling_report(request.app), siblings.others())
+        own, others = await asyncio.gather(sibling_report(request.app, True), siblings.others())
         report = merge(own, others, siblings.workers, state.generation.config)
     return web.Response(body=orjson.dumps(report), content_type="application/json", headers=headers)
 
 
-async def sibling_report(app: web.Application) -> dict | None:
-    """This worker's report with its latency samples, for the sibling that merges (None while not ready)."""
+async def sibling_report(app: web.Application, read_policies: bool = False) -> dict | None:
+    """This worker's report with its latency samples, for the worker that merges (None while not ready). The
+    budgets and limits are in the store every worker shares: only the merging worker reads them."""
     from proxy.app.server import STATE
 
     state = app[STATE]
     if state.pipeline is None or state.observer is None:
         return None
-    report = await build_status(state, app[STARTED])
+    report = await build_status(state, app[STARTED], read_policies)
     report[SAMPLES] = latency_samples(state.generation.pipeline.routing.observed,
                                       [m["model"] for m in report["models"]])
     return report
@@ -96,7 +97,7 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def build_status(state, started: float) -> dict:
+async def build_status(state, started: float, read_policies: bool = True) -> dict:
     generation = state.generation  # once: a reload must not close the store the usage read below is on
     config, pipeline, observer = generation.config, generation.pipeline, generation.pipeline.observer
     now = time.time()
@@ -115,11 +116,13 @@ async def build_status(state, started: float) -> dict:
         virtual.append({"name": name, "chain": entries, **_recent(observer.recent_requests, name)})
     for name in (OTHER, "invalid"):  # names only clients know, and requests that never reached a chain
         virtual.append({"name": name, "chain": [], **_recent(observer.recent_requests, name)})
-    generation.enter()
-    try:
-        policies = await _policies(pipeline.policies, config)
-    finally:
-        generation.leave()
+    policies = None
+    if read_policies:
+        generation.enter()
+        try:
+            policies = await _policies(pipeline.policies, config)
+        finally:
+            generation.leave()
     return {
         "object": "status",
         "version": __version__,
