@@ -10,8 +10,8 @@ page on the request path beyond those counts.
 What it shows is the config's names and the proxy's own numbers: no secret (pool keys by their variable's
 name, the store's URL without its password) and nothing a client sent (a model only a client named counts in
 the `other` row). So, like /metrics, it needs no admin key; it is an operator's page, to be reached the way
-/metrics is. With several worker processes each answers for itself (`pid`); budgets and limits on the Redis
-store are the whole proxy's.
+/metrics is. With several worker processes the one that answers reads and merges every other's report
+(proxy/admin/status_workers.py), so the page covers the whole proxy whichever worker it lands on.
 
 The cache: hits, misses, bypasses and coalesced requests are counted from the `x-groq-proxy-cache` header
 every answer through a cache policy carries; a policy may add its own numbers (entries, bytes) by defining
@@ -20,6 +20,7 @@ every answer through a cache policy carries; a policy may add its own numbers (e
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from datetime import datetime, timezone
@@ -32,6 +33,7 @@ from policies.identity import Identity
 from policies.stores.base import StoreUnavailable
 from policies.usage import usage_report
 from proxy import __version__
+from proxy.admin.status_workers import SAMPLES, STATUS_SIBLINGS, latency_samples, merge
 from proxy.app.errors import ProxyError, new_request_id
 from proxy.telemetry.recent import OTHER, SLOT_S, SLOTS
 
@@ -68,15 +70,34 @@ async def status_json(request: web.Request) -> web.Response:
     if state.pipeline is None or state.observer is None:
         return ProxyError(503, "The proxy is starting or stopping.", type="server_error",
                           code="not_ready").to_response(headers)
-    report = await build_status(state, request.app[STARTED])
+    siblings = request.app.get(STATUS_SIBLINGS)
+    if siblings is None:
+        report = await build_status(state, request.app[STARTED])
+    else:  # --workers N: the whole proxy (proxy/admin/status_workers.py)
+        own, others = await asyncio.gather(sibling_report(request.app, True), siblings.others())
+        report = merge(own, others, siblings.workers, state.generation.config)
     return web.Response(body=orjson.dumps(report), content_type="application/json", headers=headers)
+
+
+async def sibling_report(app: web.Application, read_policies: bool = False) -> dict | None:
+    """This worker's report with its latency samples, for the worker that merges (None while not ready). The
+    budgets and limits are in the store every worker shares: only the merging worker reads them."""
+    from proxy.app.server import STATE
+
+    state = app[STATE]
+    if state.pipeline is None or state.observer is None:
+        return None
+    report = await build_status(state, app[STARTED], read_policies)
+    report[SAMPLES] = latency_samples(state.generation.pipeline.routing.observed,
+                                      [m["model"] for m in report["models"]])
+    return report
 
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def build_status(state, started: float) -> dict:
+async def build_status(state, started: float, read_policies: bool = True) -> dict:
     generation = state.generation  # once: a reload must not close the store the usage read below is on
     config, pipeline, observer = generation.config, generation.pipeline, generation.pipeline.observer
     now = time.time()
@@ -95,15 +116,19 @@ async def build_status(state, started: float) -> dict:
         virtual.append({"name": name, "chain": entries, **_recent(observer.recent_requests, name)})
     for name in (OTHER, "invalid"):  # names only clients know, and requests that never reached a chain
         virtual.append({"name": name, "chain": [], **_recent(observer.recent_requests, name)})
-    generation.enter()
-    try:
-        policies = await _policies(pipeline.policies, config)
-    finally:
-        generation.leave()
+    policies = None
+    if read_policies:
+        generation.enter()
+        try:
+            policies = await _policies(pipeline.policies, config)
+        finally:
+            generation.leave()
     return {
         "object": "status",
         "version": __version__,
         "pid": os.getpid(),
+        "workers": 1,  # with --workers N, status_workers.merge says how many there are and answered
+        "workers_answered": 1,
         "now": _iso(now),
         "started_at": _iso(started),
         "uptime_s": round(now - started, 1),

@@ -238,6 +238,12 @@ def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[
     app[WORKER_METRICS] = siblings  # its /metrics covers every worker
     app[RELOAD_SIBLINGS] = lambda: reload_siblings(directory, index, workers)  # POST /admin/reload: every worker
     app.cleanup_ctx.append(_reload_socket_ctx(directory, index))
+    from proxy.admin.status import sibling_report
+    from proxy.admin.status_workers import STATUS_SIBLINGS, WorkerStatus
+
+    status = WorkerStatus(directory, index, workers)
+    app[STATUS_SIBLINGS] = status  # its /status.json covers every worker
+    app.cleanup_ctx.append(status.serve_ctx(sibling_report))
     if app[STATE].config.telemetry.metrics:
         app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
     follow_parent()
