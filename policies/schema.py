@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 from proxy.app.config import ConfigError, _check_keys, _number
@@ -26,7 +27,10 @@ def count(raw: Mapping, key: str, where: str, default: int | None = None) -> int
 
 
 def seconds(raw: Mapping, key: str, where: str, default: float) -> float:
-    return float(_number(raw, key, where, default, minimum=0))
+    value = float(_number(raw, key, where, default, minimum=0))
+    if value == math.inf:  # TOML's `inf`: a wait, lease or TTL without end is what these keys exist to prevent
+        raise ConfigError(f"{where}.{key}: must be a finite number of seconds, got inf")
+    return value
 
 
 def table(raw: Mapping, key: str, where: str) -> Mapping:

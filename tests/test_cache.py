@@ -354,6 +354,8 @@ async def test_a_hit_is_an_attribute_and_event_of_the_request_span_without_an_at
     ({"coalesce": "yes"}, "policies[0].coalesce: must be true or false"),
     ({"max_entries": 0}, "policies[0].max_entries"),
     ({"ttl": 5}, "policies[0].ttl"),
+    ({"coalesce_wait_s": float("inf")}, "policies[0].coalesce_wait_s: must be a finite number of seconds"),
+    ({"ttl_s": float("inf")}, "policies[0].ttl_s: must be a finite number of seconds"),
 ])
 def test_a_wrong_cache_option_stops_the_start_naming_the_key(table, message):
     from proxy.app.config import ConfigError

@@ -66,6 +66,8 @@ def test_unknown_options_are_startup_errors_naming_the_key():
         ({"use": "request_budget", "mode": "dry"}, "policies[0].mode: must be one of enforce, shadow"),
         ({"use": "request_budget", "on_error": "maybe"}, "policies[0].on_error: must be one of open, closed"),
         ({"use": "concurrency", "per": "model"}, "policies[0]: set `limit`"),
+        ({"use": "concurrency", "limit": 2, "wait_s": float("inf")}, "policies[0].wait_s: must be a finite number"),
+        ({"use": "rate_limit", "requests_per_minute": 5, "wait_s": float("inf")}, "policies[0].wait_s: must be a finite"),
     ]
     for table, message in cases:
         with pytest.raises(ConfigError) as info:

@@ -99,6 +99,8 @@ def test_store_connection_keys_and_their_defaults(tmp_path):
     ({"url": "redis://h/0", "connect_timeout_s": 0}, "store.connect_timeout_s: must be more than 0"),
     ({"url": "redis://h/0", "connect_timeout_s": "1s"}, "store.connect_timeout_s: "),
     ({"url": "redis://h/0", "timeout_s": 0}, "store.timeout_s: must be more than 0"),
+    ({"url": "redis://h/0", "timeout_s": float("inf")}, "store.timeout_s: must be a finite number of seconds"),
+    ({"url": "redis://h/0", "lease_s": float("inf")}, "store.lease_s: must be a finite number of seconds"),
     ({"url": "redis://h/0", "tls_ca_file": "/etc/hosts"}, "store.tls_ca_file: only with a TLS URL"),
     ({"url": "rediss://h/0", "tls_ca_file": "/nonexistent/ca.pem"}, "store.tls_ca_file: no such file"),
     ({"url": "rediss://h/0", "tls_cert_file": "/etc/hosts"}, "store.tls_key_file: a client certificate needs both"),

@@ -56,9 +56,11 @@ async def test_policies_follow_on_error_while_the_master_is_gone_and_recover_on_
                                              policies=limit))
     closed_base = await start_proxy(config_for(url, store={"backend": "redis", "url": sentinel_url, "prefix": "c:"},
                                                policies=[{**limit[0], "on_error": "closed"}]))
+    counted_at = {}
     for base in (open_base, closed_base):
         assert (await store_status(base))["status"] == "ok"
         assert [(await post(base))[0] for _ in range(2)] == [200, 200]  # 2 of the 3 a minute
+        counted_at[base] = time.monotonic()
     group.ask(group.master.port, "WAIT", 1, 5000)  # the replica has the counts
     group.ask(group.replica.port, "SCRIPT", "FLUSH")  # so the new master must be sent the scripts again
     loads_before = script_loads(group, group.replica.port)
@@ -74,11 +76,15 @@ async def test_policies_follow_on_error_while_the_master_is_gone_and_recover_on_
     for base in (open_base, closed_base):
         await until(lambda: _ok(base), "the store never found the promoted replica")
 
-    # The limit holds on the new master with the counts the replica copied: one left of three.
+    # The limit holds on the new master with the counts the replica copied: one left of three, plus one for
+    # every 20 s the bucket refilled since (a busy machine can take that long); with the counts lost, three more.
     for base in (open_base, closed_base):
-        assert (await post(base))[0] == 200
-        status, body = await post(base)
-        assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+        admitted = 0
+        while (answer := await post(base))[0] == 200 and admitted < 6:
+            admitted += 1
+        refilled = int((time.monotonic() - counted_at[base]) // 20)
+        assert answer[0] == 429 and answer[1]["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= admitted <= 1 + refilled, (admitted, refilled)
     assert script_loads(group, group.replica.port) > loads_before  # NOSCRIPT on the new master: loaded, retried
 
     events = [r.getMessage() for r in caplog.records]
