@@ -1,5 +1,5 @@
 import sys
 
-from proxy.app.cli import main
+from proxy.app.entry import main
 
 sys.exit(main())

@@ -5,12 +5,14 @@ read back through a fresh proxy on the same Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
 from proxy.app.config import load_config
-from tests.procs import Proc, clean_env
+from tests.procs import Proc, clean_env, start_serving
 
 STREAMS = 50
 SIM_KEY = "sk-test-drain-upstream-key"
@@ -98,3 +100,35 @@ async def budget(start_proxy, config_path: str) -> dict:
         async with session.get(base + "/v1/usage") as resp:
             assert resp.status == 200
             return (await resp.json())["budgets"][0]
+
+
+@dataclass
+class Running:
+    """A proxy serving STREAMS open streams (`streams`: tasks, each ending with its raw body)."""
+
+    proxy: Proc
+    base: str
+    config: str
+    session: aiohttp.ClientSession
+    streams: list[asyncio.Task]
+
+
+@contextlib.asynccontextmanager
+async def streams_through_proxy(tmp_path, store: dict, server: dict, *, tokens_per_s: float, max_tokens: int,
+                                telemetry: str = ""):
+    """A slow simulator, a `groq-proxy serve` in front of it (this [server] table, token_budget on `store`) and
+    STREAMS streams of `max_tokens` open through it. On the way out the session, the proxy and the simulator
+    are stopped, whatever happened; the proxy's log stays readable."""
+    sim, sim_url = await start_simulator(tmp_path, tokens_per_s)
+    path = write_config(tmp_path, sim_url, store, server, telemetry)
+    proxy = session = None
+    try:
+        proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
+        session, streams = await open_streams(base, max_tokens)
+        yield Running(proxy, base, path, session, streams)
+    finally:
+        if session is not None:
+            await session.close()
+        if proxy is not None:
+            await proxy.stop()
+        await sim.stop()

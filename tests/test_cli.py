@@ -200,7 +200,7 @@ async def test_models_prints_each_entry_as_available_or_missing(tmp_path, simula
         "models.tier-other.chain[1]": (f"plain:{MISSING_B}", "MISSING"),
         "llama3-8b-8192": ("groq:openai/gpt-oss-20b", "available"),
     }
-    # the simulator's chat, embedding, Whisper and PlayAI models
+    # the simulator's chat, embedding, Whisper and Orpheus models
     assert "provider groq: 10 models served" in proc.stdout
     assert "provider plain: 10 models served" in proc.stdout
     assert_no_secret(proc)
@@ -343,10 +343,18 @@ async def test_a_config_file_that_is_not_utf8_exits_naming_the_file(tmp_path):
         ("--tokens-per-s", "-1", "--tokens-per-s: must be 0 or more, got -1.0"),
         ("--retry-after", "-2", "--retry-after: must be 0 or more, got -2"),
         ("--port", "70000", "--port: must be a port number from 0 to 65535, got 70000"),
+        # inf would sleep every request forever (or pace it at no speed); nan compares false to every bound
+        ("--ttft-ms", "inf", "--ttft-ms: must be a finite number, got inf"),
+        ("--ttft-ms", "nan", "--ttft-ms: must be 0 or more, got nan"),
+        ("--tokens-per-s", "inf", "--tokens-per-s: must be a finite number, got inf"),
+        ("--tokens-per-s", "nan", "--tokens-per-s: must be 0 or more, got nan"),
+        ("--ttft-ms=-inf", None, "--ttft-ms: must be 0 or more, got -inf"),
+        ("--completion-tokens", "0", "--completion-tokens: must be from 1 to 65536, got 0"),
+        ("--completion-tokens", "65537", "--completion-tokens: must be from 1 to 65536, got 65537"),
     ],
 )
 async def test_simulate_refuses_values_out_of_range_in_one_line(tmp_path, flag, value, says):
-    proc = await run(tmp_path, "simulate", "simulate", flag, value, env=clean_env())
+    proc = await run(tmp_path, "simulate", "simulate", flag, *([value] if value is not None else []), env=clean_env())
     assert proc.process.returncode == 2
     assert one_line_error(proc) == f"groq-proxy: {says}"
 

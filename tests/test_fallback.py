@@ -724,3 +724,27 @@ async def test_smallest_embeddings_list_is_an_answer(upstream, start_proxy):
     base = await start_proxy(config_for(url))
     r = await call(base, {"model": "tier-test", "input": "hello"}, path="/v1/embeddings")
     assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m1" and r.json() == smallest
+
+
+NOT_AN_ANSWER_DETAILS = [
+    ("/v1/chat/completions", "string", "200 with a body that is not a JSON object"),
+    ("/v1/chat/completions", "error_object", "200 with an error: overloaded"),
+    ("/v1/chat/completions", "choices_empty", "200 without choices: not a chat completion"),
+    ("/v1/chat/completions", "choice_without_message", "200 with a choice that has no message: not a chat completion"),
+    ("/v1/embeddings", "data_not_a_list", "200 without data: not an embeddings list"),
+    ("/v1/embeddings", "error_object", "200 with an error: overloaded"),
+    ("/v1/embeddings", "item_without_embedding", "200 with a data item that has no embedding"),
+]
+
+
+@pytest.mark.parametrize("path,case,detail", NOT_AN_ANSWER_DETAILS)
+async def test_a_200_that_is_not_an_answer_says_what_it_lacks(path, case, detail, upstream, start_proxy, proxy_log):
+    scripted, url = upstream
+    bodies = NOT_A_COMPLETION if path == "/v1/chat/completions" else NOT_EMBEDDINGS
+    scripted.behaviours["m1"] = Behaviour("status", status=200, body=orjson.dumps(bodies[case]))
+    base = await start_proxy(config_for(url))
+    request = chat() if path == "/v1/chat/completions" else {"model": "tier-test", "input": "hello"}
+    r = await call(base, request, path=path)
+    assert r.status == 200 and r.headers["x-groq-proxy-model"] == "m2"
+    first = attempt_lines(proxy_log)[0]
+    assert (first["outcome"], first["reason"], first["detail"]) == ("fell_over", "malformed", detail)

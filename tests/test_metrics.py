@@ -328,8 +328,11 @@ async def test_fresh_proxy_scrape_is_valid_and_lists_every_family(upstream, star
         "groq_proxy_latency_category_total": "counter", "gen_ai_client_token_usage": "histogram",
         "groq_proxy_key_attempts_total": "counter", "groq_proxy_observed_latency_ms": "gauge",
         "groq_proxy_audio_bytes_total": "counter", "groq_proxy_audio_duration_seconds": "histogram",
+        "groq_proxy_reloads_total": "counter", "groq_proxy_config_generation": "gauge",
     }
-    assert not s.samples
+    # Only the reload families have series from the start: both results at 0, and the first generation.
+    assert dict(s.samples) == {"groq_proxy_reloads_total": [({"result": "ok"}, 0.0), ({"result": "error"}, 0.0)],
+                               "groq_proxy_config_generation": [({}, 1.0)]}
 
 
 # --- latency categories and the rolling p95 -------------------------------------------------------------------

@@ -445,3 +445,87 @@ async def test_admin_config_masks_a_redis_password_given_alone(upstream, start_p
     shown = view["policies"]["store"]["url"]
     assert "pw9" not in shown and "p%40ss" not in shown and "p@ss" not in shown
     assert shown.startswith(url.split("://")[0] + "://[masked]@127.0.0.1:1/")
+
+
+@pytest.mark.parametrize("route", ["/v1/usage?user=ann", "/status.json"])
+async def test_usage_keeps_its_generation_and_the_store_it_reads(upstream, proxy, redis_store_table, route):
+    """GET /v1/usage (and the status page's usage of the global limits) takes the generation once and holds it,
+    as a request through the pipeline does. Before, it did not count on its generation: a reload that changed
+    [store] closed the old store at once, under the usage read still in flight on it."""
+    _, url = upstream
+    store = redis_store_table
+
+    def text(timeout_s: float, rpm: int) -> str:
+        table = (f'[store]\nbackend = "redis"\nurl = "{store["url"]}"\nprefix = "{store["prefix"]}"\n'
+                 f"timeout_s = {timeout_s}\n")
+        limit = f'[[policies]]\nuse = "rate_limit"\nname = "{{per}}"\nper = "{{per}}"\nrequests_per_minute = {rpm}\n'
+        return toml(url, {"tier-test": ["m1"]}, table + limit.format(per="user") + limit.format(per="global"))
+
+    base, state, path = await proxy(text(1.0, 10))
+    for _ in range(2):
+        assert (await call(base, "POST", "/v1/chat/completions", {**chat("tier-test"), "user": "ann"}))[0] == 200
+    old_store, old = state.pipeline.policies.store, state.generation
+    reached, gate, closed = asyncio.Event(), asyncio.Event(), []
+    read, close = old_store.read, old_store.close
+
+    async def gated_read(claims):
+        reached.set()
+        await gate.wait()
+        return await read(claims)
+
+    async def watched_close():
+        closed.append(old_store)
+        await close()
+
+    old_store.read, old_store.close = gated_read, watched_close
+    usage = asyncio.ensure_future(call(base, "GET", route))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        path.write_text(text(2.0, 20))
+        assert (await reload(base))[0] == 200
+        assert state.generation is not old and state.pipeline.policies.store is not old_store
+        assert closed == []  # the usage read still runs on the old generation's store
+    finally:
+        gate.set()
+    code, report = await asyncio.wait_for(usage, 10)
+    assert code == 200, report
+    limits = report["limits"] if route.startswith("/v1/usage") else report["policies"]["limits"]
+    assert [(limit["per"], limit["requests"]["limit"], limit["requests"]["used"]) for limit in limits] == \
+        ([("user", 10, 2)] if route.startswith("/v1/usage") else []) + [("global", 10, 2)]  # the old generation's
+    await until(lambda: closed == [old_store], what="the old store closed once the usage read ended")
+
+
+async def test_admin_cache_delete_keeps_its_generation_and_the_cache_it_empties(upstream, proxy):
+    """DELETE /admin/cache holds the generation it started on, as /v1/usage does. Before, a reload (any: each
+    builds the cache policy anew) closed the old cache's store under a delete still in flight on it (on Redis a
+    SCAN of many round trips)."""
+    _, url = upstream
+    cache = '[[policies]]\nuse = "cache"\n'
+    base, state, path = await proxy(toml(url, {"tier-test": ["m1"]}, cache))
+    assert (await call(base, "POST", "/v1/chat/completions", chat("tier-test")))[0] == 200
+    [policy] = state.pipeline.policies.policies
+    old_store = policy.store
+    reached, gate, closed = asyncio.Event(), asyncio.Event(), []
+    delete, close = old_store.delete, old_store.close
+
+    async def gated_delete(**kwargs):
+        reached.set()
+        await gate.wait()
+        return await delete(**kwargs)
+
+    async def watched_close():
+        closed.append(old_store)
+        await close()
+
+    old_store.delete, old_store.close = gated_delete, watched_close
+    emptied = asyncio.ensure_future(call(base, "DELETE", "/admin/cache", headers=ADMIN))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        path.write_text(toml(url, {"tier-test": ["m1"], "tier-new": ["m2"]}, cache))
+        assert (await reload(base))[0] == 200
+        assert state.pipeline.policies.policies[0].store is not old_store
+        assert closed == []  # the delete still runs on the old generation's cache
+    finally:
+        gate.set()
+    assert await asyncio.wait_for(emptied, 10) == (200, {"deleted": 1, "policies": ["cache"]})
+    await until(lambda: closed == [old_store], what="the old cache closed once the delete ended")

@@ -431,6 +431,14 @@ def test_cli_arguments_build_the_config():
         config_from_args(parser.parse_args(["--rate-cut", "1.5"]))
 
 
+@pytest.mark.parametrize("field", ["ttft_s", "tokens_per_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_the_config_refuses_delays_and_paces_that_are_not_finite_and_non_negative(field, value):
+    """What the embedded simulator and the tests build, checked as the command's flags are."""
+    with pytest.raises(ValueError, match=field):
+        SimulatorConfig(**{field: value})
+
+
 async def test_start_simulator_serves_its_base_url():
     runner, base_url = await start_simulator(SimulatorConfig(completion_tokens=4))
     try:

@@ -15,7 +15,7 @@ import pytest
 from policies.identity import hash_key
 from proxy.telemetry.worker_metrics import merge
 from tests.procs import Proc, clean_env, run, start_serving
-from tests.slow_streams import SIM_KEY, STREAMS, budget, events, open_streams, start_simulator, write_config
+from tests.slow_streams import budget, events, streams_through_proxy
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 
@@ -112,22 +112,12 @@ async def test_more_than_one_worker_on_the_memory_store_is_refused(tmp_path):
 
 
 async def test_sigterm_to_the_supervisor_drains_every_worker(tmp_path, redis_store_table, start_proxy):
-    sim, sim_url = await start_simulator(tmp_path, tokens_per_s=25)
-    path = write_config(tmp_path, sim_url, redis_store_table,
-                        {"drain_s": 1, "drain_timeout_s": 120, "workers": 2})
-    proxy = session = None
-    try:
-        proxy, base = await start_serving(tmp_path, "proxy", "--config", path, env=clean_env(SIM_KEY=SIM_KEY))
-        session, streams = await open_streams(base, 100)  # 4 s each
+    async with streams_through_proxy(tmp_path, redis_store_table, {"drain_s": 1, "drain_timeout_s": 120, "workers": 2},
+                                     tokens_per_s=25, max_tokens=100) as running:  # 4 s each
+        proxy = running.proxy
         proxy.process.send_signal(signal.SIGTERM)
-        bodies = await asyncio.wait_for(asyncio.gather(*streams), 120)
+        bodies = await asyncio.wait_for(asyncio.gather(*running.streams), 120)
         assert await proxy.wait(60) == 0
-    finally:
-        if session is not None:
-            await session.close()
-        if proxy is not None:
-            await proxy.stop()
-        await sim.stop()
     used = 0
     for raw in bodies:
         assert raw.endswith(b"data: [DONE]\n\n")
@@ -138,7 +128,7 @@ async def test_sigterm_to_the_supervisor_drains_every_worker(tmp_path, redis_sto
     assert len(drains) == 2 and sum(line["in_flight"] for line in drains) > 0
     assert [line["cut"] for line in lines if line["event"] == "drain_done"] == [0, 0]
     assert not [line for line in lines if line["event"] == "worker_exited"]
-    state = await budget(start_proxy, path)
+    state = await budget(start_proxy, running.config)
     assert (state["reserved"], state["used"]) == (0, used)
 
 

@@ -33,7 +33,7 @@ class Capture:
     """What one upstream answer is, as it comes: the tap the pipeline feeds, and what followers wait on."""
 
     __slots__ = ("cache", "key", "model", "who", "answered_by", "plain", "events", "ended", "entry", "handed",
-                 "followers", "_wake", "coalesced", "size", "too_big", "whole")
+                 "followers", "_wake", "coalesced", "size", "too_big", "whole", "lease", "relay", "alone")
 
     def __init__(self, cache: "ResponseCache", key: str, model: str, who: str) -> None:
         self.cache, self.key, self.model, self.who = cache, key, model, who
@@ -49,17 +49,29 @@ class Capture:
         self.too_big = False  # past max_entry_bytes: not stored, and no new follower may join
         self.whole = False  # ended with a whole answer (stored or not)
         self._wake = asyncio.Event()
+        # Across replicas (policies/cache/coalesce_redis.py): the leader's hold on its key, or that this capture
+        # relays another replica's answer (stored there, not here), and whether its followers must then go
+        # upstream without trying the lease again.
+        self.lease = None
+        self.relay = False
+        self.alone = False
 
     # --- the pipeline's side ----------------------------------------------------------------------------
 
     def body(self, data: bytes) -> None:
         """A plain answer (status 200) went to the client."""
         self.plain = data
+        lease = self.lease
+        if lease is not None and lease.published:
+            self.cache.shared.publish(lease, "p", data)
 
     def stream(self, data: bytes) -> None:
         """Whole SSE events went to the client (or, after `keep`, would have)."""
         if self.too_big and not self.followers:
             return
+        lease = self.lease
+        if lease is not None and lease.published:
+            self.cache.shared.publish(lease, "d", data)
         events = split_events(data)
         if events:
             self.events += events

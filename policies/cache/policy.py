@@ -22,6 +22,7 @@ from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Respond
 from policies.cache.coalesce import Capture
+from policies.cache.coalesce_redis import DOWN, LEAD, STORED
 from policies.cache.entry import Entry
 from policies.cache.key import DEFAULT, cache_key, control, deterministic, single_choice
 from policies.schema import check_keys, choice, count, seconds
@@ -66,11 +67,12 @@ class ResponseCache(Policy):
 
     def __init__(self, scope: str = "global", ttl_s: float = 3600.0, max_entries: int = 10000,
                  max_bytes: int = 100 * 1024 * 1024, max_entry_bytes: int = 1024 * 1024, cacheable: str = "always",
-                 coalesce: bool = True, charge_hits: bool = False) -> None:
+                 coalesce: bool = True, charge_hits: bool = False, coalesce_wait_s: float = 60.0) -> None:
         self.scope, self.ttl_s, self.cacheable = scope, ttl_s, cacheable
         self.max_entries, self.max_bytes, self.max_entry_bytes = max_entries, max_bytes, max_entry_bytes
-        self.coalesce, self.charge_hits = coalesce, charge_hits
+        self.coalesce, self.charge_hits, self.coalesce_wait_s = coalesce, charge_hits, coalesce_wait_s
         self.store = None  # MemoryCache or RedisCache, opened by start()
+        self.shared = None  # SharedFlights: coalescing across replicas, on Redis with coalesce = true
         self.flights: dict[str, Capture] = {}
         self.metrics: CacheMetrics | None = None
         self._labels: dict[tuple[str, str], tuple[str, str]] = {}
@@ -79,7 +81,7 @@ class ResponseCache(Policy):
     @classmethod
     def options(cls, raw: Mapping, where: str) -> dict:
         check_keys(raw, {"scope", "ttl_s", "max_entries", "max_bytes", "max_entry_bytes", "cacheable", "coalesce",
-                         "charge_hits"}, where)
+                         "charge_hits", "coalesce_wait_s"}, where)
         ttl = seconds(raw, "ttl_s", where, 3600.0)
         if ttl <= 0:
             raise ConfigError(f"{where}.ttl_s: must be more than 0")
@@ -88,6 +90,9 @@ class ResponseCache(Policy):
                "max_bytes": count(raw, "max_bytes", where, 100 * 1024 * 1024),
                "cacheable": choice(raw, "cacheable", where, ("always", "deterministic"), "always")}
         out["max_entry_bytes"] = count(raw, "max_entry_bytes", where, min(1024 * 1024, out["max_bytes"]))
+        out["coalesce_wait_s"] = seconds(raw, "coalesce_wait_s", where, 60.0)
+        if out["coalesce_wait_s"] <= 0:
+            raise ConfigError(f"{where}.coalesce_wait_s: must be more than 0")
         for flag, default in (("coalesce", True), ("charge_hits", False)):
             value = raw.get(flag, default)
             if not isinstance(value, bool):
@@ -102,6 +107,10 @@ class ResponseCache(Policy):
             self.store = RedisCache(store.url, self.name, ttl_s=self.ttl_s, max_entries=self.max_entries,
                                     max_bytes=self.max_bytes, max_entry_bytes=self.max_entry_bytes,
                                     timeout_s=store.timeout_s, prefix=store.prefix, connect=store.connect)
+            if self.coalesce:
+                from policies.cache.coalesce_redis import SharedFlights
+
+                self.shared = SharedFlights(self.store, self.coalesce_wait_s)
         else:
             from policies.cache.store_memory import MemoryCache
 
@@ -119,11 +128,14 @@ class ResponseCache(Policy):
         """What the status page shows of this cache (proxy/admin/status.py)."""
         entries, size = self.store.held() if self.store is not None else (0, 0)
         return {"backend": self.store.backend if self.store is not None else None, "entries": entries,
-                "bytes": size, "in_flight": len(self.flights)}
+                "bytes": size, "in_flight": len(self.flights),
+                "waiting": sum(flight.followers for flight in self.flights.values())}
 
     async def close(self) -> None:
         if self.metrics is not None and self in self.metrics.caches:  # a reload's new policy counts from now on
             self.metrics.caches.remove(self)
+        if self.shared is not None:
+            await self.shared.close()
         if self.store is not None:
             await self.store.close()
 
@@ -142,16 +154,23 @@ class ResponseCache(Policy):
         if not ctl.lookup:  # no-cache: a fresh answer, stored
             self._lead(ctx, key, model, who, join=False)
             return self._pass(ctx, BYPASS, key)
+        shared = self.shared if self.mode == "enforce" else None
         for _ in range(_TRIES):
             entry = await self._get(key, model)
             if entry is not None and (ctl.max_age is None or entry.age() <= ctl.max_age):
                 return self._answer(ctx, entry, HIT, key)
             flight = self.flights.get(key) if self.coalesce and self.mode == "enforce" else None
             if flight is None:
-                break
+                if shared is None:
+                    break
+                flight = await self._claim(ctx, shared, key, model, who, stale=entry is not None)
+                if flight is None:
+                    return self._pass(ctx, MISS, key)
             decision = await self._follow(ctx, flight, key)
             if decision is not None:
                 return decision
+            if flight.alone:  # the other replica's request could not be followed: no lease for this one
+                shared = None
         self._lead(ctx, key, model, who, join=self.coalesce)
         return self._pass(ctx, MISS, key)
 
@@ -174,9 +193,12 @@ class ResponseCache(Policy):
             del self.flights[capture.key]
 
     def landed(self, capture: Capture) -> None:
-        """A capture ended: it is no longer the flight of its key, and its entry (if any) is stored."""
+        """A capture ended: it is no longer the flight of its key, and its entry (if any) is stored (by the
+        replica that went upstream, when it relayed another's)."""
         self.unlist(capture)
-        if capture.entry is not None:
+        if capture.lease is not None:
+            self.shared.end(capture, self.store.put(capture.entry) if capture.entry is not None else None)
+        elif capture.entry is not None and not capture.relay:
             self.store.keep(capture.entry)
 
     # --- helpers ----------------------------------------------------------------------------------------
@@ -187,6 +209,22 @@ class ResponseCache(Policy):
         if join and self.mode == "enforce" and key not in self.flights:
             capture.coalesced = True
             self.flights[key] = capture
+
+    async def _claim(self, ctx, shared, key: str, model: str, who: str, stale: bool) -> Capture | None:
+        """A miss with no flight of its key here asks Redis (policies/cache/coalesce_redis.py). Its capture is
+        this process's flight meanwhile, so identical requests arriving here wait on it, not on Redis. None
+        when this request leads (its capture is on the context); else the capture to follow."""
+        capture = Capture(self, key, model, who)
+        capture.coalesced = True
+        self.flights[key] = capture
+        outcome = await shared.claim(capture, stale)
+        if outcome in (LEAD, DOWN):
+            ctx.tap = capture
+            return None
+        if outcome == STORED:  # stored since the lookup: this request and any that joined look it up again
+            capture.relay = True
+            capture.complete(False)
+        return capture
 
     async def _follow(self, ctx, flight: Capture, key: str) -> Decision | None:
         """Waits on an identical request in flight: an answer, or None when it failed before any data."""

@@ -59,6 +59,7 @@ class RedisCache:
         self.timeout_s = timeout_s
         self.base = f"{prefix}cache:{policy}:"
         self.index, self.sizes, self.total = self.base + "index", self.base + "sizes", self.base + "bytes"
+        self._in_flight = (self.base + "flight:", self.base + "followed:")
         self._put, self._forget = _script("put.lua"), _script("forget.lua")
         self._client = None
         self._sentinel = None
@@ -155,15 +156,33 @@ class RedisCache:
 
     def keep(self, entry: Entry) -> bool:
         """Sends the entry in the background; False when it is too large or too many puts are on their way."""
+        put = self.put(entry)
+        if put is None:
+            return False
+        self.spawn(put)
+        return True
+
+    def put(self, entry: Entry):
+        """The put of an entry, to await (None when it is too large, too many are on their way, or Redis is
+        resting)."""
         blob = entry.dumps()
-        if len(blob) > self.max_entry_bytes or len(self._tasks) >= _PENDING_MAX:
-            return False
-        if self._down_until and time.monotonic() < self._down_until:
-            return False
-        task = asyncio.get_running_loop().create_task(self._send(self.redis_key(entry.model, entry.key), blob))
+        if len(blob) > self.max_entry_bytes or len(self._tasks) >= _PENDING_MAX or self.is_down():
+            return None
+        return self._send(self.redis_key(entry.model, entry.key), blob)
+
+    def spawn(self, work) -> None:
+        """Background work on this store (awaited by close())."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
+
+    def is_down(self) -> bool:
+        return bool(self._down_until) and time.monotonic() < self._down_until
+
+    def live_connection(self) -> RespConnection | None:
+        """The hot path's connection when it is open (the pieces a leader publishes go on it, in order)."""
+        conn = self._conn
+        return conn if conn is not None and not conn.closed else None
 
     async def _send(self, redis_key: str, blob: bytes) -> None:
         try:
@@ -182,6 +201,27 @@ class RedisCache:
                 raise
             await self._command("SCRIPT", "LOAD", text)
             return await self._command("EVALSHA", sha, len(keys), *keys, *args)
+
+    @staticmethod
+    def script_file(name: str) -> tuple[str, str]:
+        return _script(name)  # the module's: a script's text and SHA
+
+    async def command(self, *args):
+        return await self._command(*args)
+
+    async def run_script(self, script: tuple[str, str], keys: list, args: list):
+        return await self._script(script, keys, args)
+
+    def failed(self, exc: BaseException) -> None:
+        self._failed(exc)
+
+    @property
+    def connect_settings(self):
+        return self._connect_settings
+
+    @property
+    def sentinel(self):
+        return self._sentinel
 
     def _failed(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -203,7 +243,8 @@ class RedisCache:
         batch: list[str] = []
         async for found in self._client.scan_iter(match=pattern, count=500):
             name = found.decode() if isinstance(found, bytes) else found
-            if name in (self.index, self.sizes, self.total):
+            if name in (self.index, self.sizes, self.total) or name.endswith(":lease") or name.startswith(
+                    self._in_flight):  # requests in flight across replicas (coalesce_redis.py): not entries
                 continue
             batch.append(name)
             if len(batch) >= 500:

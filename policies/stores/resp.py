@@ -98,6 +98,8 @@ class RespConnection(asyncio.Protocol):
         self._buf = bytearray()
         self._waiting: deque[asyncio.Future] = deque()
         self._loop = asyncio.get_running_loop()
+        # A subscriber's connection (SUBSCRIBE): what arrives with no call waiting is a message, given to this.
+        self.on_push = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------------------------
 
@@ -118,7 +120,10 @@ class RespConnection(asyncio.Protocol):
                     break
                 pos = end
                 if not waiting:
-                    raise ConnectionLost("a reply nobody asked for")
+                    if self.on_push is None:
+                        raise ConnectionLost("a reply nobody asked for")
+                    self.on_push(reply)
+                    continue
                 future = waiting.popleft()
                 if future.done():  # its caller gave up (a timeout): the reply is read and dropped
                     continue

@@ -77,7 +77,8 @@ def _iso(epoch: float) -> str:
 
 
 async def build_status(state, started: float) -> dict:
-    config, pipeline, observer = state.config, state.pipeline, state.observer
+    generation = state.generation  # once: a reload must not close the store the usage read below is on
+    config, pipeline, observer = generation.config, generation.pipeline, generation.pipeline.observer
     now = time.time()
     models = {t.key: _model(t, pipeline, observer, now) for t in config.real_targets()}
     virtual = []
@@ -94,6 +95,11 @@ async def build_status(state, started: float) -> dict:
         virtual.append({"name": name, "chain": entries, **_recent(observer.recent_requests, name)})
     for name in (OTHER, "invalid"):  # names only clients know, and requests that never reached a chain
         virtual.append({"name": name, "chain": [], **_recent(observer.recent_requests, name)})
+    generation.enter()
+    try:
+        policies = await _policies(pipeline.policies, config)
+    finally:
+        generation.leave()
     return {
         "object": "status",
         "version": __version__,
@@ -106,7 +112,7 @@ async def build_status(state, started: float) -> dict:
         "window_s": WINDOW_S,
         "virtual_models": virtual,
         "models": list(models.values()),
-        "policies": await _policies(pipeline.policies, config),
+        "policies": policies,
         "cache": _cache(pipeline.policies, observer.recent_cache),
     }
 

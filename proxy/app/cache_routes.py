@@ -30,16 +30,20 @@ async def admin_cache_delete(request: web.Request) -> web.Response:
                           code="invalid_cache_key").to_response(headers)
     if model is not None and (not model or len(model) > 256):
         return ProxyError(400, "?model= must name a model.", param="model").to_response(headers)
-    caches = [p for p in state.pipeline.policies.policies if isinstance(p, ResponseCache)]
+    generation = state.generation  # held to the end: a reload closes the old caches' stores after this delete
+    caches = [p for p in generation.pipeline.policies.policies if isinstance(p, ResponseCache)]
     if not caches:
         return ProxyError(404, "No response cache is configured ([[policies]] use = \"cache\").",
                           code="cache_not_configured").to_response(headers)
     deleted = 0
+    generation.enter()
     try:
         for cache in caches:
             deleted += await cache.store.delete(model=model, key=key)
     except Exception:  # Redis unreachable (a RedisError or an OSError): the store's fault, not the request's
         return ProxyError(503, "The cache store is unavailable; try again shortly.", type="server_error",
                           code="cache_unavailable").to_response(headers)
+    finally:
+        generation.leave()
     body = {"deleted": deleted, "policies": [c.name for c in caches]}
     return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)

@@ -1,4 +1,4 @@
-"""The `groq-proxy` command: serve, simulate, models."""
+"""The `groq-proxy` command: serve, simulate, models, config."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import select
 import sys
@@ -49,6 +50,9 @@ def decide_simulation(args, config: Config) -> bool:
 
 
 def cmd_serve(args) -> int:
+    from proxy.app.early_sighup import hold
+
+    hold()  # the console script held it already (proxy/app/entry.py); this covers a caller of main()
     from proxy.admin import catalogue
     from proxy.app.drain import DRAIN
     from proxy.app.server import STATE, build_app
@@ -130,6 +134,13 @@ def check_simulate_args(args) -> None:
         value = getattr(args, name)
         if not value >= 0:  # also refuses nan
             raise ProxyError(400, f"--{name.replace('_', '-')}: must be 0 or more, got {value}")
+        if value == math.inf:  # a delay that holds every request forever, a pace that is none
+            raise ProxyError(400, f"--{name.replace('_', '-')}: must be a finite number, got inf")
+    from proxy.sim.simulator import MAX_COMPLETION_TOKENS
+
+    if not 1 <= args.completion_tokens <= MAX_COMPLETION_TOKENS:
+        raise ProxyError(400, f"--completion-tokens: must be from 1 to {MAX_COMPLETION_TOKENS}, "
+                              f"got {args.completion_tokens}")
     _check_port_arg(args.port)
 
 
@@ -192,6 +203,23 @@ def cmd_models(args) -> int:
         return catalogue.render(config, catalogues, entries)
 
     print(asyncio.run(run()))
+    return 0
+
+
+def cmd_config(args) -> int:
+    """The effective config: the file over the built-in defaults, every default filled in, secrets masked (what
+    GET /admin/config shows of a running proxy). A config error exits 2, as `serve` would."""
+    import orjson
+
+    from proxy.admin.config_view import render
+    from proxy.telemetry.logs import register_secrets
+
+    config = load_config(args.config)
+    register_secrets(*(key for p in config.providers.values() for key in p.api_keys), config.server.admin_key)
+    try:
+        print(orjson.dumps(orjson.loads(render(config)), option=orjson.OPT_INDENT_2).decode(), flush=True)
+    except BrokenPipeError:  # `groq-proxy config | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -277,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--simulate", action="store_true", help="check against the built-in simulator")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=cmd_models)
+
+    show = sub.add_parser("config", help="print the effective config (the file over the built-in defaults) as JSON")
+    show.add_argument("--config", help=f"TOML config file (default: ${CONFIG_ENV}, else the built-in config)")
+    show.set_defaults(func=cmd_config)
 
     bench = sub.add_parser("bench-model", help="time streamed runs of one model through the proxy")
     bench.add_argument("--model", required=True, help="virtual or real model, e.g. tier-fast")

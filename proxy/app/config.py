@@ -57,6 +57,9 @@ class ProviderConfig:
     timeout_s: float = 60.0
     first_byte_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
+    # A body passed on as it arrives that is not an event stream (a file's content) must be whole this long after
+    # its request went out: an upstream that drips a byte now and then cannot hold the request for ever.
+    body_timeout_s: float = 600.0
     pool_idle_s: float = 15.0  # a kept-alive connection idle longer is not reused (below load balancers' 60 s)
     # Read from the environment at load time; never printed (repr=False) and never written to the file.
     api_key: str | None = field(default=None, repr=False)
@@ -273,7 +276,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     if "api_key" in raw:
         raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
     _check_keys(raw, {"base_url", "api_key_env", "api_key_envs", "timeout_s", "first_byte_timeout_s",
-                      "connect_timeout_s", "pool_idle_s"}, where)
+                      "connect_timeout_s", "body_timeout_s", "pool_idle_s"}, where)
     base_url = _string(raw, "base_url", where, None)
     if base_url is None:
         raise ConfigError(f"{where}.base_url: required")
@@ -292,6 +295,9 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     connect = _number(raw, "connect_timeout_s", where, min(5.0, timeout), minimum=0.001)
     if connect > timeout:
         raise ConfigError(f"{where}.connect_timeout_s: must not exceed timeout_s ({connect} > {timeout})")
+    body = _number(raw, "body_timeout_s", where, max(600.0, timeout), minimum=0.001)
+    if body < timeout:
+        raise ConfigError(f"{where}.body_timeout_s: must be at least timeout_s ({body} < {timeout})")
     return ProviderConfig(
         name=name,
         base_url=base_url.rstrip("/"),
@@ -300,6 +306,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
         connect_timeout_s=float(connect),
+        body_timeout_s=float(body),
         pool_idle_s=float(_number(raw, "pool_idle_s", where, 15.0)),
         api_key=keys[0] if keys else None,
         api_keys=keys,
@@ -605,14 +612,16 @@ def default_config_text() -> str:
 
 
 def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None) -> Config:
-    """Loads `path`, else $GROQ_PROXY_CONFIG, else the packaged default."""
+    """Loads `path`, else $GROQ_PROXY_CONFIG, else the packaged default. A file is read over the packaged
+    default: what it leaves out, the default gives (proxy/app/config_defaults.py)."""
     env = os.environ if env is None else env
     path = path or env.get(CONFIG_ENV) or None
     if path is None:
         text, source = default_config_text(), "<default>"
     else:
         try:
-            text, source = Path(path).read_text(encoding="utf-8"), str(path)
+            # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not taken for a TOML key.
+            text, source = Path(path).read_text(encoding="utf-8-sig"), str(path)
         except OSError as exc:
             raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:
@@ -622,4 +631,8 @@ def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str]
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {source} is not valid TOML: {exc}") from None
+    if path is not None:
+        from proxy.app.config_defaults import over_defaults
+
+        raw = over_defaults(raw, tomllib.loads(default_config_text()))
     return parse_config(raw, env=env, source=source)

@@ -83,32 +83,35 @@ def _json(obj: dict) -> web.Response:
     return web.Response(body=orjson.dumps(obj), content_type="application/json", headers=_id())
 
 
-async def _report(request: web.Request, identity: Identity, only: str | None) -> web.Response:
-    from proxy.app.server import STATE
-
-    state = request.app[STATE]
-    chain = state.pipeline.policies
-    if chain.store is None:
-        return _json(await usage_report(chain, identity, [], only))
+async def _report(generation, identity: Identity, only: str | None) -> web.Response:
+    """The report from one generation, held to the end of the store read: a reload meanwhile neither changes
+    the policies or models it reads nor closes the store under it (proxy/app/reload.py)."""
+    chain = generation.pipeline.policies
+    generation.enter()
     try:
-        return _json(await usage_report(chain, identity, list(state.config.models), only))
+        if chain.store is None:
+            return _json(await usage_report(chain, identity, [], only))
+        return _json(await usage_report(chain, identity, list(generation.config.models), only))
     except StoreUnavailable:
         return ProxyError(503, "The usage store is unavailable; try again shortly.", type="server_error",
                           code="policy_unavailable").to_response(_id())
+    finally:
+        generation.leave()
 
 
 async def my_usage(request: web.Request) -> web.Response:
     """GET /v1/usage: the caller's own budgets and limits (the caller's key with [auth], else `user=`)."""
     from proxy.app.server import STATE
 
-    chain = request.app[STATE].pipeline.policies
+    generation = request.app[STATE].generation  # once: the keys it authenticates with are those it reports on
+    chain = generation.pipeline.policies
     try:
         identity = chain.authenticate(request.headers)
     except ProxyError as error:
         return error.to_response(_id())
     if identity is None:
         identity = body_identity({"user": request.query.get("user")})
-    return await _report(request, identity, None)
+    return await _report(generation, identity, None)
 
 
 @admin_only
@@ -116,8 +119,8 @@ async def admin_usage(request: web.Request) -> web.Response:
     """GET /admin/usage?key=ID (or user=, team=): anyone's usage, with the admin key."""
     from proxy.app.server import STATE
 
-    state = request.app[STATE]
-    chain = state.pipeline.policies
+    generation = request.app[STATE].generation
+    chain = generation.pipeline.policies
     given = [(name, request.query[name]) for name in ("key", "user", "team") if request.query.get(name)]
     if len(given) != 1:
         error = ProxyError(400, "Give exactly one of ?key=ID, ?user=NAME or ?team=NAME.", param="key")
@@ -133,4 +136,4 @@ async def admin_usage(request: web.Request) -> web.Response:
         identity = Identity(None, value[:256], None)
     else:
         identity = Identity(None, None, value[:256])
-    return await _report(request, identity, kind)
+    return await _report(generation, identity, kind)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import fields, replace
 from typing import Callable
 
 import orjson
 
 from policies.config import check_workers
+from proxy.app import early_sighup
 from proxy.app.config import Config, ConfigError, ServerConfig, load_config
 from proxy.app.policy_routes import close_chain, open_chain
 from proxy.pipeline.pipeline import Pipeline
@@ -35,6 +35,7 @@ from proxy.routing.cooldown import Cooldowns
 from proxy.routing.router import Router
 from proxy.routing.state import RoutingState
 from proxy.telemetry.logs import emit, log, register_secrets
+from proxy.telemetry.metrics import Counter, Gauge
 from proxy.telemetry.observe import Observer
 from proxy.upstream.providers import Upstreams
 
@@ -93,9 +94,18 @@ class Reloads:
         self._lock = asyncio.Lock()
         self._live: list[Generation] = []  # the current one, and retired ones whose chain is not closed yet
         self._tasks: set[asyncio.Task] = set()
-        self._signal_installed = False
+        self._sighup_before = None  # what SIGHUP did before the loop's handler: put back at the end
         self._closing = False
         self.count = 0
+        self._reloads = self._generation = None
+        if metrics is not None:  # with workers, each counts its own: summed, and the gauge kept per worker
+            self._reloads = Counter("groq_proxy_reloads_total", "Config reloads (SIGHUP, POST /admin/reload) by "
+                                    "result: ok (installed) or error (refused; the running config stays).", ("result",))
+            for result in ("ok", "error"):  # both series from the start: an alert on error sees a rise from 0
+                self._reloads.inc((result,), 0)
+            self._generation = Gauge("groq_proxy_config_generation", "The running config's generation: 1 at start, "
+                                     "one more per reload installed.")
+            metrics.all = metrics.all + (self._reloads, self._generation)
 
     # --- building --------------------------------------------------------------------------------------
 
@@ -127,6 +137,8 @@ class Reloads:
         self._cooldowns.reconfigure(generation.config.routing)
         self._state.install(generation)
         self._live.append(generation)
+        if self._generation is not None:
+            self._generation.set((), generation.number)
 
     # --- reloading -------------------------------------------------------------------------------------
 
@@ -164,14 +176,17 @@ class Reloads:
                     check_workers(config.policies, config.server.workers)
                 generation = await self.build(config, running)
             except ConfigError as exc:
+                self._count("error")
                 emit(logging.ERROR, "config_reload_refused", trigger=trigger, error=str(exc),
                      generation=running.number, message="The config was not reloaded; the running one stays.")
                 raise ReloadRefused(str(exc)) from None
             except Exception:
+                self._count("error")
                 emit(logging.ERROR, "config_reload_refused", trigger=trigger, generation=running.number,
                      exc_info=True, message="The config was not reloaded; the running one stays.")
                 raise ReloadRefused("the new config could not be built (see the proxy's log)") from None
             self._install(generation)
+            self._count("ok")
             running.retire(lambda: self._close_later(running))
             if config.server.log_level != running.config.server.log_level:
                 log.setLevel(config.server.log_level.upper())
@@ -179,6 +194,10 @@ class Reloads:
                  restart_required=restart)
             return {"status": "reloaded", "generation": generation.number, "source": config.source,
                     "restart_required": restart}
+
+    def _count(self, result: str) -> None:
+        if self._reloads is not None:
+            self._reloads.inc((result,))
 
     def _close_later(self, generation: Generation) -> None:
         task = asyncio.get_running_loop().create_task(self._close(generation))
@@ -201,15 +220,11 @@ class Reloads:
 
     def handle_sighup(self) -> None:
         """SIGHUP reloads (a worker supervisor forwards it to each worker). Only where the loop can take
-        signals: the main thread of a Unix process."""
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is None:
-            return
-        try:
-            asyncio.get_running_loop().add_signal_handler(sighup, self._on_sighup)
-        except (NotImplementedError, RuntimeError, ValueError):
-            return
-        self._signal_installed = True
+        signals: the main thread of a Unix process. One that came while the proxy started (held by
+        proxy/app/early_sighup.py) reloads now: the file may have changed after the start read it."""
+        self._sighup_before = early_sighup.install(asyncio.get_running_loop(), self._on_sighup)
+        if self._sighup_before is not None and early_sighup.take():
+            self._on_sighup()
 
     def _on_sighup(self) -> None:
         task = asyncio.get_running_loop().create_task(self._quiet_reload())
@@ -225,8 +240,8 @@ class Reloads:
     async def close(self) -> None:
         """At the app's end: every chain not closed yet, each store once."""
         self._closing = True
-        if self._signal_installed:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self._sighup_before is not None:
+            early_sighup.restore(asyncio.get_running_loop(), self._sighup_before)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         closed: set[int] = set()

@@ -14,7 +14,7 @@ the workers, prints "listening" once all are, and then:
   little longer each time one dies young (0.5 s doubling to 10 s), so a crash loop does not spin a core;
 - forwards SIGTERM and SIGINT (each worker drains, proxy/app/drain.py; a second one cuts the drain short),
   waits for every worker to exit, and exits 0 when each of them did;
-- forwards SIGHUP (a worker reloads its config on it).
+- forwards SIGHUP (a worker reloads its config on it; one still starting gets it once it listens).
 
 POST /admin/reload reaches one worker (the kernel's pick); that worker asks each sibling to reload too, over a
 Unix socket in the run directory (`worker-I.reload.sock`), and answers once every one has, so a key revoked
@@ -39,6 +39,7 @@ from typing import Callable
 import orjson
 from aiohttp import web
 
+from proxy.app import early_sighup
 from proxy.app.config import Config, ConfigError
 from proxy.app.listen import ListenError, url_of
 from proxy.telemetry.logs import emit
@@ -92,7 +93,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class Worker:
-    __slots__ = ("index", "process", "ready", "started", "restarts")
+    __slots__ = ("index", "process", "ready", "started", "restarts", "reload_pending")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -100,6 +101,7 @@ class Worker:
         self.ready: asyncio.Future | None = None
         self.started = 0.0
         self.restarts = 0
+        self.reload_pending = False  # a SIGHUP came while it started: sent once it listens
 
 
 class Supervisor:
@@ -119,8 +121,10 @@ class Supervisor:
             emit(logging.WARNING, "simulated_upstream",
                  message="No Groq key and no config: answering from the built-in simulator, not from Groq. "
                  "Set GROQ_API_KEY (or give --config) to use Groq.", simulator=self._simulator_url)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        sighup_before = early_sighup.install(loop, lambda: self._on_signal(signal.SIGHUP))
+        early_sighup.take()  # one held during the start: no worker runs yet, and each reads the file as it starts
         try:
             for worker in self.workers:
                 await self._spawn(worker)
@@ -131,8 +135,10 @@ class Supervisor:
             codes = await asyncio.gather(*(self._supervise(w) for w in self.workers))
             return 0 if all(code == 0 for code in codes) else 1
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
+            if sighup_before is not None:
+                early_sighup.restore(loop, sighup_before)
             for worker in self.workers:
                 if worker.process is not None and worker.process.returncode is None:
                     worker.process.kill()
@@ -146,12 +152,17 @@ class Supervisor:
         emit(logging.INFO, "supervisor_signal", signal=signal.Signals(signum).name,
              workers=sum(1 for w in self.workers if w.process is not None and w.process.returncode is None))
         for worker in self.workers:
-            if _listening(worker):  # one still starting gets SIGTERM once it listens; it reads the config anyway
+            if _listening(worker):
                 worker.process.send_signal(signum)
+            elif signum == signal.SIGHUP and worker.process is not None and worker.process.returncode is None:
+                # Still starting, it may have read the file already: it gets the SIGHUP once it listens (before
+                # its Python code runs, a SIGHUP would end it). One still starting gets SIGTERM then too.
+                worker.reload_pending = True
 
     async def _spawn(self, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
         worker.ready = loop.create_future()
+        worker.reload_pending = False  # a new process reads the file as it starts
         # A session of its own: a signal to the supervisor's process group (Ctrl-C in a terminal, systemd's
         # control-group kill) reaches the worker once, forwarded, not twice (a second signal cuts the drain).
         worker.process = await asyncio.create_subprocess_exec(
@@ -168,6 +179,9 @@ class Supervisor:
                 ready.set_result(True)
                 if self._stopping:  # the stop came while it started: it drains now
                     process.send_signal(signal.SIGTERM)
+                elif worker.reload_pending:
+                    worker.reload_pending = False
+                    process.send_signal(signal.SIGHUP)
         if not ready.done():
             ready.set_result(False)
 
@@ -227,8 +241,8 @@ def prepare_worker(app, index: int, workers: int, directory: str, say: Callable[
     if app[STATE].config.telemetry.metrics:
         app.cleanup_ctx.append(siblings.serve_ctx(render_metrics))
     follow_parent()
-    # The supervisor forwards SIGHUP for a reload; a worker whose app installs no handler must not die of it.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The supervisor forwards SIGHUP for a reload: held until the app's handler is in (entry.py held it already).
+    early_sighup.hold()
     return lambda url: say(f"groq-proxy worker {index} listening on {url}", sys.stdout)
 
 

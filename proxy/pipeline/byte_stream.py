@@ -19,7 +19,7 @@ from aiohttp import web
 
 from proxy.app.audio_api import AudioOperation
 from proxy.upstream.http1 import UpstreamError
-from proxy.upstream.providers import AttemptFailed, classify
+from proxy.upstream.providers import AttemptFailed
 
 INFO, WARNING = logging.INFO, logging.WARNING
 
@@ -33,39 +33,18 @@ class SpeechOperation(AudioOperation):
         self.request = request
 
     async def open(self, pipeline, ctx, attempt, provider, payload: bytes, headers: dict):
-        """Sends the request and reads until the first byte of audio; any failure until then falls over."""
-        from proxy.pipeline.pipeline import _upstream_failure
-
+        """Sends the request and reads until the first byte of audio; any failure until then falls over. The
+        opening is the pipeline's, the same as an SSE stream's (`Pipeline._open`); only its end is audio's own."""
         self.bytes_in = len(ctx.body["input"].encode())  # validated: a non-empty string
-        start = asyncio.get_running_loop().time()
-        resp = None
-        opened = None
-        try:
-            async with asyncio.timeout_at(start + provider.first_byte_s):
-                resp = await pipeline.upstreams.client.request(
-                    provider.origin, "POST", provider.path(self.endpoint), headers, payload, provider.connect_s
-                )
-                attempt.status = resp.status
-                pipeline.routing.limits.observe(attempt.target.key, attempt.key, resp.headers)
-                if resp.status != 200:
-                    body = await resp.read()
-                    failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
-                    if failure is not None:
-                        raise failure
-                    return pipeline._passed_back(ctx, attempt, resp.status, body, resp)
-                first = await resp.readany()
-                if not first:
-                    raise AttemptFailed("malformed", "200 without any audio")
+
+        async def first_audio(ctx, attempt, provider, resp, start: float) -> _Opened:
+            first = await resp.readany()
+            if not first:
+                raise AttemptFailed("malformed", "200 without any audio")
             attempt.first_byte = time.perf_counter()
-            opened = _Opened(pipeline, ctx, attempt, provider, resp, first, start, self)
-            return opened
-        except TimeoutError:
-            raise AttemptFailed("first_byte_timeout", f"no audio in {provider.first_byte_s:g}s") from None
-        except UpstreamError as exc:
-            raise _upstream_failure(exc) from None
-        finally:
-            if resp is not None and opened is None:
-                resp.release()
+            return _Opened(pipeline, ctx, attempt, provider, resp, first, start, self)
+
+        return await pipeline._open(ctx, attempt, provider, payload, headers, first_audio, "audio")
 
 
 class _Opened:

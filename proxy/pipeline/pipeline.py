@@ -294,6 +294,8 @@ class Pipeline:
             ctx.tap.body(result.body)  # the cache's capture of a plain answer
         if ctx.op is not None and not isinstance(result, web.StreamResponse):
             return await result.forward()  # an operation's own byte stream past its commit point (audio)
+        if ctx.identity is not None and ctx.answered is not None and ctx.op is not None and ctx.op.owned:
+            await ctx.op.own(self.policies, ctx.identity, ctx.body, ctx.answered.response_id)
         return result
 
     async def _deadline_passed(self, ctx: RequestContext, seconds: float) -> web.StreamResponse:
@@ -304,8 +306,7 @@ class Pipeline:
         )
         if ctx.client is not None:
             if ctx.client.prepared:
-                sequence = max(a.events for a in ctx.attempts)
-                return await ctx.client.finish(_op_event(ctx, error, sequence) or error.sse_event())
+                return await ctx.client.finish(_op_event(ctx, error) or error.sse_event())
             return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
@@ -342,7 +343,7 @@ class Pipeline:
         self.routing.limits.spend(target.key, attempt.key, ctx.tokens_if_estimated)
         try:
             if ctx.client is not None:
-                return await self._open(ctx, attempt, provider, payload, headers)
+                return await self._open(ctx, attempt, provider, payload, headers, self._first_event, "first event")
             if op is not None and op.opens:
                 return await op.open(self, ctx, attempt, provider, payload, headers)
             return await self._plain(ctx, attempt, provider, payload, headers)
@@ -442,16 +443,17 @@ class Pipeline:
 
     # --- one attempt, streamed: opened until its first data event, then forwarded past the commit point ------
 
-    async def _open(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers):
-        """Sends the request and reads until the first data event, within first_byte_timeout_s. Nothing has
-        reached the client yet, so any failure here falls over (AttemptFailed). Returns the opened stream, or
-        the response that passes the upstream's client error back."""
+    async def _open(self, ctx: RequestContext, attempt: Attempt, provider: Provider, payload, headers,
+                    read_first, awaited: str):
+        """Sends the request and reads up to the commit point (`read_first`), within first_byte_timeout_s.
+        Nothing has reached the client yet, so any failure here falls over (AttemptFailed). Returns the opened
+        stream, or the response that passes the upstream's client error back. Every streamed attempt opens
+        here: SSE (`_first_event`) and audio bytes (proxy/pipeline/byte_stream.py); `awaited` names what
+        first_byte_timeout_s waits for."""
         start = asyncio.get_running_loop().time()
         resp = None
         opened = None
         op = ctx.op
-        # The commit point: chat's first data event, or where the operation puts it (`Operation.commit_end`).
-        commit_end = first_data_end if op is None else op.commit_end
         try:
             async with asyncio.timeout_at(start + provider.first_byte_s):
                 resp = await self.upstreams.client.request(
@@ -461,49 +463,62 @@ class Pipeline:
                 attempt.status = resp.status
                 self.routing.limits.observe(attempt.target.key, attempt.key, resp.headers)
                 if resp.status != 200:
-                    body = await resp.read()
-                    failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
-                    if failure is not None:
-                        raise failure
-                    if ctx.client.prepared:  # keep-alives went out: the status can no longer change
-                        attempt.outcome = "passed_back"
-                        self._end(ctx, attempt, INFO)
-                        return await ctx.client.finish(_error_event(resp.status, body, op))
-                    return self._passed_back(ctx, attempt, resp.status, body, resp)
-                if not resp.content_type.startswith("text/event-stream"):
-                    raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
-                splitter = EventSplitter()
-                first = b""
-                # Comments do not count as a first event. Whatever arrived with the first event has not reached
-                # the client either, so a failure in it still falls over.
-                while commit_end(first) < 0:
-                    chunk = await resp.readany()
-                    if not chunk:
-                        raise AttemptFailed("upstream_closed", "the stream ended before its first event")
-                    first += splitter.feed(chunk)
-            attempt.first_byte = time.perf_counter()
-            if op is None:
-                state = StreamState()
-                scan(first, state)
-            else:
-                state = op.new_state()
-                op.scan(first, state)
-            if state.error is not None:
-                raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
-            if state.malformed:
-                raise AttemptFailed("malformed", state.malformed)
-            if op is None and state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
-                raise AttemptFailed("malformed", "the stream ended ([DONE]) before its first chunk")
-            attempt.response_id, attempt.response_model = state.response_id, state.response_model
-            opened = _Opened(resp, splitter, first, state, start, ctx, attempt, provider)
-            return opened
+                    return await self._refused(ctx, attempt, resp)
+                opened = await read_first(ctx, attempt, provider, resp, start)
+                return opened
         except TimeoutError:
-            raise AttemptFailed("first_byte_timeout", f"no first event in {provider.first_byte_s:g}s") from None
+            raise AttemptFailed("first_byte_timeout", f"no {awaited} in {provider.first_byte_s:g}s") from None
         except UpstreamError as exc:
             raise _upstream_failure(exc) from None
         finally:
             if resp is not None and opened is None:  # failed, or passed back: this response goes no further
                 resp.release()
+
+    async def _refused(self, ctx: RequestContext, attempt: Attempt, resp):
+        """A status other than 200 before the commit point: AttemptFailed when the next model may answer, else
+        the upstream's answer passed back to the client (an error event once keep-alives sent the head)."""
+        body = await resp.read()
+        failure = classify(resp.status, body, resp.headers, chain=ctx.route.virtual is not None)
+        if failure is not None:
+            raise failure
+        client = ctx.client
+        if client is not None and client.prepared:  # keep-alives went out: the status can no longer change
+            attempt.outcome = "passed_back"
+            self._end(ctx, attempt, INFO)
+            return await client.finish(_error_event(resp.status, body, ctx.op))
+        return self._passed_back(ctx, attempt, resp.status, body, resp)
+
+    async def _first_event(self, ctx: RequestContext, attempt: Attempt, provider: Provider, resp, start: float):
+        """An SSE stream read up to its first data event and scanned: the opened stream, or AttemptFailed."""
+        if not resp.content_type.startswith("text/event-stream"):
+            raise AttemptFailed("malformed", f"200 with {resp.content_type or 'no content type'}, not a stream")
+        op = ctx.op
+        # The commit point: chat's first data event, or where the operation puts it (`Operation.commit_end`).
+        commit_end = first_data_end if op is None else op.commit_end
+        splitter = EventSplitter()
+        first = b""
+        # Comments do not count as a first event. Whatever arrived with the first event has not reached
+        # the client either, so a failure in it still falls over.
+        while commit_end(first) < 0:
+            chunk = await resp.readany()
+            if not chunk:
+                raise AttemptFailed("upstream_closed", "the stream ended before its first event")
+            first += splitter.feed(chunk)
+        attempt.first_byte = time.perf_counter()
+        if op is None:
+            state = StreamState()
+            scan(first, state)
+        else:
+            state = op.new_state()
+            op.scan(first, state)
+        if state.error is not None:
+            raise AttemptFailed("upstream_error_event", f"error event: {_describe(state.error)}")
+        if state.malformed:
+            raise AttemptFailed("malformed", state.malformed)
+        if op is None and state.done and _FIRST_DATA.search(first).group(1) == b"[DONE]":
+            raise AttemptFailed("malformed", "the stream ended ([DONE]) before its first chunk")
+        attempt.response_id, attempt.response_model = state.response_id, state.response_model
+        return _Opened(resp, splitter, first, state, start, ctx, attempt, provider)
 
     async def _forward(self, ctx: RequestContext, attempt: Attempt, provider: Provider, opened: "_Opened"):
         """The commit point, then the rest of the stream as it comes, until timeout_s from the attempt's start.
@@ -521,26 +536,26 @@ class Pipeline:
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
                 attempt.events = opened.first.count(b"data:")
+                attempt.stream = state
+                if ctx.identity is not None and op is not None and op.owned:
+                    await op.own(self.policies, ctx.identity, ctx.body, attempt.response_id)
                 if tap is not None:
                     tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
                 while not state.done and state.error is None:
-                    chunk = await resp.readany()
-                    if not chunk:
+                    complete = await opened.next_events(scan_)
+                    if not complete:
                         break
-                    complete = splitter.feed(chunk)
-                    if complete:
-                        scan_(complete, state)
-                        if state.malformed:
-                            # The well-formed events before the bad one still belong to the client.
-                            await client.write((well_formed_prefix if op is None else op.well_formed_prefix)(complete))
-                            break
-                        if tap is not None:
-                            tap.stream(complete)
-                        await client.write(complete)
-                        attempt.events += complete.count(b"data:")
-                        if recorded is not None:
-                            recorded.append(complete)
+                    if state.malformed:
+                        # The well-formed events before the bad one still belong to the client.
+                        await client.write((well_formed_prefix if op is None else op.well_formed_prefix)(complete))
+                        break
+                    if tap is not None:
+                        tap.stream(complete)
+                    await client.write(complete)
+                    attempt.events += complete.count(b"data:")
+                    if recorded is not None:
+                        recorded.append(complete)
         except ClientGone:
             attempt.outcome, attempt.reason = "cancelled", "client_disconnected"
             self._end(ctx, attempt, INFO)
@@ -594,7 +609,7 @@ class Pipeline:
             type="server_error",
             code=reason,
         )
-        return await client.finish(_op_event(ctx, error, attempt.events) or error.sse_event())
+        return await client.finish(_op_event(ctx, error) or error.sse_event())
 
     # --- bookkeeping ------------------------------------------------------------------------------------
 
@@ -696,17 +711,37 @@ class _Opened:
         self.resp, self.splitter, self.first, self.state, self.start = resp, splitter, first, state, start
         self.ctx, self.attempt, self.provider = ctx, attempt, provider
 
+    async def next_events(self, scan) -> bytes:
+        """The next whole events of the stream, read and scanned into its state by `scan`; b"" when the
+        upstream ended it. The one read loop of a stream past its commit point: the client's and the
+        followers' (proxy/pipeline/tap.py)."""
+        resp, splitter, state = self.resp, self.splitter, self.state
+        while True:
+            chunk = await resp.readany()
+            if not chunk:
+                return b""
+            complete = splitter.feed(chunk)
+            if complete:
+                scan(complete, state)
+                return complete
 
-def _completion_choices(obj) -> list[dict]:
-    """The choices of a 200 that is a chat completion: a JSON object without `error`, whose `choices` is a
-    non-empty list of objects each with a `message` object. Anything else is not an answer: AttemptFailed."""
+
+def _answer_items(obj, member: str, what: str) -> list:
+    """The `member` list of a 200 that is an answer: a JSON object without `error`, whose `member` is a
+    non-empty list. Anything else is not `what`: AttemptFailed."""
     if not isinstance(obj, dict):
         raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
     if "error" in obj:
         raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise AttemptFailed("malformed", "200 without choices: not a chat completion")
+    items = obj.get(member)
+    if not isinstance(items, list) or not items:
+        raise AttemptFailed("malformed", f"200 without {member}: not {what}")
+    return items
+
+
+def _completion_choices(obj) -> list[dict]:
+    """The choices of a 200 that is a chat completion, each an object with a `message` object."""
+    choices = _answer_items(obj, "choices", "a chat completion")
     for choice in choices:
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             raise AttemptFailed("malformed", "200 with a choice that has no message: not a chat completion")
@@ -714,16 +749,8 @@ def _completion_choices(obj) -> list[dict]:
 
 
 def _check_embeddings(obj) -> None:
-    """A 200 that is an embeddings answer: a JSON object without `error`, whose `data` is a non-empty list of
-    objects each with an `embedding`. Anything else is not an answer: AttemptFailed."""
-    if not isinstance(obj, dict):
-        raise AttemptFailed("malformed", "200 with a body that is not a JSON object")
-    if "error" in obj:
-        raise AttemptFailed("malformed", f"200 with an error: {_describe(obj['error'])}")
-    data = obj.get("data")
-    if not isinstance(data, list) or not data:
-        raise AttemptFailed("malformed", "200 without data: not an embeddings list")
-    for item in data:
+    """A 200 that is an embeddings answer: its `data` items are objects each with an `embedding`."""
+    for item in _answer_items(obj, "data", "an embeddings list"):
         if not isinstance(item, dict) or "embedding" not in item:
             raise AttemptFailed("malformed", "200 with a data item that has no embedding")
 
@@ -745,9 +772,13 @@ def _error_event(status: int, body: bytes, op=None) -> bytes:
     return b"data: " + redact(orjson.dumps(obj).decode()).encode() + b"\n\n"
 
 
-def _op_event(ctx: RequestContext, error: ProxyError, sequence: int = 0) -> bytes | None:
-    """The error event of the request's operation (the Responses API's own); None for chat and embeddings."""
-    return None if ctx.op is None else ctx.op.error_event(error, sequence)
+def _op_event(ctx: RequestContext, error: ProxyError) -> bytes | None:
+    """The error event of the request's operation (the Responses API's own); None for chat and embeddings.
+    Numbered after the last event the client got: the stream state of the attempt forwarded, if one was."""
+    if ctx.op is None:
+        return None
+    sent = next((a.stream for a in ctx.attempts if a.stream is not None), None)
+    return ctx.op.error_event(error, getattr(sent, "sequence", 0))
 
 
 def _describe(error) -> str:

@@ -51,15 +51,10 @@ def keep_for_followers(tap: Tap | None, opened: "_Opened") -> bool:
         try:
             async with asyncio.timeout_at(deadline):
                 while not state.done and state.error is None:
-                    chunk = await resp.readany()
-                    if not chunk:
+                    complete = await opened.next_events(scan)
+                    if not complete or state.malformed:
                         break
-                    complete = splitter.feed(chunk)
-                    if complete:
-                        scan(complete, state)
-                        if state.malformed:
-                            break
-                        tap.stream(complete)
+                    tap.stream(complete)
         except (TimeoutError, UpstreamError):
             pass
         finally:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import math
 import random
 import struct
 import time
@@ -62,8 +63,8 @@ class SimulatorConfig:
         "nomic-embed-text",
         "whisper-large-v3-turbo",
         "whisper-large-v3",
-        "playai-tts",
-        "playai-tts-arabic",
+        "canopylabs/orpheus-v1-english",
+        "canopylabs/orpheus-arabic-saudi",
     )
     decommissioned: tuple[str, ...] = (
         "llama3-8b-8192",
@@ -73,6 +74,8 @@ class SimulatorConfig:
         "gemma2-9b-it",
         "llama-3.1-8b-instant",
         "llama-3.3-70b-versatile",
+        "playai-tts",
+        "playai-tts-arabic",
         "distil-whisper-large-v3-en",
     )
 
@@ -83,8 +86,8 @@ class SimulatorConfig:
         if self.rate_429 + self.rate_5xx > 1.0:
             raise ValueError("rate_429 + rate_5xx must not exceed 1")
         for name in ("ttft_s", "tokens_per_s", "retry_after_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            if not 0 <= getattr(self, name) < math.inf:  # nan fails too
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not 1 <= self.completion_tokens <= MAX_COMPLETION_TOKENS:
             raise ValueError(
                 f"completion_tokens must be between 1 and {MAX_COMPLETION_TOKENS}, "

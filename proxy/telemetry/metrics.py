@@ -27,6 +27,22 @@ class Counter:
             out.append(f"{self.name}{_labels(self.labels, key)} {_num(value)}\n")
 
 
+class Gauge:
+    """A value that is set, not added to (a generation, a size)."""
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        self.name, self.help, self.labels = name, help, labels
+        self.values: dict[tuple, float] = {}
+
+    def set(self, key: tuple, value: float) -> None:
+        self.values[key] = value
+
+    def render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.help}\n# TYPE {self.name} gauge\n")
+        for key, value in self.values.items():
+            out.append(f"{self.name}{_labels(self.labels, key)} {_num(value)}\n")
+
+
 class Histogram:
     def __init__(self, name: str, help: str, labels: tuple[str, ...], buckets: tuple[float, ...] = _SECONDS) -> None:
         self.name, self.help, self.labels, self.buckets = name, help, labels, buckets

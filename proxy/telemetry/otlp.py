@@ -20,6 +20,7 @@ from itertools import islice
 
 from proxy.upstream.http1 import Client, UpstreamError, split_url
 from proxy.telemetry import semconv as sc
+from proxy.telemetry.export_task import ExportTask
 from proxy.telemetry.logs import emit
 from proxy.telemetry.tracing import SEMCONV_SCHEMA, Span, Tracer
 
@@ -190,7 +191,7 @@ class Encoder:
         ))
 
 
-class Exporter:
+class Exporter(ExportTask):
     """Drains the tracer's queue every `interval_s` (or sooner when it fills) and POSTs OTLP/HTTP protobuf.
 
     A batch stays at the head of the tracer's queue until the collector took it, so a retry never sends a span
@@ -219,17 +220,11 @@ class Exporter:
         self.failed = 0
         self.retried = 0  # POSTs sent again after a failure
         self._client: Client | None = None  # the proxy's own HTTP/1.1 client: the export is on the proxy's CPU too
-        self._task: asyncio.Task | None = None
         self._failing = False
 
     def start(self) -> None:
         self._client = Client()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.flush()
+        super().start()
 
     async def flush(self) -> None:
         queue = self.tracer.queue
@@ -288,9 +283,7 @@ class Exporter:
         return False, status in _RETRYABLE, retry_after, f"status {status}"
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        await self._stop()
         try:
             await asyncio.wait_for(self.flush(), timeout=self.timeout_s)
         except (TimeoutError, asyncio.CancelledError):

@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace import set_span_in_context
 
+from proxy.telemetry.export_task import ExportTask
 from proxy.telemetry.tracing import KIND_CLIENT, KIND_SERVER, SEMCONV_SCHEMA, STATUS_ERROR, Span, Tracer
 
 _GROUP = "opentelemetry_traces_exporter"
@@ -103,7 +104,7 @@ class _Counted(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
-class SdkExporter:
+class SdkExporter(ExportTask):
     """Same surface as `otlp.Exporter` (start, flush, close, exported, failed, tracer), backed by the SDK."""
 
     def __init__(self, tracer: Tracer, service_name: str, names: Sequence[str], interval_s: float = 0.1,
@@ -124,15 +125,6 @@ class SdkExporter:
         for exporter_class in exporters.values():
             self.provider.add_span_processor(BatchSpanProcessor(_Counted(exporter_class(), self)))
         self._sdk_tracer = self.provider.get_tracer("groq-proxy", "0.1.0", schema_url=SEMCONV_SCHEMA)
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.flush()
 
     async def flush(self) -> None:
         queue = self.tracer.queue
@@ -162,9 +154,7 @@ class SdkExporter:
         span.end(end_time=s.end_ns)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        await self._stop()
         await self.flush()
         # The processors flush and join their threads; a collector that is down must not hold the shutdown.
         done = asyncio.get_running_loop().run_in_executor(None, self._shutdown)

@@ -21,18 +21,23 @@ import re
 
 import orjson
 
+from proxy.upstream.sse import _separator, event_object, prefix_before_malformed
+
 PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
 _ENDS = frozenset({"response.completed", "response.incomplete"})
 # The types worth parsing past the preamble. `"type":"error"` cannot sit inside a string of the JSON text
 # (its quotes would be escaped there), and every candidate is parsed and its top-level type checked.
 _MARKER = re.compile(rb'"type": ?"(?:response\.(?:completed|incomplete|failed)|error)"')
+# An event's own number. A string value holds `\"`, never `"sequence_number":`, so a match is a key; the
+# event's objects (a response, an item, a part) have no key of that name.
+_SEQUENCE = re.compile(rb'"sequence_number": ?(\d+)')
 
 
 class ResponsesState:
     """What the proxy learned from one Responses stream (the fields the pipeline reads of a chat stream)."""
 
     __slots__ = ("done", "usage", "finish_reasons", "error", "error_in_chunk", "response_id", "response_model",
-                 "malformed")
+                 "malformed", "sequence")
 
     def __init__(self) -> None:
         self.done = False
@@ -43,6 +48,9 @@ class ResponsesState:
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.malformed: str | None = None
+        # The number after the last event scanned (the events scanned are the events sent): what the proxy's
+        # own error event after the commit point is numbered.
+        self.sequence = 0
 
 
 def usage_of(usage) -> dict | None:
@@ -54,10 +62,6 @@ def usage_of(usage) -> dict | None:
     out["prompt_tokens"] = usage.get("input_tokens")
     out["completion_tokens"] = usage.get("output_tokens")
     return out
-
-
-def _separator(complete: bytes) -> bytes:
-    return b"\r\n\r\n" if b"\r" in complete and b"\r\n\r\n" in complete else b"\n\n"
 
 
 def _fields(event: bytes) -> tuple[bytes | None, bytes | None]:
@@ -105,25 +109,24 @@ def scan(complete: bytes, state: ResponsesState) -> None:
         name, data = _fields(event)
         if data is None:
             continue
-        if data == b"[DONE]":
-            state.done = True
-            return
-        if not data.startswith(b"{"):
-            state.malformed = f"event data is not a JSON object: {data[:60]!r}"
-            return
-        if state.response_id is not None and _MARKER.search(data) is None:
-            continue
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            state.malformed = "event data is not valid JSON"
-            return
+        obj = event_object(data, state, _MARKER)
+        if obj is None:
+            if state.done or state.malformed:
+                return
+            _count(data, state)
+            continue  # past the preamble, an event that neither ends nor fails the stream
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             state.malformed = "event is not a Responses stream event: no type"
             return
+        _count(data, state)
         _record(obj, state)
         if state.error is not None or state.done:
             return
+
+
+def _count(data: bytes, state: ResponsesState) -> None:
+    number = _SEQUENCE.search(data)
+    state.sequence = int(number.group(1)) + 1 if number is not None else state.sequence + 1
 
 
 def _record(obj: dict, state: ResponsesState) -> None:
@@ -149,16 +152,7 @@ def _record(obj: dict, state: ResponsesState) -> None:
 
 def well_formed_prefix(complete: bytes) -> bytes:
     """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
-    sep = _separator(complete)
-    end = 0
-    while (cut := complete.find(sep, end)) >= 0:
-        probe = ResponsesState()
-        probe.response_id = ""
-        scan(complete[end : cut + len(sep)], probe)
-        if probe.malformed:
-            break
-        end = cut + len(sep)
-    return complete[:end]
+    return prefix_before_malformed(complete, scan, ResponsesState)
 
 
 def output_text(raw: bytes) -> str:

@@ -56,24 +56,34 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def inspect_event(data: bytes, state: StreamState) -> None:
-    """Records what one event's data says. Sets `state.malformed` for data that is not a JSON object."""
+def event_object(data: bytes, state, marker: re.Pattern):
+    """The JSON of one event's data when it is worth parsing: the stream's first event, or one that `marker`
+    finds. None otherwise, with `state.done` set for `[DONE]` and `state.malformed` for data that is not a JSON
+    object. Every stream scanner starts an event so (chat here, the Responses API in responses_sse.py)."""
     if data == b"[DONE]":
         state.done = True
-        return
+        return None
     if not data.startswith(b"{"):
         state.malformed = f"event data is not a JSON object: {data[:60]!r}"
+        return None
+    if state.response_id is not None and marker.search(data) is None:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        state.malformed = "event data is not valid JSON"
+        return None
+
+
+def inspect_event(data: bytes, state: StreamState) -> None:
+    """Records what one event's data says. Sets `state.malformed` for data that is not a JSON object."""
+    obj = event_object(data, state, _MARKER)
+    if obj is None:
         return
-    if state.response_id is None or _MARKER.search(data) is not None:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            state.malformed = "event data is not valid JSON"
-            return
-        if not isinstance(obj, dict):
-            state.malformed = "event data is not a JSON object"
-            return
-        _record(obj, state)
+    if not isinstance(obj, dict):
+        state.malformed = "event data is not a JSON object"
+        return
+    _record(obj, state)
 
 
 def _record(obj: dict, state: StreamState) -> None:
@@ -273,15 +283,18 @@ def has_data(complete: bytes) -> bool:
 
 def well_formed_prefix(complete: bytes) -> bytes:
     """The leading events of `complete` up to (not including) the first malformed one, bytes unchanged."""
+    return prefix_before_malformed(complete, scan, StreamState)
+
+
+def prefix_before_malformed(complete: bytes, scanner, new_state) -> bytes:
+    """The leading events of `complete` that `scanner` finds well formed, each probed with a `new_state()` past
+    its stream's first event, bytes unchanged (the chat and the Responses API scanner's `well_formed_prefix`)."""
     end = 0
     sep = _separator(complete)
-    while end < len(complete):
-        cut = complete.find(sep, end)
-        if cut < 0:
-            break
-        probe = StreamState()
+    while (cut := complete.find(sep, end)) >= 0:
+        probe = new_state()
         probe.response_id = ""  # parse only what the markers ask for, as scan() does past the first event
-        scan(complete[end : cut + len(sep)], probe)
+        scanner(complete[end : cut + len(sep)], probe)
         if probe.malformed:
             break
         end = cut + len(sep)

@@ -1,0 +1,62 @@
+"""A config file read over the built-in defaults: what the file leaves out, the packaged default gives.
+
+A file used to have to be whole: one holding only `[[policies]]` was refused ("providers: at least one provider
+is required", even with `--simulate`), so a user who wanted the default tiers and one policy copied
+`default_config.toml`, and kept a copy that went stale as Groq retired models. Now a file says what it changes,
+section by section:
+
+- `[server]`, `[routing]`, `[telemetry]`: key by key over the defaults' (which hold only `server.host`, `port`).
+- `[providers]`: given, the file's providers are all the providers (one it does not name is never called);
+  left out, the defaults' (`groq`, `local`).
+- `[models]`, `[aliases]`: the default tiers and aliases are used unless the file gives both `[providers]` and
+  `[models]`: such a file describes its own routing, as every file had to before, and means what it meant.
+  When they are used, the file's tiers and aliases are added to them by name (a name the file gives, as a tier
+  or an alias, replaces the default's of that name whole), and the default tiers and aliases that name a
+  provider the file's `[providers]` does not have are left out, so a user's providers never meet an error
+  from a default tier.
+- `[auth]`, `[store]`, `[[policies]]`: the file's (the defaults have none).
+
+The result is an ordinary raw table: `parse_config` checks it as it checks any, and its messages name the
+file's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from proxy.app.config import ConfigError
+
+_KEY_BY_KEY = ("server", "routing", "telemetry")
+
+
+def over_defaults(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`raw` (a file's tables) with what it leaves out taken from `defaults` (the packaged file's)."""
+    merged = dict(raw)
+    for key in _KEY_BY_KEY:
+        mine = raw.get(key, {})
+        if key in defaults and isinstance(mine, Mapping):  # a non-table is left for parse_config to name
+            merged[key] = {**defaults[key], **mine}
+    own_providers = "providers" in raw
+    providers = raw["providers"] if own_providers else defaults["providers"]
+    merged["providers"] = providers
+    models, aliases = raw.get("models", {}), raw.get("aliases", {})
+    if not (isinstance(providers, Mapping) and isinstance(models, Mapping) and isinstance(aliases, Mapping)):
+        return merged
+    if own_providers and "models" in raw:
+        return merged
+    named = set(models) | set(aliases)  # the file's names win over the defaults', tier or alias alike
+    tiers = {name: tier for name, tier in defaults["models"].items()  # a replaced tier keeps its place
+             if name not in aliases and (name in models or _served(tier["chain"], providers))}
+    if providers and not tiers and not models:
+        raise ConfigError("models: at least one virtual model is required (the built-in tiers name only the "
+                          f"providers {', '.join(defaults['providers'])}, and [providers] gives neither)")
+    merged["models"] = {**tiers, **models}
+    merged["aliases"] = {**{name: to for name, to in defaults["aliases"].items()
+                            if name not in named and (to in merged["models"] or _served([to], providers))},
+                         **aliases}
+    return merged
+
+
+def _served(chain: list, providers: Mapping) -> bool:
+    """Every entry of a default chain (all 'provider:model' strings) names a configured provider."""
+    return all(entry.split(":", 1)[0] in providers for entry in chain)

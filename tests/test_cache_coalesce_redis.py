@@ -1,0 +1,497 @@
+"""Coalescing across replicas: two real proxy processes on the suite's Redis, identical requests split between
+them, one upstream call in total. The upstream is gated by events the test opens, and the test reads each
+replica's status page (`waiting`: requests waiting on an identical one), so "in flight" and "before the
+leader's stream ends" are states, not timings."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from proxy.sim.testing import ChatUpstream, completion, stream_events
+from tests.conftest import config_for, post_chat, until
+from tests.procs import clean_env, start_serving
+
+ASK = {"model": "tier-test", "messages": [{"role": "user", "content": "Say hello"}]}
+TEXT = "Hello there!"
+
+
+class GatedUpstream(ChatUpstream):
+    """Counts its calls. The first `gated` calls wait for `first` (a stream: sends its first event, then waits
+    for `rest`); with `fail_first` the first then answers 500. Every later call answers at once."""
+
+    def __init__(self, fail_first: bool = False, gated: int = 1) -> None:
+        self.gated = gated
+        self.first, self.rest = asyncio.Event(), asyncio.Event()
+        self.calls = 0
+        self.fail_first = fail_first
+        self.first_sent = asyncio.Event()  # the first call's first event is written
+        self.finished = 0
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.calls += 1
+        call = self.calls
+        gated = call <= self.gated
+        if gated:
+            await self.first.wait()
+            if self.fail_first and call == 1:
+                return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(completion(body["model"], TEXT)), content_type="application/json")
+        events = stream_events(body["model"])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events[0])
+        if gated:
+            self.first_sent.set()
+            await self.rest.wait()
+        for event in events[1:]:
+            await resp.write(event)
+        await resp.write_eof()
+        self.finished += 1
+        return resp
+
+
+def text_of(raw: bytes, stream: bool) -> str:
+    if not stream:
+        return orjson.loads(raw)["choices"][0]["message"]["content"]
+    out = []
+    for event in raw.split(b"\n\n"):
+        if event.startswith(b"data: {"):
+            for choice in orjson.loads(event[6:]).get("choices") or ():
+                out.append(choice["delta"].get("content") or "")
+    return "".join(out)
+
+
+async def waiting(base: str) -> int:
+    """Requests waiting on an identical one in flight in this replica (the status page's cache block)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/status.json") as resp:
+            data = await resp.json()
+    return data["cache"]["stores"]["cache"]["waiting"]
+
+
+async def until_waiting(base: str, n: int, what: str) -> None:
+    for _ in range(3000):
+        if await waiting(base) >= n:
+            return
+        await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/status.json") as resp:
+            data = await resp.json()
+    raise AssertionError(f"{what}: fewer than {n} waiting: {data['cache']}")
+
+
+@pytest.fixture
+async def replicas(aiohttp_server, tmp_path, redis_url):
+    """`await replicas(redis_url=..., fail_first=..., **cache)`: a gated upstream and two proxy processes
+    sharing one Redis (the suite's unless given) under a prefix of their own."""
+    started = []
+
+    async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, **cache):
+        upstream = GatedUpstream(fail_first, gated)
+        server = await aiohttp_server(upstream.app())
+        prefix = f"t{uuid.uuid4().hex[:8]}:"
+        extra = "".join(f"{k} = {orjson.dumps(v).decode()}\n" for k, v in cache.items())
+        config = tmp_path / "coalesce.toml"
+        config.write_text(f'[providers.up]\nbase_url = "http://127.0.0.1:{server.port}/openai/v1"\n'
+                          'api_key_env = "CACHE_TEST_KEY"\n[models.tier-test]\nchain = ["up:m1"]\n'
+                          f'[store]\nbackend = "redis"\nurl = "{redis or redis_url}"\nprefix = "{prefix}"\n'
+                          'timeout_s = 0.5\n'
+                          f'[[policies]]\nuse = "cache"\nttl_s = 60\n{extra}')
+        env = clean_env(CACHE_TEST_KEY="sk-test-cache")
+        bases = []
+        for name in ("one", "two"):
+            proc, base = await start_serving(tmp_path, name, "--config", str(config), env=env)
+            started.append(proc)
+            bases.append(base)
+        start.prefix = prefix
+        return upstream, started[-2:], bases
+
+    start.prefix = ""
+    yield start
+    for proc in started:
+        await proc.stop()
+
+
+def send(base: str, body: dict) -> asyncio.Future:
+    return asyncio.ensure_future(post_chat(base, body))
+
+
+async def test_identical_requests_on_two_replicas_make_one_upstream_call(replicas):
+    upstream, _, (one, two) = await replicas()
+    leader = send(one, {**ASK, "stream": True})
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(11)]
+    followers = [send(one if i < 4 else two, b) for i, b in enumerate(bodies)]  # 4 here, 7 on the other
+    await until_waiting(two, 7, "the other replica's followers")
+    await until_waiting(one, 4, "the leader's replica's followers")
+    upstream.first.set()
+    upstream.rest.set()
+    answers = await asyncio.gather(leader, *followers)
+    assert upstream.calls == 1
+    assert [a[0] for a in answers] == [200] * 12
+    assert answers[0][1]["x-groq-proxy-cache"] == "MISS"
+    assert {a[1]["x-groq-proxy-cache"] for a in answers[1:]} == {"COALESCED"}
+    for (_, _, raw), body in zip(answers[1:], bodies):
+        assert text_of(raw, body["stream"]) == TEXT
+    async with aiohttp.ClientSession() as session:  # counted as in-process followers are
+        async with session.get(two + "/metrics") as resp:
+            text = await resp.text()
+    assert 'groq_proxy_cache_requests_total{virtual_model="tier-test",result="coalesced"} 7' in text
+    assert 'result="miss"' not in text
+    # a plain leader too: its answer reaches the other replica's followers, streamed and not
+    plain_ask = {**ASK, "messages": [{"role": "user", "content": "Say hello, plainly"}]}
+    upstream.calls = 0
+    upstream.first.clear()
+    leader = send(two, plain_ask)
+    await until(lambda: upstream.calls == 1, what="the plain leader upstream")
+    followers = [send(one, {**plain_ask, "stream": i == 0}) for i in range(3)]
+    await until_waiting(one, 3, "the other replica's followers of the plain leader")
+    upstream.first.set()
+    answers = await asyncio.gather(leader, *followers)
+    assert upstream.calls == 1
+    assert [a[1]["x-groq-proxy-cache"] for a in answers] == ["MISS"] + ["COALESCED"] * 3
+    assert all(text_of(raw, i == 1) == TEXT for i, (_, _, raw) in enumerate(answers))
+    assert answers[1][2].endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_streaming_follower_on_the_other_replica_gets_the_first_chunk_before_the_stream_ends(replicas):
+    upstream, _, (one, two) = await replicas()
+    async with aiohttp.ClientSession() as session:
+        url = "/v1/chat/completions"
+        leading = asyncio.ensure_future(session.post(one + url, json={**ASK, "stream": True}))
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        follow = [asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True})) for _ in range(3)]
+        await until_waiting(two, 3, "the other replica's followers")
+        upstream.first.set()  # the first event only: the upstream holds the rest
+        leader, *responses = await asyncio.gather(leading, *follow)
+        assert leader.status == 200
+        firsts = []
+        for resp in responses:
+            assert resp.headers["x-groq-proxy-cache"] == "COALESCED"
+            first = await resp.content.readuntil(b"\n\n")
+            assert first.startswith(b"data: {") and b'"role":"assistant"' in first
+            firsts.append(first)
+        assert not upstream.rest.is_set() and upstream.finished == 0  # the leader's stream has not ended
+        upstream.rest.set()
+        leader_raw = await leader.read()
+        rests = [first + await resp.read() for first, resp in zip(firsts, responses)]
+    assert text_of(leader_raw, True) == TEXT
+    for raw in rests:
+        assert text_of(raw, True) == TEXT and raw.endswith(b"data: [DONE]\n\n")
+        assert raw == leader_raw  # the same events, byte for byte
+    assert upstream.calls == 1
+
+
+@pytest.mark.parametrize("when", ["before_first_chunk", "mid_stream"])
+async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themselves(replicas, redis_url, when):
+    upstream, (proc_one, proc_two), (one, two) = await replicas()
+    leader = send(one, {**ASK, "stream": True})
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    if when == "mid_stream":
+        upstream.first.set()
+        await asyncio.wait_for(upstream.first_sent.wait(), 30)
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(4)]
+    followers = [send(two, b) for b in bodies]
+    await until_waiting(two, 4, "the other replica's followers")
+    if when == "mid_stream":  # the leader has published its first chunk for them
+        client = aioredis.from_url(redis_url)
+        try:
+            async def published() -> bool:
+                async for name in client.scan_iter(match=f"{replicas.prefix}cache:cache:flight:*"):
+                    if await client.xlen(name):
+                        return True
+                return False
+
+            for _ in range(3000):
+                if await published():
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the leader never published its first chunk")
+        finally:
+            await client.aclose()
+    proc_one.process.kill()  # the leader's replica dies: its lease is no longer renewed
+    await proc_one.process.wait()
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(*followers), 60)  # no hang
+    with pytest.raises(aiohttp.ClientError):
+        await leader
+    assert upstream.calls == 2  # one of the followers went upstream; the others waited for it
+    for (status, headers, raw), body in zip(answers, bodies):
+        assert status == 200
+        if when == "mid_stream" and body["stream"]:
+            # it had relayed the first chunk: it cannot start again, and ends with an error event
+            last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+            assert b'"error"' in last and raw.startswith(b"data: {"), raw
+        else:
+            assert text_of(raw, body["stream"]) == TEXT
+    assert [a[1]["x-groq-proxy-cache"] for a in answers].count("MISS") == 1
+    await until(lambda: '"reason":"leader_lost"' in proc_two.stderr, 10.0, "cache_coalesce_gave_up logged")
+
+
+async def test_followers_of_a_leader_whose_upstream_fails_go_upstream_once(replicas):
+    upstream, _, (one, two) = await replicas(fail_first=True)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(4)]
+    followers = [send(two, b) for b in bodies]
+    await until_waiting(two, 4, "the other replica's followers")
+    upstream.first.set()
+    leader_answer, *answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    assert leader_answer[0] == 502
+    assert [a[0] for a in answers] == [200] * 4
+    assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers, bodies))
+    assert upstream.calls == 2  # one follower led the next call, on the lease; the others waited for it
+    assert sorted(a[1]["x-groq-proxy-cache"] for a in answers) == ["COALESCED"] * 3 + ["MISS"]
+
+
+async def test_a_follower_waits_at_most_coalesce_wait_s_then_goes_upstream(replicas):
+    upstream, (_, proc_two), (one, two) = await replicas(coalesce_wait_s=0.5)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    followers = [send(two, {**ASK, "stream": i == 0}) for i in range(2)]
+    answers = await asyncio.wait_for(asyncio.gather(*followers), 60)  # the leader is still held upstream
+    assert not upstream.first.is_set() and upstream.calls == 2
+    assert [a[0] for a in answers] == [200, 200]
+    assert all(text_of(raw, i == 0) == TEXT for i, (_, _, raw) in enumerate(answers))
+    await until(lambda: '"reason":"coalesce_wait_s"' in proc_two.stderr, 10.0, "cache_coalesce_gave_up logged")
+    upstream.first.set()
+    assert (await leader)[0] == 200
+
+
+async def test_with_redis_stopped_requests_are_answered_and_coalesced_in_each_process(replicas, redis_server):
+    upstream, _, (one, two) = await replicas(redis=redis_server.url, gated=2)
+    redis_server.stop()
+    leaders = [send(one, ASK)]
+    await until(lambda: upstream.calls == 1, what="the first leader upstream")
+    leaders.append(send(two, ASK))
+    await until(lambda: upstream.calls == 2, what="the second replica's leader upstream")
+    followers = [send(base, {**ASK, "stream": i % 2 == 0}) for i, base in enumerate((one, two, one, two))]
+    await until_waiting(one, 2, "followers in the first process")
+    await until_waiting(two, 2, "followers in the second process")
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(*leaders, *followers), 60)
+    assert [a[0] for a in answers] == [200] * 6
+    assert upstream.calls == 2  # one a process: Redis is gone, in-process coalescing goes on
+    assert [a[1]["x-groq-proxy-cache"] for a in answers] == ["MISS"] * 2 + ["COALESCED"] * 4
+
+
+def test_coalesce_wait_s_is_checked_at_start():
+    from proxy.app.config import ConfigError
+
+    for bad, message in ((0, "must be more than 0"), ("soon", "coalesce_wait_s")):
+        with pytest.raises(ConfigError, match="coalesce_wait_s") as caught:
+            config_for("http://127.0.0.1:9/openai/v1", policies=[{"use": "cache", "coalesce_wait_s": bad}])
+        assert message in str(caught.value)
+
+
+# --- the same, two proxies in this process (their policies' state in reach) ----------------------------------
+
+
+async def two_in_process(aiohttp_server, start_proxy, store: dict, upstream: GatedUpstream):
+    server = await aiohttp_server(upstream.app())
+    url = f"http://127.0.0.1:{server.port}/openai/v1"
+    configs = [config_for(url, {"tier-test": ["m1"]}, store=store, policies=[{"use": "cache"}]) for _ in range(2)]
+    bases = [await start_proxy(config) for config in configs]
+    return bases, [config.policies.policies[0] for config in configs]
+
+
+async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_upstream(
+        aiohttp_server, start_proxy, redis_store_table):
+    sent: list[str] = []
+    at_upstream: list[list[str]] = []
+
+    class Recording(GatedUpstream):
+        async def _chat(self, request):
+            at_upstream.append(list(sent))
+            return await super()._chat(request)
+
+    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, Recording(gated=0))
+    command = cache.store._command
+
+    async def recorded(*args):
+        sent.append(args[0])
+        return await command(*args)
+
+    cache.store._command = recorded
+    await post_chat(base, {**ASK, "messages": [{"role": "user", "content": "warm"}]})  # the scripts loaded
+    await until(lambda: not cache.store._tasks, what="the warm answer's put and end sent")
+    sent.clear()
+    assert (await post_chat(base, ASK))[1]["x-groq-proxy-cache"] == "MISS"
+    # the lookup and the lease; the tick's SPOP (every 50 ms while a lease is held) is nobody's wait
+    assert [c for c in at_upstream[-1] if c != "SPOP"] == ["GET", "EVALSHA"]
+
+
+async def test_a_request_whose_max_age_refuses_the_entry_takes_the_lease_at_once(
+        aiohttp_server, start_proxy, redis_store_table):
+    sent: list[str] = []
+    at_upstream: list[list[str]] = []
+
+    class Recording(GatedUpstream):
+        async def _chat(self, request):
+            at_upstream.append(list(sent))
+            return await super()._chat(request)
+
+    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, Recording(gated=0))
+    command = cache.store._command
+
+    async def recorded(*args):
+        sent.append(args[0])
+        return await command(*args)
+
+    cache.store._command = recorded
+    await post_chat(base, ASK)
+    await until(lambda: not cache.store._tasks, what="the answer's put and end sent")
+    sent.clear()
+    fresh = await post_chat(base, ASK, {"Cache-Control": "max-age=0"})
+    assert fresh[1]["x-groq-proxy-cache"] == "MISS" and len(at_upstream) == 2
+    # not the entry's existence asked again and again: the lookup and the lease
+    assert [c for c in at_upstream[-1] if c != "SPOP"] == ["GET", "EVALSHA"]
+
+
+async def test_a_follower_that_joins_after_the_leaders_last_look_is_still_answered(
+        aiohttp_server, start_proxy, redis_store_table, monkeypatch):
+    from policies.cache import coalesce_redis
+
+    async def deaf(self) -> None:
+        return None
+
+    # the leader hears no message and never pops its set: only its end learns of the follower
+    monkeypatch.setattr(coalesce_redis, "_TICK_S", 3600.0)
+    monkeypatch.setattr(coalesce_redis.SharedFlights, "_subscribe", deaf)
+    upstream = GatedUpstream()
+    (one, two), (_, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, upstream)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    follower = send(two, {**ASK, "stream": True})
+    await until(lambda: sum(f.followers for f in cache_two.flights.values()) == 1, what="the follower waiting")
+    upstream.first.set()
+    (status, _, _), (f_status, f_headers, f_raw) = await asyncio.wait_for(asyncio.gather(leader, follower), 30)
+    assert status == f_status == 200 and f_headers["x-groq-proxy-cache"] == "COALESCED"
+    assert text_of(f_raw, True) == TEXT and f_raw.endswith(b"data: [DONE]\n\n")
+    assert upstream.calls == 1
+
+
+async def test_an_entry_stored_between_the_lookup_and_the_lease_is_looked_up_again(redis_url):
+    from policies.cache.coalesce import Capture
+    from policies.cache.coalesce_redis import STORED, SharedFlights
+    from policies.cache.entry import from_plain
+    from policies.cache.policy import ResponseCache
+    from policies.cache.store_redis import RedisCache
+
+    store = RedisCache(redis_url, "cache", ttl_s=60, max_entries=10, max_bytes=1 << 20, max_entry_bytes=1 << 20,
+                       prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    try:
+        entry = from_plain("k" * 64, "tier-test", "all", "m1", orjson.dumps(completion("m1", TEXT)))
+        await store.put(entry)
+        cache = ResponseCache()
+        cache.store = store
+        shared = SharedFlights(store, 1.0)
+        assert await shared.claim(Capture(cache, "k" * 64, "tier-test", "all")) == STORED
+        await shared.close()
+    finally:
+        await store.close()
+
+
+async def test_emptying_the_cache_leaves_the_requests_in_flight_alone(redis_url):
+    from policies.cache.entry import from_plain
+    from policies.cache.store_redis import RedisCache
+
+    store = RedisCache(redis_url, "cache", ttl_s=60, max_entries=10, max_bytes=1 << 20, max_entry_bytes=1 << 20,
+                       prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    client = aioredis.from_url(redis_url)
+    try:
+        entry = from_plain("k" * 64, "tier-test", "all", "m1", orjson.dumps(completion("m1", TEXT)))
+        await store.put(entry)
+        lease = store.redis_key("tier-test", "j" * 64) + ":lease"
+        await client.set(lease, "abc:1", px=60_000)
+        await client.xadd(store.base + "flight:abc:1", {"d": b"data: {}\n\n"})
+        await client.sadd(store.base + "followed:abc", lease)
+        assert await store.delete() == 1
+        assert await store.delete(model="tier-test") == 0
+        assert await client.exists(lease, store.base + "flight:abc:1", store.base + "followed:abc") == 3
+    finally:
+        await client.delete(lease, store.base + "flight:abc:1", store.base + "followed:abc")
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_leader_whose_client_leaves_mid_stream_reads_on_for_the_other_replicas_followers(
+        aiohttp_server, start_proxy, redis_store_table):
+    upstream = GatedUpstream()
+    (one, two), (cache_one, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table,
+                                                              upstream)
+    upstream.first.set()
+    url = "/v1/chat/completions"
+    async with aiohttp.ClientSession() as leader_session, aiohttp.ClientSession() as session:
+        leader = await leader_session.post(one + url, json={**ASK, "stream": True})
+        await leader.content.readuntil(b"\n\n")  # committed: the leader's first event is out
+        follow = [asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True})) for _ in range(2)]
+        flight = next(iter(cache_one.flights.values()))
+        await until(lambda: flight.lease.published, what="the other replica following")
+        responses = await asyncio.gather(*follow)
+        leader.close()  # the leader's client goes away mid-stream; no request of its own replica waits
+        await leader_session.close()
+        await until(lambda: flight.handed, what="the stream kept for the other replica")
+        upstream.rest.set()
+        raws = [await resp.read() for resp in responses]
+    assert all(r.headers["x-groq-proxy-cache"] == "COALESCED" for r in responses)
+    assert all(text_of(raw, True) == TEXT and raw.endswith(b"data: [DONE]\n\n") for raw in raws)
+    assert upstream.calls == 1
+    await until(lambda: not cache_one.store._tasks, what="the answer's put")
+    hit = await post_chat(two, ASK)  # stored once, by the leader's replica, and a hit on the other
+    assert hit[1]["x-groq-proxy-cache"] == "HIT" and text_of(hit[2], False) == TEXT
+
+
+async def test_the_leader_hears_of_a_follower_on_another_replica_at_once(
+        aiohttp_server, start_proxy, redis_store_table, monkeypatch):
+    from policies.cache import coalesce_redis
+
+    monkeypatch.setattr(coalesce_redis, "_TICK_S", 3600.0)  # its set never popped: only the message tells it
+    upstream = GatedUpstream()
+    (one, two), (cache_one, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table,
+                                                              upstream)
+    url = "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        leading = asyncio.ensure_future(session.post(one + url, json={**ASK, "stream": True}))
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        await until(lambda: cache_one.shared._subscriber is not None, what="the leader's replica subscribed")
+        following = asyncio.ensure_future(session.post(two + url, json={**ASK, "stream": True}))
+        flight = next(iter(cache_one.flights.values()))
+        await until(lambda: flight.lease.published, what="the leader told of its follower")
+        upstream.first.set()
+        leader, follower = await asyncio.gather(leading, following)
+        first = await follower.content.readuntil(b"\n\n")
+        assert follower.headers["x-groq-proxy-cache"] == "COALESCED" and b'"role":"assistant"' in first
+        assert upstream.finished == 0  # before the leader's stream ends
+        upstream.rest.set()
+        raw = first + await follower.read()
+        await leader.read()
+    assert text_of(raw, True) == TEXT and upstream.calls == 1
+
+
+async def test_followers_whose_redis_dies_while_they_wait_go_upstream_from_their_replica(replicas, redis_server):
+    upstream, _, (one, two) = await replicas(redis=redis_server.url, gated=2)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(4)]
+    followers = [send(two, b) for b in bodies]
+    await until_waiting(two, 4, "the other replica's followers")
+    redis_server.kill()  # their relay's XREAD loses its connection
+    await until(lambda: upstream.calls == 2, what="the followers' own call")
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    assert [a[0] for a in answers] == [200] * 5
+    assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
+    assert upstream.calls == 2  # the followers' replica went upstream once, for all of them
