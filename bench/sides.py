@@ -174,15 +174,16 @@ def cache_config(side: str, redis_port: int) -> str:
     return store + CACHE_CONFIG
 
 
-def prime_cache(port: int, mode: str) -> None:
+def prime_cache(port: int, mode: str, timeout: float = 5.0) -> None:
     """Stores the answer of the run's one request in the shape the run asks (`no-cache`: fetched and stored
     afresh), so a streamed run replays the upstream's own stream; then checks the next one is a hit."""
     body = STREAM_BODY if mode == "stream" else PLAIN_BODY
-    status, headers, raw = http_call(port, "POST", PROXY_PATH, body, headers={"Cache-Control": "no-cache"})
+    status, headers, raw = http_call(port, "POST", PROXY_PATH, body, headers={"Cache-Control": "no-cache"},
+                                     timeout=timeout)
     if status != 200:
         raise BenchError(f"cache side (port {port}): priming answered {status}: {raw[:300]!r}")
     for _ in range(100):  # a Redis put lands just after its answer
-        status, headers, raw = http_call(port, "POST", PROXY_PATH, body)
+        status, headers, raw = http_call(port, "POST", PROXY_PATH, body, timeout=timeout)
         if headers.get("x-groq-proxy-cache") == "HIT":
             return
         time.sleep(0.01)

@@ -79,3 +79,20 @@ def test_cache_control():
     assert (control("no-store").lookup, control("no-store").store) == (False, False)
     assert (control("no-cache").lookup, control("no-cache").store) == (False, True)
     assert control("max-age=30").max_age == 30 and control("public").max_age is None
+
+
+def test_the_key_is_the_sha256_of_the_documented_canonical_request():
+    """Keys stay what they were (entries kept in Redis outlive a restart on a newer proxy): SHA-256 of
+    [model, who, the body without stream, stream_options, user and model], keys sorted."""
+    import hashlib
+
+    import orjson
+
+    body = {"model": "tier-fast", "messages": [{"role": "user", "content": "hi", "name": "a"}], "stream": True,
+            "stream_options": {"include_usage": True}, "user": "bob", "temperature": 0, "seed": 7}
+    canonical = {"messages": [{"content": "hi", "name": "a", "role": "user"}], "seed": 7, "temperature": 0}
+    expected = hashlib.sha256(orjson.dumps(["tier", "k:one", canonical], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert cache_key("tier", body, "k:one") == expected
+    assert body["stream"] is True and body["user"] == "bob" and body["model"] == "tier-fast"  # left as it was
+    plain = {"model": "tier-fast", "messages": body["messages"], "temperature": 0, "seed": 7}
+    assert cache_key("tier", plain, "k:one") == expected

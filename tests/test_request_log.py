@@ -200,3 +200,77 @@ async def test_a_responses_api_request_gets_its_line_with_its_usage(aiohttp_serv
     usage = answer["usage"]
     assert (line["input_tokens"], line["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
     assert "PROMPT-CANARY-4711" not in all_lines(proxy_log)
+
+
+# --- the line written as text by the batching writer is the line the dict path writes -------------------------
+
+
+def test_the_text_line_is_byte_for_byte_the_line_of_the_fields(monkeypatch):
+    """log_request writes its line as text, from kept segments, when the log's batching writer is its only
+    handler; what it writes must be exactly orjson's JSON of the fields (emit_line), for every kind of request."""
+    import io
+    import itertools
+    import logging
+    from types import SimpleNamespace
+
+    from proxy.telemetry import logs, request_log
+
+    class Clock:
+        now = 1796032896.8961234
+
+        def time(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(request_log, "time", clock)
+    logger = logging.getLogger("groq_proxy")
+    saved = (logger.handlers[:], logger.level, logger.propagate, logs._direct)
+    stream = io.StringIO()
+    handler = logs.BatchingHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    try:
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logs._direct = handler
+
+        def line_of(ctx, **kw) -> tuple[str, str]:
+            logs._direct = handler  # the text path
+            request_log.log_request(ctx, **kw)
+            handler.flush()
+            fast = stream.getvalue().splitlines()[-1]
+            logs._direct = None  # the dict path: a LogRecord through the formatter
+            request_log.log_request(ctx, **kw)
+            handler.flush()
+            slow = stream.getvalue().splitlines()[-1]
+            # A LogRecord's line takes its time from the record: put the fields' own `ts` back in its place.
+            slow = '{"ts":' + orjson.dumps(round(clock.now, 3)).decode() + slow[slow.index(","):]
+            return fast, slow
+
+        target = SimpleNamespace(key="groq:m-1")
+        identities = (None, SimpleNamespace(key="k1", user="alice" * 20, team="search"),
+                      SimpleNamespace(key=None, user="anonymous", team=None))
+        attempts = ([], [SimpleNamespace(reason="upstream_5xx")], [SimpleNamespace(reason=None)])
+        answers = (None, SimpleNamespace(target=target, usage={"prompt_tokens": 12, "completion_tokens": 7},
+                                         first_byte=10.25),
+                   SimpleNamespace(target=target, usage={"prompt_tokens": 3.0, "completion_tokens": "x"},
+                                   first_byte=None),
+                   SimpleNamespace(target=target, usage=None, first_byte=10.0))
+        count = 0
+        for identity, tried, answered, stream_, (status, ms, now) in itertools.product(
+                identities, attempts, answers, (False, True),
+                ((200, 0.2712345, 1796032896.8961234), (499, 0.0, 1796032896.0), (429, 12345.675, 1796032896.9996),
+                 (200, 1e13, 1796032896.1))):
+            clock.now = now
+            ctx = SimpleNamespace(
+                identity=identity, body={"user": "bob"}, answered=answered, route=SimpleNamespace(
+                    requested="tier-\"fast\" ü" * 30, virtual="tier-fast"), request_id="req_0123456789abcdef01234567",
+                operation="chat", module="ui\n", request_type="default", stream=stream_, sent_attempts=len(tried),
+                attempts=tried, started=10.0)
+            for cache, category in ((None, None), ("HIT", "fast")):
+                fast, slow = line_of(ctx, request_id="req_x", operation="chat", status=status, ms=ms,
+                                     category=category, cache=cache, record_content=False)
+                assert fast == slow
+                count += 1
+        assert count == 3 * 3 * 4 * 2 * 4 * 2
+    finally:
+        logger.handlers[:], logger.level, logger.propagate, logs._direct = saved

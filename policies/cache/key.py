@@ -18,12 +18,17 @@ import orjson
 
 # Fields of the body that do not change the answer.
 _NOT_KEYED = frozenset({"stream", "stream_options", "user", "model"})
+_OPTIONAL_NOT_KEYED = _NOT_KEYED - {"model"}  # `model` is in every body that gets this far
 _MAX_AGE = re.compile(r"max-age\s*=\s*\"?(\d+)\"?")
 
 
 def cache_key(model: str, body: dict, who: str) -> str:
     """64 hex digits. `who` is the scope's identity ("all" for a global cache)."""
-    canonical = {k: v for k, v in body.items() if k not in _NOT_KEYED}
+    canonical = dict(body)  # a copy and a few deletions cost less than a comprehension over every field
+    canonical.pop("model", None)
+    if not _OPTIONAL_NOT_KEYED.isdisjoint(canonical):
+        for name in _OPTIONAL_NOT_KEYED:
+            canonical.pop(name, None)
     data = orjson.dumps([model, who, canonical], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).hexdigest()
 

@@ -67,6 +67,7 @@ class ProxyState:
     public_url: str | None = None  # where the public port listens, once it does (the CLI's banner)
     admin_url: str | None = None  # where server.admin_port listens
     server_overrides: dict = field(default_factory=dict)  # [server] keys the command line set: a reload keeps them
+    drain: Drain | None = None  # app[DRAIN], kept here too: a request handler reads the state once
 
     def install(self, generation: Generation) -> None:
         self.generation = generation
@@ -95,7 +96,8 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
     """One request through the pipeline. `read(request, config)` reads the body of an endpoint other than chat
     and embeddings, and returns it with its operation (proxy/pipeline/operation.py)."""
     started = time.perf_counter()
-    generation = request.app[STATE].generation  # this request's config to its end, whatever a reload does
+    state = request.app[STATE]
+    generation = state.generation  # this request's config to its end, whatever a reload does
     pipeline = generation.pipeline
     observer = pipeline.observer
     span = observer.request_started(request, operation)
@@ -103,7 +105,7 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
     ctx = None
     status = 499  # stays so only when the handler is cancelled (the client went away)
     cache = None
-    drain = request.app[DRAIN]
+    drain = state.drain
     task = drain.enter(request)  # before the body: an upload under way at a SIGTERM is waited for too
     generation.enter()
     try:
@@ -326,7 +328,7 @@ def build_app(config: Config, *, simulate: bool = False, simulator_config=None,
     app = new_application(server)
     app[STATE] = ProxyState(config=config, simulate=simulate, simulator_config=simulator_config,
                             simulator_url=simulator_url)
-    app[DRAIN] = Drain(server.drain_s, server.drain_timeout_s)
+    app[DRAIN] = app[STATE].drain = Drain(server.drain_s, server.drain_timeout_s)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(admin_listener)
     routes = [("/healthz", "GET", healthz), ("/readyz", "GET", readyz), ("/metrics", "GET", metrics),

@@ -152,6 +152,21 @@ def validate_chat(body: dict) -> str:
                 f"'messages[{i}].content' must be a string or an array of parts, not {_kind(content)}.",
                 param=f"messages[{i}].content",
             )
+    for name, value in body.items():  # the body's few fields, not every optional one: a lookup each
+        kind = _KINDS.get(name)
+        if kind is None or value is None:
+            continue
+        t = type(value)  # orjson makes exact types; anything else is judged by _optional_fields below
+        if (t is bool if kind == _BOOL else (t is int or t is float) if kind == _NUMBER else
+                t is int and (value >= 1 or kind == _INT) if kind <= _POSITIVE else
+                t is dict if kind == _OBJECT else t is list if kind == _ARRAY else t is str or t is list):
+            continue
+        _optional_fields(body)  # names the first wrong field, in the order below
+    return model
+
+
+def _optional_fields(body: dict) -> None:
+    """Raises the 400 of the first wrong optional field of a chat request (validate_chat found one)."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad_request(f"'stream' must be a boolean, not {_kind(stream)}.", param="stream")
@@ -174,7 +189,12 @@ def validate_chat(body: dict) -> str:
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
         raise bad_request(f"'stop' must be a string or an array of strings, not {_kind(stop)}.", param="stop")
-    return model
+
+
+_BOOL, _NUMBER, _INT, _POSITIVE, _OBJECT, _ARRAY, _TEXT = range(7)
+_KINDS = {"stream": _BOOL, **dict.fromkeys(_NUMBER_FIELDS, _NUMBER), "n": _INT, "seed": _INT,
+          "max_tokens": _POSITIVE, "max_completion_tokens": _POSITIVE, "stream_options": _OBJECT, "tools": _ARRAY,
+          "stop": _TEXT}
 
 
 def validate_embeddings(body: dict) -> str:

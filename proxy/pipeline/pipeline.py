@@ -135,15 +135,18 @@ class Pipeline:
         body = ctx.body
         if ctx.route.entry_params:
             ctx.client_fields = frozenset(body)
-        for key, value in ctx.route.params.items():
-            body.setdefault(key, value)
+        params = ctx.route.params
+        if params:
+            for key, value in params.items():
+                body.setdefault(key, value)
         policies = self.policies
+        active = bool(policies)  # PolicyChain.__bool__ is a Python call: asked once, not three times
         # A client that leaves cancels this task (the app sets aiohttp's handler_cancellation): the attempt in
         # flight ends with it, its upstream connection is closed, and no further model is tried. A latency
         # target's deadline does the same from inside.
         try:
             # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
-            if policies:
+            if active:
                 policies.begin(ctx, request.headers)
                 decision = await policies.on_request(ctx)
                 if decision is not CONTINUE:
@@ -169,7 +172,7 @@ class Pipeline:
             ctx.settling = True  # from here a drain's cut would lose the settlement (proxy/app/drain.py)
             if ctx.client is not None and ctx.client.keeping_alive:
                 await ctx.client.stop_keepalive()
-            if policies:
+            if active:
                 if ctx.answered is not None and policies.has_on_response:
                     await policies.on_response(ctx, ctx.answered)
                 await policies.after(ctx)

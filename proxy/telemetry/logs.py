@@ -147,6 +147,17 @@ def emit(level: int, event: str, **fields) -> None:
         log.handle(log.makeRecord(log.name, level, "groq_proxy", 0, event, (), exc_info, extra={"fields": fields}))
 
 
+def direct_writer(level: int) -> "BatchingHandler | None":
+    """The batching writer when a line of this level may go to it as text, without a LogRecord: info lines while
+    it is the logger's only handler (what `emit` and `emit_line` do themselves)."""
+    direct = _direct
+    if direct is not None and level < logging.WARNING:
+        handlers = log.handlers
+        if len(handlers) == 1 and handlers[0] is direct:
+            return direct
+    return None
+
+
 def emit_line(level: int, line: dict) -> None:
     """A line already built as the JSON object it becomes (`ts`, `level`, `event` first, then its fields): the
     per-request line goes out without a keyword-argument copy. The caller has checked the level."""

@@ -97,9 +97,9 @@ class Observer:
         if ctx is not None:
             virtual = ctx.route.label
             answered = ctx.answered
-            model = self.model_label(answered.target.model) if answered else "none"
-            thresholds = self._thresholds.get(virtual, self._default)
             if answered is not None:
+                model = self.model_label(answered.target.model)
+                thresholds = self._thresholds.get(virtual, self._default)
                 # A stream is judged by its first token (what a user waits for), a plain answer by its whole time.
                 latency = (answered.first_byte - started) if ctx.stream and answered.first_byte else total
                 category = thresholds.category(latency * 1000.0)
@@ -124,7 +124,7 @@ class Observer:
             m.requests.inc(key)
             m.duration.observe(key, total)
             if ctx is not None:
-                upstream = sum(((a.ended or a.started) - a.started) for a in ctx.attempts)
+                upstream = sum(((a.ended or a.started) - a.started) for a in ctx.attempts) if ctx.attempts else 0.0
                 m.overhead.observe((), max(0.0, total - upstream))
                 if category is not None:
                     m.category.inc((virtual, category))

@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import time
 
+import orjson
+
 from proxy.pipeline.context import RequestContext
-from proxy.telemetry.logs import emit, emit_line, log
+from proxy.telemetry.logs import direct_writer, emit, emit_line, log, redact
 
 CACHE_HEADER = "x-groq-proxy-cache"  # the response cache's verdict on every answer it saw (HIT, MISS, ...)
 _CACHE_RESULTS = frozenset({"HIT", "MISS", "BYPASS", "COALESCED"})
@@ -53,6 +55,17 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
     if not isinstance(usage, dict):
         usage = _NO_USAGE
     route = ctx.route
+    writer = direct_writer(level)
+    if writer is not None and not record_content:
+        writer.add_line(redact(_text(
+            level, ctx.request_id, ctx.operation, status, ms, cache, key_id, user, ctx.module, ctx.request_type,
+            route.requested[:_MAX_MODEL], route.virtual, answered.target.key if answered is not None else None,
+            ctx.stream, ctx.sent_attempts, usage.get("prompt_tokens"), usage.get("completion_tokens"), category,
+            identity.team if identity is not None else None,
+            (ctx.attempts[-1].reason,) if answered is None and ctx.attempts else None,
+            (answered.first_byte - ctx.started) * 1000.0 if answered is not None and ctx.stream and answered.first_byte
+            else None)), level)
+        return
     fields = {
         "ts": round(time.time(), 3), "level": _LEVELS[level], "event": "request", "request_id": ctx.request_id, "operation": ctx.operation, "status": status, "ms": round(ms, 2), "cache": cache,
         "key_id": key_id, "user": user, "module": ctx.module, "request_type": ctx.request_type,
@@ -75,3 +88,63 @@ def log_request(ctx: RequestContext | None, *, request_id: str, operation: str, 
 
 
 _NO_USAGE: dict = {}
+
+
+# --- the same line as text, without building its dict (written by the log's own batching writer) -------------
+# The fields that stay alike from one request to the next (the result, who, which model, how many attempts) are
+# serialised once and kept, keyed by their values; a request formats only its time, id, latency and tokens.
+# Keyed by client text too (user, module, request type, model name: each cut short), so the table is bounded.
+_SEGMENTS: dict[tuple, tuple[str, str, str, str]] = {}
+_MAX_SEGMENTS = 1024
+
+
+def _text(level: int, request_id: str, operation: str, status: int, ms: float, cache, key_id, user, module,
+          request_type, requested, virtual, model, stream, attempts, input_tokens, output_tokens, category, team,
+          reason, ttft_ms) -> str:
+    """What `emit_line` writes for these fields (orjson's JSON, in the same order), made from kept segments."""
+    key = (level, operation, status, cache, key_id, user, module, request_type, requested, virtual, model, stream,
+           attempts, category, team, reason)
+    segments = _SEGMENTS.get(key)
+    if segments is None:
+        if len(_SEGMENTS) >= _MAX_SEGMENTS:
+            _SEGMENTS.clear()
+        segments = _SEGMENTS[key] = _segments(*key)
+    level_id, operation_status, middle, tail = segments
+    ttft = "" if ttft_ms is None else ',"ttft_ms":' + _decimal(ttft_ms, "%.2f", 2)
+    return (f'{{"ts":{_decimal(time.time(), "%.3f", 3)}{level_id}{request_id}{operation_status}'
+            f'{_decimal(ms, "%.2f", 2)}{middle}{_value(input_tokens)},"output_tokens":{_value(output_tokens)}'
+            f'{tail}{ttft}}}')
+
+
+def _segments(level, operation, status, cache, key_id, user, module, request_type, requested, virtual, model, stream,
+              attempts, category, team, reason) -> tuple[str, str, str, str]:
+    def members(obj: dict) -> str:  # an object's members as orjson writes them, without the braces
+        return orjson.dumps(obj, default=str).decode()[1:-1]
+
+    tail = {"latency_category": category}
+    if team:
+        tail["team"] = team
+    if reason is not None:  # (the last attempt's reason,): a request that no attempt answered
+        tail["reason"] = reason[0]
+    return (
+        "," + members({"level": _LEVELS[level], "event": "request"}) + ',"request_id":"',
+        '",' + members({"operation": operation, "status": status}) + ',"ms":',
+        "," + members({"cache": cache, "key_id": key_id, "user": user, "module": module, "request_type": request_type,
+                       "requested": requested, "virtual_model": virtual, "model": model, "stream": stream,
+                       "attempts": attempts}) + ',"input_tokens":',
+        "," + members(tail),
+    )
+
+
+def _decimal(value: float, form: str, digits: int) -> str:
+    """orjson's text of round(value, digits): the same shortest decimal, without the cost of round()."""
+    if not -1e12 < value < 1e12:  # else it could have more digits than a float holds exactly, or an exponent
+        return orjson.dumps(round(value, digits)).decode()
+    text = (form % value).rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _value(value) -> str:
+    if value is None:
+        return "null"
+    return str(value) if type(value) is int else orjson.dumps(value, default=str).decode()
