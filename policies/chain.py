@@ -476,7 +476,9 @@ class PolicyChain:
             self.metrics.decisions.inc(key)
         if ctx.span is not None and self.record is not None:
             self.record(ctx, policy.name, label, mode=policy.mode)
-        if label != "continue":
+        # A log line for what refused, skipped, failed or was only shadowed; not for an enforced answer (a cache
+        # hit), which the request's own line shows (`cache`): a busy cache would write every hit twice.
+        if label != "continue" and (label != "respond" or policy.mode != ENFORCE):
             fields = {"request_id": ctx.request_id, "policy": policy.name, "decision": label, "mode": policy.mode}
             if isinstance(decision, Reject):
                 fields["status"], fields["code"] = decision.status, decision.code

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from proxy.sim.testing import USAGE, Behaviour, chat_chunk, completion, sse, status, stream_events
-from tests.conftest import config_for, post_chat
+from tests.conftest import config_for, post_chat, until
 from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -460,3 +460,21 @@ async def test_logprobs_of_a_plain_entry_ride_the_chunks_of_a_streamed_hit(upstr
     assert [lp.model_dump() for c in carrying for lp in c.logprobs.content] == LOGPROBS
     assert all(c.delta.content == "".join(lp.token for lp in c.logprobs.content) for c in carrying)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there!"
+
+
+@pytest.mark.parametrize("mode", ["enforce", "shadow"])
+async def test_a_hit_is_one_log_line_a_shadow_hit_also_its_decisions(upstream, start_proxy, proxy_log, mode):
+    """A hit's own request line says `cache: HIT`; a `policy_decision` line for it would double the log of a
+    busy cache. A shadow hit changes nothing, so its decision line is the only place the log shows it."""
+    scripted, url = upstream
+    base = await start_proxy(cache_config(url, mode=mode))
+    await post_chat(base, ASK)
+    proxy_log.clear()
+    answer = await post_chat(base, ASK)
+    await until(lambda: any(r.getMessage() == "request" for r in proxy_log.records), what="the request line")
+    decisions = [r for r in proxy_log.records if r.getMessage() == "policy_decision"]
+    if mode == "enforce":
+        assert answer[1]["x-groq-proxy-cache"] == "HIT" and decisions == []
+    else:
+        assert [(r.fields["policy"], r.fields["decision"], r.fields["mode"]) for r in decisions] == [
+            ("cache", "respond", "shadow")]
