@@ -182,3 +182,25 @@ async def test_a_reload_to_a_partial_file_and_a_bad_one_after(aiohttp_server, tm
     assert "policies[0].ttl_s" in answer["error"]["message"]
     assert state.generation.number == 2  # the running config stays, its cache too
     assert (await post("/v1/chat/completions", chat))[:2] == (200, "HIT")
+
+
+# --- a tier that tweaks a built-in one; names the merge left out ---------------------------------------------
+
+
+def test_a_tier_without_a_chain_changes_the_built_in_tier_of_that_name(tmp_path):
+    """`[models.tier-fast]` with only `params` is a change to the built-in tier-fast, not a new tier with no
+    chain: it keeps the built-in's chain (and its other keys), its own keys win."""
+    config = load(tmp_path, '[models.tier-fast]\nparams = { reasoning_effort = "medium" }\n'
+                            '[models.tier-premium]\nlatency_ms = { excellent = 1, good = 2, acceptable = 3, poor = 4 }\n')
+    fast, default_fast = config.models["tier-fast"], DEFAULT.models["tier-fast"]
+    assert fast.chain == default_fast.chain and dict(fast.params) == {"reasoning_effort": "medium"}
+    premium = config.models["tier-premium"]
+    assert premium.chain == DEFAULT.models["tier-premium"].chain
+    assert premium.params == DEFAULT.models["tier-premium"].params and premium.latency.excellent_ms == 1
+    assert list(config.models) == DEFAULT_TIERS
+
+
+def test_a_tier_without_a_chain_and_no_built_in_of_that_name_still_needs_one(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[models.tier-mine]\nparams = { temperature = 0.1 }\n')
+    assert str(info.value).startswith("models.tier-mine.chain: required")

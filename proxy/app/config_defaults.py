@@ -11,7 +11,9 @@ section by section:
 - `[models]`, `[aliases]`: the default tiers and aliases are used unless the file gives both `[providers]` and
   `[models]`: such a file describes its own routing, as every file had to before, and means what it meant.
   When they are used, the file's tiers and aliases are added to them by name (a name the file gives, as a tier
-  or an alias, replaces the default's of that name whole), and the default tiers and aliases that name a
+  or an alias, replaces the default's of that name whole; but a file's tier with no `chain`, as
+  `[models.tier-fast] params = {...}`, changes the built-in tier of its name key by key: a user who sets a
+  tier's params means that tier's models, not a tier with none), and the default tiers and aliases that name a
   provider the file's `[providers]` does not have are left out, so a user's providers never meet an error
   from a default tier.
 - `[auth]`, `[store]`, `[[policies]]`: the file's (the defaults have none).
@@ -45,6 +47,7 @@ def over_defaults(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
     if own_providers and "models" in raw:
         return merged
     named = set(models) | set(aliases)  # the file's names win over the defaults', tier or alias alike
+    models = {name: _over_built_in(tier, defaults["models"].get(name)) for name, tier in models.items()}
     tiers = {name: tier for name, tier in defaults["models"].items()  # a replaced tier keeps its place
              if name not in aliases and (name in models or _served(tier["chain"], providers))}
     if providers and not tiers and not models:
@@ -55,6 +58,15 @@ def over_defaults(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
                             if name not in named and (to in merged["models"] or _served([to], providers))},
                          **aliases}
     return merged
+
+
+def _over_built_in(tier: Any, built_in: Mapping | None) -> Any:
+    """A file's tier with no `chain` named as a built-in one changes that tier: its keys over the built-in's. One
+    with a `chain` is a new tier under an old name, whole: the built-in's `params` (`reasoning_effort`) belong
+    to the built-in's models."""
+    if built_in is None or not isinstance(tier, Mapping) or "chain" in tier:
+        return tier
+    return {**built_in, **tier}
 
 
 def _served(chain: list, providers: Mapping) -> bool:
