@@ -204,3 +204,34 @@ def test_a_tier_without_a_chain_and_no_built_in_of_that_name_still_needs_one(tmp
     with pytest.raises(ConfigError) as info:
         load(tmp_path, '[models.tier-mine]\nparams = { temperature = 0.1 }\n')
     assert str(info.value).startswith("models.tier-mine.chain: required")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[routing]\nauto_model = "auto"\n[routing.request_types]\nembed = "tier-embed"\n', "routing.request_types.embed"),
+    ('[aliases]\nembed = "tier-embed"\n', "aliases.embed"),
+])
+def test_an_error_naming_a_built_in_tier_the_merge_left_out_says_why(tmp_path, text, key):
+    """A user who names a built-in tier sees it refused as unknown: the message says why it is not there."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[providers.groq]\nbase_url = "https://api.groq.com/openai/v1"\n' + text)
+    message = str(info.value)
+    assert message.startswith(key + ":"), message
+    assert message.endswith("(the built-in tier 'tier-embed' is left out: its chain names the provider 'local', "
+                            "which [providers] does not give)"), message
+
+
+def test_an_error_naming_a_built_in_tier_a_whole_routing_does_not_get_says_why(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[providers.groq]\nbase_url = "https://api.groq.com/openai/v1"\n'
+                       '[models.tier-mine]\nchain = ["groq:openai/gpt-oss-20b"]\n'
+                       '[routing]\nauto_model = "auto"\n[routing.request_types]\ndefault = "tier-fast"\n')
+    message = str(info.value)
+    assert message.startswith("routing.request_types.default: must name a virtual model (tier-mine)"), message
+    assert message.endswith("(the built-in tier 'tier-fast' is not added: a file with both [providers] and "
+                            "[models] gives all its tiers)"), message
+
+
+def test_an_error_about_the_files_own_name_gets_no_note(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[aliases]\nembed = "tier-nope"\n')
+    assert str(info.value) == "aliases.embed: must be 'provider:model' (e.g. 'groq:openai/gpt-oss-20b'), got 'tier-nope'"

@@ -19,7 +19,9 @@ section by section:
 - `[auth]`, `[store]`, `[[policies]]`: the file's (the defaults have none).
 
 The result is an ordinary raw table: `parse_config` checks it as it checks any, and its messages name the
-file's keys.
+file's keys. A message that names a built-in tier the merge did not keep (`routing.request_types.embed: must
+name a virtual model (...), got 'tier-embed'`) gets a note saying why (`explain`): the user who names
+`tier-embed` believes it exists, since the README lists it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,26 @@ def over_defaults(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
                             if name not in named and (to in merged["models"] or _served([to], providers))},
                          **aliases}
     return merged
+
+
+def explain(message: str, raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+    """`message` (an error in the merged file) with a note when it names a built-in tier the merge left out."""
+    providers = raw.get("providers")
+    if not isinstance(providers, Mapping):
+        return message
+    for name, tier in defaults["models"].items():
+        if f"'{name}'" not in message:
+            continue
+        if "models" in raw:
+            if name not in (raw["models"] if isinstance(raw["models"], Mapping) else {}):
+                return (f"{message} (the built-in tier '{name}' is not added: a file with both [providers] and "
+                        "[models] gives all its tiers)")
+            continue
+        absent = [entry.split(":", 1)[0] for entry in tier["chain"] if entry.split(":", 1)[0] not in providers]
+        if absent:
+            return (f"{message} (the built-in tier '{name}' is left out: its chain names the provider "
+                    f"'{absent[0]}', which [providers] does not give)")
+    return message
 
 
 def _over_built_in(tier: Any, built_in: Mapping | None) -> Any:
