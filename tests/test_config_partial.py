@@ -235,3 +235,13 @@ def test_an_error_about_the_files_own_name_gets_no_note(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(tmp_path, '[aliases]\nembed = "tier-nope"\n')
     assert str(info.value) == "aliases.embed: must be 'provider:model' (e.g. 'groq:openai/gpt-oss-20b'), got 'tier-nope'"
+
+
+async def test_config_command_never_shows_a_password_in_a_unix_socket_url(tmp_path):
+    """redis-py reads `unix:///path?password=...`; the store read only `db` from the query and ignored the rest,
+    so the password was never used, and `groq-proxy config` (and GET /admin/config) printed it."""
+    path = write(tmp_path, '[store]\nbackend = "redis"\nurl = "unix:///run/redis.sock?password=SECRETpw0&db=1"\n')
+    proc = await run(tmp_path, "config", "config", "--config", str(path), env=clean_env())
+    assert "SECRETpw0" not in proc.stdout + proc.stderr
+    assert proc.process.returncode == 2
+    assert proc.stderr.startswith("groq-proxy: config error: store.url: options in the URL are not read"), proc.stderr
