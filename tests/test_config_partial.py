@@ -245,3 +245,22 @@ async def test_config_command_never_shows_a_password_in_a_unix_socket_url(tmp_pa
     assert "SECRETpw0" not in proc.stdout + proc.stderr
     assert proc.process.returncode == 2
     assert proc.stderr.startswith("groq-proxy: config error: store.url: options in the URL are not read"), proc.stderr
+
+
+def test_a_provider_without_a_base_url_changes_the_built_in_provider_of_that_name(tmp_path):
+    """`[providers.groq] timeout_s = 30` (or a key pool) changes the built-in groq, not a provider with no URL."""
+    config = load(tmp_path, '[providers.groq]\ntimeout_s = 30\napi_key_envs = ["KEY_A", "KEY_B"]\n',
+                  env={"KEY_A": "a" * 20, "KEY_B": "b" * 20})
+    groq, built_in = config.providers["groq"], DEFAULT.providers["groq"]
+    assert list(config.providers) == ["groq"]  # the file's [providers] are all the providers, as before
+    assert groq.base_url == built_in.base_url and groq.first_byte_timeout_s == built_in.first_byte_timeout_s
+    assert groq.timeout_s == 30 and groq.api_key_envs == ("KEY_A", "KEY_B")  # the pool, not the built-in's env too
+    config = load(tmp_path, '[providers.groq]\napi_key_env = "MY_GROQ_KEY"\n', env={"MY_GROQ_KEY": "k" * 20})
+    assert config.providers["groq"].base_url == built_in.base_url
+    assert config.providers["groq"].api_key_env == "MY_GROQ_KEY"
+
+
+def test_a_provider_with_its_own_base_url_takes_nothing_from_the_built_in(tmp_path):
+    """A file's groq at another URL never gets the built-in's GROQ_API_KEY: the key would go to that host."""
+    config = load(tmp_path, '[providers.groq]\nbase_url = "http://127.0.0.1:9/v1"\n', env={"GROQ_API_KEY": "g" * 20})
+    assert config.providers["groq"].api_key_env is None and not config.providers["groq"].api_keys

@@ -7,7 +7,8 @@ section by section:
 
 - `[server]`, `[routing]`, `[telemetry]`: key by key over the defaults' (which hold only `server.host`, `port`).
 - `[providers]`: given, the file's providers are all the providers (one it does not name is never called);
-  left out, the defaults' (`groq`, `local`).
+  left out, the defaults' (`groq`, `local`). A file's provider with no `base_url` named as a built-in one
+  (`[providers.groq] timeout_s = 30`) changes that provider key by key; one with a `base_url` is the file's whole.
 - `[models]`, `[aliases]`: the default tiers and aliases are used unless the file gives both `[providers]` and
   `[models]`: such a file describes its own routing, as every file had to before, and means what it meant.
   When they are used, the file's tiers and aliases are added to them by name (a name the file gives, as a tier
@@ -42,6 +43,8 @@ def over_defaults(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[s
             merged[key] = {**defaults[key], **mine}
     own_providers = "providers" in raw
     providers = raw["providers"] if own_providers else defaults["providers"]
+    if own_providers and isinstance(providers, Mapping):
+        providers = {name: _provider_over_built_in(p, defaults["providers"].get(name)) for name, p in providers.items()}
     merged["providers"] = providers
     models, aliases = raw.get("models", {}), raw.get("aliases", {})
     if not (isinstance(providers, Mapping) and isinstance(models, Mapping) and isinstance(aliases, Mapping)):
@@ -80,6 +83,16 @@ def explain(message: str, raw: Mapping[str, Any], defaults: Mapping[str, Any]) -
             return (f"{message} (the built-in tier '{name}' is left out: its chain names the provider "
                     f"'{absent[0]}', which [providers] does not give)")
     return message
+
+
+def _provider_over_built_in(provider: Any, built_in: Mapping | None) -> Any:
+    """A file's provider with no `base_url` named as a built-in one changes that provider: its keys over the
+    built-in's (a key pool, `api_key_envs`, in place of the built-in's `api_key_env`). One with a `base_url` is
+    whole: the built-in's `api_key_env` would send the Groq key to the file's host."""
+    if built_in is None or not isinstance(provider, Mapping) or "base_url" in provider:
+        return provider
+    keys = {k: v for k, v in built_in.items() if not ("api_key_envs" in provider and k == "api_key_env")}
+    return {**keys, **provider}
 
 
 def _over_built_in(tier: Any, built_in: Mapping | None) -> Any:
