@@ -264,3 +264,13 @@ def test_a_provider_with_its_own_base_url_takes_nothing_from_the_built_in(tmp_pa
     """A file's groq at another URL never gets the built-in's GROQ_API_KEY: the key would go to that host."""
     config = load(tmp_path, '[providers.groq]\nbase_url = "http://127.0.0.1:9/v1"\n', env={"GROQ_API_KEY": "g" * 20})
     assert config.providers["groq"].api_key_env is None and not config.providers["groq"].api_keys
+
+
+async def test_config_command_refuses_what_serve_refuses_with_its_workers(tmp_path):
+    """`server.workers = 2` with a policy on the memory store: `serve` exits 2 naming store.backend, so the
+    command that shows what `serve` would run says so too rather than printing a config that cannot start."""
+    path = write(tmp_path, '[server]\nworkers = 2\n[[policies]]\nuse = "cache"\n')
+    proc = await run(tmp_path, "config", "config", "--config", str(path), env=clean_env())
+    assert proc.process.returncode == 2, proc.stdout
+    assert proc.stderr.startswith("groq-proxy: config error: store.backend: 2 worker processes on the memory store")
+    assert proc.stdout == ""
