@@ -97,6 +97,10 @@ class Policy:
     on_error = "open"
     wait_s: float = 0  # a policy whose claims may wait for capacity sets how long
     uses_store = False  # True for a policy that keeps state in the store (claims, a cache): several processes need Redis
+    # True: at the end the chain settles this policy's admitted claims for it, each to what the request used
+    # (`PolicyChain._settle_claims`), in one pass with every other such policy's; after() still runs when
+    # the policy overrides it. The built-ins that count (token_budget, rate_limit, concurrency) do.
+    settles_claims = False
 
     def refused(self, ctx: "RequestContext", claim, admission) -> Reject:
         """The store refused one of this policy's claims: the answer to give (a policy that claims overrides)."""

@@ -19,9 +19,9 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
-from policies.estimate import GENERATES, completion_limit, estimate, used_tokens
+from policies.estimate import GENERATES, completion_limit, counts_tokens, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
-from policies.stores.base import SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
+from policies.stores.base import BUDGET, SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
 from proxy.telemetry.logs import emit
 
 if TYPE_CHECKING:
@@ -35,15 +35,17 @@ class PolicyState:
     """What the policies hold for one request: their claims, whether the store admitted them, the headers
     they add to the answer, the settlements to send at the end."""
 
-    __slots__ = ("ran", "claims", "owners", "by_owner", "admitted", "admission", "settlements", "headers", "_prompt",
-                 "_used", "body", "hedged", "served_tokens")
+    __slots__ = ("ran", "claims", "owners", "spans", "headed", "admitted", "admission", "settlements", "headers",
+                 "_prompt", "_used", "_reserve", "body", "hedged", "served_tokens", "counts")
 
-    def __init__(self, body: dict) -> None:
+    def __init__(self, body: dict, counts: bool = True) -> None:
         self.body = body
+        self.counts = counts  # whether token budgets and limits apply (`policies.estimate.counts_tokens`)
         self.ran = 0
         self.claims: list[Claim] = []
-        self.owners: list[Policy] = []
-        self.by_owner: dict[Policy, list[Claim]] = {}
+        self.owners: list[Policy] = []  # owners[i] made claims[i]
+        self.spans: dict[Policy, tuple[int, int]] = {}  # policy -> where its claims are (a policy's are in a row)
+        self.headed: list[int] = []  # the claims that feed the x-ratelimit-* headers
         self.admitted = False
         self.admission: Admission | None = None
         self.settlements: list[Settlement] = []
@@ -51,24 +53,28 @@ class PolicyState:
         self.headers: dict[str, str] = {}
         self._prompt: int | None = None
         self._used: int | None = None
+        self._reserve: tuple | None = None  # (operation, default_completion, tokens) of the last reserve()
         # Set when a policy answers (a cache hit): the tokens that answer costs the budgets and token limits (the
         # entry's with charge_hits, else 0), reserved and charged in place of the estimate and the usage.
         self.served_tokens: int | None = None
 
     def claim(self, policy: Policy, claim: Claim) -> None:
+        if claim.header is not None:  # it feeds the x-ratelimit-* headers
+            self.headed.append(len(self.claims))
         self.claims.append(claim)
         self.owners.append(policy)
-        mine = self.by_owner.get(policy)
-        if mine is None:
-            self.by_owner[policy] = [claim]
-        else:
-            mine.append(claim)
+
+    @property
+    def by_owner(self) -> dict[Policy, list[Claim]]:
+        """Each policy's claims, in the order it made them."""
+        return {policy: self.claims[start:end] for policy, (start, end) in self.spans.items()}
 
     def claims_of(self, policy: Policy) -> list[Claim]:
         """The policy's claims that the store took (none when the request was refused or the store was down)."""
         if not self.admitted:
             return _NONE
-        return self.by_owner.get(policy, _NONE)
+        span = self.spans.get(policy)
+        return self.claims[span[0]:span[1]] if span is not None else _NONE
 
     def settle(self, settlement: Settlement) -> None:
         self.settlements.append(settlement)
@@ -89,8 +95,13 @@ class PolicyState:
         completion limit (`default_completion` without one), or what an answer from a policy costs."""
         if self.served_tokens is not None:
             return self.served_tokens
+        last = self._reserve
+        if last is not None and last[0] == operation and last[1] == default_completion:
+            return last[2]  # every budget and token limit of a request asks the same: worked out once
         completion = self.completion_limit if operation in GENERATES else 0
-        return self.prompt_tokens + (default_completion if completion is None else completion)
+        tokens = self.prompt_tokens + (default_completion if completion is None else completion)
+        self._reserve = (operation, default_completion, tokens)
+        return tokens
 
     def used_tokens(self, ctx) -> int:
         """What the request used (`policies.estimate.used_tokens`), worked out once for every policy."""
@@ -121,9 +132,18 @@ class PolicyChain:
         cls = Policy
         self._before = tuple(p for p in self.policies if type(p).before_attempt is not cls.before_attempt)
         self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
-        self._settles = frozenset(id(p) for p in self.policies if type(p).after is not cls.after)
+        # The policies whose after() settles something, last first: after() runs them in this order.
+        self._after = tuple((i, p) for i, p in reversed(tuple(enumerate(self.policies)))
+                            if type(p).after is not cls.after)
+        self._continue_keys = {p: (p.name, "continue", p.mode) for p in self.policies}  # metric labels
+        self._self_settling = any(p.settles_claims for p in self.policies)
         self._hedgers = tuple(p for p in self.policies if type(p).hedge_claims is not cls.hedge_claims)
         self._settle_soon = getattr(store, "settle_soon", None)  # a store that settles in the background
+        self._watched = None  # the last future settle_soon gave, already watched for a failure
+        # A store whose calls never wait (memory) is called without a coroutine: two fewer a request.
+        self._admit_now = getattr(store, "admit_now", None)
+        self._settle_now = getattr(store, "settle_now", None)
+        self._release_now = getattr(store, "release_now", None)
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
@@ -151,7 +171,7 @@ class PolicyChain:
         ctx.request_type = request_type[:64]
         module = headers.get("x-module")
         ctx.module = module[:64] if module else None
-        ctx.policy = PolicyState(ctx.body)
+        ctx.policy = PolicyState(ctx.body, counts_tokens(ctx))
         if ctx.span is not None:
             attrs = ctx.span.attrs
             attrs["groq_proxy.request_type"] = ctx.request_type
@@ -168,6 +188,7 @@ class PolicyChain:
     async def on_request(self, ctx: "RequestContext") -> Decision:
         state = ctx.policy
         answer = None  # a Respond (a cache hit): the policies after it still see the request, and may refuse it
+        metrics, continues = self.metrics, self._continue_keys
         for policy in self.policies:
             state.ran += 1
             claims_before = len(state.claims)
@@ -178,9 +199,15 @@ class PolicyChain:
                 if decision is not CONTINUE:
                     return decision
                 continue
+            claimed = len(state.claims)
+            if claimed != claims_before:
+                state.spans[policy] = (claims_before, claimed)
             if decision is CONTINUE:
-                if len(state.claims) == claims_before:  # a claim's decision is known once the store answers
-                    self._record(ctx, policy, decision)
+                if claimed == claims_before:  # a claim's decision is known once the store answers
+                    if metrics is not None:  # _record's continue, inline: every request has several
+                        metrics.decisions.inc(continues[policy])
+                    if ctx.span is not None and self.record is not None:
+                        self.record(ctx, policy.name, "continue", mode=policy.mode)
                 continue
             self._record(ctx, policy, decision)
             if policy.mode == ENFORCE:
@@ -188,10 +215,14 @@ class PolicyChain:
                     answer = answer or decision
                     continue
                 return decision
-        if state.claims and self.store is not None:
-            admitted = await self._admit(ctx, state)  # an answer from a policy is a request too: limits count it
-            if admitted is not CONTINUE:
-                return admitted
+        if state.claims and self.store is not None:  # an answer from a policy is a request too: limits count it
+            admit_now = self._admit_now
+            if admit_now is not None and (admission := admit_now(state.claims)).ok:
+                self._took(ctx, state, admission)  # the memory store's usual case, without a coroutine
+            else:
+                admitted = await self._admit(ctx, state)
+                if admitted is not CONTINUE:
+                    return admitted
         return answer or CONTINUE
 
     async def before_attempt(self, ctx: "RequestContext", attempt: "Attempt") -> Decision:
@@ -253,19 +284,28 @@ class PolicyChain:
         state = ctx.policy
         if state is None:
             return
-        settles = self._settles
-        for policy in reversed(self.policies[: state.ran]):
-            if id(policy) not in settles:  # the base class's after(): nothing to settle
+        ran = state.ran
+        for index, policy in self._after:  # only those that override after(), whose on_request ran
+            if index >= ran:
                 continue
             try:
                 await policy.after(ctx)
             except Exception:
                 self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
                            hook="after", exc_info=True)
+        if state.admitted and self._self_settling:
+            if self._release_now is not None:  # the memory store settles the claims themselves: no Settlements
+                self._release_now([c for c, o in zip(state.claims, state.owners) if o.settles_claims],
+                                  state.used_tokens(ctx))
+            else:
+                self._settle_claims(ctx, state)
         if state.hedged:  # the hedges' reservations go back; what their attempts produced is in `after`'s charge
             state.settlements += [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
                                   for c in state.hedged]
         if state.settlements and self.store is not None:
+            if self._settle_now is not None:
+                self._settle_now(state.settlements)
+                return
             if self._settle_soon is not None:
                 self._settle_in_background(ctx, state.settlements)
                 return
@@ -278,21 +318,36 @@ class PolicyChain:
 
     # --- the store ------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _settle_claims(ctx: "RequestContext", state: PolicyState) -> None:
+        """The admitted claims of the policies that leave their settling to the chain (`settles_claims`): a
+        budget or a tokens limit is charged what the request used in place of what it reserved, a slot is
+        freed, a requests limit has nothing to correct."""
+        used = -1
+        settlements = state.settlements
+        for claim, owner in zip(state.claims, state.owners):
+            if owner.settles_claims:
+                kind = claim.kind
+                if kind == SLOT:
+                    settlements.append(Settlement(SLOT, claim.key, lease=claim.lease))
+                elif kind == BUDGET or claim.header == "tokens":
+                    if used < 0:
+                        used = state.used_tokens(ctx)
+                    settlements.append(Settlement(kind, claim.key, claim.amount, used, claim.limit, claim.param))
+
+
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         deadline = None
         while True:
             try:
-                admission = await self.store.admit(state.claims)
+                if self._admit_now is not None:
+                    admission = self._admit_now(state.claims)
+                else:
+                    admission = await self.store.admit(state.claims)
             except StoreUnavailable:
                 return self._store_down(ctx, state)
             if admission.ok:
-                state.admitted = True
-                state.admission = admission
-                over = admission.over
-                for policy in state.by_owner:
-                    shadow_refused = over and any(state.owners[i] is policy for i in over)
-                    self._record(ctx, policy, _SHADOW_REJECT if shadow_refused else CONTINUE)
-                _ratelimit_headers(state, admission)
+                self._took(ctx, state, admission)
                 return CONTINUE
             policy = state.owners[admission.failed]
             claim = state.claims[admission.failed]
@@ -312,9 +367,26 @@ class PolicyChain:
             self._record(ctx, policy, decision)
             return decision
 
+    def _took(self, ctx: "RequestContext", state: PolicyState, admission: Admission) -> None:
+        """The store admitted the request: each policy that claimed is recorded, and the headers set."""
+        state.admitted = True
+        state.admission = admission
+        over = admission.over
+        metrics, continues = self.metrics, self._continue_keys
+        for policy in state.spans:
+            if over and any(state.owners[i] is policy for i in over):
+                self._record(ctx, policy, _SHADOW_REJECT)
+                continue
+            if metrics is not None:  # _record's continue, inline
+                metrics.decisions.inc(continues[policy])
+            if ctx.span is not None and self.record is not None:
+                self.record(ctx, policy.name, "continue", mode=policy.mode)
+        if state.headed:
+            _ratelimit_headers(state, admission)
+
     def _store_down(self, ctx: "RequestContext", state: PolicyState) -> Decision:
-        owners = list(state.by_owner)
-        state.claims, state.owners, state.by_owner = [], [], {}
+        owners = list(state.spans)
+        state.claims, state.owners, state.spans, state.headed = [], [], {}, []
         closed = False
         for policy in owners:
             self._record(ctx, policy, _ERROR)
@@ -334,8 +406,11 @@ class PolicyChain:
         if future is None:
             self._settle_failed(ctx.request_id)
             return
-        request_id = ctx.request_id
-        future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._settle_failed(request_id))
+        if future is not self._watched:  # settlements sent together share a future: one callback for them all
+            self._watched = future
+            request_id = ctx.request_id
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or
+                                     self._settle_failed(request_id))
 
     def _settle_failed(self, request_id: str) -> None:
         self._warn("policy_settle_failed", request_id=request_id,
@@ -411,22 +486,21 @@ _NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f
 
 def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
     """x-ratelimit-* of the tightest throughput limit of each kind (requests, tokens) that applied."""
+    headed = state.headed
+    claims, remaining = state.claims, admission.remaining
     tightest: dict[str, int] = {}  # kind -> index of its claim with the least remaining
-    remaining = admission.remaining
-    for i, claim in enumerate(state.claims):
-        kind = claim.header
-        if kind is not None:
-            best = tightest.get(kind)
-            if best is None or remaining[i] < remaining[best]:
-                tightest[kind] = i
-    if tightest:
-        headers, claims, reset = state.headers, state.claims, admission.reset
-        for kind, i in tightest.items():
-            limit_name, remaining_name, reset_name = _NAMES[kind]
-            left = remaining[i]
-            headers[limit_name] = str(claims[i].limit)
-            headers[remaining_name] = str(int(left)) if left > 0 else "0"
-            headers[reset_name] = duration(reset[i])
+    for i in headed:
+        kind = claims[i].header
+        best = tightest.get(kind)
+        if best is None or remaining[i] < remaining[best]:
+            tightest[kind] = i
+    headers, reset = state.headers, admission.reset
+    for kind, i in tightest.items():
+        limit_name, remaining_name, reset_name = _NAMES[kind]
+        left = remaining[i]
+        headers[limit_name] = str(claims[i].limit)
+        headers[remaining_name] = str(int(left)) if left > 0 else "0"
+        headers[reset_name] = duration(reset[i])
 
 
 def duration(seconds: float) -> str:

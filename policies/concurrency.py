@@ -16,7 +16,7 @@ from typing import Mapping
 from policies.base import CONTINUE, Decision, Policy, Reject
 from policies.schema import check_keys, choice, count, seconds, table
 from policies.scopes import scope
-from policies.stores.base import SLOT, Claim, Settlement
+from policies.stores.base import SLOT, Claim
 from proxy.app.config import ConfigError
 
 PER = ("model", "global", "key")
@@ -26,6 +26,7 @@ _leases = itertools.count()
 
 class Concurrency(Policy):
     uses_store = True
+    settles_claims = True  # the chain frees the slot when the request ends, however it ends
 
     def __init__(self, per: str = "model", limits: Mapping[str, int] | None = None, limit: int | None = None,
                  wait_s: float = 0.0) -> None:
@@ -33,6 +34,7 @@ class Concurrency(Policy):
         self.limits = MappingProxyType(dict(limits or {}))
         self.limit = limit
         self.wait_s = wait_s
+        self._keys: dict[str, str] = {}  # who -> its counter's key
 
     @classmethod
     def options(cls, raw: Mapping, where: str) -> dict:
@@ -53,8 +55,13 @@ class Concurrency(Policy):
         if self.per == "model":
             limit = self.limits.get(ctx.route.virtual or ctx.route.requested, limit)
         if limit is not None:
-            ctx.policy.claim(self, Claim(SLOT, f"cc:{self.name}:{scope(ctx, self.per)}", limit, 1, 0.0,
-                                         self.mode == "shadow", _PROCESS + str(next(_leases))))
+            who = scope(ctx, self.per)
+            key = self._keys.get(who)
+            if key is None:
+                if len(self._keys) > 10000:  # identities from clients' `user` fields: keep the cache bounded
+                    self._keys.clear()
+                key = self._keys[who] = f"cc:{self.name}:{who}"
+            ctx.policy.claim(self, Claim(SLOT, key, limit, 1, 0.0, self.mode == "shadow", _PROCESS + str(next(_leases))))
         return CONTINUE
 
     def refused(self, ctx, claim: Claim, admission) -> Reject:
@@ -62,7 +69,3 @@ class Concurrency(Policy):
         return Reject(429, f"Too many requests in flight: the limit is {claim.limit} ({self.per}){waited}. Try again "
                       "shortly.", code="concurrency_limit_exceeded", type="rate_limit_error",
                       headers={"retry-after": "1"})
-
-    async def after(self, ctx) -> None:
-        for claim in ctx.policy.claims_of(self):
-            ctx.policy.settle(Settlement(SLOT, claim.key, lease=claim.lease))

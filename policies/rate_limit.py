@@ -18,10 +18,9 @@ from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
 from policies.chain import duration
-from policies.estimate import counts_tokens
 from policies.schema import check_keys, choice, count, seconds
 from policies.scopes import scope
-from policies.stores.base import GCRA, Claim, Settlement
+from policies.stores.base import GCRA, Claim
 from proxy.app.config import ConfigError
 
 PER = ("global", "key", "user", "team", "model")
@@ -30,6 +29,7 @@ PERIOD_S = 60.0
 
 class RateLimit(Policy):
     uses_store = True
+    settles_claims = True  # the chain corrects the tokens claim to what the request used
 
     def __init__(self, per: str = "global", requests_per_minute: int | None = None,
                  tokens_per_minute: int | None = None, wait_s: float = 0.0, default_completion: int = 1000) -> None:
@@ -37,7 +37,7 @@ class RateLimit(Policy):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self.wait_s = wait_s
         self.default_completion = default_completion
-        self._keys: dict[str, tuple[str, str]] = {}
+        self._keys: dict[str, tuple[Claim | None, str]] = {}  # who -> (requests claim, tokens key)
 
     @classmethod
     def options(cls, raw: Mapping, where: str) -> dict:
@@ -50,28 +50,33 @@ class RateLimit(Policy):
                 "default_completion": count(raw, "default_completion", where, 1000)}
 
     def claims_for(self, ctx, tokens: int = 0) -> list[Claim]:
-        who = scope(ctx, self.per)
-        keys = self._keys.get(who)
-        if keys is None:
+        requests, tokens_key = self._scoped(scope(ctx, self.per))
+        out = [requests] if requests is not None else []
+        if self.tpm:
+            out.append(Claim(GCRA, tokens_key, self.tpm, tokens, PERIOD_S, self.mode == "shadow", "", "tokens"))
+        return out
+
+    def _scoped(self, who: str) -> tuple[Claim | None, str]:
+        """The requests claim (the same for every request of `who`: made once) and the tokens key of `who`."""
+        known = self._keys.get(who)
+        if known is None:
             if len(self._keys) > 10000:  # identities from clients' `user` fields: keep the cache bounded
                 self._keys.clear()
-            keys = self._keys[who] = (f"rl:{self.name}:{who}:r", f"rl:{self.name}:{who}:t")
-        soft = self.mode == "shadow"
-        out = []
-        if self.rpm:
-            out.append(Claim(GCRA, keys[0], self.rpm, 1, PERIOD_S, soft, "", "requests"))
-        if self.tpm:
-            out.append(Claim(GCRA, keys[1], self.tpm, tokens, PERIOD_S, soft, "", "tokens"))
-        return out
+            requests = None
+            if self.rpm:
+                requests = Claim(GCRA, f"rl:{self.name}:{who}:r", self.rpm, 1, PERIOD_S, self.mode == "shadow", "",
+                                 "requests")
+            known = self._keys[who] = (requests, f"rl:{self.name}:{who}:t")
+        return known
 
     async def on_request(self, ctx) -> Decision:
         state = ctx.policy
-        tokens = 0
-        if self.tpm and counts_tokens(ctx):
-            tokens = state.reserve(ctx.operation, self.default_completion)
-        for claim in self.claims_for(ctx, tokens):
-            if claim.header != "tokens" or counts_tokens(ctx):
-                state.claim(self, claim)
+        requests, tokens_key = self._scoped("all" if self.per == "global" else scope(ctx, self.per))
+        if requests is not None:
+            state.claim(self, requests)
+        if self.tpm and state.counts:
+            state.claim(self, Claim(GCRA, tokens_key, self.tpm, state.reserve(ctx.operation, self.default_completion),
+                                    PERIOD_S, self.mode == "shadow", "", "tokens"))
         return CONTINUE
 
     def hedge_claims(self, ctx) -> list[Claim]:
@@ -92,11 +97,3 @@ class RateLimit(Policy):
         unit = "requests" if kind == "requests" else "tokens"
         return Reject(429, f"Rate limit reached: {claim.limit} {unit} per minute ({self.per}). Please try again "
                       f"in {duration(wait)}.", code="rate_limit_exceeded", type=unit, headers=headers)
-
-    async def after(self, ctx) -> None:
-        claims = [c for c in ctx.policy.claims_of(self) if c.header == "tokens"]
-        if claims:
-            used = ctx.policy.used_tokens(ctx)
-            for claim in claims:
-                ctx.policy.settle(Settlement(GCRA, claim.key, reserved=claim.amount, used=used,
-                                             limit=claim.limit, param=claim.param))

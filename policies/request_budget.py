@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
-from policies.estimate import completion_limit, counts_tokens
+from policies.estimate import completion_limit
 from policies.schema import check_keys, choice, count, table
 from proxy.app.config import ConfigError
 
@@ -43,7 +43,7 @@ class RequestBudget(Policy):
         return {"types": types, "over_completion": choice(raw, "over_completion", where, ("lower", "reject"), "lower")}
 
     async def on_request(self, ctx) -> Decision:
-        if not counts_tokens(ctx):
+        if not ctx.policy.counts:
             return CONTINUE
         prompt_budget, completion_budget = self.types.get(ctx.request_type) or self.types["default"]
         prompt = ctx.policy.prompt_tokens

@@ -13,10 +13,9 @@ import time
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
-from policies.estimate import counts_tokens
 from policies.schema import check_keys, choice, count
 from policies.scopes import PERIODS, iso, period_bounds, scope
-from policies.stores.base import BUDGET, Claim, Settlement
+from policies.stores.base import BUDGET, Claim
 from proxy.app.config import ConfigError
 
 PER = ("key", "user", "team", "global")
@@ -24,6 +23,7 @@ PER = ("key", "user", "team", "global")
 
 class TokenBudget(Policy):
     uses_store = True
+    settles_claims = True  # the chain charges each claim what the request used, in place of the reservation
 
     def __init__(self, tokens: int, per: str = "key", period: str = "day", default_completion: int = 1000) -> None:
         self.tokens, self.per, self.period = tokens, per, period
@@ -52,9 +52,9 @@ class TokenBudget(Policy):
         return Claim(BUDGET, known[2], self.tokens, amount, known[1], self.mode == "shadow")
 
     async def on_request(self, ctx) -> Decision:
-        if not counts_tokens(ctx):
-            return CONTINUE
         state = ctx.policy
+        if not state.counts:
+            return CONTINUE
         state.claim(self, self.claim_for(ctx, amount=state.reserve(ctx.operation, self.default_completion)))
         return CONTINUE
 
@@ -73,10 +73,3 @@ class TokenBudget(Policy):
                        f"needs up to {claim.amount} tokens. It resets at {resets}.")
         return Reject(429, message, code="insufficient_quota", type="insufficient_quota",
                       headers={"x-should-retry": "false", "x-groq-proxy-budget-resets-at": resets})
-
-    async def after(self, ctx) -> None:
-        claims = ctx.policy.claims_of(self)
-        if claims:
-            used = ctx.policy.used_tokens(ctx)
-            for claim in claims:
-                ctx.policy.settle(Settlement(BUDGET, claim.key, reserved=claim.amount, used=used, param=claim.param))

@@ -29,6 +29,7 @@ class MemoryStore:
         self._budgets: dict[str, list] = {}  # key -> [used, reserved, expires_at]
         self._slots: dict[str, int] = {}
         self._freed = asyncio.Event()
+        self._waiting = 0  # requests in changed(): only they need telling that a slot was freed
         self._next_prune = 0.0
         self._owners: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
 
@@ -42,77 +43,114 @@ class MemoryStore:
         return {"backend": "memory", "status": "ok"}
 
     async def admit(self, claims: Sequence[Claim]) -> Admission:
+        return self.admit_now(claims)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        self.settle_now(settlements)
+
+    def admit_now(self, claims: Sequence[Claim]) -> Admission:
+        """`admit` without a coroutine: the chain calls it directly, as nothing here waits."""
         now = self.clock()
         if now >= self._next_prune:
             self._prune(now)
-        failed, retry, over = -1, 0.0, []
+        failed, retry, over = -1, 0.0, ()
         remaining, reset = [], []
         tats, budgets, slots = self._tat, self._budgets, self._slots
-        for i, c in enumerate(claims):
-            kind = c.kind
-            if kind == GCRA:  # inline: this loop runs for every request
-                step = c.param / c.limit
-                tat = tats.get(c.key, now)
+        for i, c in enumerate(claims):  # runs for every request
+            kind, key, limit, amount, param = c.kind, c.key, c.limit, c.amount, c.param
+            if kind == GCRA:
+                step = param / limit
+                tat = tats.get(key, now)
                 if tat < now:
                     tat = now
-                new = tat + c.amount * step
-                if c.amount > c.limit:
-                    fits, wait, left, back = False, -1.0, (now + c.param - tat) // step, tat - now
+                if amount > limit:
+                    fits, wait, left, back = False, -1.0, (now + param - tat) // step, tat - now
                 else:
-                    wait = new - c.param - now
-                    fits, left, back = wait <= 0, (now + c.param - new) // step, new - now
+                    new = tat + amount * step
+                    wait = new - param - now
+                    fits, left, back = wait <= 0, (now + param - new) // step, new - now
             elif kind == BUDGET:
-                rec = budgets.get(c.key)
-                used = 0 if rec is None or rec[2] <= now else rec[0] + rec[1]
-                left = c.limit - used - c.amount
-                fits, wait, back = left >= 0, c.param - now, c.param - now
+                rec = budgets.get(key)
+                left = limit - amount - (0 if rec is None or rec[2] <= now else rec[0] + rec[1])
+                fits = left >= 0
+                wait = back = param - now
             else:
-                held = slots.get(c.key, 0)
-                fits, wait, left, back = held < c.limit, 0.0, c.limit - held - 1, 0.0
+                held = slots.get(key, 0)
+                fits, wait, left, back = held < limit, 0.0, limit - held - 1, 0.0
             remaining.append(left)
             reset.append(back)
             if not fits:
                 if c.soft:
-                    over.append(i)
+                    over += (i,)
                 elif failed < 0:
                     failed, retry = i, wait
         if failed >= 0:
-            return Admission(False, failed, retry, tuple(over), remaining, reset)
+            return Admission(False, failed, retry, over, remaining, reset)
         for c in claims:
-            kind = c.kind
+            kind, key = c.kind, c.key
             if kind == GCRA:
-                tat = tats.get(c.key, now)
-                tats[c.key] = (tat if tat > now else now) + c.amount * c.param / c.limit
+                tat = tats.get(key, now)
+                tats[key] = (tat if tat > now else now) + c.amount * c.param / c.limit
             elif kind == BUDGET:
-                rec = budgets.get(c.key)
+                rec = budgets.get(key)
                 if rec is None or rec[2] <= now:
-                    rec = budgets[c.key] = [0, 0, c.param]
-                rec[1] += c.amount
+                    budgets[key] = [0, c.amount, c.param]
+                else:
+                    rec[1] += c.amount
             else:
-                slots[c.key] = slots.get(c.key, 0) + 1
-        return Admission(True, -1, 0.0, tuple(over), remaining, reset)
+                slots[key] = slots.get(key, 0) + 1
+        return Admission(True, -1, 0.0, over, remaining, reset)
 
-    async def settle(self, settlements: Sequence[Settlement]) -> None:
+    def settle_now(self, settlements: Sequence[Settlement]) -> None:
         now = self.clock()
         freed = False
         for s in settlements:
-            if s.kind == GCRA:
-                tat = self._tat.get(s.key)
-                if tat is not None:
-                    self._tat[s.key] = max(now, tat + (s.used - s.reserved) * s.param / s.limit)
-            elif s.kind == BUDGET:
-                rec = self._budgets.get(s.key)
+            kind, key, reserved, used = s.kind, s.key, s.reserved, s.used
+            if kind == GCRA:
+                tat = self._tat.get(key)
+                if tat is not None and used != reserved:
+                    self._tat[key] = max(now, tat + (used - reserved) * s.param / s.limit)
+            elif kind == BUDGET:
+                rec = self._budgets.get(key)
                 if rec is not None and rec[2] > now:
-                    rec[0] += s.used
-                    rec[1] = max(0, rec[1] - s.reserved)
-            elif s.kind == SLOT:
-                held = self._slots.get(s.key, 0)
+                    rec[0] += used
+                    rec[1] = rec[1] - reserved if rec[1] > reserved else 0
+            elif kind == SLOT:
+                held = self._slots.get(key, 0)
                 if held > 1:
-                    self._slots[s.key] = held - 1
+                    self._slots[key] = held - 1
                 else:
-                    self._slots.pop(s.key, None)
+                    self._slots.pop(key, None)
                 freed = True
-        if freed:
+        if freed and self._waiting:  # a request queued for a slot (wait_s) looks again
+            self._freed.set()
+            self._freed = asyncio.Event()
+
+    def release_now(self, claims: Sequence[Claim], used: int) -> None:
+        """Settles admitted claims to what their request used, as `settle` would their Settlements (see
+        `PolicyChain._settle_claims`): a budget or a tokens limit is charged `used` in place of what it
+        reserved, a slot is freed, a requests limit has nothing to correct."""
+        now = self.clock()
+        freed = False
+        for c in claims:
+            kind = c.kind
+            if kind == SLOT:
+                held = self._slots.get(c.key, 0)
+                if held > 1:
+                    self._slots[c.key] = held - 1
+                else:
+                    self._slots.pop(c.key, None)
+                freed = True
+            elif kind == BUDGET:
+                rec = self._budgets.get(c.key)
+                if rec is not None and rec[2] > now:
+                    rec[0] += used
+                    rec[1] = rec[1] - c.amount if rec[1] > c.amount else 0
+            elif c.header == "tokens" and used != c.amount:
+                tat = self._tat.get(c.key)
+                if tat is not None:
+                    self._tat[c.key] = max(now, tat + (used - c.amount) * c.param / c.limit)
+        if freed and self._waiting:  # a request queued for a slot (wait_s) looks again
             self._freed.set()
             self._freed = asyncio.Event()
 
@@ -131,10 +169,13 @@ class MemoryStore:
         return out
 
     async def changed(self, timeout: float) -> None:
+        self._waiting += 1
         try:
             await asyncio.wait_for(self._freed.wait(), timeout)
         except TimeoutError:
             pass
+        finally:
+            self._waiting -= 1
 
     def _prune(self, now: float) -> None:
         """Drops what has expired, so identities that came once (a client's `user` field) do not pile up."""

@@ -96,6 +96,7 @@ class RedisStore:
         self._task: asyncio.Task | None = None
         self._admits: list = []  # (claims, future) waiting for the next script call
         self._settles: list = []  # (settlements, future) likewise
+        self._soon: asyncio.Future | None = None  # the future settle_soon's settlements queued meanwhile share
         self._in_flight = False  # a script call is on its way: what arrives meanwhile waits for the next
         self._sent = self._landed_calls = 0  # script calls sent, and landed (or failed)
         self._readers: list = []  # (calls landed, future): reads waiting for the settlements queued before them
@@ -151,17 +152,23 @@ class RedisStore:
         return self._queue(self._settles, settlements)
 
     def settle_soon(self, settlements: Sequence[Settlement]) -> asyncio.Future:
-        """`settle` for a caller that does not wait: the future only says, when done, whether it landed."""
-        return self._queue(self._settles, settlements)
+        """`settle` for a caller that does not wait: the future only says, when done, whether it landed. The
+        settlements queued for one call share one future: nobody waits on it, so one per request is waste."""
+        soon = self._soon
+        if soon is None or soon.done():
+            soon = self._soon = self._queue(self._settles, settlements)
+            return soon
+        return self._queue(self._settles, settlements, soon)
 
-    def _queue(self, pending: list, item) -> asyncio.Future:
+    def _queue(self, pending: list, item, future: asyncio.Future | None = None) -> asyncio.Future:
         """While a call is on its way, the requests that come meanwhile wait and go together in the next one
         (admissions up to `BATCH` a call, and every settlement). A lone request goes at the end of the loop's
         current turn, with whatever else arrived in it."""
         if not self.available and time.monotonic() < self._retry_at:
             raise StoreUnavailable("redis is unreachable")
         loop = self._loop
-        future = loop.create_future()
+        if future is None:
+            future = loop.create_future()
         pending.append((item, future))
         if not self._in_flight:
             self._in_flight = True
@@ -177,6 +184,7 @@ class RedisStore:
         self._sent += 1
         admits, settles = self._admits[:BATCH], self._settles[:BATCH * 4]
         del self._admits[:BATCH], self._settles[:BATCH * 4]
+        self._soon = None  # settle_soon's next settlements share a future of their own
         try:
             command = self._step_command(admits, settles)
             self.round_trips += 1

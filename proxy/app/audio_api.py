@@ -107,10 +107,9 @@ read_translation = _reader("audio/translations")
 def validate_form(fields: dict) -> str:
     """The text fields of a transcription or translation; returns the model."""
     model = fields.get("model")
-    if model is None:
-        raise bad_request("You must provide a model parameter.", param="model")
-    if not isinstance(model, str) or not model:
+    if model is not None and not isinstance(model, str):  # sent twice: a list of values
         raise bad_request("'model' must be one non-empty string.", param="model")
+    model = _model(fields)  # the same checks as a JSON body's, its length too
     response_format = fields.get("response_format")
     if response_format is not None and response_format not in _FORMATS:
         raise bad_request(f"'response_format' must be one of {', '.join(sorted(_FORMATS))}.",
