@@ -274,3 +274,17 @@ async def test_config_command_refuses_what_serve_refuses_with_its_workers(tmp_pa
     assert proc.process.returncode == 2, proc.stdout
     assert proc.stderr.startswith("groq-proxy: config error: store.backend: 2 worker processes on the memory store")
     assert proc.stdout == ""
+
+
+async def test_simulate_with_a_config_file_does_not_say_there_is_no_config(tmp_path):
+    """`serve --simulate --config F` warned "No Groq key and no config", which made a user doubt the file was read."""
+    path = write(tmp_path, '[[policies]]\nuse = "cache"\n')
+    proc, _ = await start_serving(tmp_path, "serve", "--simulate", "--config", str(path),
+                                  env=clean_env(GROQ_API_KEY="gsk_" + "k" * 20))
+    await proc.stop()
+    warnings = [line["message"] for line in proc.log_lines() if line["event"] == "simulated_upstream"]
+    assert len(warnings) == 1 and "no config" not in warnings[0].lower(), warnings
+    assert "--simulate" in warnings[0]
+    models = await run(tmp_path, "models", "models", "--simulate", "--config", str(path), env=clean_env())
+    assert models.process.returncode == 0, models.stderr
+    assert "no config" not in models.stderr and "--simulate" in models.stderr, models.stderr

@@ -177,7 +177,8 @@ def cmd_models(args) -> int:
         if decide_simulation(args, config):
             from proxy.sim.simulator import start_simulator
 
-            print("groq-proxy: no key and no config: checking against the built-in simulator", file=sys.stderr)
+            why = "--simulate" if args.simulate else "no key and no config"
+            print(f"groq-proxy: {why}: checking against the built-in simulator", file=sys.stderr)
             runner, url = await start_simulator()
             config = config.with_base_urls(url)
         else:
