@@ -31,6 +31,16 @@ ENFORCE, SHADOW = "enforce", "shadow"
 OPEN, CLOSED = "open", "closed"
 
 
+def _landed(admitting) -> Admission | None:
+    """The admission a store call made when the request was cancelled in the very turn it came back (the client
+    left as Redis answered): the call's future holds it, the request never read it, so it is not lost. A call
+    still on its way when the request is cancelled is the store's to give back when it lands."""
+    if isinstance(admitting, asyncio.Future) and admitting.done() and not admitting.cancelled():
+        if admitting.exception() is None and admitting.result().ok:
+            return admitting.result()
+    return None
+
+
 class PolicyState:
     """What the policies hold for one request: their claims, whether the store admitted them, the headers
     they add to the answer, the settlements to send at the end."""
@@ -63,11 +73,6 @@ class PolicyState:
             self.headed.append(len(self.claims))
         self.claims.append(claim)
         self.owners.append(policy)
-
-    @property
-    def by_owner(self) -> dict[Policy, list[Claim]]:
-        """Each policy's claims, in the order it made them."""
-        return {policy: self.claims[start:end] for policy, (start, end) in self.spans.items()}
 
     def claims_of(self, policy: Policy) -> list[Claim]:
         """The policy's claims that the store took (none when the request was refused or the store was down)."""
@@ -254,8 +259,14 @@ class PolicyChain:
                 owners.append(policy)
         if not claims:
             return True
+        admitting = None
         try:
-            admission = await self.store.admit(claims)
+            admitting = self.store.admit(claims)  # raises StoreUnavailable at once while Redis is known down
+            admission = await admitting
+        except asyncio.CancelledError:
+            if _landed(admitting) is not None:
+                state.hedged = [*(state.hedged or ()), *claims]  # given back in `after`
+            raise
         except StoreUnavailable:
             closed = False
             for policy in dict.fromkeys(owners):
@@ -294,11 +305,16 @@ class PolicyChain:
                 self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy=policy.name,
                            hook="after", exc_info=True)
         if state.admitted and self._self_settling:
+            try:
+                used = state.used_tokens(ctx)
+            except Exception:  # a replaced estimator that raised: the reservations stand as the charge
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
+                           hook="after", exc_info=True)
+                used = -1
             if self._release_now is not None:  # the memory store settles the claims themselves: no Settlements
-                self._release_now([c for c, o in zip(state.claims, state.owners) if o.settles_claims],
-                                  state.used_tokens(ctx))
+                self._release_now([c for c, o in zip(state.claims, state.owners) if o.settles_claims], used)
             else:
-                self._settle_claims(ctx, state)
+                self._settle_claims(state, used)
         if state.hedged:  # the hedges' reservations go back; what their attempts produced is in `after`'s charge
             state.settlements += [Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
                                   for c in state.hedged]
@@ -319,11 +335,10 @@ class PolicyChain:
     # --- the store ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _settle_claims(ctx: "RequestContext", state: PolicyState) -> None:
+    def _settle_claims(state: PolicyState, used: int) -> None:
         """The admitted claims of the policies that leave their settling to the chain (`settles_claims`): a
-        budget or a tokens limit is charged what the request used in place of what it reserved, a slot is
-        freed, a requests limit has nothing to correct."""
-        used = -1
+        budget or a tokens limit is charged what the request used (`used`; -1: unknown, what it reserved) in
+        place of what it reserved, a slot is freed, a requests limit has nothing to correct."""
         settlements = state.settlements
         for claim, owner in zip(state.claims, state.owners):
             if owner.settles_claims:
@@ -331,19 +346,24 @@ class PolicyChain:
                 if kind == SLOT:
                     settlements.append(Settlement(SLOT, claim.key, lease=claim.lease))
                 elif kind == BUDGET or claim.header == "tokens":
-                    if used < 0:
-                        used = state.used_tokens(ctx)
-                    settlements.append(Settlement(kind, claim.key, claim.amount, used, claim.limit, claim.param))
-
+                    settlements.append(Settlement(kind, claim.key, claim.amount, claim.amount if used < 0 else used,
+                                                  claim.limit, claim.param))
 
     async def _admit(self, ctx: "RequestContext", state: PolicyState) -> Decision:
         deadline = None
         while True:
+            admitting = None
             try:
                 if self._admit_now is not None:
                     admission = self._admit_now(state.claims)
                 else:
-                    admission = await self.store.admit(state.claims)
+                    admitting = self.store.admit(state.claims)  # raises StoreUnavailable at once while Redis is down
+                    admission = await admitting
+            except asyncio.CancelledError:
+                landed = _landed(admitting)
+                if landed is not None:  # `after` settles it as it would any admitted request's
+                    state.admitted, state.admission = True, landed
+                raise
             except StoreUnavailable:
                 return self._store_down(ctx, state)
             if admission.ok:

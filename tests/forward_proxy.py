@@ -18,6 +18,7 @@ class ForwardProxy:
             self.expected = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
         self.hosts = hosts or {}
         self.connections = 0
+        self.ended = 0  # connections whose handling is over (their upstream side closed)
         self.connects: list[str] = []  # CONNECT targets, in order
         self.request_lines: list[str] = []  # absolute-form request lines, in order
         self.authorizations: list[str | None] = []  # the Proxy-Authorization of each CONNECT or request
@@ -68,6 +69,11 @@ class ForwardProxy:
             await asyncio.gather(*pumps, return_exceptions=True)
             if upstream is not None:
                 upstream.close()
+                try:
+                    await upstream.wait_closed()
+                except ConnectionError:
+                    pass
+            self.ended += 1
 
     def _resolve(self, host: str) -> str:
         return self.hosts.get(host, host)

@@ -62,7 +62,7 @@ async def test_groq_sdk_audio_methods(api, start_proxy):
         transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
         translation = await client.audio.translations.create(model="tier-test", file=("a.wav", UPLOAD))
         async with client.audio.speech.with_streaming_response.create(
-                model="tier-test", voice="Fritz-PlayAI", input="hello", response_format="wav") as response:
+                model="tier-test", voice="autumn", input="hello", response_format="wav") as response:
             audio = await response.read()
     assert transcript.text == TRANSCRIPT and translation.text == TRANSCRIPT
     assert audio == AUDIO
@@ -79,7 +79,7 @@ async def test_speech_streams_bytes_before_the_upstream_finishes(api, start_prox
     base = await start_proxy(config_for(url))
     async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
         async with client.audio.speech.with_streaming_response.create(
-                model="tier-test", voice="Fritz-PlayAI", input="hello there") as response:
+                model="tier-test", voice="autumn", input="hello there") as response:
             assert response.headers["content-type"] == "audio/wav"
             assert response.headers["x-groq-proxy-model"] == "m2"
             chunks = response.iter_bytes()
@@ -241,12 +241,18 @@ async def test_the_simulator_serves_audio_with_the_default_chains(start_proxy):
         old = await client.audio.transcriptions.create(model="distil-whisper-large-v3-en", file=("a.wav", UPLOAD))
     async with groq.AsyncGroq(base_url=base, api_key="x", max_retries=0) as client:
         translation = await client.audio.translations.create(model="tier-translate", file=("a.wav", UPLOAD))
-        speech = await client.audio.speech.create(model="tier-speech", voice="Fritz-PlayAI", input="hello there")
-        direct = await client.audio.speech.create(model="playai-tts", voice="Fritz-PlayAI", input="hello")
+        speech = await client.audio.speech.create(model="tier-speech", voice="autumn", input="hello there")
+        direct = await client.audio.speech.create(model="canopylabs/orpheus-v1-english", voice="troy", input="hello")
+        retired = await client.audio.speech.create(model="playai-tts", voice="autumn", input="hello")  # the alias
+        arabic = await client.audio.speech.create(model="playai-tts-arabic", voice="fahad", input="marhaba")
         audio, short = await speech.read(), await direct.read()
+        assert await retired.read() == short and (await arabic.read()).startswith(b"RIFF")
         with pytest.raises(groq.BadRequestError) as info:  # Groq translates with whisper-large-v3 only
             await client.audio.translations.create(model="whisper-large-v3-turbo", file=("a.wav", UPLOAD))
+        with pytest.raises(groq.BadRequestError) as wrong_voice:  # a PlayAI voice is no Orpheus voice
+            await client.audio.speech.create(model="tier-speech", voice="Fritz-PlayAI", input="hello")
     assert "does not support translations" in info.value.message
+    assert wrong_voice.value.body["error"]["param"] == "voice" and "autumn" in wrong_voice.value.message
     assert transcript.text == old.text == translation.text and transcript.text
     assert audio.startswith(b"RIFF") and audio[8:12] == b"WAVE" and len(audio) > len(short)
 
@@ -316,6 +322,34 @@ async def test_a_speech_stream_holds_its_concurrency_slot_until_the_audio_ends(a
         transcript = await client.audio.transcriptions.create(model="tier-test", file=("a.wav", UPLOAD))
     assert info.value.code == "concurrency_limit_exceeded"
     assert transcript.text == TRANSCRIPT
+
+
+async def test_tier_params_go_out_as_openai_python_sends_the_same_values(api, start_proxy):
+    """A tier's params reach the provider exactly as openai-python would send the same values itself: a boolean
+    as `true`, a list as repeated `name[]`, an object as `name[key]`, a number as its literal (not Python's
+    `True`, `['word', 'segment']`, `{'type': ...}`). What the client sent itself wins over a param."""
+    scripted, url = api
+    params = {"timestamp_granularities": ["word", "segment"], "diarize": True, "verbose": False,
+              "chunking_strategy": {"type": "server_vad", "threshold": 0.5}, "temperature": 0.25}
+    models = {"tier-params": {"chain": ["up:m1"], "params": params}, "tier-plain": {"chain": ["up:m1"]}}
+    base = await start_proxy(config_for(url, models=models))
+    upload = ("call.m4a", io.BytesIO(UPLOAD), "audio/m4a")
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        await client.audio.transcriptions.create(model="tier-params", file=upload, language="en")
+        upload[1].seek(0)
+        await client.audio.transcriptions.create(
+            model="tier-plain", file=upload, language="en", timestamp_granularities=["word", "segment"],
+            temperature=0.25, extra_body={"diarize": True, "verbose": False,
+                                          "chunking_strategy": {"type": "server_vad", "threshold": 0.5}})
+        upload[1].seek(0)
+        await client.audio.transcriptions.create(model="tier-params", file=upload,
+                                                 timestamp_granularities=["segment"], temperature=0.5)
+    by_params, by_client, client_wins = ([(k, v) for k, v in r["all"] if k != "file"] for r in scripted.requests)
+    assert sorted(by_params) == sorted(by_client)
+    assert ("diarize", "true") in by_params and ("chunking_strategy[type]", "server_vad") in by_params
+    assert [v for k, v in by_params if k == "timestamp_granularities[]"] == ["word", "segment"]
+    assert [v for k, v in client_wins if k.startswith("timestamp_granularities")] == ["segment"]
+    assert [v for k, v in client_wins if k == "temperature"] == ["0.5"]
 
 
 async def test_speech_before_its_first_byte_falls_over_or_passes_the_refusal_back(api, start_proxy, proxy_log):

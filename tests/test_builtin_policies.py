@@ -294,3 +294,34 @@ async def test_concurrency_per_key_counts_each_key_apart(aiohttp_server, start_p
     await until(lambda: up.started == 2, what="the other key's stream to start")  # its own slot
     hold.set()
     assert (await first)[0] == 200 and (await second)[0] == 200
+
+
+async def test_an_estimator_that_raises_at_the_end_still_frees_the_slot(aiohttp_server, start_proxy):
+    """An answer without usage is settled to the prompt's estimate; a replaced estimator that raises there must
+    not stop the settlement: the slot is freed (a reservation would stand as the charge)."""
+    from aiohttp import web
+
+    from policies import set_estimator
+
+    async def chat(request: web.Request) -> web.Response:
+        answer = completion((await request.json())["model"])
+        del answer["usage"]  # settled to the estimate
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    config = config_for(str(server.make_url("/v1")), policies=[
+        {"use": "concurrency", "per": "global", "limit": 1},
+        {"use": "token_budget", "per": "global", "tokens": 100000}])
+    base = await start_proxy(config)
+    def estimator(body):
+        raise RuntimeError("estimator broke")  # token_budget is passed over (on_error open); the slot is taken
+
+    set_estimator(estimator)
+    try:
+        first = await post(base)
+        second = await post(base)
+    finally:
+        set_estimator(None)
+    assert first[0] == 200 and second[0] == 200  # the first request's slot was freed

@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from proxy.sim.testing import USAGE, Behaviour, chat_chunk, sse, status, stream_events
+from proxy.sim.testing import USAGE, Behaviour, chat_chunk, completion, sse, status, stream_events
 from tests.conftest import config_for, post_chat
 from tests.otlp_receiver import otlp  # noqa: F401  (a fixture)
 
@@ -409,3 +409,52 @@ async def test_the_status_page_shows_the_cache(upstream, start_proxy):
             data = await resp.json()
     stores = data["cache"]["stores"]
     assert stores["cache"]["entries"] == 1 and stores["cache"]["backend"] == "memory" and stores["cache"]["bytes"] > 0
+
+
+def _logprob(token: str, value: float) -> dict:
+    return {"token": token, "logprob": value, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+LOGPROBS = [_logprob("Hello", -0.1), _logprob(" there", -0.2), _logprob("!", -0.3)]
+
+
+async def test_logprobs_of_a_streamed_entry_reach_a_plain_hit(upstream, start_proxy):
+    """Each chunk's `logprobs.content` is the assembled choice's, in order (they were dropped: `logprobs: null`)."""
+    scripted, url = upstream
+    events = [sse(chat_chunk("m1", "") | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                          "logprobs": None, "finish_reason": None}]})]
+    for entry in LOGPROBS:
+        chunk = chat_chunk("m1", entry["token"])
+        chunk["choices"][0]["logprobs"] = {"content": [entry], "refusal": None}
+        events.append(sse(chunk))
+    events += [sse(chat_chunk("m1", None, "stop", x_groq={"id": "req_test", "usage": USAGE})), b"data: [DONE]\n\n"]
+    scripted.behaviours["m1"] = Behaviour("ok", events=events)
+    base = await start_proxy(cache_config(url))
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
+        stream = await client.chat.completions.create(model="tier-test", messages=MESSAGES, stream=True, logprobs=True)
+        [c async for c in stream]
+        raw = await client.chat.completions.with_raw_response.create(model="tier-test", messages=MESSAGES,
+                                                                     logprobs=True)
+    assert raw.headers["x-groq-proxy-cache"] == "HIT" and len(scripted.requests) == 1
+    choice = raw.parse().choices[0]
+    assert choice.message.content == "Hello there!"
+    assert [lp.model_dump() for lp in choice.logprobs.content] == LOGPROBS
+
+
+async def test_logprobs_of_a_plain_entry_ride_the_chunks_of_a_streamed_hit(upstream, start_proxy):
+    """A plain answer replayed as a stream: one chunk per token, each with its own logprobs entry."""
+    scripted, url = upstream
+    answer = {**completion("m1"), "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
+                                                "logprobs": {"content": LOGPROBS}, "finish_reason": "stop"}]}
+    scripted.behaviours["m1"] = Behaviour("ok", body=answer)
+    base = await start_proxy(cache_config(url))
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
+        await client.chat.completions.create(model="tier-test", messages=MESSAGES, logprobs=True)
+        raw = await client.chat.completions.with_raw_response.create(model="tier-test", messages=MESSAGES,
+                                                                     logprobs=True, stream=True)
+        chunks = [c async for c in raw.parse()]
+    assert raw.headers["x-groq-proxy-cache"] == "HIT" and len(scripted.requests) == 1
+    carrying = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert [lp.model_dump() for c in carrying for lp in c.logprobs.content] == LOGPROBS
+    assert all(c.delta.content == "".join(lp.token for lp in c.logprobs.content) for c in carrying)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there!"

@@ -200,7 +200,7 @@ async def test_models_prints_each_entry_as_available_or_missing(tmp_path, simula
         "models.tier-other.chain[1]": (f"plain:{MISSING_B}", "MISSING"),
         "llama3-8b-8192": ("groq:openai/gpt-oss-20b", "available"),
     }
-    # the simulator's chat, embedding, Whisper and PlayAI models
+    # the simulator's chat, embedding, Whisper and Orpheus models
     assert "provider groq: 10 models served" in proc.stdout
     assert "provider plain: 10 models served" in proc.stdout
     assert_no_secret(proc)

@@ -228,7 +228,7 @@ async def test_no_proxy_hosts_go_direct_and_each_route_has_its_own_pool(aiohttp_
     server = await aiohttp_server(origin_app.app())
     proxy = ForwardProxy(hosts={"local.test": "127.0.0.1"})
     proxy_port = await raw_server(proxy)
-    client = clients({"HTTP_PROXY": proxy_url(proxy_port, False), "NO_PROXY": "example.com, 127.0.0.0/8"})
+    client = clients({"HTTP_PROXY": proxy_url(proxy_port, False), "NO_PROXY": "example.com, 127.0.0.1"})
     direct, proxied = Origin.of("http", "127.0.0.1", server.port), Origin.of("http", "local.test", server.port)
 
     for origin in (direct, proxied, direct, proxied):
@@ -241,41 +241,87 @@ async def test_no_proxy_hosts_go_direct_and_each_route_has_its_own_pool(aiohttp_
 
 
 NO_PROXY_CASES = [
-    # NO_PROXY, host, port, sent directly?
-    ("*", "api.groq.com", 443, True),
-    ("", "api.groq.com", 443, False),
-    ("groq.com", "api.groq.com", 443, True),
-    (".groq.com", "api.groq.com", 443, True),
-    (".groq.com", "groq.com", 443, True),
-    ("groq.com", "notgroq.com", 443, False),
-    ("*.groq.com", "api.groq.com", 443, True),
-    ("API.Groq.com.", "api.groq.com", 443, True),
-    ("example.org,groq.com", "api.groq.com", 443, True),
-    ("example.org groq.com", "api.groq.com", 443, True),
-    ("example.org, ,groq.com", "api.groq.com", 443, True),
-    ("groq.com:443", "api.groq.com", 443, True),
-    ("groq.com:8443", "api.groq.com", 443, False),
-    ("10.1.2.3", "10.1.2.3", 80, True),
-    ("10.1.2.3", "10.1.2.4", 80, False),
-    ("10.0.0.0/8", "10.200.0.1", 80, True),
-    ("10.0.0.0/8", "11.0.0.1", 80, False),
-    ("127.0.0.1", "localhost", 80, False),  # names are not looked up
-    ("localhost", "localhost", 80, True),
-    ("::1", "::1", 80, True),
-    ("[::1]", "::1", 80, True),
-    ("[::1]:8080", "::1", 8080, True),
-    ("[::1]:8080", "::1", 80, False),
-    ("fd00::/8", "fd12::1", 443, True),
-    ("fd00::/8", "fe80::1", 443, False),
-    ("10.0.0.0/99, groq.com", "api.groq.com", 443, True),  # a bad entry is skipped, not the list
+    # NO_PROXY, the origin, sent directly? (what httpx 0.28, the groq SDK's client, decides for each)
+    ("*", "https://api.groq.com", True),
+    ("example.org,*", "https://api.groq.com", True),
+    ("", "https://api.groq.com", False),
+    ("groq.com", "https://api.groq.com", True),
+    ("groq.com", "https://groq.com", True),
+    ("groq.com", "https://notgroq.com", False),
+    ("api.groq.com", "https://groq.com", False),
+    (".groq.com", "https://api.groq.com", True),
+    (".groq.com", "https://groq.com", False),  # curl would send this one direct; httpx does not
+    ("*.groq.com", "https://api.groq.com", False),  # no wildcard but a lone `*`
+    ("*groq.com", "https://notgroq.com", False),
+    ("API.Groq.COM", "https://api.groq.com", True),
+    ("groq.com.", "https://api.groq.com", False),
+    ("example.org,groq.com", "https://api.groq.com", True),
+    (" example.org , groq.com ", "https://api.groq.com", True),
+    ("example.org, ,groq.com", "https://api.groq.com", True),
+    ("example.org groq.com", "https://api.groq.com", False),  # commas separate, not spaces
+    ("groq.com:8443", "https://api.groq.com:8443", True),
+    ("groq.com:8443", "https://api.groq.com", False),
+    ("groq.com:443", "https://api.groq.com", False),  # the default port is no port to match
+    ("groq.com:443", "https://api.groq.com:443", False),
+    ("local.test:80", "http://local.test:8080", False),
+    ("http://local.test", "http://local.test:8080", True),
+    ("http://local.test", "https://local.test", False),
+    ("https://groq.com", "https://api.groq.com", False),  # with a scheme: that host only
+    ("https://api.groq.com", "https://api.groq.com", True),
+    ("10.1.2.3", "http://10.1.2.3", True),
+    ("10.1.2.3", "http://10.1.2.4", False),
+    ("10.1.2.3:8080", "http://10.1.2.3:8080", True),
+    ("10.1.2.3:8080", "http://10.1.2.3:9090", False),
+    ("10.0.0.0/8", "http://10.200.0.1", False),  # a CIDR block is its first address only
+    ("10.0.0.0/8", "http://10.0.0.0", True),
+    ("127.0.0.1", "http://localhost", False),  # names are not looked up
+    ("localhost", "http://localhost:11434", True),
+    ("localhost", "http://a.localhost", False),
+    ("::1", "http://[::1]:8080", True),
+    ("::1", "http://[::2]:8080", False),
 ]
 
 
-@pytest.mark.parametrize("no_proxy, host, port, direct", NO_PROXY_CASES)
-def test_no_proxy_is_read_as_curl_reads_it(no_proxy, host, port, direct):
-    assert NoProxy(no_proxy).matches(host, port) is direct
-    env = ProxyEnv({"https_proxy": "http://proxy.corp:3128", "no_proxy": no_proxy})
-    assert (env.proxy_for(host, port, True) is None) is direct
+def _httpx_direct(no_proxy: str, url: str) -> bool:
+    """What httpx (the groq SDK's client) decides for `url` with this NO_PROXY and a proxy for both schemes."""
+    import os
+
+    import httpx
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({"HTTP_PROXY": "http://proxy.corp:3128", "HTTPS_PROXY": "http://proxy.corp:3128",
+                       "NO_PROXY": no_proxy})
+    try:
+        with httpx.Client(trust_env=True) as client:
+            return client._transport_for_url(httpx.URL(url)) is client._transport
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.parametrize("no_proxy, url, direct", NO_PROXY_CASES)
+def test_no_proxy_is_read_as_httpx_reads_it(no_proxy, url, direct):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    tls = parts.scheme == "https"
+    host, port = parts.hostname, parts.port or (443 if tls else 80)
+    assert _httpx_direct(no_proxy, url) is direct  # the table is httpx's reading
+    assert NoProxy(no_proxy).matches(host, port, tls) is direct
+    env = ProxyEnv({"https_proxy": "http://proxy.corp:3128", "http_proxy": "http://proxy.corp:3128",
+                    "no_proxy": no_proxy})
+    assert (env.proxy_for(host, port, tls) is None) is direct
+
+
+@pytest.mark.parametrize("no_proxy, host, port, direct", [
+    ("[::1]", "::1", 80, True),  # httpx cannot read these two (InvalidURL): the address, as for IPv4
+    ("fd00::/8", "fd00::", 443, True),
+    ("fd00::/8", "fd12::1", 443, False),
+    ("10.0.0.0/99, groq.com", "api.groq.com", 443, True),  # a bad entry is skipped, not the list
+])
+def test_entries_httpx_refuses_are_read_as_their_address_or_skipped(no_proxy, host, port, direct):
+    assert NoProxy(no_proxy).matches(host, port, True) is direct
 
 
 def test_proxy_urls_are_read_as_clients_read_them():
@@ -327,3 +373,32 @@ async def test_an_unreachable_proxy_is_a_connect_error_naming_it_without_credent
     logged = "\n".join(str(getattr(rec, "fields", "")) + rec.getMessage() for rec in proxy_log.records)
     for text in (r.body.decode(), logged, str(dict(r.headers))):
         assert_no_secret(text)
+
+
+@pytest.mark.parametrize("no_proxy", ["", "local.test"])
+async def test_the_catalogue_check_of_any_provider_goes_where_requests_go(no_proxy, aiohttp_server, raw_server,
+                                                                          monkeypatch):
+    """A provider that is not Groq is checked over httpx as well, so the check honours HTTP_PROXY and NO_PROXY
+    as the requests do (it went direct whatever the variables said, and reported a model missing that the
+    requests reach, or present where they cannot go)."""
+    from proxy.admin.catalogue import fetch_catalogue
+    from proxy.sim.simulator import build_simulator_app
+
+    server = await aiohttp_server(build_simulator_app())
+    proxy = ForwardProxy(hosts={"local.test": "127.0.0.1"})
+    environ = {"HTTP_PROXY": proxy_url(await raw_server(proxy), False), "NO_PROXY": no_proxy}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    base_url = f"http://local.test:{server.port}/v1"
+    catalogue = await fetch_catalogue("local", base_url, None, timeout_s=10)
+    through_proxy = ProxyEnv(environ).proxy_for("local.test", server.port, False) is not None
+    assert through_proxy is (no_proxy == "")
+    if through_proxy:  # local.test resolves only in the proxy: the check found the models there
+        assert catalogue.models and "openai/gpt-oss-20b" in catalogue.models
+        assert proxy.request_lines == [f"GET http://local.test:{server.port}/v1/models HTTP/1.1"]
+        await until(lambda: proxy.ended == proxy.connections, what="the check's connection to end")
+    else:  # direct, as the requests would go: the name does not resolve here
+        assert catalogue.models is None and proxy.connections == 0

@@ -248,3 +248,31 @@ async def test_a_tiers_chat_params_reach_the_responses_api_in_its_own_names(api,
     first, second = (r["body"] for r in scripted.requests)
     assert first == {"model": "m1", "input": "hi", "reasoning": {"effort": "low"}, "max_output_tokens": 64}
     assert second == {"model": "m1", "input": "hi", "reasoning": {"effort": "high"}, "max_output_tokens": 16}
+
+
+async def test_error_event_sequence_number_follows_the_last_event_sent(api, start_proxy):
+    """The error event after the commit point is numbered after the last event the client got, whatever its
+    bytes hold: a delta whose text says `data:` and an event whose JSON spans two `data:` lines are one event
+    each (counting `data:` in the bytes numbered this error 8)."""
+    scripted, url = api
+    item = {"id": "msg_test", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    pending = rs.response_object("m1", None, None, status="in_progress")
+    split = (b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "item_id": '
+             b'"msg_test", "output_index": 0, "content_index": 0, "delta": " two lines", "logprobs": [],\n'
+             b'data: "sequence_number": 5}\n\n')
+    events = [rs.event("response.created", 0, response=pending), rs.event("response.in_progress", 1, response=pending),
+              rs.event("response.output_item.added", 2, output_index=0, item=item),
+              rs.event("response.content_part.added", 3, item_id="msg_test", output_index=0, content_index=0,
+                       part=part),
+              rs.event("response.output_text.delta", 4, item_id="msg_test", output_index=0, content_index=0,
+                       delta="see data: here", logprobs=[]),
+              split]
+    scripted.behaviours["m1"] = Behaviour("cut", cut_after=len(events), events=events)
+    base = await start_proxy(config_for(url))
+    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as client:
+        stream = await client.responses.create(model="tier-test", input="hi", stream=True)
+        received = [event async for event in stream]
+    assert [e.sequence_number for e in received] == [0, 1, 2, 3, 4, 5, 6]
+    assert received[-1].type == "error" and received[-1].code == "upstream_closed"
+    assert "".join(e.delta for e in received if e.type == "response.output_text.delta") == "see data: here two lines"

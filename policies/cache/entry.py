@@ -5,7 +5,8 @@ original chunk byte for byte, one `data: ...` event each, without the usage-only
 and one usage chunk. From them it precomputes the two streamed replies (with and without the usage chunk,
 both ending in `[DONE]`). An answer that came streamed gets its plain form by assembling the deltas; an
 answer that came plain gets a stream (a role chunk, one content chunk, the finish chunk), so either shape
-of request is served from either shape of answer. Only the store step parses JSON; a hit never does.
+of request is served from either shape of answer (`logprobs` included: concatenated into the assembled choice,
+or one chunk per token of a plain answer). Only the store step parses JSON; a hit never does.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
     message: dict = {"role": "assistant", "content": None}
     content: list[str] = []
     tools: dict[int, dict] = {}
+    logprobs: dict[str, list] = {}  # each chunk's logprobs lists (`content`, `refusal`), concatenated in order
     finish = None
     x_groq: dict = {}
     for event in events:
@@ -145,6 +147,11 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
                 fn = call.get("function") or {}
                 slot["function"]["name"] += fn.get("name") or ""
                 slot["function"]["arguments"] += fn.get("arguments") or ""
+            chunk_logprobs = choice.get("logprobs")
+            if isinstance(chunk_logprobs, dict):
+                for name, items in chunk_logprobs.items():
+                    if isinstance(items, list):
+                        logprobs.setdefault(name, []).extend(items)
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
     if first is None or finish not in FINISHED:
@@ -155,7 +162,7 @@ def from_stream(key: str, model: str, who: str, answered_by: str, events: list[b
         message["tool_calls"] = [tools[i] for i in sorted(tools)]
     plain = {"id": first.get("id"), "object": "chat.completion", "created": first.get("created"),
              "model": first.get("model"),
-             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": 0, "message": message, "logprobs": logprobs or None, "finish_reason": finish}]}
     if usage is not None:
         plain["usage"] = usage
         usage_event = usage_event or _usage_chunk(first, usage)
@@ -186,19 +193,23 @@ def from_plain(key: str, model: str, who: str, answered_by: str, body: bytes) ->
     if obj.get("system_fingerprint") is not None:
         base["system_fingerprint"] = obj["system_fingerprint"]
 
-    def chunk(delta: dict, finish_reason=None, **extra) -> bytes:
-        c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    def chunk(delta: dict, finish_reason=None, logprobs=None, **extra) -> bytes:
+        c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
              **extra}
         return b"data: " + orjson.dumps(c) + b"\n\n"
 
     events = [chunk({"role": message.get("role") or "assistant", "content": ""})]
     delta: dict = {}
-    if message.get("content"):
+    logprobs = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else None
+    tokens = _tokens_of(message.get("content"), logprobs)
+    if tokens is not None:  # one chunk per token with its own logprobs, as the stream would have come
+        events += [chunk({"content": t["token"]}, logprobs={"content": [t]}) for t in tokens]
+    elif message.get("content"):
         delta["content"] = message["content"]
     if message.get("tool_calls"):
         delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
     if delta:
-        events.append(chunk(delta))
+        events.append(chunk(delta, logprobs=logprobs if tokens is None else None))
     usage = obj.get("usage")
     extra = {}
     if isinstance(obj.get("x_groq"), dict):
@@ -206,3 +217,14 @@ def from_plain(key: str, model: str, who: str, answered_by: str, body: bytes) ->
     events.append(chunk({}, finish, **extra))
     usage_event = _usage_chunk(obj, usage) if isinstance(usage, dict) else b""
     return Entry(key, model, who, time.time(), _tokens(usage), answered_by, body, b"".join(events), usage_event)
+
+
+def _tokens_of(content, logprobs: dict | None) -> list[dict] | None:
+    """The `logprobs.content` entries of a plain answer when their tokens spell its content exactly (so each can
+    ride its own chunk); None otherwise (the logprobs then ride the one content chunk whole)."""
+    tokens = logprobs.get("content") if logprobs is not None else None
+    if not content or not isinstance(tokens, list) or not tokens or len(logprobs) > 2 or logprobs.get("refusal"):
+        return None
+    if not all(isinstance(t, dict) and isinstance(t.get("token"), str) for t in tokens):
+        return None
+    return tokens if "".join(t["token"] for t in tokens) == content else None

@@ -128,8 +128,8 @@ class MemoryStore:
 
     def release_now(self, claims: Sequence[Claim], used: int) -> None:
         """Settles admitted claims to what their request used, as `settle` would their Settlements (see
-        `PolicyChain._settle_claims`): a budget or a tokens limit is charged `used` in place of what it
-        reserved, a slot is freed, a requests limit has nothing to correct."""
+        `PolicyChain._settle_claims`): a budget or a tokens limit is charged `used` (-1: unknown, what it
+        reserved) in place of what it reserved, a slot is freed, a requests limit has nothing to correct."""
         now = self.clock()
         freed = False
         for c in claims:
@@ -144,9 +144,9 @@ class MemoryStore:
             elif kind == BUDGET:
                 rec = self._budgets.get(c.key)
                 if rec is not None and rec[2] > now:
-                    rec[0] += used
+                    rec[0] += c.amount if used < 0 else used
                     rec[1] = rec[1] - c.amount if rec[1] > c.amount else 0
-            elif c.header == "tokens" and used != c.amount:
+            elif c.header == "tokens" and used >= 0 and used != c.amount:
                 tat = self._tat.get(c.key)
                 if tat is not None:
                     self._tat[c.key] = max(now, tat + (used - c.amount) * c.param / c.limit)

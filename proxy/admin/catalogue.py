@@ -1,14 +1,15 @@
 """The live model-catalogue check: is every configured chain entry still served by its provider?
 
 Groq retires model ids; a gateway that routes to a retired id fails every request with 404. This asks each
-provider for its models (the groq SDK for Groq-style base URLs, a plain GET for others) and reports.
+provider for its models (the groq SDK for Groq-style base URLs, a plain GET on the SDK's httpx client for others)
+and reports. Both read the proxy variables as httpx does, which is how the requests read them too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
+import orjson
 
 from proxy.app.config import Config
 from proxy.telemetry.logs import redact
@@ -41,11 +42,15 @@ async def fetch_catalogue(provider_name: str, base_url: str, api_key: str | None
             async with client:
                 page = await client.models.list()
             return ProviderCatalogue(provider_name, frozenset(m.id for m in page.data))
+        from groq import DefaultAsyncHttpxClient
+
+        # The groq SDK's own httpx client: it reads HTTP(S)_PROXY and NO_PROXY as the Groq check does, and as the
+        # requests do (proxy/upstream/proxy_env.py), so every provider is checked the way it will be reached.
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-            async with session.get(f"{base_url}/models", headers=headers) as resp:
-                resp.raise_for_status()
-                body = await resp.json(content_type=None)
+        async with DefaultAsyncHttpxClient(timeout=timeout_s) as http:
+            resp = await http.get(f"{base_url}/models", headers=headers)
+            resp.raise_for_status()
+            body = orjson.loads(resp.content)
         return ProviderCatalogue(provider_name, frozenset(m["id"] for m in body.get("data", [])))
     except Exception as exc:  # any failure to fetch is reported, never fatal by itself
         return ProviderCatalogue(provider_name, None, redact(f"{type(exc).__name__}: {exc}")[:300])

@@ -57,6 +57,9 @@ class ProviderConfig:
     timeout_s: float = 60.0
     first_byte_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
+    # A body passed on as it arrives that is not an event stream (a file's content) must be whole this long after
+    # its request went out: an upstream that drips a byte now and then cannot hold the request for ever.
+    body_timeout_s: float = 600.0
     pool_idle_s: float = 15.0  # a kept-alive connection idle longer is not reused (below load balancers' 60 s)
     # Read from the environment at load time; never printed (repr=False) and never written to the file.
     api_key: str | None = field(default=None, repr=False)
@@ -273,7 +276,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     if "api_key" in raw:
         raise ConfigError(f"{where}.api_key: keys are never written in the file; name the variable in api_key_env")
     _check_keys(raw, {"base_url", "api_key_env", "api_key_envs", "timeout_s", "first_byte_timeout_s",
-                      "connect_timeout_s", "pool_idle_s"}, where)
+                      "connect_timeout_s", "body_timeout_s", "pool_idle_s"}, where)
     base_url = _string(raw, "base_url", where, None)
     if base_url is None:
         raise ConfigError(f"{where}.base_url: required")
@@ -292,6 +295,9 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
     connect = _number(raw, "connect_timeout_s", where, min(5.0, timeout), minimum=0.001)
     if connect > timeout:
         raise ConfigError(f"{where}.connect_timeout_s: must not exceed timeout_s ({connect} > {timeout})")
+    body = _number(raw, "body_timeout_s", where, max(600.0, timeout), minimum=0.001)
+    if body < timeout:
+        raise ConfigError(f"{where}.body_timeout_s: must be at least timeout_s ({body} < {timeout})")
     return ProviderConfig(
         name=name,
         base_url=base_url.rstrip("/"),
@@ -300,6 +306,7 @@ def _parse_provider(name: str, raw: Mapping, env: Mapping[str, str]) -> Provider
         timeout_s=float(timeout),
         first_byte_timeout_s=float(first_byte),
         connect_timeout_s=float(connect),
+        body_timeout_s=float(body),
         pool_idle_s=float(_number(raw, "pool_idle_s", where, 15.0)),
         api_key=keys[0] if keys else None,
         api_keys=keys,

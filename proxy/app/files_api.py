@@ -4,6 +4,7 @@ batch provider and filtered to the caller's own files (proxy/app/provider_object
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
@@ -12,6 +13,7 @@ from proxy.app.multipart_upload import Upload
 from proxy.app.object_call import Call, answer
 from proxy.app.object_list import filtered_list
 from proxy.app.provider_objects import parse, upstream_failed, upstream_timeout
+from proxy.telemetry.logs import emit
 from proxy.upstream.http1 import UpstreamError
 
 
@@ -103,6 +105,8 @@ async def _content(request: web.Request, call: Call) -> web.StreamResponse:
     file_id = request.match_info["file_id"]
     objects = call.objects
     await objects.check(call.chain, call.identity, "file", file_id)
+    deadline = asyncio.get_running_loop().time() + objects.body_s
+    total_s = objects.provider.total_s
     response = await objects.call("GET", f"/files/{file_id}/content")
     if response.status != 200:
         return call.passed(response, await objects.read(response))
@@ -111,17 +115,29 @@ async def _content(request: web.Request, call: Call) -> web.StreamResponse:
     length = response.headers.get("content-length")
     if length is not None and length.isdigit():
         out.content_length = int(length)
-    total_s = objects.provider.total_s
     try:
-        await out.prepare(request)  # the commit point: from here a failure can only cut the download short
-        while request.method != "HEAD":  # a HEAD answer is its head alone (aiohttp would send what is written)
-            async with asyncio.timeout(total_s):
-                chunk = await response.readany()
-            if not chunk:
-                break
-            await out.write(chunk)
+        # The head came within timeout_s; the body has until body_timeout_s from the request, whatever pace the
+        # provider keeps (a byte now and then must not hold the request and the connection for ever), and no
+        # silence longer than timeout_s.
+        async with asyncio.timeout_at(deadline):
+            await out.prepare(request)  # the commit point: from here a failure can only cut the download short
+            while request.method != "HEAD":  # a HEAD answer is its head alone (aiohttp would send what is written)
+                async with asyncio.timeout(total_s):
+                    chunk = await response.readany()
+                if not chunk:
+                    break
+                await out.write(chunk)
         response.release()
-    except (UpstreamError, TimeoutError):
+    except TimeoutError:
+        response.close()
+        if not out.prepared:
+            raise upstream_timeout(objects.body_s) from None
+        emit(logging.WARNING, "download_cut", file_id=file_id, reason="timeout",
+             detail=f"no byte for {total_s:g} s (timeout_s), or not whole in {objects.body_s:g} s (body_timeout_s)")
+        if request.transport is not None:  # a short body, never one that looks whole
+            request.transport.abort()
+        return out
+    except UpstreamError:
         response.close()
         if request.transport is not None:  # a short body, never one that looks whole
             request.transport.abort()

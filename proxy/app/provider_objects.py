@@ -69,6 +69,7 @@ class ProviderObjects:
         headers.pop("Content-Type", None)
         self.headers = headers
         self.max_file_bytes = config.server.max_file_bytes
+        self.body_s = config.providers[name].body_timeout_s  # a download, whole, from its request on
         self._chains: WeakKeyDictionary = WeakKeyDictionary()  # the app's chain -> the chain for these calls
 
     # --- the upstream ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import orjson
 
+from proxy.app import response_owners
 from proxy.app.config import Config
 from proxy.app.errors import ProxyError, bad_request
 from proxy.app.validation import _kind, _model, read_json
@@ -99,6 +100,9 @@ def responses_shape(body: dict) -> dict:
 class ResponsesOperation(Operation):
     endpoint = "responses"
     sse = True
+    owned = True  # stored responses are their proxy key's (proxy/app/response_owners.py)
+    check = staticmethod(response_owners.check_previous)
+    own = staticmethod(response_owners.record)
 
     def encode(self, body: dict) -> bytes:
         for name in _CHAT_NAMES:

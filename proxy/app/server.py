@@ -115,6 +115,8 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             else:
                 body, op = await read(request, generation.config)
             route = generation.router.resolve(validate(body))
+            if identity is not None and op is not None and op.owned:
+                await op.check(pipeline.policies, identity, body)
             ctx = RequestContext(
                 request_id, operation, route, body,
                 body.get("stream") is True and (operation == "chat" or op is not None and op.sse), started,

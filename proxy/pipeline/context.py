@@ -18,7 +18,7 @@ class Attempt:
     __slots__ = (
         "index", "target", "started", "first_byte", "ended", "outcome", "reason", "detail", "status",
         "retry_after", "usage", "finish_reasons", "response_id", "response_model", "span", "content", "events",
-        "key", "key_name", "hedge",
+        "stream", "key", "key_name", "hedge",
     )
 
     def __init__(self, index: int, target: Target, key: int = 0, key_name: str = "") -> None:
@@ -42,6 +42,7 @@ class Attempt:
         self.span: Any = None  # the telemetry span of this attempt, when tracing is on
         self.content: str | None = None  # the completion, only when the operator turned content recording on
         self.events = 0  # SSE data events that reached the client: a cut stream's token estimate
+        self.stream: Any = None  # the scanner's state of its stream once forwarded to the client
 
     @property
     def elapsed_ms(self) -> float:

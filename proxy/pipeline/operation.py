@@ -25,6 +25,15 @@ class Operation:
     content_type: str | None = None  # of the payload, when not the provider's application/json
     tokens = True  # token budgets and token limits apply (audio: no tokens, only requests and concurrency)
     audio = False  # spans and metrics carry `bytes_in` / `bytes_out` (audio) instead of tokens
+    # The answer is an object the provider keeps for the caller (a stored response): with [auth], `check` runs
+    # before the request goes upstream and `own` before the answer reaches the client.
+    owned = False
+
+    async def check(self, chain, identity, body: dict) -> None:
+        """Raises a ProxyError when the request names a kept object that is not the caller's."""
+
+    async def own(self, chain, identity, body: dict, object_id) -> None:
+        """Records the caller as the owner of the object the answer made."""
 
     def encode(self, body: dict) -> bytes:
         """The payload of one attempt (`body["model"]` is already that attempt's model)."""

@@ -291,6 +291,8 @@ class Pipeline:
             ctx.tap.body(result.body)  # the cache's capture of a plain answer
         if ctx.op is not None and not isinstance(result, web.StreamResponse):
             return await result.forward()  # an operation's own byte stream past its commit point (audio)
+        if ctx.identity is not None and ctx.answered is not None and ctx.op is not None and ctx.op.owned:
+            await ctx.op.own(self.policies, ctx.identity, ctx.body, ctx.answered.response_id)
         return result
 
     async def _deadline_passed(self, ctx: RequestContext, seconds: float) -> web.StreamResponse:
@@ -301,8 +303,7 @@ class Pipeline:
         )
         if ctx.client is not None:
             if ctx.client.prepared:
-                sequence = max(a.events for a in ctx.attempts)
-                return await ctx.client.finish(_op_event(ctx, error, sequence) or error.sse_event())
+                return await ctx.client.finish(_op_event(ctx, error) or error.sse_event())
             return await ctx.client.fail(error, ctx.base_headers, _op_event(ctx, error))
         return error.to_response(ctx.base_headers)
 
@@ -532,6 +533,9 @@ class Pipeline:
                 if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
                     answer_headers.update(ctx.policy.headers)
                 attempt.events = opened.first.count(b"data:")
+                attempt.stream = state
+                if ctx.identity is not None and op is not None and op.owned:
+                    await op.own(self.policies, ctx.identity, ctx.body, attempt.response_id)
                 if tap is not None:
                     tap.stream(opened.first)
                 await client.commit(answer_headers, opened.first, last=state.done)
@@ -602,7 +606,7 @@ class Pipeline:
             type="server_error",
             code=reason,
         )
-        return await client.finish(_op_event(ctx, error, attempt.events) or error.sse_event())
+        return await client.finish(_op_event(ctx, error) or error.sse_event())
 
     # --- bookkeeping ------------------------------------------------------------------------------------
 
@@ -765,9 +769,13 @@ def _error_event(status: int, body: bytes, op=None) -> bytes:
     return b"data: " + redact(orjson.dumps(obj).decode()).encode() + b"\n\n"
 
 
-def _op_event(ctx: RequestContext, error: ProxyError, sequence: int = 0) -> bytes | None:
-    """The error event of the request's operation (the Responses API's own); None for chat and embeddings."""
-    return None if ctx.op is None else ctx.op.error_event(error, sequence)
+def _op_event(ctx: RequestContext, error: ProxyError) -> bytes | None:
+    """The error event of the request's operation (the Responses API's own); None for chat and embeddings.
+    Numbered after the last event the client got: the stream state of the attempt forwarded, if one was."""
+    if ctx.op is None:
+        return None
+    sent = next((a.stream for a in ctx.attempts if a.stream is not None), None)
+    return ctx.op.error_event(error, getattr(sent, "sequence", 0))
 
 
 def _describe(error) -> str:

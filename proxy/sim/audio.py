@@ -13,7 +13,11 @@ from aiohttp import web
 
 WHISPER = ("whisper-large-v3-turbo", "whisper-large-v3")
 TRANSLATES = frozenset({"whisper-large-v3"})  # Groq translates with whisper-large-v3 only
-TTS = ("playai-tts", "playai-tts-arabic")
+# Groq's Orpheus models and the voices each takes (PlayAI, with voices such as Fritz-PlayAI, is retired).
+TTS = {
+    "canopylabs/orpheus-v1-english": ("autumn", "diana", "hannah", "austin", "daniel", "troy"),
+    "canopylabs/orpheus-arabic-saudi": ("abdullah", "fahad", "sultan", "lulwa", "noura", "aisha"),
+}
 SAMPLE_RATE = 24000
 CHUNK = 4096
 MAX_FILE_BYTES = 25 * 1024 * 1024
@@ -97,8 +101,12 @@ def add_routes(app: web.Application, prefix: str, simulator) -> None:
             text = body.get("input")
             if not isinstance(text, str) or not text:
                 raise sim._ApiError(400, "'input' : property 'input' is missing", param="input")
-            if not isinstance(body.get("voice"), str):
+            voice = body.get("voice")
+            if not isinstance(voice, str):
                 raise sim._ApiError(400, "'voice' : property 'voice' is missing", param="voice")
+            if voice not in TTS[model]:
+                raise sim._ApiError(400, f"voice `{voice[:64]}` is not available for `{model}`: one of "
+                                    f"{', '.join(TTS[model])}", param="voice")
             fmt = body.get("response_format") or "wav"
             if fmt != "wav":
                 raise sim._ApiError(400, f"response_format `{fmt}` is not supported: wav only",

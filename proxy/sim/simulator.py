@@ -63,8 +63,8 @@ class SimulatorConfig:
         "nomic-embed-text",
         "whisper-large-v3-turbo",
         "whisper-large-v3",
-        "playai-tts",
-        "playai-tts-arabic",
+        "canopylabs/orpheus-v1-english",
+        "canopylabs/orpheus-arabic-saudi",
     )
     decommissioned: tuple[str, ...] = (
         "llama3-8b-8192",
@@ -74,6 +74,8 @@ class SimulatorConfig:
         "gemma2-9b-it",
         "llama-3.1-8b-instant",
         "llama-3.3-70b-versatile",
+        "playai-tts",
+        "playai-tts-arabic",
         "distil-whisper-large-v3-en",
     )
 

@@ -108,13 +108,14 @@ def _part_headers(raw: bytes) -> dict[str, str]:
 class Form:
     """A held upload: its fields (the pipeline's `ctx.body`, so `model` is replaced per attempt) and its file."""
 
-    __slots__ = ("fields", "file", "boundary", "_raw")
+    __slots__ = ("fields", "file", "boundary", "_raw", "_sent")
 
     def __init__(self, raw: bytes, fields: dict, file: FilePart) -> None:
         self._raw = raw  # what file.data views into
         self.fields = fields
         self.file = file
         self.boundary = "groq-proxy-" + os.urandom(12).hex()
+        self._sent = frozenset(fields)  # the client's own fields; any other is a tier's (or a chain entry's) param
 
     @property
     def content_type(self) -> str:
@@ -124,9 +125,16 @@ class Form:
         """The body of one attempt: `fields` (the current model among them) and the file."""
         delimiter = f"--{self.boundary}\r\n"
         out = []
+        sent = self._sent
         for name, value in fields.items():
-            for one in value if isinstance(value, list) else (value,):
-                part = f'{delimiter}Content-Disposition: form-data; name="{quote(name)}"\r\n\r\n{one}\r\n'
+            if name in sent:  # as the client sent it: a string, or a repeated field's strings
+                items = [(name, one) for one in value] if isinstance(value, list) else ((name, value),)
+            else:
+                items = form_items(name, value)
+                if any(key in sent for key, _ in items):
+                    continue  # the client set it itself (`timestamp_granularities[]` over the param's list)
+            for key, one in items:
+                part = f'{delimiter}Content-Disposition: form-data; name="{quote(key)}"\r\n\r\n{one}\r\n'
                 out.append(part.encode())
         f = self.file
         out.append(f'{delimiter}Content-Disposition: form-data; name="{quote(f.name)}"; '
@@ -134,6 +142,22 @@ class Form:
         out.append(f.data)
         out.append(f"\r\n--{self.boundary}--\r\n".encode())
         return b"".join(out)
+
+
+def form_items(name: str, value) -> list[tuple[str, str]]:
+    """A config value (a tier's param: TOML's types) as the form fields openai-python sends for it: a boolean as
+    `true` / `false`, a number as its literal, a list as repeated `name[]`, a table as `name[key]`, nothing for
+    None (its query-string encoding with brackets, which the OpenAI and Groq APIs read)."""
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [(name, "true" if value else "false")]
+    if isinstance(value, (list, tuple)):
+        key = name if name.endswith("[]") else name + "[]"
+        return [item for one in value for item in form_items(key, one)]
+    if isinstance(value, dict):
+        return [item for k, one in value.items() for item in form_items(f"{name}[{k}]", one)]
+    return [(name, str(value))]
 
 
 def quote(value: str) -> str:

@@ -6,10 +6,13 @@ as curl and Python's urllib read them: the lower-case name first, then the upper
 http origins, `https_proxy` for https ones, `all_proxy` for either when those are unset), an `http://` proxy
 URL (a bare `host:port` too; the port defaults to 80), credentials in it sent as `Proxy-Authorization: Basic`.
 
-`NO_PROXY` is read as curl reads it: entries separated by commas or spaces; `*` for every host; a name matches
-itself and every name under it, with or without a leading dot (`example.com` and `.example.com` both cover
-`api.example.com`); an IP address or a CIDR block matches a host written as an address in it (names are not
-looked up); `host:port` matches that port only.
+`NO_PROXY` is read as httpx reads it (the groq SDK of the start-up check is on httpx: the check and the hot path must
+agree on which hosts go direct): entries separated by commas; `*` for every host; `example.com` matches itself
+and every name under it, `.example.com` only the names under it; `localhost` and an IP address only themselves
+(a CIDR block is not a range: httpx takes `10.0.0.0/8` as the address 10.0.0.0); `host:port` that port only,
+and an origin on its scheme's default port has none to match (`api.groq.com:443` does not match
+`https://api.groq.com`, as in httpx); `https://host` that scheme and that host only. Names are not looked up.
+curl differs on a few of these (its `.example.com` covers `example.com`, it reads CIDR blocks); httpx wins.
 
 Everything here runs once per origin, when the client makes its pool; nothing here runs per request. The proxy's
 credentials live in one pre-built header line, never in a message: errors name the proxy by host and port.
@@ -22,7 +25,7 @@ import base64
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
 MAX_CONNECT_ANSWER = 16 * 1024  # a proxy's answer to CONNECT longer than this is refused
@@ -69,52 +72,72 @@ def _unusable(variable: str, problem: str) -> ForwardProxy:
 
 
 class NoProxy:
-    """The hosts `NO_PROXY` sends directly."""
+    """The hosts `NO_PROXY` sends directly, read exactly as httpx reads it (`httpx._utils.get_environment_proxies`
+    and `URLPattern`): the groq SDK of the start-up catalogue check is on httpx, so both go the same way."""
 
-    __slots__ = ("everything", "names", "networks")
+    __slots__ = ("everything", "rules")
 
     def __init__(self, value: str) -> None:
         self.everything = False
-        self.names: list[tuple[str, int | None]] = []
-        self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]] = []
-        for entry in value.replace(",", " ").split():
+        # (scheme or "" for any, the host's test, port or None): one per entry
+        self.rules: list[tuple[str, Callable[[str], bool], int | None]] = []
+        for entry in value.split(","):
+            entry = entry.strip()
             if entry == "*":
                 self.everything = True
-                continue
-            host, port = _split_port(entry)
-            if host is None:
-                continue
-            try:
-                self.networks.append((ipaddress.ip_network(host, strict=False), port))
-            except ValueError:
-                if "/" not in host:  # `*.example.com` is taken as `.example.com`, as Go and httpx take it
-                    self.names.append((host.lower().lstrip("*").strip("."), port))
+            elif entry:
+                rule = _rule(entry)
+                if rule is not None:
+                    self.rules.append(rule)
 
-    def matches(self, host: str, port: int) -> bool:
+    def matches(self, host: str, port: int, tls: bool = True) -> bool:
         if self.everything:
             return True
-        host = host.lower().rstrip(".").strip("[]")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            address = None
-        if address is not None:
-            return any(address in net and p in (None, port) for net, p in self.networks)
-        return any((host == name or host.endswith(f".{name}")) and p in (None, port) for name, p in self.names)
+        scheme = "https" if tls else "http"
+        host = host.lower().strip("[]")
+        explicit = None if port == (443 if tls else 80) else port  # httpx's URL has no port when it is the default
+        return any((not s or s == scheme) and test(host) and p in (None, explicit) for s, test, p in self.rules)
 
 
-def _split_port(entry: str) -> tuple[str | None, int | None]:
-    """`host`, `host:port`, `[v6]`, `[v6]:port`, a bare IPv6 address or CIDR (two colons or more: no port)."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else None
-    elif entry.count(":") == 1:
-        host, port_text = entry.split(":")
+def _rule(entry: str) -> tuple[str, Callable[[str], bool], int | None] | None:
+    """One entry as httpx makes it a pattern: `scheme://host[:port]` as written (that scheme only, that host
+    only); an IPv4 or IPv6 address (a CIDR block's `/bits` is dropped: its first address only) and `localhost`
+    only themselves; any other name itself and the names under it (`example.com`), or only the names under it
+    (`.example.com`), with an optional `:port`."""
+    address = _address(entry.split("/")[0].strip("[]"))
+    if address is not None:
+        return "", lambda host: _address(host) == address, None
+    if "://" in entry:
+        pattern = entry
+    elif entry.lower() == "localhost":
+        pattern = "all://localhost"
     else:
-        host, port_text = entry, None
-    if port_text is None:
-        return host, None
-    return (host, int(port_text)) if port_text.isdigit() else (None, None)
+        pattern = "all://*" + entry
+    try:
+        parts = urlsplit(pattern)
+        port = parts.port
+    except ValueError:
+        return None  # httpx refuses it too (InvalidURL)
+    scheme = "" if parts.scheme.lower() == "all" else parts.scheme.lower()
+    name = (parts.hostname or "").lower()
+    if not name or name == "*":
+        test: Callable[[str], bool] = lambda host: True  # noqa: E731
+    elif name.startswith("*."):
+        domain = name[1:]  # `.example.com`: the names under it, not itself
+        test = lambda host: host.endswith(domain) and len(host) > len(domain)  # noqa: E731
+    elif name.startswith("*"):
+        domain = name[1:]  # `example.com`: itself and the names under it (not `myexample.com`)
+        test = lambda host: host == domain or host.endswith("." + domain)  # noqa: E731
+    else:
+        test = lambda host: host == name  # noqa: E731
+    return scheme, test, port
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _variable(environ: Mapping[str, str], name: str) -> tuple[str, str]:
@@ -144,7 +167,7 @@ class ProxyEnv:
     def proxy_for(self, host: str, port: int, tls: bool) -> ForwardProxy | None:
         """The proxy to reach `host:port` through, or None to connect directly."""
         proxy = self.routes[tls]
-        if proxy is None or self.no_proxy.matches(host, port):
+        if proxy is None or self.no_proxy.matches(host, port, tls):
             return None
         return proxy
 

@@ -28,13 +28,16 @@ _ENDS = frozenset({"response.completed", "response.incomplete"})
 # The types worth parsing past the preamble. `"type":"error"` cannot sit inside a string of the JSON text
 # (its quotes would be escaped there), and every candidate is parsed and its top-level type checked.
 _MARKER = re.compile(rb'"type": ?"(?:response\.(?:completed|incomplete|failed)|error)"')
+# An event's own number. A string value holds `\"`, never `"sequence_number":`, so a match is a key; the
+# event's objects (a response, an item, a part) have no key of that name.
+_SEQUENCE = re.compile(rb'"sequence_number": ?(\d+)')
 
 
 class ResponsesState:
     """What the proxy learned from one Responses stream (the fields the pipeline reads of a chat stream)."""
 
     __slots__ = ("done", "usage", "finish_reasons", "error", "error_in_chunk", "response_id", "response_model",
-                 "malformed")
+                 "malformed", "sequence")
 
     def __init__(self) -> None:
         self.done = False
@@ -45,6 +48,9 @@ class ResponsesState:
         self.response_id: str | None = None
         self.response_model: str | None = None
         self.malformed: str | None = None
+        # The number after the last event scanned (the events scanned are the events sent): what the proxy's
+        # own error event after the commit point is numbered.
+        self.sequence = 0
 
 
 def usage_of(usage) -> dict | None:
@@ -107,13 +113,20 @@ def scan(complete: bytes, state: ResponsesState) -> None:
         if obj is None:
             if state.done or state.malformed:
                 return
+            _count(data, state)
             continue  # past the preamble, an event that neither ends nor fails the stream
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             state.malformed = "event is not a Responses stream event: no type"
             return
+        _count(data, state)
         _record(obj, state)
         if state.error is not None or state.done:
             return
+
+
+def _count(data: bytes, state: ResponsesState) -> None:
+    number = _SEQUENCE.search(data)
+    state.sequence = int(number.group(1)) + 1 if number is not None else state.sequence + 1
 
 
 def _record(obj: dict, state: ResponsesState) -> None:
