@@ -182,3 +182,109 @@ async def test_a_reload_to_a_partial_file_and_a_bad_one_after(aiohttp_server, tm
     assert "policies[0].ttl_s" in answer["error"]["message"]
     assert state.generation.number == 2  # the running config stays, its cache too
     assert (await post("/v1/chat/completions", chat))[:2] == (200, "HIT")
+
+
+# --- a tier that tweaks a built-in one; names the merge left out ---------------------------------------------
+
+
+def test_a_tier_without_a_chain_changes_the_built_in_tier_of_that_name(tmp_path):
+    """`[models.tier-fast]` with only `params` is a change to the built-in tier-fast, not a new tier with no
+    chain: it keeps the built-in's chain (and its other keys), its own keys win."""
+    config = load(tmp_path, '[models.tier-fast]\nparams = { reasoning_effort = "medium" }\n'
+                            '[models.tier-premium]\nlatency_ms = { excellent = 1, good = 2, acceptable = 3, poor = 4 }\n')
+    fast, default_fast = config.models["tier-fast"], DEFAULT.models["tier-fast"]
+    assert fast.chain == default_fast.chain and dict(fast.params) == {"reasoning_effort": "medium"}
+    premium = config.models["tier-premium"]
+    assert premium.chain == DEFAULT.models["tier-premium"].chain
+    assert premium.params == DEFAULT.models["tier-premium"].params and premium.latency.excellent_ms == 1
+    assert list(config.models) == DEFAULT_TIERS
+
+
+def test_a_tier_without_a_chain_and_no_built_in_of_that_name_still_needs_one(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[models.tier-mine]\nparams = { temperature = 0.1 }\n')
+    assert str(info.value).startswith("models.tier-mine.chain: required")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[routing]\nauto_model = "auto"\n[routing.request_types]\nembed = "tier-embed"\n', "routing.request_types.embed"),
+    ('[aliases]\nembed = "tier-embed"\n', "aliases.embed"),
+])
+def test_an_error_naming_a_built_in_tier_the_merge_left_out_says_why(tmp_path, text, key):
+    """A user who names a built-in tier sees it refused as unknown: the message says why it is not there."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[providers.groq]\nbase_url = "https://api.groq.com/openai/v1"\n' + text)
+    message = str(info.value)
+    assert message.startswith(key + ":"), message
+    assert message.endswith("(the built-in tier 'tier-embed' is left out: its chain names the provider 'local', "
+                            "which [providers] does not give)"), message
+
+
+def test_an_error_naming_a_built_in_tier_a_whole_routing_does_not_get_says_why(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[providers.groq]\nbase_url = "https://api.groq.com/openai/v1"\n'
+                       '[models.tier-mine]\nchain = ["groq:openai/gpt-oss-20b"]\n'
+                       '[routing]\nauto_model = "auto"\n[routing.request_types]\ndefault = "tier-fast"\n')
+    message = str(info.value)
+    assert message.startswith("routing.request_types.default: must name a virtual model (tier-mine)"), message
+    assert message.endswith("(the built-in tier 'tier-fast' is not added: a file with both [providers] and "
+                            "[models] gives all its tiers)"), message
+
+
+def test_an_error_about_the_files_own_name_gets_no_note(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, '[aliases]\nembed = "tier-nope"\n')
+    assert str(info.value) == "aliases.embed: must be 'provider:model' (e.g. 'groq:openai/gpt-oss-20b'), got 'tier-nope'"
+
+
+async def test_config_command_never_shows_a_password_in_a_unix_socket_url(tmp_path):
+    """redis-py reads `unix:///path?password=...`; the store read only `db` from the query and ignored the rest,
+    so the password was never used, and `groq-proxy config` (and GET /admin/config) printed it."""
+    path = write(tmp_path, '[store]\nbackend = "redis"\nurl = "unix:///run/redis.sock?password=SECRETpw0&db=1"\n')
+    proc = await run(tmp_path, "config", "config", "--config", str(path), env=clean_env())
+    assert "SECRETpw0" not in proc.stdout + proc.stderr
+    assert proc.process.returncode == 2
+    assert proc.stderr.startswith("groq-proxy: config error: store.url: options in the URL are not read"), proc.stderr
+
+
+def test_a_provider_without_a_base_url_changes_the_built_in_provider_of_that_name(tmp_path):
+    """`[providers.groq] timeout_s = 30` (or a key pool) changes the built-in groq, not a provider with no URL."""
+    config = load(tmp_path, '[providers.groq]\ntimeout_s = 30\napi_key_envs = ["KEY_A", "KEY_B"]\n',
+                  env={"KEY_A": "a" * 20, "KEY_B": "b" * 20})
+    groq, built_in = config.providers["groq"], DEFAULT.providers["groq"]
+    assert list(config.providers) == ["groq"]  # the file's [providers] are all the providers, as before
+    assert groq.base_url == built_in.base_url and groq.first_byte_timeout_s == built_in.first_byte_timeout_s
+    assert groq.timeout_s == 30 and groq.api_key_envs == ("KEY_A", "KEY_B")  # the pool, not the built-in's env too
+    config = load(tmp_path, '[providers.groq]\napi_key_env = "MY_GROQ_KEY"\n', env={"MY_GROQ_KEY": "k" * 20})
+    assert config.providers["groq"].base_url == built_in.base_url
+    assert config.providers["groq"].api_key_env == "MY_GROQ_KEY"
+
+
+def test_a_provider_with_its_own_base_url_takes_nothing_from_the_built_in(tmp_path):
+    """A file's groq at another URL never gets the built-in's GROQ_API_KEY: the key would go to that host."""
+    config = load(tmp_path, '[providers.groq]\nbase_url = "http://127.0.0.1:9/v1"\n', env={"GROQ_API_KEY": "g" * 20})
+    assert config.providers["groq"].api_key_env is None and not config.providers["groq"].api_keys
+
+
+async def test_config_command_refuses_what_serve_refuses_with_its_workers(tmp_path):
+    """`server.workers = 2` with a policy on the memory store: `serve` exits 2 naming store.backend, so the
+    command that shows what `serve` would run says so too rather than printing a config that cannot start."""
+    path = write(tmp_path, '[server]\nworkers = 2\n[[policies]]\nuse = "cache"\n')
+    proc = await run(tmp_path, "config", "config", "--config", str(path), env=clean_env())
+    assert proc.process.returncode == 2, proc.stdout
+    assert proc.stderr.startswith("groq-proxy: config error: store.backend: 2 worker processes on the memory store")
+    assert proc.stdout == ""
+
+
+async def test_simulate_with_a_config_file_does_not_say_there_is_no_config(tmp_path):
+    """`serve --simulate --config F` warned "No Groq key and no config", which made a user doubt the file was read."""
+    path = write(tmp_path, '[[policies]]\nuse = "cache"\n')
+    proc, _ = await start_serving(tmp_path, "serve", "--simulate", "--config", str(path),
+                                  env=clean_env(GROQ_API_KEY="gsk_" + "k" * 20))
+    await proc.stop()
+    warnings = [line["message"] for line in proc.log_lines() if line["event"] == "simulated_upstream"]
+    assert len(warnings) == 1 and "no config" not in warnings[0].lower(), warnings
+    assert "--simulate" in warnings[0]
+    models = await run(tmp_path, "models", "models", "--simulate", "--config", str(path), env=clean_env())
+    assert models.process.returncode == 0, models.stderr
+    assert "no config" not in models.stderr and "--simulate" in models.stderr, models.stderr

@@ -68,6 +68,7 @@ def test_display_and_repr_never_hold_the_credentials():
     ("unix://", "store.url: unix:// needs the socket's path"),
     (f"rediss://:{PASSWORD}@h/0?ssl_cert_reqs=none", "store.url: options in the URL are not read"),
     (f"redis://:{PASSWORD}@h?db=1", "store.url: options in the URL are not read"),
+    (f"unix:///run/redis.sock?password={PASSWORD}&db=1", "store.url: options in the URL are not read"),
 ])
 def test_bad_urls_are_refused_naming_the_key_and_never_echoed(url, message):
     with pytest.raises(ConfigError) as info:

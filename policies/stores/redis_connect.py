@@ -100,7 +100,11 @@ def parse_url(url: str, where: str = "store.url") -> RedisTarget:
         parts = urlsplit(url)
         if not parts.path:
             raise ConfigError(f"{where}: unix:// needs the socket's path (unix:///run/redis.sock)")
-        db = parse_qs(parts.query).get("db", ["0"])[0]
+        options = parse_qs(parts.query, keep_blank_values=True)
+        if set(options) - {"db"}:  # `?password=` is redis-py's, not ours: refused rather than ignored and shown
+            raise ConfigError(f"{where}: options in the URL are not read (only unix://...?db=N); use the [store] "
+                              "keys, and the password in the URL's user part (unix://:password@/run/redis.sock)")
+        db = options.get("db", ["0"])[0]
         return RedisTarget("unix", path=parts.path, db=_db(db, where),
                            username=unquote(parts.username) if parts.username else None,
                            password=unquote(parts.password) if parts.password is not None else None)

@@ -177,7 +177,8 @@ def cmd_models(args) -> int:
         if decide_simulation(args, config):
             from proxy.sim.simulator import start_simulator
 
-            print("groq-proxy: no key and no config: checking against the built-in simulator", file=sys.stderr)
+            why = "--simulate" if args.simulate else "no key and no config"
+            print(f"groq-proxy: {why}: checking against the built-in simulator", file=sys.stderr)
             runner, url = await start_simulator()
             config = config.with_base_urls(url)
         else:
@@ -208,13 +209,16 @@ def cmd_models(args) -> int:
 
 def cmd_config(args) -> int:
     """The effective config: the file over the built-in defaults, every default filled in, secrets masked (what
-    GET /admin/config shows of a running proxy). A config error exits 2, as `serve` would."""
+    GET /admin/config shows of a running proxy). A config error exits 2, as `serve` would (`server.workers`
+    included: `serve --workers N` on the command line is not seen here)."""
     import orjson
 
     from proxy.admin.config_view import render
+    from proxy.app.workers import check_workers
     from proxy.telemetry.logs import register_secrets
 
     config = load_config(args.config)
+    check_workers(config, config.server.workers)  # what `serve` refuses with its workers, this refuses too
     register_secrets(*(key for p in config.providers.values() for key in p.api_keys), config.server.admin_key)
     try:
         print(orjson.dumps(orjson.loads(render(config)), option=orjson.OPT_INDENT_2).decode(), flush=True)

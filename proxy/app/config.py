@@ -631,8 +631,12 @@ def load_config(path: str | os.PathLike | None = None, *, env: Mapping[str, str]
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {source} is not valid TOML: {exc}") from None
-    if path is not None:
-        from proxy.app.config_defaults import over_defaults
+    if path is None:
+        return parse_config(raw, env=env, source=source)
+    from proxy.app.config_defaults import explain, over_defaults
 
-        raw = over_defaults(raw, tomllib.loads(default_config_text()))
-    return parse_config(raw, env=env, source=source)
+    defaults = tomllib.loads(default_config_text())
+    try:
+        return parse_config(over_defaults(raw, defaults), env=env, source=source)
+    except ConfigError as exc:
+        raise ConfigError(explain(str(exc), raw, defaults)) from None

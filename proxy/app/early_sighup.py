@@ -32,6 +32,15 @@ def hold() -> None:
         signal.signal(sighup, _remember)
 
 
+def ignore() -> None:
+    """At the exit, once nothing will reload: a SIGHUP is ignored. The interpreter's end resets every signal with
+    a Python handler (`hold`'s included) to its default action, which for SIGHUP is death: a SIGHUP in that
+    last stretch made the exit code 129 instead of the drain's 0. SIG_IGN is the one handler it leaves."""
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is not None:
+        signal.signal(sighup, signal.SIG_IGN)
+
+
 def take() -> bool:
     """Whether a SIGHUP came since `hold()` (or the last `take()`); forgets it."""
     global _pending
@@ -55,6 +64,17 @@ def install(loop, handler) -> object | None:
 
 def restore(loop, previous) -> None:
     """The loop's SIGHUP handler removed and `previous` back: removing alone would leave the default action,
-    and a SIGHUP during the rest of the shutdown (spans still to flush) would end the process."""
-    loop.remove_signal_handler(signal.SIGHUP)
+    and a SIGHUP during the rest of the shutdown (spans still to flush) would end the process.
+
+    `previous` goes in first: `loop.remove_signal_handler` sets the default action before it returns, and a
+    SIGHUP between that and putting `previous` back (the GIL may go to another thread there, for 5 ms) ended a
+    worker in a storm of them. The loop's table of handlers is then told it has none for SIGHUP."""
     signal.signal(signal.SIGHUP, previous)
+    handlers = getattr(loop, "_signal_handlers", None)
+    if not isinstance(handlers, dict):  # another loop: its own removal, then `previous` again
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, previous)
+        return
+    handlers.pop(signal.SIGHUP, None)
+    if not handlers:  # as remove_signal_handler does for the last one: no more writes to the loop's wake-up pipe
+        signal.set_wakeup_fd(-1)

@@ -288,8 +288,8 @@ async def _lifecycle(app: web.Application):
         emit(
             logging.WARNING,
             "simulated_upstream",
-            message="No Groq key and no config: answering from the built-in simulator, not from Groq. "
-            "Set GROQ_API_KEY (or give --config) to use Groq.",
+            message="Answering from the built-in simulator, not from Groq: --simulate was given, or neither a "
+            "config nor GROQ_API_KEY. Set GROQ_API_KEY (or give --config), without --simulate, to use Groq.",
             simulator=simulator_url,
         )
     config = state.config

@@ -119,8 +119,9 @@ class Supervisor:
 
             sim_runner, self._simulator_url = await start_simulator()
             emit(logging.WARNING, "simulated_upstream",
-                 message="No Groq key and no config: answering from the built-in simulator, not from Groq. "
-                 "Set GROQ_API_KEY (or give --config) to use Groq.", simulator=self._simulator_url)
+                 message="Answering from the built-in simulator, not from Groq: --simulate was given, or neither "
+                 "a config nor GROQ_API_KEY. Set GROQ_API_KEY (or give --config), without --simulate, to use Groq.",
+                 simulator=self._simulator_url)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         sighup_before = early_sighup.install(loop, lambda: self._on_signal(signal.SIGHUP))
