@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.sim.testing import ChatUpstream, completion, stream_events
 from tests.conftest import config_for, post_chat, until
 from tests.procs import clean_env, start_serving
+from tests.test_cache_coalesce import text_of
 
 ASK = {"model": "tier-test", "messages": [{"role": "user", "content": "Say hello"}]}
 TEXT = "Hello there!"
@@ -61,17 +62,6 @@ class GatedUpstream(ChatUpstream):
         await resp.write_eof()
         self.finished += 1
         return resp
-
-
-def text_of(raw: bytes, stream: bool) -> str:
-    if not stream:
-        return orjson.loads(raw)["choices"][0]["message"]["content"]
-    out = []
-    for event in raw.split(b"\n\n"):
-        if event.startswith(b"data: {"):
-            for choice in orjson.loads(event[6:]).get("choices") or ():
-                out.append(choice["delta"].get("content") or "")
-    return "".join(out)
 
 
 async def waiting(base: str) -> int:
@@ -414,8 +404,9 @@ async def two_in_process(aiohttp_server, start_proxy, store: dict, upstream: Gat
     return bases, [config.policies.policies[0] for config in configs]
 
 
-async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_upstream(
-        aiohttp_server, start_proxy, redis_store_table):
+async def recording(aiohttp_server, start_proxy, store: dict):
+    """A proxy whose cache's Redis commands are recorded (`sent`), and, at each upstream call, the commands
+    sent before it (`at_upstream`): what a request waited on before it went upstream."""
     sent: list[str] = []
     at_upstream: list[list[str]] = []
 
@@ -424,7 +415,7 @@ async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_
             at_upstream.append(list(sent))
             return await super()._chat(request)
 
-    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, Recording(gated=0))
+    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, store, Recording(gated=0))
     command = cache.store._command
 
     async def recorded(*args):
@@ -432,6 +423,12 @@ async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_
         return await command(*args)
 
     cache.store._command = recorded
+    return base, cache, sent, at_upstream
+
+
+async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_upstream(
+        aiohttp_server, start_proxy, redis_store_table):
+    base, cache, sent, at_upstream = await recording(aiohttp_server, start_proxy, redis_store_table)
     await post_chat(base, {**ASK, "messages": [{"role": "user", "content": "warm"}]})  # the scripts loaded
     await until(lambda: not cache.store._tasks, what="the warm answer's put and end sent")
     sent.clear()
@@ -442,22 +439,7 @@ async def test_a_miss_on_redis_is_one_round_trip_more_than_a_hit_before_it_goes_
 
 async def test_a_request_whose_max_age_refuses_the_entry_takes_the_lease_at_once(
         aiohttp_server, start_proxy, redis_store_table):
-    sent: list[str] = []
-    at_upstream: list[list[str]] = []
-
-    class Recording(GatedUpstream):
-        async def _chat(self, request):
-            at_upstream.append(list(sent))
-            return await super()._chat(request)
-
-    (base, _), (cache, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, Recording(gated=0))
-    command = cache.store._command
-
-    async def recorded(*args):
-        sent.append(args[0])
-        return await command(*args)
-
-    cache.store._command = recorded
+    base, cache, sent, at_upstream = await recording(aiohttp_server, start_proxy, redis_store_table)
     await post_chat(base, ASK)
     await until(lambda: not cache.store._tasks, what="the answer's put and end sent")
     sent.clear()
