@@ -26,6 +26,10 @@ from proxy.app.errors import ProxyError
 if TYPE_CHECKING:
     from policies.cache.policy import ResponseCache
 
+# What asking Redis for a key in flight across replicas came to (policies/cache/coalesce_redis.py). They live
+# here so that the cache policy reads them without importing the Redis client, which a memory store never needs.
+LEAD, FOLLOW, STORED, DOWN = "lead", "follow", "stored", "down"
+
 _BACKGROUND: set[asyncio.Task] = set()
 
 

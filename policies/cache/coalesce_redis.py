@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from policies.cache.coalesce import DOWN, FOLLOW, LEAD, STORED  # defined where the policy reads them
 from policies.stores import redis_dial
 from policies.stores.redis_connect import parse_url
 from policies.stores.resp import ReplyError, RespConnection
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from policies.cache.coalesce import Capture
     from policies.cache.store_redis import RedisCache
 
-LEAD, FOLLOW, STORED, DOWN = "lead", "follow", "stored", "down"
 LEASE_MS = 3000  # a leader that stops renewing (its process died) is given up on after this
 _TICK_S = 1.0  # how often a replica that leads pops its followed set (messages tell it at once)
 _STREAM_TTL_MS = 10_000  # a published stream's life, renewed with the lease; kept this long after its end

@@ -21,8 +21,7 @@ import time
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Respond
-from policies.cache.coalesce import Capture
-from policies.cache.coalesce_redis import DOWN, LEAD, STORED
+from policies.cache.coalesce import DOWN, LEAD, STORED, Capture
 from policies.cache.entry import Entry
 from policies.cache.key import DEFAULT, cache_key, control, deterministic, single_choice
 from policies.schema import check_keys, choice, count, seconds
