@@ -53,8 +53,11 @@ class RateLimit(Policy):
         requests, tokens_key = self._scoped(scope(ctx, self.per))
         out = [requests] if requests is not None else []
         if self.tpm:
-            out.append(Claim(GCRA, tokens_key, self.tpm, tokens, PERIOD_S, self.mode == "shadow", "", "tokens"))
+            out.append(self._tokens_claim(tokens_key, tokens))
         return out
+
+    def _tokens_claim(self, key: str, tokens: int) -> Claim:
+        return Claim(GCRA, key, self.tpm, tokens, PERIOD_S, self.mode == "shadow", "", "tokens")
 
     def _scoped(self, who: str) -> tuple[Claim | None, str]:
         """The requests claim (the same for every request of `who`: made once) and the tokens key of `who`."""
@@ -71,12 +74,11 @@ class RateLimit(Policy):
 
     async def on_request(self, ctx) -> Decision:
         state = ctx.policy
-        requests, tokens_key = self._scoped("all" if self.per == "global" else scope(ctx, self.per))
+        requests, tokens_key = self._scoped(scope(ctx, self.per))
         if requests is not None:
             state.claim(self, requests)
         if self.tpm and state.counts:
-            state.claim(self, Claim(GCRA, tokens_key, self.tpm, state.reserve(ctx.operation, self.default_completion),
-                                    PERIOD_S, self.mode == "shadow", "", "tokens"))
+            state.claim(self, self._tokens_claim(tokens_key, state.reserve(ctx.operation, self.default_completion)))
         return CONTINUE
 
     def hedge_claims(self, ctx) -> list[Claim]:

@@ -72,14 +72,20 @@ def text_of(raw: bytes, stream: bool) -> str:
     return "".join(out)
 
 
+async def leader_and_followers(upstream, base, cache, followers: int, leading: dict = ASK) -> tuple:
+    """A leader (`leading`) upstream, then `followers` identical requests (every other one streamed) waiting on it."""
+    leader = asyncio.ensure_future(post_chat(base, leading))
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(followers)]
+    waiting = [asyncio.ensure_future(post_chat(base, b)) for b in bodies]
+    flight = next(iter(cache.flights.values()))
+    await until(lambda: flight.followers == followers, what=f"{followers} followers waiting")
+    return leader, waiting, bodies
+
+
 async def test_fifty_identical_requests_streamed_and_not_make_one_upstream_call(aiohttp_server, start_proxy):
     upstream, base, cache = await gated(aiohttp_server, start_proxy)
-    leader = asyncio.ensure_future(post_chat(base, {**ASK, "stream": True}))
-    await until(lambda: upstream.calls == 1, what="the leader upstream")
-    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(49)]
-    followers = [asyncio.ensure_future(post_chat(base, b)) for b in bodies]
-    flight = next(iter(cache.flights.values()))
-    await until(lambda: flight.followers == 49, what="49 followers waiting")
+    leader, followers, bodies = await leader_and_followers(upstream, base, cache, 49, {**ASK, "stream": True})
     upstream.first.set()
     upstream.rest.set()
     answers = await asyncio.gather(leader, *followers)
@@ -119,12 +125,7 @@ async def test_followers_of_a_dripping_stream_get_its_first_chunk_before_it_ends
 
 async def test_followers_of_a_leader_that_failed_go_upstream_themselves(aiohttp_server, start_proxy):
     upstream, base, cache = await gated(aiohttp_server, start_proxy, fail_first=True)
-    leader = asyncio.ensure_future(post_chat(base, ASK))
-    await until(lambda: upstream.calls == 1, what="the leader upstream")
-    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(6)]
-    followers = [asyncio.ensure_future(post_chat(base, b)) for b in bodies]
-    flight = next(iter(cache.flights.values()))
-    await until(lambda: flight.followers == 6, what="6 followers waiting")
+    leader, followers, bodies = await leader_and_followers(upstream, base, cache, 6)
     upstream.rest.set()
     upstream.first.set()
     answers = await asyncio.gather(leader, *followers)

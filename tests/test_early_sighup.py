@@ -16,6 +16,7 @@ from aiohttp import web
 
 from proxy.app.server import build_app
 from proxy.app.config import load_config
+from proxy.app.workers import SUPPORTED as WORKERS_SUPPORTED
 from proxy.app.workers import Supervisor
 from tests.conftest import until
 from tests.procs import Proc, clean_env, wait_ready
@@ -53,8 +54,8 @@ async def model_ids(base: str) -> set[str]:
 @pytest.mark.parametrize("workers", [None, "2"])
 async def test_a_sighup_during_the_catalogue_check_reloads_once_the_proxy_runs(tmp_path, held_catalogue, workers):
     """Before: the process died of the SIGHUP (exit -1, SIGHUP's default action), supervisor included."""
-    if workers and not hasattr(__import__("socket"), "SO_REUSEPORT"):
-        pytest.skip("needs SO_REUSEPORT")
+    if workers and not WORKERS_SUPPORTED:
+        pytest.skip("serve --workers needs SO_REUSEPORT (Linux)")
     url, asked, release = held_catalogue
     path = tmp_path / "proxy.toml"
     path.write_text(config(url, ["tier-a"]))
@@ -162,8 +163,8 @@ async def test_sighups_from_the_sigterm_to_the_exit_do_not_end_the_process(tmp_p
     action (death): the interpreter's end, which puts it back for every signal with a Python handler (the exit
     was 129 instead of 0), and the instant the app's end removed the loop's handler before putting the held
     one back (a worker died of it, in about one storm in eight, and the supervisor exited 1)."""
-    if workers == "2" and not hasattr(__import__("socket"), "SO_REUSEPORT"):
-        pytest.skip("needs SO_REUSEPORT")
+    if workers == "2" and not WORKERS_SUPPORTED:
+        pytest.skip("serve --workers needs SO_REUSEPORT (Linux)")
     path = tmp_path / "proxy.toml"
     path.write_text("[server]\ndrain_s = 0.2\n")
     proc = Proc(tmp_path, "serve")

@@ -11,6 +11,7 @@ import pytest
 
 from proxy.app.config import load_config
 from proxy.app.server import build_app
+from proxy.app.workers import SUPPORTED as WORKERS_SUPPORTED
 from tests.conftest import ADMIN, ADMIN_KEY, until
 from tests.procs import clean_env, start_serving
 
@@ -53,7 +54,7 @@ async def test_reloads_are_counted_by_result_and_the_generation_shown(aiohttp_se
     assert await scrape() == ({'{result="ok"}': 2, '{result="error"}': 1}, {"": 3})
 
 
-@pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+@pytest.mark.skipif(not WORKERS_SUPPORTED, reason="serve --workers needs SO_REUSEPORT (Linux)")
 async def test_with_workers_the_counter_is_summed_and_the_generation_shown_per_worker(tmp_path):
     path = tmp_path / "proxy.toml"
     path.write_text(GOOD)

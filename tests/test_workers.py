@@ -14,10 +14,11 @@ import pytest
 
 from policies.identity import hash_key
 from proxy.telemetry.worker_metrics import merge
+from proxy.app.workers import SUPPORTED as WORKERS_SUPPORTED
 from tests.procs import Proc, clean_env, run, start_serving
 from tests.slow_streams import budget, events, streams_through_proxy
 
-pytestmark = pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+pytestmark = pytest.mark.skipif(not WORKERS_SUPPORTED, reason="serve --workers needs SO_REUSEPORT (Linux)")
 
 CHAT = {"model": "tier-fast", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -33,7 +33,7 @@ from typing import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from proxy.routing.observed import MIN_SAMPLES
+from proxy.routing.observed import MIN_SAMPLES, percentiles
 
 PEER_TIMEOUT_S = 2.0
 SAMPLES = "_latency_samples"  # only in a worker's answer to a sibling, never in /status.json
@@ -175,10 +175,9 @@ def _merge_latency(views: list[dict], samples: list[dict | None]) -> dict:
     out = {}
     for series in ("ttft", "total"):
         pooled = sorted(ms for s in samples if s for ms in s[series])
-        n = len(pooled)
-        enough = n >= MIN_SAMPLES
-        out[f"{series}_p50_ms"] = round(pooled[min(n - 1, n // 2)], 1) if enough else None
-        out[f"{series}_p90_ms"] = round(pooled[min(n - 1, int(0.9 * n))], 1) if enough else None
+        p50, p90 = percentiles(pooled) if len(pooled) >= MIN_SAMPLES else (None, None)
+        out[f"{series}_p50_ms"] = round(p50, 1) if p50 is not None else None
+        out[f"{series}_p90_ms"] = round(p90, 1) if p90 is not None else None
         out[f"{series}_samples"] = sum(view[f"{series}_samples"] for view in views if view)
     return out
 

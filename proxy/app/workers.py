@@ -49,11 +49,15 @@ RESTART_DELAY_S = (0.5, 10.0)  # first and largest wait before restarting a work
 YOUNG_S = 10.0  # a worker that ran less than this before dying counts as a crash loop
 
 
+# The kernel spreads a port's connections over its SO_REUSEPORT listeners on Linux only.
+SUPPORTED = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
 def check_workers(config: Config, workers: int) -> None:
     """What makes N > 1 workers impossible or wrong, as a config error that names the key."""
     if workers <= 1:
         return
-    if not (hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")):
+    if not SUPPORTED:
         raise ConfigError(f"server.workers: {workers} workers need SO_REUSEPORT with load balancing (Linux); "
                           f"on {sys.platform} run one worker per process manager slot instead")
     if config.server.admin_port == 0:

@@ -15,6 +15,12 @@ EVERY = 8
 MIN_SAMPLES = 3  # below this a model is "not observed yet" (and assumed to meet a target: it must be tried)
 
 
+def percentiles(ordered: list[float]) -> tuple[float, float]:
+    """p50 and p90 of samples in ascending order (at least one): the router's rule, and the status page's."""
+    n = len(ordered)
+    return ordered[min(n - 1, n // 2)], ordered[min(n - 1, int(0.9 * n))]
+
+
 class Series:
     __slots__ = ("samples", "_fresh", "_p50", "_p90", "count")
 
@@ -35,10 +41,7 @@ class Series:
             return
         if self._fresh < EVERY and self._p50 is not None:
             return
-        ordered = sorted(self.samples)
-        n = len(ordered)
-        self._p50 = ordered[min(n - 1, n // 2)]
-        self._p90 = ordered[min(n - 1, int(0.9 * n))]
+        self._p50, self._p90 = percentiles(sorted(self.samples))
         self._fresh = 0
 
     def p50(self) -> float | None:
