@@ -188,7 +188,9 @@ async def test_a_streaming_follower_on_the_other_replica_gets_the_first_chunk_be
 
 @pytest.mark.parametrize("when", ["before_first_chunk", "mid_stream"])
 async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themselves(replicas, redis_url, when):
-    upstream, (proc_one, proc_two), (one, two) = await replicas()
+    # Redis's answers get 5 s here, not 0.5: on a loaded machine a late XREAD reply took the "Redis failed" path
+    # (followers alone, no leader_lost line), and what this test watches is the lease, not a slow Redis.
+    upstream, (proc_one, proc_two), (one, two) = await replicas(timeout_s=5)
     leader = send(one, {**ASK, "stream": True})
     await until(lambda: upstream.calls == 1, what="the leader upstream")
     if when == "mid_stream":
