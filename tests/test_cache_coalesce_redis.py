@@ -631,3 +631,136 @@ async def test_followers_whose_redis_dies_while_they_wait_go_upstream_from_their
     assert [a[0] for a in answers] == [200] * 5
     assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
     assert upstream.calls == 2  # the followers' replica went upstream once, for all of them
+
+
+class PerCallUpstream(ChatUpstream):
+    """A stream per call, each held by events of its own: call i (from 0) waits for `opened[i]`, sends its first
+    event (`first_sent[i]` set), waits for `finished[i]`, then sends the rest."""
+
+    def __init__(self, held: int) -> None:
+        self.opened = [asyncio.Event() for _ in range(held)]
+        self.finished = [asyncio.Event() for _ in range(held)]
+        self.first_sent = [asyncio.Event() for _ in range(held)]
+        self.calls = 0
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        call = self.calls
+        self.calls += 1
+        held = call < len(self.opened)
+        if held:
+            await self.opened[call].wait()
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(completion(body["model"], TEXT)), content_type="application/json")
+        events = stream_events(body["model"])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events[0])
+        if held:
+            self.first_sent[call].set()
+            await self.finished[call].wait()
+        for event in events[1:]:
+            await resp.write(event)
+        await resp.write_eof()
+        return resp
+
+
+@pytest.mark.parametrize("new_lease_on", ["the_same_replica", "the_other_replica"])
+async def test_a_leader_held_past_the_cap_leaves_the_next_lease_of_its_key_alone(
+        aiohttp_server, start_proxy, redis_store_table, redis_url, new_lease_on):
+    # A leader held past held_max_s (600 s) stops renewing its lease, which expires; the key's next miss takes a
+    # new lease. When the old leader ended, it popped the key from its replica's leases: a new lease of its own
+    # replica (the old answer grew past max_entry_bytes, so identical requests there no longer followed it) was
+    # no longer renewed, and expired under its followers.
+    upstream = PerCallUpstream(held=2)
+    server = await aiohttp_server(upstream.app())
+    url = f"http://127.0.0.1:{server.port}/openai/v1"
+    small = [{"use": "cache", "max_entry_bytes": 1}]  # the old answer is unlisted at its first event
+    configs = [config_for(url, {"tier-test": ["m1"]}, store=redis_store_table, policies=p)
+               for p in (small, [{"use": "cache"}])]
+    one, two = [await start_proxy(config) for config in configs]
+    cache_one, cache_two = [config.policies.policies[0] for config in configs]
+    old_leader_at, new_leader_at, follower_at = (one, one, two) if new_lease_on == "the_same_replica" else (
+        one, two, one)
+    leader_cache = cache_one if new_leader_at == one else cache_two
+    follower_cache = cache_two if follower_at == two else cache_one
+    client = aioredis.from_url(redis_url)
+    async with aiohttp.ClientSession() as session:
+        try:
+            await until(lambda: cache_one.shared is not None, what="the first replica's cache started")
+            cache_one.shared.held_max_s = 0.01  # the old leader's lease is renewed no longer than this
+            old = asyncio.ensure_future(session.post(old_leader_at + "/v1/chat/completions",
+                                                     json={**ASK, "stream": True}))
+            await until(lambda: upstream.calls == 1, 30.0, "the old leader upstream")
+            lease_key = next(iter(cache_one.shared.leases))
+            cache_one.shared.held_max_s = 600.0  # the new lease is held as any other
+            upstream.opened[0].set()
+            old = await old
+            await old.content.readuntil(b"\n\n")  # its first event: past max_entry_bytes, unlisted
+            for _ in range(3000):  # given up at the next renewal; expired in Redis 3 s after the last one
+                if not await client.exists(lease_key) and lease_key not in cache_one.shared.leases:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the old leader's lease never expired")
+            new = asyncio.ensure_future(session.post(new_leader_at + "/v1/chat/completions",
+                                                     json={**ASK, "stream": True}))
+            await until(lambda: upstream.calls == 2, 30.0, "the new leader upstream")
+            new_capture = leader_cache.shared.leases[lease_key]
+            new_token = new_capture.lease.token.encode()
+            assert await client.get(lease_key) == new_token
+            follower = send(follower_at, {**ASK, "stream": True})
+            await until(lambda: new_capture.lease.published, 30.0, "the new leader told of its follower")
+            assert sum(f.followers for f in follower_cache.flights.values()) == 1
+            upstream.finished[0].set()  # the old leader ends now
+            old_raw = await old.read()
+            assert text_of(old_raw, True) == TEXT
+            await until(lambda: not cache_one.store._tasks, 30.0, "the old leader's end sent")
+            assert leader_cache.shared.leases.get(lease_key) is new_capture  # still renewed here
+            assert await client.get(lease_key) == new_token  # and still its lease in Redis
+            renewed, last = False, await client.pttl(lease_key)
+            for _ in range(3000):  # renewed after the old leader's end
+                ttl = await client.pttl(lease_key)
+                if ttl > last:
+                    renewed = True
+                    break
+                last = ttl
+                await asyncio.sleep(0.01)
+            assert renewed and await client.get(lease_key) == new_token
+            upstream.opened[1].set()
+            upstream.finished[1].set()
+            new_raw = await (await new).read()
+            status, headers, raw = await asyncio.wait_for(follower, 60)
+        finally:
+            await client.aclose()
+    assert text_of(new_raw, True) == TEXT
+    assert status == 200 and headers["x-groq-proxy-cache"] == "COALESCED" and text_of(raw, True) == TEXT
+    assert upstream.calls == 2
+
+
+async def test_an_old_leaders_end_leaves_the_next_leases_follower_mark_on_the_same_replica(redis_url):
+    # The followed set names leases, not tokens: the end of a leader whose lease expired took the mark a follower
+    # of the key's next lease (same replica) had left, and answered "publish" to the old leader instead.
+    from policies.cache.store_redis import RedisCache
+
+    store = RedisCache(redis_url, "cache", ttl_s=60, max_entries=10, max_bytes=1 << 20, max_entry_bytes=1 << 20,
+                       prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    client = aioredis.from_url(redis_url)
+    lease, followed = store.base + "k:lease", store.base + "followed:r"
+    try:
+        await client.set(lease, "r:2", px=60_000)  # the next lease, on the same replica
+        await client.sadd(followed, lease)  # a follower of it
+        end = store.script_file("flight_end.lua")
+        again = await store.run_script(end, [lease, store.base + "flight:r:1", followed],
+                                       ["r:1", 0, b"done", "m1", 10_000, 100])
+        assert again == 0
+        assert await client.smembers(followed) == {lease.encode()} and await client.get(lease) == b"r:2"
+        await store.run_script(end, [lease, store.base + "flight:r:1", followed],
+                               ["r:1", 1, b"done", "m1", 10_000, 100])  # published: its own stream only
+        assert await client.smembers(followed) == {lease.encode()} and await client.get(lease) == b"r:2"
+        assert await client.exists(store.base + "flight:r:2") == 0
+    finally:
+        await client.delete(lease, followed, store.base + "flight:r:1")
+        await client.aclose()
+        await store.close()

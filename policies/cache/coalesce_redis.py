@@ -83,9 +83,10 @@ class Lease:
 class SharedFlights:
     """The cross-replica side of one cache policy's coalescing, on its Redis store's connections."""
 
-    def __init__(self, store: "RedisCache", wait_s: float) -> None:
+    def __init__(self, store: "RedisCache", wait_s: float, held_max_s: float = _HELD_MAX_S) -> None:
         self.store = store
         self.wait_s = wait_s
+        self.held_max_s = held_max_s  # _HELD_MAX_S; a test gives a short one
         self.replica = os.urandom(6).hex()
         self._numbers = itertools.count(1)
         self.followed = f"{store.base}followed:{self.replica}"
@@ -106,7 +107,7 @@ class SharedFlights:
         # for the lease's end after it, before the lease stops being renewed.
         kept = [asyncio.ensure_future(c.wait_end()) for c in self.leases.values() if c.handed and not c.ended]
         if kept:
-            await asyncio.wait(kept, timeout=_HELD_MAX_S)
+            await asyncio.wait(kept, timeout=self.held_max_s)
             for waiting in kept:
                 waiting.cancel()
         tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
@@ -147,7 +148,7 @@ class SharedFlights:
             self.store.spawn(self._abandon(lease_key, token))
             raise
         if reply[0] == 1:
-            until = asyncio.get_running_loop().time() + _HELD_MAX_S
+            until = asyncio.get_running_loop().time() + self.held_max_s
             capture.lease = Lease(lease_key, token, self.stream_of(token), until)
             self.leases[lease_key] = capture
             if self._ticking is None:
@@ -228,7 +229,9 @@ class SharedFlights:
         except _FAILURES as exc:
             self.store.failed(exc)
         finally:
-            self.leases.pop(lease.key, None)
+            # Only its own: a lease held past held_max_s expired, and the key's next lease may be this replica's.
+            if self.leases.get(lease.key) is capture:
+                del self.leases[lease.key]
 
     async def _abandon(self, lease_key: str, token: str) -> None:
         try:
@@ -304,7 +307,7 @@ class SharedFlights:
         loop = asyncio.get_running_loop()
         stream, token = self.stream_of(holder), holder.encode()
         deadline = loop.time() + self.wait_s
-        give_up = loop.time() + _HELD_MAX_S
+        give_up = loop.time() + self.held_max_s
         last, got, final, marker = b"0", False, False, None
         conn: RespConnection | None = None
         pending = False  # an XREAD is on its way: the connection cannot be used again
