@@ -764,3 +764,33 @@ async def test_an_old_leaders_end_leaves_the_next_leases_follower_mark_on_the_sa
         await client.delete(lease, followed, store.base + "flight:r:1")
         await client.aclose()
         await store.close()
+
+
+async def test_streaming_followers_name_the_model_that_answers_as_every_other_answer_does(replicas):
+    # A follower streamed the leader's answer as it came (here, or relayed from the other replica) without
+    # x-groq-proxy-model: its headers leave with the first piece, and the model was known only at the end.
+    upstream, _, (one, two) = await replicas()
+    url = "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        leading = asyncio.ensure_future(session.post(one + url, json={**ASK, "stream": True}))
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        streamed = [asyncio.ensure_future(session.post(base + url, json={**ASK, "stream": True}))
+                    for base in (two, two, one)]
+        plain = send(two, ASK)
+        await until_waiting(two, 3, "the other replica's followers")
+        await until_waiting(one, 1, "the leader's replica's follower")
+        upstream.first.set()  # the first event only: the leader's stream goes on
+        leader, *followers = await asyncio.gather(leading, *streamed)
+        firsts = [await resp.content.readuntil(b"\n\n") for resp in followers]
+        assert not upstream.rest.is_set() and upstream.finished == 0  # live: the leader's stream has not ended
+        assert leader.headers["x-groq-proxy-model"] == "m1"
+        for resp, first in zip(followers, firsts):
+            assert resp.headers["x-groq-proxy-cache"] == "COALESCED" and b'"role":"assistant"' in first
+            assert resp.headers.get("x-groq-proxy-model") == "m1"
+        upstream.rest.set()
+        raws = [first + await resp.read() for first, resp in zip(firsts, followers)]
+        await leader.read()
+    status, headers, raw = await asyncio.wait_for(plain, 60)
+    assert status == 200 and headers["x-groq-proxy-model"] == "m1" and text_of(raw, False) == TEXT
+    assert all(text_of(r, True) == TEXT for r in raws)
+    assert upstream.calls == 1

@@ -33,11 +33,19 @@ LEAD, FOLLOW, STORED, DOWN = "lead", "follow", "stored", "down"
 _BACKGROUND: set[asyncio.Task] = set()
 
 
+def forwarded_model(ctx) -> str:
+    """The model of the attempt whose stream the pipeline forwards (the one attempt with its `stream` set)."""
+    for attempt in reversed(ctx.attempts):
+        if attempt.stream is not None:
+            return attempt.target.model
+    return ""
+
+
 class Capture:
     """What one upstream answer is, as it comes: the tap the pipeline feeds, and what followers wait on."""
 
     __slots__ = ("cache", "key", "model", "who", "answered_by", "plain", "events", "ended", "entry", "served", "handed",
-                 "followers", "_wake", "coalesced", "size", "too_big", "whole", "lease", "relay", "alone")
+                 "followers", "_wake", "coalesced", "size", "too_big", "whole", "lease", "relay", "alone", "source")
 
     def __init__(self, cache: "ResponseCache", key: str, model: str, who: str) -> None:
         self.cache, self.key, self.model, self.who = cache, key, model, who
@@ -61,6 +69,9 @@ class Capture:
         self.lease = None
         self.relay = False
         self.alone = False
+        # The leader's request (its RequestContext), which names the model its stream comes from at the first
+        # piece: a streaming follower's answer is sent before the leader's after() knows it.
+        self.source = None
 
     # --- the pipeline's side ----------------------------------------------------------------------------
 
@@ -75,9 +86,11 @@ class Capture:
         """Whole SSE events went to the client (or, after `keep`, would have)."""
         if self.too_big and not self.followers:
             return
+        if not self.answered_by and self.source is not None:
+            self.answered_by = forwarded_model(self.source)
         lease = self.lease
         if lease is not None and lease.published:
-            self.cache.shared.publish(lease, "d", data)
+            self.cache.shared.publish(lease, "d", data, self.answered_by)
         events = split_events(data)
         if events:
             self.events += events

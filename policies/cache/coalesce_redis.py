@@ -168,15 +168,20 @@ class SharedFlights:
 
     # --- the leader's side ------------------------------------------------------------------------------
 
-    def publish(self, lease: Lease, field: str, data: bytes) -> None:
+    def publish(self, lease: Lease, field: str, data: bytes, model: str = "") -> None:
         """Appends one piece to the stream, on the connection every piece of this answer went on (pieces that
-        would go on another could leave a gap: the lease is given up instead)."""
+        would go on another could leave a gap: the lease is given up instead). The first piece of a stream
+        names the model (`m`): a streaming follower's headers leave with it, long before the end marker."""
         conn = self.store.live_connection()
         if lease.broken or conn is None or (lease.conn is not None and conn is not lease.conn):
             lease.broken = True
             return
+        if lease.conn is None and model:
+            conn.call("XADD", lease.stream, "MAXLEN", "~", _STREAM_MAXLEN, "*", field, data, "m",
+                      model).add_done_callback(_drop)
+        else:
+            conn.call("XADD", lease.stream, "MAXLEN", "~", _STREAM_MAXLEN, "*", field, data).add_done_callback(_drop)
         lease.conn = conn
-        conn.call("XADD", lease.stream, "MAXLEN", "~", _STREAM_MAXLEN, "*", field, data).add_done_callback(_drop)
 
     def _followed(self, capture: "Capture") -> None:
         """Another replica follows this leader: what it captured so far goes out, and each piece after it."""
@@ -191,7 +196,7 @@ class SharedFlights:
         if capture.plain is not None:
             self.publish(lease, "p", capture.plain)
         elif capture.events:
-            self.publish(lease, "d", b"".join(capture.events))
+            self.publish(lease, "d", b"".join(capture.events), capture.answered_by)
         if lease.conn is not None:
             lease.conn.call("PEXPIRE", lease.stream, _STREAM_TTL_MS).add_done_callback(_drop)
         if lease.ending:  # the end script ran before this was known: the marker goes out here
@@ -335,6 +340,8 @@ class SharedFlights:
                         last = entry_id
                         field, value = fields[0], fields[1]
                         if field == b"d":
+                            if len(fields) > 3 and not capture.answered_by:  # the first piece names the model
+                                capture.answered_by = fields[3].decode()
                             capture.stream(value)
                             got = True
                         elif field == b"p":

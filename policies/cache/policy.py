@@ -204,6 +204,7 @@ class ResponseCache(Policy):
 
     def _lead(self, ctx, key: str, model: str, who: str, join: bool) -> None:
         capture = Capture(self, key, model, who)
+        capture.source = ctx
         ctx.tap = capture
         if join and self.mode == "enforce" and key not in self.flights:
             capture.coalesced = True
@@ -222,6 +223,7 @@ class ResponseCache(Policy):
             capture.complete(False)
             raise
         if outcome in (LEAD, DOWN):
+            capture.source = ctx
             ctx.tap = capture
             return None
         if outcome == STORED:  # stored since the lookup: this request and any that joined look it up again
@@ -259,7 +261,10 @@ class ResponseCache(Policy):
 
         self._count(ctx, COALESCED)
         ctx.policy.served_tokens = 0  # the tokens are known at the end (on_end), when charge_hits wants them
-        return Respond(events=flight.follow(include_usage, on_end), headers={HEADER: COALESCED, KEY_HEADER: key})
+        headers = {HEADER: COALESCED, KEY_HEADER: key}
+        if flight.answered_by:  # the model its first piece came from (a stream's end is not known yet)
+            headers["x-groq-proxy-model"] = flight.answered_by
+        return Respond(events=flight.follow(include_usage, on_end), headers=headers)
 
     def _answer(self, ctx, entry: Entry, result: str, key: str) -> Respond:
         self._count(ctx, result)
