@@ -794,3 +794,66 @@ async def test_streaming_followers_name_the_model_that_answers_as_every_other_an
     assert status == 200 and headers["x-groq-proxy-model"] == "m1" and text_of(raw, False) == TEXT
     assert all(text_of(r, True) == TEXT for r in raws)
     assert upstream.calls == 1
+
+
+class FailingUpstream(GatedUpstream):
+    """Its first `fails` calls answer 500 (the first once `first` is set); every later call answers."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__(gated=0)
+        self.fails = fails
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self.calls < self.fails:
+            await request.read()
+            self.calls += 1
+            if self.calls == 1:
+                await self.first.wait()
+            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
+        return await super()._chat(request)
+
+
+async def test_followers_of_leaders_that_fail_again_and_again_make_one_upstream_call_a_round(
+        aiohttp_server, start_proxy, redis_store_table):
+    # Each request waited on at most three leaders that failed (_TRIES = 3), then went upstream on its own: with a
+    # leader failing three times in a row, the remaining followers of both replicas all called upstream at once,
+    # a call each, just when the upstream was failing.
+    upstream = FailingUpstream(fails=3)
+    (one, two), (cache_one, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table,
+                                                              upstream)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(8)]
+    followers = [send(one if i % 2 else two, b) for i, b in enumerate(bodies)]
+    # four here, and the other replica as one (it follows through its relay)
+    await until(lambda: sum(f.followers for f in cache_one.flights.values()) == 5, what="followers here")
+    await until(lambda: sum(f.followers for f in cache_two.flights.values()) == 4, what="followers there")
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    statuses = [a[0] for a in answers]
+    # each failed round's leader gets its own error; the round after the third answers everyone else
+    assert sorted(statuses) == [200] * 6 + [502] * 3, statuses
+    assert upstream.calls == 4  # three failed calls, then one for the six requests still waiting
+    answered = [(a, b) for a, b in zip(answers[1:], bodies) if a[0] == 200]
+    assert sorted(a[1]["x-groq-proxy-cache"] for a, _ in answered) == ["COALESCED"] * 5 + ["MISS"]
+    assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in answered)
+
+
+async def test_an_entry_that_cannot_be_read_is_a_miss_not_a_loop_of_lookups(
+        aiohttp_server, start_proxy, redis_store_table, redis_url):
+    # Redis says the entry is there (the lease script finds it), the lookup cannot read it: with no cap on a
+    # follower's rounds, that round must not repeat for ever. It goes upstream, without the lease.
+    upstream = GatedUpstream(gated=0)
+    (one, _), (cache_one, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, upstream)
+    status, headers, _ = await post_chat(one, ASK)
+    assert status == 200 and headers["x-groq-proxy-cache"] == "MISS"
+    await until(lambda: not cache_one.store._tasks, what="the answer stored")
+    client = aioredis.from_url(redis_url)
+    try:
+        entry_key = cache_one.store.redis_key("tier-test", headers["x-groq-proxy-cache-key"])
+        assert await client.set(entry_key, b"not an entry", xx=True, keepttl=True)
+        status, headers, raw = await asyncio.wait_for(post_chat(one, ASK), 60)
+    finally:
+        await client.aclose()
+    assert status == 200 and headers["x-groq-proxy-cache"] == "MISS" and text_of(raw, False) == TEXT
+    assert upstream.calls == 2

@@ -10,7 +10,8 @@ followers) wait on that capture instead of calling upstream:
   runs beside the leader's, not after it), and ends with the leader's end.
 
 If the leader fails before any data event (every model failed, or its client left while waiting), the
-followers go upstream themselves: the first becomes the next leader, the rest follow it. If its client
+followers go upstream themselves: the first becomes the next leader, the rest follow it, and so on for as many
+leaders as fail in a row: one upstream call a round, never one a follower. If its client
 leaves mid-stream, the pipeline keeps reading the upstream for the followers (`keep`). If the upstream
 fails mid-stream, the followers' streams end with an error event, as the leader's does.
 """

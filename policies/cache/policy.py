@@ -35,7 +35,6 @@ HEADER = "x-groq-proxy-cache"
 KEY_HEADER = "x-groq-proxy-cache-key"
 SPAN_ATTRIBUTE = "groq_proxy.cache"
 HIT, MISS, BYPASS, COALESCED = "HIT", "MISS", "BYPASS", "COALESCED"
-_TRIES = 3  # times a follower waits for a leader that failed before it goes upstream on its own
 
 
 class CacheMetrics:
@@ -154,7 +153,11 @@ class ResponseCache(Policy):
             self._lead(ctx, key, model, who, join=False)
             return self._pass(ctx, BYPASS, key)
         shared = self.shared if self.mode == "enforce" else None
-        for _ in range(_TRIES):
+        # A leader that fails is followed by the next: one upstream call a round, however many rounds, never one
+        # a follower at once (which a cap on rounds came to). Each failed round ends its leader's request (its
+        # own error, or its client gone), so a request waits on no more leaders than came before it; a round that
+        # ends no request (a relay given up, an entry stored meanwhile) turns `alone`: no lease again.
+        while True:
             entry = await self._get(key, model)
             if entry is not None and (ctl.max_age is None or entry.age() <= ctl.max_age):
                 return self._answer(ctx, entry, HIT, key)
@@ -228,6 +231,7 @@ class ResponseCache(Policy):
             return None
         if outcome == STORED:  # stored since the lookup: this request and any that joined look it up again
             capture.relay = True
+            capture.alone = True  # should that miss again (evicted, unreadable), no endless lookups: no lease
             capture.complete(False)
         return capture
 
