@@ -90,7 +90,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
     started = []
 
     async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, finish: str = "stop",
-                    timeout_s: float = 0.5, **cache):
+                    timeout_s: float = 0.5, pool_size: int = 32, **cache):
         upstream = GatedUpstream(fail_first, gated, finish)
         server = await aiohttp_server(upstream.app())
         prefix = f"t{uuid.uuid4().hex[:8]}:"
@@ -99,7 +99,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
         config.write_text(f'[providers.up]\nbase_url = "http://127.0.0.1:{server.port}/openai/v1"\n'
                           'api_key_env = "CACHE_TEST_KEY"\n[models.tier-test]\nchain = ["up:m1"]\n'
                           f'[store]\nbackend = "redis"\nurl = "{redis or redis_url}"\nprefix = "{prefix}"\n'
-                          f'timeout_s = {timeout_s}\n'
+                          f'timeout_s = {timeout_s}\npool_size = {pool_size}\n'
                           f'[[policies]]\nuse = "cache"\nttl_s = 60\n{extra}')
         env = clean_env(CACHE_TEST_KEY="sk-test-cache")
         bases = []
@@ -857,3 +857,38 @@ async def test_an_entry_that_cannot_be_read_is_a_miss_not_a_loop_of_lookups(
         await client.aclose()
     assert status == 200 and headers["x-groq-proxy-cache"] == "MISS" and text_of(raw, False) == TEXT
     assert upstream.calls == 2
+
+
+async def cache_block(base: str) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/status.json") as resp:
+            return (await resp.json())["cache"]["stores"]["cache"]
+
+
+async def test_a_replica_follows_at_most_pool_size_keys_of_another_and_the_rest_go_upstream(replicas, redis_url):
+    # Each key followed on another replica holds a Redis connection (its relay's XREAD BLOCK): 1,000 distinct
+    # keys in flight there opened 1,000 connections here. Past [store] pool_size, a miss goes upstream itself.
+    upstream, (_, proc_two), (one, two) = await replicas(gated=5, pool_size=2)
+    asks = [{**ASK, "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(5)]
+    leaders = [send(one, ask) for ask in asks]
+    await until(lambda: upstream.calls == 5, 30.0, "the five leaders upstream")
+    followers = [send(two, ask) for ask in asks]
+    # the leaders are still held: the three past the bound answered themselves (before: all five waited)
+    await until(lambda: upstream.calls == 8, 30.0, "three followers past the bound upstream")
+    await until_waiting(two, 2, "the two followers within the bound")
+    block = await cache_block(two)
+    assert block["relays"] == 2 and block["relays_full"] == 3 and block["waiting"] == 2
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(*leaders, *followers), 60)
+    assert [a[0] for a in answers] == [200] * 10
+    assert all(text_of(raw, False) == TEXT for _, _, raw in answers)
+    assert sorted(a[1]["x-groq-proxy-cache"] for a in answers[5:]) == ["COALESCED"] * 2 + ["MISS"] * 3
+    assert upstream.calls == 8
+    await until(lambda: '"reason":"relays_full"' in proc_two.stderr, 10.0, "cache_coalesce_gave_up logged")
+    assert proc_two.stderr.count('"reason":"relays_full"') == 1  # three past the bound, one line
+    for _ in range(3000):  # the relays' places are given back
+        if (await cache_block(two))["relays"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the relays' places were never given back")

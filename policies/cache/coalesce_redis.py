@@ -55,7 +55,8 @@ _STREAM_MAXLEN = 100_000  # pieces of one answer at most (an answer larger than 
 _HELD_MAX_S = 600.0  # no lease is renewed, nor followed, longer than this (a leader that never ended)
 _BLOCK_S = 1.0  # one XREAD BLOCK at most; after a silent one the relay checks the leader's lease
 _RESUBSCRIBE_S = 10.0  # after a subscription failed, the next is asked for no sooner than this
-_IDLE_READERS = 4  # relay connections kept for the next relay
+_IDLE_READERS = 4  # relay connections kept for the next relay (within the bound on relays)
+_RELAYS_MAX = 32  # keys of other replicas a replica follows at once, with no [store] pool_size to go by
 _FAILURES = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
 
 
@@ -87,6 +88,14 @@ class SharedFlights:
         self.store = store
         self.wait_s = wait_s
         self.held_max_s = held_max_s  # _HELD_MAX_S; a test gives a short one
+        # A relay holds a Redis connection of its own while it follows a key: this replica follows at most
+        # [store] pool_size keys at once (the connections the operator allows a process), and a miss past that
+        # goes upstream itself, as it would without coalescing (a wait in line would add latency to a request
+        # whose replica is already this busy; the bound bites only with that many distinct keys in flight).
+        connect = store.connect
+        self.relays_max = connect.pool_size if connect is not None else _RELAYS_MAX
+        self.relaying = 0  # relays running, or asked for (their lease script on its way)
+        self.relays_full = 0  # misses that could have followed another replica's request but for the bound
         self.replica = os.urandom(6).hex()
         self._numbers = itertools.count(1)
         self.followed = f"{store.base}followed:{self.replica}"
@@ -125,7 +134,8 @@ class SharedFlights:
     async def claim(self, capture: "Capture", stale: bool = False) -> str:
         """LEAD (the capture leads, with a lease), FOLLOW (a relay feeds it from another replica's stream),
         STORED (the entry is there now: not asked when the caller found it `stale`, too old for its max-age), or
-        DOWN (Redis unreachable: it leads in this process only)."""
+        DOWN (Redis unreachable, or another replica's request holds the lease while this replica follows
+        `relays_max` keys already: it leads in this process only)."""
         store = self.store
         if store.is_down():
             return DOWN
@@ -135,18 +145,28 @@ class SharedFlights:
         entry_key = store.redis_key(capture.model, capture.key)
         lease_key = entry_key + ":lease"
         token = f"{self.replica}:{next(self._numbers)}"
+        may_follow = self.relaying < self.relays_max
+        self.relaying += may_follow  # a place kept for its relay while the script runs
         try:
             reply = await store.run_script(self._lead, [entry_key, lease_key],
                                            [token, LEASE_MS, f"{store.base}followed:", LEASE_MS * 2,
-                                            0 if stale else 1])
+                                            0 if stale else 1, 1 if may_follow else 0])
         except _FAILURES as exc:
+            self.relaying -= may_follow
             store.failed(exc)
             return DOWN
         except asyncio.CancelledError:
+            self.relaying -= may_follow
             # Its client left: the script may still take the lease. The end goes on the same connection,
             # after it: the lease is freed, and anyone who followed it meanwhile goes upstream at once.
             self.store.spawn(self._abandon(lease_key, token))
             raise
+        if reply[0] != 2:
+            self.relaying -= may_follow
+        if reply[0] == 3:
+            self.relays_full += 1
+            self._gave_up(capture, b"alone", "relays_full")
+            return DOWN
         if reply[0] == 1:
             until = asyncio.get_running_loop().time() + self.held_max_s
             capture.lease = Lease(lease_key, token, self.stream_of(token), until)
@@ -160,8 +180,12 @@ class SharedFlights:
         capture.relay = True
         task = asyncio.get_running_loop().create_task(self._relay(capture, lease_key, holder))
         self._relays.add(task)
-        task.add_done_callback(self._relays.discard)
+        task.add_done_callback(self._relay_done)
         return FOLLOW
+
+    def _relay_done(self, task: asyncio.Task) -> None:
+        self._relays.discard(task)
+        self.relaying -= 1
 
     def stream_of(self, token: str) -> str:
         return f"{self.store.base}flight:{token}"

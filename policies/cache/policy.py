@@ -125,9 +125,12 @@ class ResponseCache(Policy):
     def cache_stats(self) -> dict:
         """What the status page shows of this cache (proxy/admin/status.py)."""
         entries, size = self.store.held() if self.store is not None else (0, 0)
-        return {"backend": self.store.backend if self.store is not None else None, "entries": entries,
-                "bytes": size, "in_flight": len(self.flights),
-                "waiting": sum(flight.followers for flight in self.flights.values())}
+        stats = {"backend": self.store.backend if self.store is not None else None, "entries": entries,
+                 "bytes": size, "in_flight": len(self.flights),
+                 "waiting": sum(flight.followers for flight in self.flights.values())}
+        if self.shared is not None:  # keys of other replicas followed now, and misses past that bound
+            stats["relays"], stats["relays_full"] = self.shared.relaying, self.shared.relays_full
+        return stats
 
     async def close(self) -> None:
         if self.metrics is not None and self in self.metrics.caches:  # a reload's new policy counts from now on
