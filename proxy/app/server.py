@@ -29,6 +29,7 @@ from proxy.telemetry.observe import Observer
 from proxy.telemetry.request_log import cache_result
 from proxy.telemetry.otlp import Encoder, Exporter
 from proxy.pipeline.pipeline import Pipeline
+from proxy.pipeline.whole_answer import WholeAnswer
 from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
 from proxy.telemetry.worker_metrics import WORKER_METRICS
@@ -140,6 +141,11 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             response = error.to_response({"x-request-id": request_id})
         status = response.status
         cache = cache_result(response.headers)
+        if response.__class__ is WholeAnswer:  # out before the bookkeeping below, which the client need not wait for
+            try:
+                response.send(request)
+            except ConnectionResetError:  # the client left: aiohttp closes the connection (keep_alive is False)
+                pass
         return response
     finally:
         drain.leave(task)
