@@ -134,7 +134,7 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
                 raise
             response = await drain.cut_response(ctx, request_id)
         except ProxyError as error:
-            response = error.to_response({"x-request-id": request_id, **pipeline.extra_headers})
+            response = error.to_answer({"x-request-id": request_id, **pipeline.extra_headers})
         except Exception:
             emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
