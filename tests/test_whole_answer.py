@@ -13,6 +13,7 @@ from yarl import URL
 
 from proxy.sim.testing import Behaviour, completion
 from tests.conftest import config_for, post_chat
+from tests.test_auth import KEY, auth_table
 from tests.test_cache import ASK, cache_config
 
 BODY = orjson.dumps(ASK)
@@ -157,3 +158,19 @@ async def test_a_large_hit_to_a_slow_reader_arrives_whole_and_the_connection_goe
         assert headers["x-groq-proxy-cache"] == ["HIT"] and body == stored
     writer.close()
     assert len(scripted.requests) == 1
+
+
+async def test_a_refusal_and_an_answer_pipelined_on_one_connection_each_arrive_framed(upstream, start_proxy):
+    """Errors on the request path (here a missing proxy key, 401) leave as one write too: an OpenAI-shaped body
+    with its Content-Length, and the connection serves the next request."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url, auth=auth_table()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(base).port)
+    writer.write(raw_request() + raw_request(extra=f"Authorization: Bearer {KEY}\r\n"))
+    status_line, headers, body = await read_answer(reader)
+    assert status_line == "HTTP/1.1 401 Unauthorized" and headers["content-type"] == ["application/json"]
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "invalid_api_key" and set(error) == {"message", "type", "param", "code"}
+    status_line, headers, body = await read_answer(reader)
+    writer.close()
+    assert status_line == "HTTP/1.1 200 OK" and orjson.loads(body)["object"] == "chat.completion"
