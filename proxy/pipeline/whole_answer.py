@@ -1,4 +1,5 @@
-"""An answer whose every byte is known before the first goes out (a cache hit): written in one block.
+"""An answer whose every byte is known before the first goes out (a cache hit, a plain upstream answer): written
+in one block.
 
 aiohttp's `web.Response` works out its headers, fires the prepare signal and writes through its StreamWriter;
 on a cache hit that was about a sixth of the proxy's whole cost. A hit's status, headers and body are all
@@ -37,13 +38,13 @@ def _date_line() -> str:
 
 
 class WholeAnswer:
-    __slots__ = ("status", "headers", "_head", "_body", "keep_alive", "_sent")
+    __slots__ = ("status", "headers", "_head", "body", "keep_alive", "_sent")
 
     def __init__(self, status: int, headers: dict[str, str], head: str, body: bytes) -> None:
         self.status = status
         self.headers = headers  # what the proxy's own code reads back (the cache's verdict)
         self._head = head
-        self._body = body
+        self.body = body  # read by the cache's capture, as web.Response's
         self.keep_alive: bool | None = None
         self._sent = False
 
@@ -67,7 +68,7 @@ class WholeAnswer:
             if keep_alive:
                 head += "Connection: keep-alive\r\n"
         transport.write(b"".join(((status_line + head + _date_line() + _SERVER + "\r\n").encode(),
-                                  self._body)))
+                                  self.body)))
         if transport.get_write_buffer_size() > _WRITE_LIMIT:
             await request.writer.drain()
 
