@@ -1,4 +1,5 @@
-"""An answer whose every byte is known before the first goes out (a cache hit): written in one block.
+"""An answer whose every byte is known before the first goes out (a cache hit, a plain upstream answer): written
+in one block.
 
 aiohttp's `web.Response` works out its headers, fires the prepare signal and writes through its StreamWriter;
 on a cache hit that was about a sixth of the proxy's whole cost. A hit's status, headers and body are all
