@@ -1,5 +1,5 @@
-"""An answer whose every byte is known before the first goes out (a cache hit, a plain upstream answer): written
-in one block.
+"""An answer whose every byte is known before the first goes out (a cache hit, a plain upstream answer, an error):
+written in one block.
 
 aiohttp's `web.Response` works out its headers, fires the prepare signal and writes through its StreamWriter;
 on a cache hit that was about a sixth of the proxy's whole cost. A hit's status, headers and body are all
@@ -25,7 +25,8 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}\r\n" for status, reason in _REASONS.items()}
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 _WRITE_LIMIT = 2**16  # above this much unsent, wait for the client to read (aiohttp's StreamWriter's own limit)
 _OWN = ("\ncontent-length:", "\ndate:", "\nserver:", "\nconnection:", "\ntransfer-encoding:")  # the head's own lines
@@ -70,7 +71,8 @@ class WholeAnswer:
             if not keep_alive:
                 head += "Connection: close\r\n"
         else:
-            status_line = f"HTTP/{version.major}.{version.minor} {self.status} {HTTPStatus(self.status).phrase}\r\n"
+            reason = _REASONS.get(self.status, "Unknown")
+            status_line = f"HTTP/{version.major}.{version.minor} {self.status} {reason}\r\n"
             if keep_alive:
                 head += "Connection: keep-alive\r\n"
         transport.write(b"".join(((status_line + head + _date_line() + _SERVER + "\r\n").encode(), self.body)))
