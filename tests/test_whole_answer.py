@@ -5,12 +5,15 @@ and a policy's own framing headers or a header with a line break handed to aioht
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import orjson
 import pytest
 from yarl import URL
 
+from proxy.sim.testing import Behaviour, completion
 from tests.conftest import config_for, post_chat
+from tests.test_auth import KEY, auth_table
 from tests.test_cache import ASK, cache_config
 
 BODY = orjson.dumps(ASK)
@@ -134,3 +137,40 @@ async def test_a_header_value_with_a_line_break_never_reaches_the_wire(upstream,
     writer.close()
     assert b"x-injected" not in head.lower()
     assert not head.startswith(b"HTTP/1.1 200")  # aiohttp's response refuses the value, as before
+
+
+async def test_a_large_hit_to_a_slow_reader_arrives_whole_and_the_connection_goes_on(upstream, start_proxy):
+    """An answer larger than the 64 KiB the proxy leaves unsent before it waits for the client: sent before the
+    request's bookkeeping, waited for in write_eof, and the next request on the connection answered after it."""
+    scripted, url = upstream
+    scripted.behaviours["m1"] = Behaviour("ok", body=completion("m1", "x" * 3_000_000))
+    base = await start_proxy(cache_config(url, max_bytes=100_000_000, max_entry_bytes=20_000_000))
+    status, headers, stored = await post_chat(base, ASK)
+    assert status == 200 and len(stored) > 3_000_000
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer backs up in the proxy
+    sock.connect(("127.0.0.1", URL(base).port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**23)
+    writer.write(raw_request() * 2)
+    await asyncio.sleep(0.3)  # the client reads nothing for a while: the proxy's buffer holds what it could not send
+    for _ in range(2):
+        status_line, headers, body = await read_answer(reader)
+        assert headers["x-groq-proxy-cache"] == ["HIT"] and body == stored
+    writer.close()
+    assert len(scripted.requests) == 1
+
+
+async def test_a_refusal_and_an_answer_pipelined_on_one_connection_each_arrive_framed(upstream, start_proxy):
+    """Errors on the request path (here a missing proxy key, 401) leave as one write too: an OpenAI-shaped body
+    with its Content-Length, and the connection serves the next request."""
+    scripted, url = upstream
+    base = await start_proxy(config_for(url, auth=auth_table()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(base).port)
+    writer.write(raw_request() + raw_request(extra=f"Authorization: Bearer {KEY}\r\n"))
+    status_line, headers, body = await read_answer(reader)
+    assert status_line == "HTTP/1.1 401 Unauthorized" and headers["content-type"] == ["application/json"]
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "invalid_api_key" and set(error) == {"message", "type", "param", "code"}
+    status_line, headers, body = await read_answer(reader)
+    writer.close()
+    assert status_line == "HTTP/1.1 200 OK" and orjson.loads(body)["object"] == "chat.completion"

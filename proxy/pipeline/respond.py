@@ -13,7 +13,7 @@ from proxy.pipeline.whole_answer import whole_answer
 
 async def respond(request: web.Request, decision: Decision, base_headers: dict[str, str]) -> web.StreamResponse:
     if isinstance(decision, Reject):
-        return decision.error().to_response(base_headers)
+        return decision.error().to_answer(base_headers)
     if not isinstance(decision, Respond):
         raise TypeError(f"on_request returned {decision!r}: not a Decision the pipeline acts on")
     headers = {**base_headers, **decision.headers}
