@@ -8,14 +8,16 @@ module adds one Redis step to a miss that finds no flight of its key in its own 
   and its capture is published to a Redis Stream only if another replica follows it; or
 - tells it another request holds the lease: it follows, through a relay that reads that request's stream
   (`XREAD BLOCK` on a connection of its own) and feeds a capture in this process, which every request of
-  the key here follows as it would a local leader (one Redis reader per key per replica); or
+  the key here follows as it would a local leader (one Redis reader per key per replica, and at most
+  `relays_max` of them: past that, the miss leads in this process, and its holder is not told); or
 - says the entry is there now (stored since the GET): the request looks it up again.
 
 Publishing costs nothing when nobody follows: a follower adds the lease to its holder's "followed" set and
 publishes its name on the channel of that name (in the same script). The holder subscribes to its channel
 (one connection a process, opened at its first miss), and pops its set each second while it leads, should a
 message be lost (its subscription was down); from then on it appends what it captured
-and each piece that comes after to its stream (XADD, bounded by MAXLEN and a TTL), and ends it with a
+and each piece that comes after to its stream (XADD, bounded by MAXLEN and a TTL; the first piece names the
+model, which a streaming follower's headers need long before the end), and ends it with a
 marker: `done` (a whole answer), `failed` (none: the followers go upstream themselves, one of them taking the
 lease) or `alone` (it cannot be followed: the followers go upstream without the lease). `flight_end.lua`
 frees the lease after the answer's put, so a request that finds the lease free finds the entry stored.
