@@ -626,7 +626,9 @@ async def test_followers_whose_redis_dies_while_they_wait_go_upstream_from_their
     await until_waiting(two, 4, "the other replica's followers")
     redis_server.kill()  # their relay's XREAD loses its connection
     await until(lambda: upstream.calls == 2, what="the followers' own call")
+    # Which follower makes that call is theirs to settle: a streamed one's call waits for `rest` after its first event
     upstream.first.set()
+    upstream.rest.set()
     answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
     assert [a[0] for a in answers] == [200] * 5
     assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
