@@ -145,14 +145,16 @@ class RememberingCache(Policy):
 
 
 class HeadedAnswer(Policy):
-    """Answers every request itself with the headers its config gives (`headers`): a policy's own headers, the
-    framing's included, as they reach the client."""
+    """Answers every request itself with the status and headers its config gives (`status`, `headers`): a
+    policy's own headers, the framing's included, and a status without a body, as they reach the client."""
 
-    def __init__(self, headers: dict | None = None, stream: bool = False) -> None:
+    def __init__(self, headers: dict | None = None, stream: bool = False, status: int = 200) -> None:
         self.headers = dict(headers or {})
         self.stream = stream
+        self.status = status
 
     async def on_request(self, ctx):
         if self.stream:
-            return Respond(events=(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"), headers=self.headers)
-        return Respond(body=completion("headed"), headers=self.headers)
+            return Respond(events=(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"), headers=self.headers,
+                           status=self.status)
+        return Respond(body=completion("headed"), headers=self.headers, status=self.status)

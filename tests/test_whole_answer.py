@@ -174,3 +174,24 @@ async def test_a_refusal_and_an_answer_pipelined_on_one_connection_each_arrive_f
     status_line, headers, body = await read_answer(reader)
     writer.close()
     assert status_line == "HTTP/1.1 200 OK" and orjson.loads(body)["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("status, reason", [(204, "No Content"), (304, "Not Modified")])
+async def test_a_policys_bodiless_status_goes_out_without_a_body_and_the_connection_goes_on(upstream, start_proxy,
+                                                                                             status, reason):
+    """204 and 304 have no body whatever their Content-Length (RFC 9110): a body written after one is read by the
+    client as the start of the next answer on the connection. A policy answering so gets aiohttp's framing, as
+    before: no body and no Content-Length, and the next request on the connection answered cleanly."""
+    _, url = upstream
+    policy = {"use": "tests.policy_examples:HeadedAnswer", "status": status, "headers": {"x-mine": "yes"}}
+    base = await start_proxy(config_for(url, policies=[policy]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(base).port)
+    writer.write(raw_request() * 2)
+    for _ in range(2):
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        status_line, *lines = head[:-4].split("\r\n")
+        assert status_line == f"HTTP/1.1 {status} {reason}"
+        assert "x-mine: yes" in lines and not any(line.lower().startswith("content-length:") for line in lines)
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # nothing after the two heads
+    writer.close()

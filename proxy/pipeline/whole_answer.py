@@ -13,7 +13,8 @@ The head is what aiohttp would write: `Content-Length`, `Date` and `Server`, `Co
 client asked to close (HTTP/1.1) and `Connection: keep-alive` when an HTTP/1.0 client asked to keep it. A
 header value with a line break cannot be written: `whole_answer` returns None and the caller uses `web.Response`,
 which refuses it as it always has; so does a policy's answer that sets a header of the framing itself
-(`Content-Length`, `Date`, `Server`, `Connection`, `Transfer-Encoding`).
+(`Content-Length`, `Date`, `Server`, `Connection`, `Transfer-Encoding`), and one with a status that has no body
+(1xx, 204, 304: aiohttp drops the body and its Content-Length; written, the body would be read as the next answer).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class WholeAnswer:
 
 def whole_answer(status: int, headers: dict[str, str], body: bytes) -> WholeAnswer | None:
     """The answer as one block, or None when a header cannot be written as it is (see the module's note)."""
+    if status < 200 or status == 204 or status == 304:  # no body whatever the policy gave: aiohttp's framing
+        return None
     head = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     lines = len(headers)
     if head.count("\n") != lines or head.count("\r") != lines:  # a line break inside a name or a value
