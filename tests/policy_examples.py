@@ -124,16 +124,18 @@ class UsageUpstream(ChatUpstream):
 class RememberingCache(Policy):
     """The response cache's two contracts with the status page and the request log, without its store: the
     `x-groq-proxy-cache` header on every answer it saw (HIT for a prompt answered before, MISS otherwise) and
-    the `cache_stats()` hook. It answers a repeated prompt with a canned completion."""
+    the `cache_stats()` hook. It answers a repeated prompt with a canned completion. `header`: how it spells the
+    header's name (HTTP names are case-insensitive)."""
 
-    def __init__(self) -> None:
+    def __init__(self, header: str = "x-groq-proxy-cache") -> None:
         self.seen: set[str] = set()
+        self.header = header
 
     async def on_request(self, ctx):
         prompt = _orjson.dumps(ctx.body.get("messages")).decode()
         if prompt in self.seen:
-            return Respond(body=completion("cached"), headers={"x-groq-proxy-cache": "HIT", "age": "1"})
-        ctx.policy.headers["x-groq-proxy-cache"] = "MISS"
+            return Respond(body=completion("cached"), headers={self.header: "HIT", "age": "1"})
+        ctx.policy.headers[self.header] = "MISS"
         return CONTINUE
 
     async def after(self, ctx):

@@ -29,8 +29,15 @@ _MAX_MODEL = 256  # an explicit 'provider:model' is the client's text, of any le
 
 
 def cache_result(headers) -> str | None:
-    """The cache's verdict from an answer's headers; None when no cache policy looked at the request."""
+    """The cache's verdict from an answer's headers; None when no cache policy looked at the request. An answer
+    the proxy writes whole (proxy/pipeline/whole_answer.py) keeps a plain dict, not aiohttp's case-insensitive
+    one: a policy may spell the name `X-Groq-Proxy-Cache`."""
     value = headers.get(CACHE_HEADER)
+    if value is None and headers.__class__ is dict:
+        for name in headers:
+            if len(name) == 18 and name.lower() == CACHE_HEADER:
+                value = headers[name]
+                break
     return value if value in _CACHE_RESULTS else None
 
 
