@@ -5,8 +5,8 @@ aiohttp's `web.Response` works out its headers, fires the prepare signal and wri
 on a cache hit that was about a sixth of the proxy's whole cost. A hit's status, headers and body are all
 known at once, so `WholeAnswer` joins them and makes one `transport.write`, which the proxy's handler makes
 (`send`) before it logs and counts the request: the client has its answer that much sooner. It offers what
-aiohttp's request handler calls on a handler's answer (`prepare`, `write_eof`, `keep_alive`) and what the proxy
-reads (`status`, `headers`, `body`); the proxy's app has neither middlewares nor `on_response_prepare` handlers,
+aiohttp's request handler calls on a handler's answer (`prepare`, `write_eof`, `keep_alive`, and `body_length` for
+its access log) and what the proxy reads (`status`, `headers`, `body`); the proxy's app has neither middlewares nor `on_response_prepare` handlers,
 which is all it skips.
 
 The head is what aiohttp would write: `Content-Length`, `Date` and `Server`, `Connection: close` when the
@@ -42,7 +42,7 @@ def _date_line() -> str:
 
 
 class WholeAnswer:
-    __slots__ = ("status", "headers", "_head", "body", "keep_alive", "_sent", "_writer")
+    __slots__ = ("status", "headers", "_head", "body", "keep_alive", "body_length", "_sent", "_writer")
 
     def __init__(self, status: int, headers: dict[str, str], head: str, body: bytes) -> None:
         self.status = status
@@ -50,6 +50,7 @@ class WholeAnswer:
         self._head = head
         self.body = body  # read by the cache's capture, as web.Response's
         self.keep_alive: bool | None = None
+        self.body_length = 0  # bytes written, head included, as aiohttp's response reports it (its access log's %b)
         self._sent = False
         self._writer = None  # set when the client has not taken the whole answer yet
 
@@ -76,10 +77,15 @@ class WholeAnswer:
             status_line = f"HTTP/{version.major}.{version.minor} {self.status} {reason}\r\n"
             if keep_alive:
                 head += "Connection: keep-alive\r\n"
-        transport.write(b"".join(((status_line + head + _date_line() + _SERVER + "\r\n").encode(), self.body)))
+        data = b"".join(((status_line + head + _date_line() + _SERVER + "\r\n").encode(), self.body))
+        transport.write(data)
         self.keep_alive = keep_alive
+        writer = request.writer
+        # Counted as aiohttp's writer counts what it writes: its error handler (and the proxy's) then knows an
+        # answer went out and ends the connection rather than write a second one; its access log reads the size.
+        writer.output_size = self.body_length = len(data)
         if transport.get_write_buffer_size() > _WRITE_LIMIT:
-            self._writer = request.writer
+            self._writer = writer
 
     async def prepare(self, request: web.BaseRequest) -> None:
         self.send(request)  # aiohttp's call: a no-op when the handler has sent it already
