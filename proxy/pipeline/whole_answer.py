@@ -31,6 +31,7 @@ _STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}\r\n" for status, reason in
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 _WRITE_LIMIT = 2**16  # above this much unsent, wait for the client to read (aiohttp's StreamWriter's own limit)
 _OWN = ("\ncontent-length:", "\ndate:", "\nserver:", "\nconnection:", "\ntransfer-encoding:")  # the head's own lines
+_NO_BODY = frozenset((204, 304, *range(100, 200)))  # statuses without a body (RFC 9110)
 _date = [0, ""]  # (second, its Date line), as aiohttp caches its own
 
 
@@ -42,7 +43,7 @@ def _date_line() -> str:
 
 
 class WholeAnswer:
-    __slots__ = ("status", "headers", "_head", "body", "keep_alive", "body_length", "_sent", "_writer")
+    __slots__ = ("status", "headers", "_head", "body", "keep_alive", "_sent", "_writer")
 
     def __init__(self, status: int, headers: dict[str, str], head: str, body: bytes) -> None:
         self.status = status
@@ -50,8 +51,7 @@ class WholeAnswer:
         self._head = head
         self.body = body  # read by the cache's capture, as web.Response's
         self.keep_alive: bool | None = None
-        self.body_length = 0  # bytes written, head included, as aiohttp's response reports it (its access log's %b)
-        self._sent = False
+        self._sent = 0  # the bytes written, head included, once sent
         self._writer = None  # set when the client has not taken the whole answer yet
 
     def send(self, request: web.BaseRequest) -> None:
@@ -60,7 +60,6 @@ class WholeAnswer:
         take a large answer is left to `write_eof`."""
         if self._sent:
             return
-        self._sent = True
         self.keep_alive = False  # unless the write below happens
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -82,10 +81,15 @@ class WholeAnswer:
         self.keep_alive = keep_alive
         writer = request.writer
         # Counted as aiohttp's writer counts what it writes: its error handler (and the proxy's) then knows an
-        # answer went out and ends the connection rather than write a second one; its access log reads the size.
-        writer.output_size = self.body_length = len(data)
+        # answer went out and ends the connection rather than write a second one.
+        writer.output_size = self._sent = len(data)
         if transport.get_write_buffer_size() > _WRITE_LIMIT:
             self._writer = writer
+
+    @property
+    def body_length(self) -> int:
+        """What aiohttp's access log reports (`%b`): the bytes written, head included, as its response does."""
+        return self._sent
 
     async def prepare(self, request: web.BaseRequest) -> None:
         self.send(request)  # aiohttp's call: a no-op when the handler has sent it already
@@ -98,7 +102,7 @@ class WholeAnswer:
 
 def whole_answer(status: int, headers: dict[str, str], body: bytes) -> WholeAnswer | None:
     """The answer as one block, or None when a header cannot be written as it is (see the module's note)."""
-    if status < 200 or status == 204 or status == 304:  # no body whatever the policy gave: aiohttp's framing
+    if status in _NO_BODY:  # none whatever the policy gave: aiohttp's framing
         return None
     head = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     lines = len(headers)
