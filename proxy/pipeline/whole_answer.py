@@ -6,8 +6,8 @@ on a cache hit that was about a sixth of the proxy's whole cost. A hit's status,
 known at once, so `WholeAnswer` joins them and makes one `transport.write`, which the proxy's handler makes
 (`send`) before it logs and counts the request: the client has its answer that much sooner. It offers what
 aiohttp's request handler calls on a handler's answer (`prepare`, `write_eof`, `keep_alive`, and `body_length` for
-its access log) and what the proxy reads (`status`, `headers`, `body`); the proxy's app has neither middlewares nor `on_response_prepare` handlers,
-which is all it skips.
+its access log) and what the proxy reads (`status`, `headers`, `body`); the proxy's app has neither middlewares
+nor `on_response_prepare` handlers, which is all it skips.
 
 The head is what aiohttp would write: `Content-Length`, `Date` and `Server`, `Connection: close` when the
 client asked to close (HTTP/1.1) and `Connection: keep-alive` when an HTTP/1.0 client asked to keep it. A
