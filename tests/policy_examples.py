@@ -124,16 +124,18 @@ class UsageUpstream(ChatUpstream):
 class RememberingCache(Policy):
     """The response cache's two contracts with the status page and the request log, without its store: the
     `x-groq-proxy-cache` header on every answer it saw (HIT for a prompt answered before, MISS otherwise) and
-    the `cache_stats()` hook. It answers a repeated prompt with a canned completion."""
+    the `cache_stats()` hook. It answers a repeated prompt with a canned completion. `header`: how it spells the
+    header's name (HTTP names are case-insensitive)."""
 
-    def __init__(self) -> None:
+    def __init__(self, header: str = "x-groq-proxy-cache") -> None:
         self.seen: set[str] = set()
+        self.header = header
 
     async def on_request(self, ctx):
         prompt = _orjson.dumps(ctx.body.get("messages")).decode()
         if prompt in self.seen:
-            return Respond(body=completion("cached"), headers={"x-groq-proxy-cache": "HIT", "age": "1"})
-        ctx.policy.headers["x-groq-proxy-cache"] = "MISS"
+            return Respond(body=completion("cached"), headers={self.header: "HIT", "age": "1"})
+        ctx.policy.headers[self.header] = "MISS"
         return CONTINUE
 
     async def after(self, ctx):
@@ -145,14 +147,16 @@ class RememberingCache(Policy):
 
 
 class HeadedAnswer(Policy):
-    """Answers every request itself with the headers its config gives (`headers`): a policy's own headers, the
-    framing's included, as they reach the client."""
+    """Answers every request itself with the status and headers its config gives (`status`, `headers`): a
+    policy's own headers, the framing's included, and a status without a body, as they reach the client."""
 
-    def __init__(self, headers: dict | None = None, stream: bool = False) -> None:
+    def __init__(self, headers: dict | None = None, stream: bool = False, status: int = 200) -> None:
         self.headers = dict(headers or {})
         self.stream = stream
+        self.status = status
 
     async def on_request(self, ctx):
         if self.stream:
-            return Respond(events=(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"), headers=self.headers)
-        return Respond(body=completion("headed"), headers=self.headers)
+            return Respond(events=(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"), headers=self.headers,
+                           status=self.status)
+        return Respond(body=completion("headed"), headers=self.headers, status=self.status)

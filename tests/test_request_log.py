@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 import orjson
+import pytest
 
 from policies.identity import hash_key
 from proxy.sim.testing import Behaviour, status
@@ -136,12 +137,17 @@ async def test_user_with_policies_but_no_auth_is_cut_short_too(upstream, start_p
     assert (line["user"], line["key_id"], line["request_type"]) == ("v" * 64, None, "default")
 
 
-async def test_the_cache_result_is_the_answers_x_groq_proxy_cache_header(upstream, start_proxy, proxy_log):
+@pytest.mark.parametrize("spelling", ["x-groq-proxy-cache", "X-Groq-Proxy-Cache"])
+async def test_the_cache_result_is_the_answers_x_groq_proxy_cache_header(upstream, start_proxy, proxy_log, spelling):
+    """However a policy spells the header's name: an answer the proxy writes itself (proxy/pipeline/whole_answer.py)
+    keeps its headers in a plain dict, where a lookup is not case-insensitive as in aiohttp's response."""
     scripted, url = upstream
-    base = await start_proxy(config_for(url, policies=[{"use": "tests.policy_examples:RememberingCache"}]))
+    policy = {"use": "tests.policy_examples:RememberingCache", "header": spelling}
+    base = await start_proxy(config_for(url, policies=[policy]))
     miss = await post(base, body())
     hit = await post(base, body())
     assert (miss[1]["x-groq-proxy-cache"], hit[1]["x-groq-proxy-cache"]) == ("MISS", "HIT")
+    assert (miss[1].getall("x-groq-proxy-cache"), hit[1].getall("x-groq-proxy-cache")) == (["MISS"], ["HIT"])
     first, second = request_lines(proxy_log)
     assert (first["cache"], first["model"], first["attempts"]) == ("MISS", "up:m1", 1)
     assert (second["cache"], second["model"], second["attempts"], second["status"]) == ("HIT", None, 0, 200)

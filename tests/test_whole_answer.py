@@ -5,6 +5,7 @@ and a policy's own framing headers or a header with a line break handed to aioht
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 from yarl import URL
 
 from proxy.sim.testing import Behaviour, completion
+from proxy.telemetry.observe import Observer
 from tests.conftest import config_for, post_chat
 from tests.test_auth import KEY, auth_table
 from tests.test_cache import ASK, cache_config
@@ -174,3 +176,69 @@ async def test_a_refusal_and_an_answer_pipelined_on_one_connection_each_arrive_f
     status_line, headers, body = await read_answer(reader)
     writer.close()
     assert status_line == "HTTP/1.1 200 OK" and orjson.loads(body)["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("status, reason", [(204, "No Content"), (304, "Not Modified")])
+async def test_a_policys_bodiless_status_goes_out_without_a_body_and_the_connection_goes_on(upstream, start_proxy,
+                                                                                             status, reason):
+    """204 and 304 have no body whatever their Content-Length (RFC 9110): a body written after one is read by the
+    client as the start of the next answer on the connection. A policy answering so gets aiohttp's framing, as
+    before: no body and no Content-Length, and the next request on the connection answered cleanly."""
+    _, url = upstream
+    policy = {"use": "tests.policy_examples:HeadedAnswer", "status": status, "headers": {"x-mine": "yes"}}
+    base = await start_proxy(config_for(url, policies=[policy]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", URL(base).port)
+    writer.write(raw_request() * 2)
+    for _ in range(2):
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        status_line, *lines = head[:-4].split("\r\n")
+        assert status_line == f"HTTP/1.1 {status} {reason}"
+        assert "x-mine: yes" in lines and not any(line.lower().startswith("content-length:") for line in lines)
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # nothing after the two heads
+    writer.close()
+
+
+async def test_aiohttps_access_log_gets_the_status_and_size_of_an_answer_written_whole(upstream, start_proxy, caplog):
+    """The proxy's own CLI turns aiohttp's access log off, but an app served by aiohttp's runner with its default
+    access logger (as the test servers do, or an embedding `web.run_app`) logs each answer's status and size
+    (`%s`, `%b`): a WholeAnswer offers them as aiohttp's response does, not an `Error in logging` traceback."""
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    base, port, stored = await primed(upstream, start_proxy)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw_request() + raw_request(body=b"{nope"))
+    sizes = []
+    for _ in range(2):  # each answer's bytes on the wire, head included: what aiohttp's `%b` counts
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(line for line in head.decode().split("\r\n") if line.startswith("Content-Length:"))[15:])
+        body = await asyncio.wait_for(reader.readexactly(length), 10)
+        sizes.append((head.split(b" ")[1].decode(), len(head) + length, body))
+    writer.close()
+    assert sizes[0][0] == "200" and sizes[0][2] == stored and sizes[1][0] == "400"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert lines[-2].split('"')[2].split() == ["200", str(sizes[0][1])]
+    assert lines[-1].split('"')[2].split() == ["400", str(sizes[1][1])]
+
+
+async def test_a_failure_in_the_bookkeeping_after_the_answer_went_out_adds_no_second_answer(upstream, start_proxy,
+                                                                                             monkeypatch):
+    """The handler writes a whole answer before its bookkeeping (log line, metrics, span). Should that raise (a
+    bug, injected here), aiohttp's error handler must see that an answer went out, as it does for its own
+    responses, and end the connection: not write a 500 behind the 200, which the client would read as the
+    answer to its next request on the connection."""
+    base, port, stored = await primed(upstream, start_proxy)
+    ended = Observer.request_ended
+
+    def failing(self, *args, **kwargs):
+        monkeypatch.setattr(Observer, "request_ended", ended)  # once
+        raise RuntimeError("a bug in the bookkeeping")
+
+    monkeypatch.setattr(Observer, "request_ended", failing)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw_request())
+    status_line, headers, body = await read_answer(reader)
+    assert status_line == "HTTP/1.1 200 OK" and body == stored
+    rest = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert rest == b""  # the connection ended after the one answer

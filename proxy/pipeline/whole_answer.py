@@ -5,15 +5,16 @@ aiohttp's `web.Response` works out its headers, fires the prepare signal and wri
 on a cache hit that was about a sixth of the proxy's whole cost. A hit's status, headers and body are all
 known at once, so `WholeAnswer` joins them and makes one `transport.write`, which the proxy's handler makes
 (`send`) before it logs and counts the request: the client has its answer that much sooner. It offers what
-aiohttp's request handler calls on a handler's answer (`prepare`, `write_eof`, `keep_alive`) and what the proxy
-reads (`status`, `headers`, `body`); the proxy's app has neither middlewares nor `on_response_prepare` handlers,
-which is all it skips.
+aiohttp's request handler calls on a handler's answer (`prepare`, `write_eof`, `keep_alive`, and `body_length` for
+its access log) and what the proxy reads (`status`, `headers`, `body`); the proxy's app has neither middlewares
+nor `on_response_prepare` handlers, which is all it skips.
 
 The head is what aiohttp would write: `Content-Length`, `Date` and `Server`, `Connection: close` when the
 client asked to close (HTTP/1.1) and `Connection: keep-alive` when an HTTP/1.0 client asked to keep it. A
 header value with a line break cannot be written: `whole_answer` returns None and the caller uses `web.Response`,
 which refuses it as it always has; so does a policy's answer that sets a header of the framing itself
-(`Content-Length`, `Date`, `Server`, `Connection`, `Transfer-Encoding`).
+(`Content-Length`, `Date`, `Server`, `Connection`, `Transfer-Encoding`), and one with a status that has no body
+(1xx, 204, 304: aiohttp drops the body and its Content-Length; written, the body would be read as the next answer).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}\r\n" for status, reason in
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 _WRITE_LIMIT = 2**16  # above this much unsent, wait for the client to read (aiohttp's StreamWriter's own limit)
 _OWN = ("\ncontent-length:", "\ndate:", "\nserver:", "\nconnection:", "\ntransfer-encoding:")  # the head's own lines
+_NO_BODY = frozenset((204, 304, *range(100, 200)))  # statuses without a body (RFC 9110)
 _date = [0, ""]  # (second, its Date line), as aiohttp caches its own
 
 
@@ -49,7 +51,7 @@ class WholeAnswer:
         self._head = head
         self.body = body  # read by the cache's capture, as web.Response's
         self.keep_alive: bool | None = None
-        self._sent = False
+        self._sent = 0  # the bytes written, head included, once sent
         self._writer = None  # set when the client has not taken the whole answer yet
 
     def send(self, request: web.BaseRequest) -> None:
@@ -58,7 +60,6 @@ class WholeAnswer:
         take a large answer is left to `write_eof`."""
         if self._sent:
             return
-        self._sent = True
         self.keep_alive = False  # unless the write below happens
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -75,10 +76,20 @@ class WholeAnswer:
             status_line = f"HTTP/{version.major}.{version.minor} {self.status} {reason}\r\n"
             if keep_alive:
                 head += "Connection: keep-alive\r\n"
-        transport.write(b"".join(((status_line + head + _date_line() + _SERVER + "\r\n").encode(), self.body)))
+        data = b"".join(((status_line + head + _date_line() + _SERVER + "\r\n").encode(), self.body))
+        transport.write(data)
         self.keep_alive = keep_alive
+        writer = request.writer
+        # Counted as aiohttp's writer counts what it writes: its error handler (and the proxy's) then knows an
+        # answer went out and ends the connection rather than write a second one.
+        writer.output_size = self._sent = len(data)
         if transport.get_write_buffer_size() > _WRITE_LIMIT:
-            self._writer = request.writer
+            self._writer = writer
+
+    @property
+    def body_length(self) -> int:
+        """What aiohttp's access log reports (`%b`): the bytes written, head included, as its response does."""
+        return self._sent
 
     async def prepare(self, request: web.BaseRequest) -> None:
         self.send(request)  # aiohttp's call: a no-op when the handler has sent it already
@@ -91,6 +102,8 @@ class WholeAnswer:
 
 def whole_answer(status: int, headers: dict[str, str], body: bytes) -> WholeAnswer | None:
     """The answer as one block, or None when a header cannot be written as it is (see the module's note)."""
+    if status in _NO_BODY:  # none whatever the policy gave: aiohttp's framing
+        return None
     head = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     lines = len(headers)
     if head.count("\n") != lines or head.count("\r") != lines:  # a line break inside a name or a value

@@ -28,9 +28,17 @@ _MAX_TEXT = 64
 _MAX_MODEL = 256  # an explicit 'provider:model' is the client's text, of any length
 
 
-def cache_result(headers) -> str | None:
-    """The cache's verdict from an answer's headers; None when no cache policy looked at the request."""
+def cache_result(headers, ctx: RequestContext | None = None) -> str | None:
+    """The cache's verdict from an answer's headers; None when no cache policy looked at the request. An answer
+    the proxy writes whole (proxy/pipeline/whole_answer.py) keeps a plain dict, not aiohttp's case-insensitive
+    one, where a policy may have spelled the name `X-Groq-Proxy-Cache`: looked for only when the request's
+    policies ran (`ctx.policy`; no other code sets the header), so a request without them does not pay for it."""
     value = headers.get(CACHE_HEADER)
+    if value is None and ctx is not None and ctx.policy is not None and headers.__class__ is dict:
+        for name in headers:
+            if len(name) == 18 and name.lower() == CACHE_HEADER:
+                value = headers[name]
+                break
     return value if value in _CACHE_RESULTS else None
 
 
