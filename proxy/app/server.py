@@ -140,7 +140,7 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
             response = error.to_response({"x-request-id": request_id})
         status = response.status
-        cache = cache_result(response.headers, ctx)
+        cache = cache_result(response.headers)
         if response.__class__ is WholeAnswer:  # out before the bookkeeping below, which the client need not wait for
             try:
                 response.send(request)

@@ -31,6 +31,8 @@ _STATUS_LINES = {status: f"HTTP/1.1 {status} {reason}\r\n" for status, reason in
 _SERVER = f"Server: {SERVER_SOFTWARE}\r\n"
 _WRITE_LIMIT = 2**16  # above this much unsent, wait for the client to read (aiohttp's StreamWriter's own limit)
 _OWN = ("\ncontent-length:", "\ndate:", "\nserver:", "\nconnection:", "\ntransfer-encoding:")  # the head's own lines
+CACHE_HEADER = "x-groq-proxy-cache"  # the cache's verdict, which the proxy reads back from `headers`
+_CACHE_LINE = f"\n{CACHE_HEADER}:"
 _NO_BODY = frozenset((204, 304, *range(100, 200)))  # statuses without a body (RFC 9110)
 _date = [0, ""]  # (second, its Date line), as aiohttp caches its own
 
@@ -111,4 +113,6 @@ def whole_answer(status: int, headers: dict[str, str], body: bytes) -> WholeAnsw
     low = "\n" + head.lower()
     if any([name in low for name in _OWN]):  # the policy wrote a header of the framing's: aiohttp's way
         return None
+    if _CACHE_LINE in low and CACHE_HEADER not in headers:  # a policy's own spelling, e.g. X-Groq-Proxy-Cache
+        headers[CACHE_HEADER] = next(v for k, v in headers.items() if k.lower() == CACHE_HEADER)  # read back
     return WholeAnswer(status, headers, f"{head}Content-Length: {len(body)}\r\n", body)

@@ -19,26 +19,19 @@ import time
 import orjson
 
 from proxy.pipeline.context import RequestContext
+from proxy.pipeline.whole_answer import CACHE_HEADER  # the cache's verdict on every answer it saw (HIT, MISS, ...)
 from proxy.telemetry.logs import direct_writer, emit, emit_line, log, redact
 
-CACHE_HEADER = "x-groq-proxy-cache"  # the response cache's verdict on every answer it saw (HIT, MISS, ...)
 _CACHE_RESULTS = frozenset({"HIT", "MISS", "BYPASS", "COALESCED"})
 _LEVELS = {logging.INFO: "info", logging.WARNING: "warning"}
 _MAX_TEXT = 64
 _MAX_MODEL = 256  # an explicit 'provider:model' is the client's text, of any length
 
 
-def cache_result(headers, ctx: RequestContext | None = None) -> str | None:
-    """The cache's verdict from an answer's headers; None when no cache policy looked at the request. An answer
-    the proxy writes whole (proxy/pipeline/whole_answer.py) keeps a plain dict, not aiohttp's case-insensitive
-    one, where a policy may have spelled the name `X-Groq-Proxy-Cache`: looked for only when the request's
-    policies ran (`ctx.policy`; no other code sets the header), so a request without them does not pay for it."""
+def cache_result(headers) -> str | None:
+    """The cache's verdict from an answer's headers; None when no cache policy looked at the request. (An answer
+    written whole keeps a plain dict: `whole_answer` adds the lower-case name when a policy spelled it otherwise.)"""
     value = headers.get(CACHE_HEADER)
-    if value is None and ctx is not None and ctx.policy is not None and headers.__class__ is dict:
-        for name in headers:
-            if len(name) == 18 and name.lower() == CACHE_HEADER:
-                value = headers[name]
-                break
     return value if value in _CACHE_RESULTS else None
 
 
