@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
 from policies.estimate import GENERATES, completion_limit, counts_tokens, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
+from policies.plan import MAX_PLANS, NotPlannable, Plan, Planned, plannable
+from policies.request_budget import lower
+from policies.scopes import duration
 from policies.stores.base import BUDGET, SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
 from proxy.telemetry.logs import emit
 
@@ -149,6 +152,11 @@ class PolicyChain:
         self._admit_now = getattr(store, "admit_now", None)
         self._settle_now = getattr(store, "settle_now", None)
         self._release_now = getattr(store, "release_now", None)
+        # The built-ins on the memory store: each (identity, model, request type, operation) compiled once into a
+        # Plan, taken and given back in one store call each (policies/plan.py). None: every request the generic way.
+        self._plans: dict[tuple, Plan] | None = {} if plannable(self.policies, store) else None
+        self._take = getattr(store, "take", None)
+        self._give_back = getattr(store, "give_back", None)
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
@@ -176,7 +184,6 @@ class PolicyChain:
         ctx.request_type = request_type[:64]
         module = headers.get("x-module")
         ctx.module = module[:64] if module else None
-        ctx.policy = PolicyState(ctx.body, counts_tokens(ctx))
         if ctx.span is not None:
             attrs = ctx.span.attrs
             attrs["groq_proxy.request_type"] = ctx.request_type
@@ -191,7 +198,9 @@ class PolicyChain:
     # --- the hooks --------------------------------------------------------------------------------------
 
     async def on_request(self, ctx: "RequestContext") -> Decision:
-        state = ctx.policy
+        if self._plans is not None and (planned := self._planned(ctx)) is not None:
+            return planned
+        state = ctx.policy = PolicyState(ctx.body, counts_tokens(ctx))
         answer = None  # a Respond (a cache hit): the policies after it still see the request, and may refuse it
         metrics, continues = self.metrics, self._continue_keys
         for policy in self.policies:
@@ -295,6 +304,9 @@ class PolicyChain:
         state = ctx.policy
         if state is None:
             return
+        if type(state) is Planned:
+            self._give_back_plan(ctx, state)
+            return
         ran = state.ran
         for index, policy in self._after:  # only those that override after(), whose on_request ran
             if index >= ran:
@@ -331,6 +343,83 @@ class PolicyChain:
                 await asyncio.shield(asyncio.ensure_future(self._settle(ctx, state.settlements)))
             else:
                 await self._settle(ctx, state.settlements)
+
+    # --- a plan (policies/plan.py) --------------------------------------------------------------------
+
+    def _planned(self, ctx: "RequestContext") -> Decision | None:
+        """The request admitted by its plan, as the generic path would admit it: CONTINUE with the state set.
+        None when the request must go the generic way (see policies/plan.py): nothing was taken then."""
+        identity, route, op = ctx.identity, ctx.route, ctx.op
+        counts = op is None or op.tokens  # policies.estimate.counts_tokens
+        key = (identity.key, identity.user, identity.team, route.virtual or route.requested, ctx.request_type,
+               ctx.operation, counts)
+        plans = self._plans
+        plan = plans.get(key)
+        body = ctx.body
+        try:
+            if plan is None or time.time() >= plan.expires:  # a token budget's period has ended: its key changed
+                plan = Plan(self.policies, ctx, counts, time.time())
+                if len(plans) >= MAX_PLANS:
+                    plans.clear()
+                plans[key] = plan
+            tokens, prompt, lowered = 0, None, False
+            if plan.estimates:  # the tokens a budget or tokens limit reserves, as PolicyState.reserve
+                prompt = estimate(body)
+                completion = completion_limit(body) if plan.generates else 0
+                budget = plan.budget
+                if budget is not None:  # request_budget's checks, as its on_request makes them
+                    if prompt > budget[0]:
+                        return None
+                    if plan.chat and (completion is None or completion > budget[1]):
+                        if completion is not None and plan.reject_over:
+                            return None
+                        lowered, limit, completion = True, completion, budget[1]
+                if completion is None:
+                    completion = plan.default_completion
+                    if completion is None:  # the policies' default_completion differ: each reserves its own
+                        return None
+                tokens = prompt + completion
+        except NotPlannable:
+            return None
+        except Exception:  # a replaced estimator that raised: the generic path records it as that policy's error
+            return None
+        got = self._take(plan.gcras, plan.budgets, plan.slots, tokens)
+        if got is None:  # a row did not fit: the generic path finds which, and refuses, waits or records it
+            return None
+        headers: dict[str, str] = {}
+        if lowered:
+            lower(body, limit, completion, headers)
+        for limit_name, remaining_name, reset_name, i, limit_text, others in plan.heads:
+            for j, text in others:  # the tightest limit of its kind: the least remaining, the first of equals
+                if got[j][0] < got[i][0]:
+                    i, limit_text = j, text
+            left, back = got[i]
+            headers[limit_name] = limit_text
+            headers[remaining_name] = str(int(left)) if left > 0 else "0"
+            headers[reset_name] = "%.2fs" % back if 0 < back < 60 else duration(back)
+        ctx.policy = Planned(plan, tokens, body, prompt, headers)
+        if self.metrics is not None:
+            self.metrics.decisions.inc_each(plan.continues)
+        if ctx.span is not None and self.record is not None:
+            for name, mode in plan.events:
+                self.record(ctx, name, "continue", mode=mode)
+        return CONTINUE
+
+    def _give_back_plan(self, ctx: "RequestContext", state: Planned) -> None:
+        """`after` of a planned request: its rows charged what it used (or freed), and the hedges' reservations
+        given back, as `after` does an admitted request's claims."""
+        plan = state.plan
+        if plan.settles:
+            try:
+                used = used_tokens(ctx)
+            except Exception:  # a replaced estimator that raised: the reservations stand as the charge
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
+                           hook="after", exc_info=True)
+                used = -1
+            self._give_back(plan.token_gcras, plan.budgets, plan.slots, state.tokens, used)
+        if state.hedged:
+            self._settle_now([Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
+                              for c in state.hedged])
 
     # --- the store ------------------------------------------------------------------------------------
 
@@ -523,11 +612,3 @@ def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
         headers[limit_name] = str(claims[i].limit)
         headers[remaining_name] = str(int(left)) if left > 0 else "0"
         headers[reset_name] = duration(reset[i])
-
-
-def duration(seconds: float) -> str:
-    """Groq's way of writing a reset time: `7.66s`, `2m59.56s`."""
-    if seconds < 60:
-        return "%.2fs" % (seconds if seconds > 0 else 0.0)
-    minutes, rest = divmod(seconds, 60)
-    return "%dm%.2fs" % (minutes, rest)

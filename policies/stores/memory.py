@@ -154,6 +154,90 @@ class MemoryStore:
             self._freed.set()
             self._freed = asyncio.Event()
 
+    # --- a plan's step (policies.plan): the built-ins' claims as rows, checked and taken in one pass ----------
+
+    def take(self, gcras: Sequence[tuple], budgets: Sequence[tuple], slots: Sequence[tuple],
+             tokens: int) -> list[tuple[float, float]] | None:
+        """`admit_now` for a plan's rows: GCRA (key, limit, period, step, per_token), budget (key, limit,
+        expires), slot (key, limit); `tokens` is the amount of a budget and of a per_token GCRA, a GCRA's
+        other amount is 1, a slot's 1. When every row fits, takes them all and returns each GCRA row's
+        (remaining, reset); when one does not (a soft one too), takes nothing and returns None: `admit_now`
+        then says which and why. The same arithmetic as `admit_now`, so both decide alike."""
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        taken: list[tuple[dict, str, object]] = []  # (counters, key, value before): put back if a later one fails
+        out = []
+        if gcras:
+            tats = self._tat
+            for key, limit, period, step, per_token in gcras:
+                amount = tokens if per_token else 1
+                before = tats.get(key)
+                tat = before if before is not None and before > now else now
+                new = tat + amount * step
+                if amount > limit or new - period - now > 0:
+                    return _put_back(taken)
+                taken.append((tats, key, before))
+                tats[key] = tat + amount * period / limit
+                out.append(((now + period - new) // step, new - now))
+        if budgets:
+            records = self._budgets
+            for key, limit, expires in budgets:
+                rec = records.get(key)
+                if rec is None or rec[2] <= now:
+                    if limit < tokens:
+                        return _put_back(taken)
+                    records[key] = [0, tokens, expires]
+                elif limit - tokens - (rec[0] + rec[1]) < 0:
+                    return _put_back(taken)
+                else:
+                    records[key] = [rec[0], rec[1] + tokens, rec[2]]
+                taken.append((records, key, rec))
+        if slots:
+            held_by = self._slots
+            for key, limit in slots:
+                held = held_by.get(key)
+                if held is None:
+                    if limit < 1:
+                        return _put_back(taken)
+                    held_by[key] = 1
+                elif held >= limit:
+                    return _put_back(taken)
+                else:
+                    held_by[key] = held + 1
+                taken.append((held_by, key, held))
+        return out
+
+    def give_back(self, gcras: Sequence[tuple], budgets: Sequence[tuple], slots: Sequence[tuple], tokens: int,
+                  used: int) -> None:
+        """`release_now` for what `take` took: the per_token GCRA rows (`gcras`) and the budgets are charged
+        `used` (-1: unknown, `tokens` stand) in place of `tokens`, the slots freed."""
+        now = self.clock()
+        if slots:
+            held_by = self._slots
+            for key, _ in slots:
+                held = held_by.get(key, 0)
+                if held > 1:
+                    held_by[key] = held - 1
+                else:
+                    held_by.pop(key, None)
+            if self._waiting:  # a request queued for a slot (wait_s) looks again
+                self._freed.set()
+                self._freed = asyncio.Event()
+        if budgets:
+            records, charge = self._budgets, tokens if used < 0 else used
+            for key, _, _ in budgets:
+                rec = records.get(key)
+                if rec is not None and rec[2] > now:
+                    rec[0] += charge
+                    rec[1] = rec[1] - tokens if rec[1] > tokens else 0
+        if gcras and used >= 0 and used != tokens:
+            tats = self._tat
+            for key, limit, period, _, _ in gcras:
+                tat = tats.get(key)
+                if tat is not None:
+                    tats[key] = max(now, tat + (used - tokens) * period / limit)
+
     async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
         now = self.clock()
         out = []
@@ -202,3 +286,12 @@ class MemoryStore:
 
     async def drop_owner(self, name: str) -> None:
         self._owners.pop(name, None)
+
+
+def _put_back(taken: list[tuple[dict, str, object]]) -> None:
+    """Undoes what `take` took before a row did not fit: all or nothing, as `admit_now`."""
+    for counters, key, before in reversed(taken):
+        if before is None:
+            counters.pop(key, None)
+        else:
+            counters[key] = before
