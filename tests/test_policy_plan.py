@@ -1,0 +1,287 @@
+"""The built-ins' plan (policies/plan.py) against the generic path: the same requests through a chain that plans
+and one that does not must leave the same counters, answers, headers, bodies, metrics and span events. Then the
+plan's own edges: a token budget's period ending under a cached plan, a reload, many identities, the chains that
+are not planned, and the memory store's one-call step."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+
+from policies.chain import PolicyChain
+from policies.identity import hash_key
+from policies.plan import Planned, plannable
+from policies.scopes import period_bounds
+from policies.stores.memory import MemoryStore
+from proxy.app.policy_routes import PolicyMetrics
+from proxy.app.validation import validate_chat
+from proxy.pipeline.context import Attempt, RequestContext
+from proxy.routing.router import Router
+from tests.conftest import config_for
+from tests.policy_examples import Journal
+from tests.test_reload import env, proxy, reload, toml  # noqa: F401  (env and proxy are fixtures)
+
+KEY = "gp-test-plan-key"
+BUILTINS = [
+    {"use": "request_budget"},
+    {"use": "token_budget", "per": "user", "tokens": 400},
+    {"use": "rate_limit", "per": "user", "requests_per_minute": 6, "tokens_per_minute": 900},
+    {"use": "rate_limit", "name": "everyone", "requests_per_minute": 9},
+    {"use": "concurrency", "per": "model", "limits": {"tier-test": 3}},
+]
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Side:
+    """One chain over its own memory store, with its metrics and span events recorded."""
+
+    def __init__(self, tables: list[dict], clock: Clock, planned: bool, auth: bool = False) -> None:
+        extra = {"auth": {"keys": [{"id": "k1", "sha256": hash_key(KEY), "team": "blue"}]}} if auth else {}
+        self.config = config_for("http://127.0.0.1:1/v1", {"tier-test": ["m1"], "tier-other": ["m2"]},
+                                 policies=tables, **extra)
+        pc = self.config.policies
+        self.store = MemoryStore(clock)
+        self.chain = PolicyChain(pc.policies, keys=pc.keys, store=self.store, request_types=pc.request_types,
+                                 metrics=PolicyMetrics())
+        if not planned:
+            self.chain._plans = None
+        self.events: list[tuple] = []
+        self.chain.record = lambda ctx, name, label, mode: self.events.append((ctx.request_id, name, label, mode))
+        self.router = Router(self.config)
+        self.count = 0
+
+    async def start(self, body: dict, headers: dict) -> tuple[RequestContext, object]:
+        self.count += 1
+        ctx = RequestContext(f"req_{self.count}", "chat", self.router.resolve(validate_chat(body)), body, False)
+        ctx.span = _Span()
+        ctx.identity = self.chain.authenticate(headers)
+        self.chain.begin(ctx, headers)
+        return ctx, await self.chain.on_request(ctx)
+
+    async def end(self, ctx: RequestContext, usage: dict | None, events: int = 0) -> None:
+        attempt = Attempt(0, ctx.route.chain[0])
+        attempt.usage, attempt.outcome, attempt.first_byte, attempt.events = usage, "answered", 1.0, events
+        ctx.attempts.append(attempt)
+        ctx.answered = attempt
+        await self.chain.after(ctx)
+
+    def counters(self) -> tuple:
+        return dict(self.store._tat), {k: list(v) for k, v in self.store._budgets.items()}, dict(self.store._slots)
+
+
+class _Span:
+    def __init__(self) -> None:
+        self.attrs: dict = {}
+
+
+class Twins:
+    """The planned and the generic chain, fed the same requests; every step compared."""
+
+    def __init__(self, tables: list[dict], t: float = 1_000_000.0, auth: bool = False) -> None:
+        self.clock = Clock(t)
+        self.planned = Side(tables, self.clock, True, auth)
+        self.generic = Side(tables, self.clock, False, auth)
+        assert self.planned.chain._plans is not None
+
+    async def start(self, body: dict, headers: dict | None = None) -> tuple:
+        headers = headers or {}
+        a_ctx, a = await self.planned.start(dict(body, messages=list(body["messages"])), headers)
+        b_ctx, b = await self.generic.start(dict(body, messages=list(body["messages"])), headers)
+        assert _decision(a) == _decision(b)
+        assert a_ctx.policy.headers == b_ctx.policy.headers
+        assert list(a_ctx.policy.headers) == list(b_ctx.policy.headers)  # the order the answer carries them in
+        assert a_ctx.body == b_ctx.body
+        self.same()
+        return (a_ctx, b_ctx), a
+
+    async def end(self, pair: tuple, usage: dict | None, events: int = 0) -> None:
+        await self.planned.end(pair[0], usage, events)
+        await self.generic.end(pair[1], usage, events)
+        self.same()
+
+    def same(self) -> None:
+        assert self.planned.counters() == self.generic.counters()
+        assert self.planned.chain.metrics.decisions.values == self.generic.chain.metrics.decisions.values
+        assert self.planned.chain.metrics.requests.values == self.generic.chain.metrics.requests.values
+        assert self.planned.events == self.generic.events
+
+
+def _decision(decision) -> tuple:
+    return (decision.label, getattr(decision, "status", None), getattr(decision, "message", None),
+            dict(getattr(decision, "headers", None) or {}))
+
+
+def chat(user: str = "ann", content: str = "hello there", **fields) -> dict:
+    return {"model": "tier-test", "messages": [{"role": "user", "content": content}], "user": user, **fields}
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 21, "total_tokens": 30}
+
+
+async def test_planned_requests_leave_what_the_generic_path_leaves():
+    twins = Twins(BUILTINS)
+    held = []
+    steps = [
+        (chat(), {}),
+        (chat(max_tokens=5000), {"x-request-type": "chat"}),  # lowered: its header, the field the client used
+        (chat(max_completion_tokens=40), {"x-request-type": "summarization"}),
+        (chat(user="bob", max_completion_tokens=3000), {}),
+        (chat(user="bob", max_tokens=None), {"x-request-type": "unknown-type", "x-module": "m"}),
+        (chat(content="x" * 9000), {}),  # over the prompt budget: 400 from request_budget
+        (chat(user="cy", max_completion_tokens=380), {}),  # over what is left of the budget after others
+    ]
+    for body, headers in steps:
+        pair, decision = await twins.start(body, headers)
+        if decision.label == "continue" and len(held) < 2:
+            held.append(pair)  # in flight: their slots and reservations stay taken for now
+        else:
+            await twins.end(pair, USAGE)
+    assert isinstance(held[0][0].policy, Planned)
+    for pair in held:
+        await twins.end(pair, None, events=12)  # a cut stream: settled to the estimate
+    # The limits run out: the requests limit per user, then the token budget, then the slots.
+    outcomes = []
+    for i in range(8):
+        pair, decision = await twins.start(chat(user="dee", max_completion_tokens=20))
+        outcomes.append(getattr(decision, "status", 200))
+        held.append(pair)
+    assert outcomes.count(429) >= 2
+    for pair in held[2:]:
+        await twins.end(pair, USAGE)
+    twins.clock.t += 61  # a minute on: the GCRA buckets refill
+    pair, decision = await twins.start(chat(user="dee", max_completion_tokens=20))
+    assert decision.label == "continue"
+    await twins.end(pair, {"total_tokens": 500})  # more than reserved: charged what was used
+
+
+async def test_with_auth_the_plan_is_per_key_and_its_team():
+    tables = [{"use": "token_budget", "per": "team", "tokens": 10_000},
+              {"use": "rate_limit", "per": "key", "requests_per_minute": 100, "tokens_per_minute": 100_000},
+              {"use": "concurrency", "per": "key", "limit": 2}]
+    twins = Twins(tables, auth=True)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    pairs = [(await twins.start(chat(), headers))[0] for _ in range(3)]
+    assert [p[0].policy.__class__ for p in pairs[:2]] == [Planned, Planned]
+    assert "k:k1" in next(iter(twins.planned.store._slots))
+    assert any(":t:blue:" in key for key in twins.planned.store._budgets)
+    for pair in pairs:
+        await twins.end(pair, USAGE)
+
+
+async def test_shadow_limits_over_their_limit_are_recorded_by_both_the_same():
+    tables = [{"use": "rate_limit", "requests_per_minute": 2, "mode": "shadow"},
+              {"use": "token_budget", "per": "global", "tokens": 100, "mode": "shadow"}]
+    twins = Twins(tables)
+    for _ in range(4):
+        pair, decision = await twins.start(chat(max_completion_tokens=30))
+        assert decision.label == "continue"
+        await twins.end(pair, USAGE)
+    assert ("rate_limit", "reject", "shadow") in twins.planned.chain.metrics.decisions.values
+
+
+async def test_a_plan_compiled_in_one_budget_period_is_not_used_in_the_next(monkeypatch):
+    start, end = period_bounds("minute", 1_000_000.0)
+    now = [end - 1.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    tables = [{"use": "token_budget", "per": "user", "tokens": 500, "period": "minute"}]
+    twins = Twins(tables, t=now[0])
+    pair, _ = await twins.start(chat(max_completion_tokens=300))
+    await twins.end(pair, {"total_tokens": 300})
+    plan = pair[0].policy.plan
+    assert plan.expires == end
+    assert list(twins.planned.store._budgets) == [f"tb:token_budget:u:ann:{start}"]
+    # The same identity right after the minute: a new period, a new key, the whole budget again.
+    now[0] = twins.clock.t = end + 0.5
+    pair, decision = await twins.start(chat(max_completion_tokens=300))
+    assert decision.label == "continue"  # 300 more would not fit in the old period's 500
+    assert pair[0].policy.plan is not plan
+    assert f"tb:token_budget:u:ann:{end}" in twins.planned.store._budgets
+    await twins.end(pair, {"total_tokens": 300})
+
+
+async def test_the_plans_kept_are_bounded_however_many_identities(monkeypatch):
+    monkeypatch.setattr("policies.chain.MAX_PLANS", 5)
+    twins = Twins([{"use": "rate_limit", "per": "user", "requests_per_minute": 2}])
+    for i in range(23):
+        pair, decision = await twins.start(chat(user=f"user-{i}"))
+        assert decision.label == "continue"
+        assert len(twins.planned.chain._plans) <= 5
+        await twins.end(pair, USAGE)
+    for _ in range(2):  # the first user's plan was dropped long ago: compiled again, same counter
+        pair, decision = await twins.start(chat(user="user-0"))
+    assert decision.label == "reject"
+
+
+async def test_a_hedge_reserves_from_a_planned_request_as_from_any():
+    twins = Twins([{"use": "token_budget", "per": "global", "tokens": 1000},
+                   {"use": "rate_limit", "requests_per_minute": 100, "tokens_per_minute": 5000}])
+    pair, _ = await twins.start(chat(max_completion_tokens=100))
+    assert isinstance(pair[0].policy, Planned)
+    assert await twins.planned.chain.reserve_hedge(pair[0]) is True
+    assert await twins.generic.chain.reserve_hedge(pair[1]) is True
+    twins.same()
+    await twins.end(pair, USAGE)
+
+
+def test_only_the_builtins_on_the_memory_store_are_planned():
+    clock = Clock(0.0)
+    assert Side(BUILTINS, clock, True).chain._plans is not None
+    # request_budget after a policy that reserves, or in shadow: the generic path, which orders them as written
+    assert Side(BUILTINS[1:] + BUILTINS[:1], clock, True).chain._plans is None
+    assert Side([{"use": "request_budget", "mode": "shadow"}, *BUILTINS[1:]], clock, True).chain._plans is None
+    assert Side([*BUILTINS, {"use": "tests.policy_examples:Journal", "label": "j"}], clock, True).chain._plans is None
+    assert not plannable(Side(BUILTINS, clock, True).chain.policies, object())  # a store without take: Redis
+    Journal.events = []
+
+
+def test_take_is_all_or_nothing_and_decides_as_admit_now():
+    store = MemoryStore(Clock(100.0))
+    gcras = (("g:r", 2, 60.0, 30.0, False), ("g:t", 100, 60.0, 0.6, True))
+    budgets = (("b", 50, 200.0),)
+    slots = (("s", 1),)
+    got = store.take(gcras, budgets, slots, 40)
+    assert got == [(1.0, 30.0), (60.0, 24.0)]
+    before = (dict(store._tat), {k: list(v) for k, v in store._budgets.items()}, dict(store._slots))
+    for rows in [(gcras, budgets, (("s2", 1),), 20),  # the budget: 40 + 20 > 50
+                 (gcras, (("b2", 50, 200.0),), slots, 5),  # the slot is held
+                 ((("g:r2", 2, 60.0, 30.0, False), ("g:t", 100, 60.0, 0.6, True)), (), (), 61)]:  # tokens
+        assert store.take(*rows) is None
+        assert (dict(store._tat), {k: list(v) for k, v in store._budgets.items()}, dict(store._slots)) == before
+    store.give_back(gcras[1:], budgets, slots, 40, 10)
+    assert store._slots == {} and store._budgets["b"] == [10, 0, 200.0]
+    assert store._tat["g:t"] == pytest.approx(100.0 + 10 * 0.6)
+
+
+async def test_a_reload_plans_with_the_new_policies_and_the_counters_carry_over(upstream, proxy):
+    _, url = upstream
+    tables = ('[[policies]]\nuse = "rate_limit"\nper = "user"\nrequests_per_minute = {rpm}\n'
+              '[[policies]]\nuse = "concurrency"\nper = "model"\nlimits = {{ "tier-test" = 5 }}\n')
+    base, state, path = await proxy(toml(url, {"tier-test": ["m1"]}, tables.format(rpm=100)))
+
+    async def post() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(base + "/v1/chat/completions", json=chat("ann")) as resp:
+                return resp.status, dict(resp.headers)
+
+    for _ in range(2):
+        status, headers = await post()
+        assert status == 200 and headers["x-ratelimit-limit-requests"] == "100"
+    path.write_text(toml(url, {"tier-test": ["m1"]}, tables.format(rpm=3)))
+    assert (await reload(base))[0] == 200
+    status, headers = await post()  # the same identity and model: its plan is the new chain's
+    assert status == 200 and headers["x-ratelimit-limit-requests"] == "3"
+    # The two before the reload still count, as the time they took of the bucket (2 x 0.6 s of its 60 s).
+    assert headers["x-ratelimit-remaining-requests"] == "1"
+    status, headers = await post()
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
+    status, headers = await post()
+    assert status == 429
