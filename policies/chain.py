@@ -140,6 +140,8 @@ class PolicyChain:
         cls = Policy
         self._before = tuple(p for p in self.policies if type(p).before_attempt is not cls.before_attempt)
         self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
+        self.has_before_attempt = bool(self._before)  # plain attributes: the pipeline asks every request
+        self.has_on_response = bool(self._on_response)
         # The policies whose after() settles something, last first: after() runs them in this order.
         self._after = tuple((i, p) for i, p in reversed(tuple(enumerate(self.policies)))
                             if type(p).after is not cls.after)
@@ -160,14 +162,6 @@ class PolicyChain:
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
-
-    @property
-    def has_before_attempt(self) -> bool:
-        return bool(self._before)
-
-    @property
-    def has_on_response(self) -> bool:
-        return bool(self._on_response)
 
     # --- who is asking ----------------------------------------------------------------------------------
 
@@ -304,8 +298,19 @@ class PolicyChain:
         state = ctx.policy
         if state is None:
             return
-        if type(state) is Planned:
-            self._give_back_plan(ctx, state)
+        if state.__class__ is Planned:  # what its plan took, given back (as below an admitted request's claims)
+            plan = state.plan
+            if plan.settles:
+                try:
+                    used = used_tokens(ctx)
+                except Exception:  # a replaced estimator that raised: the reservations stand as the charge
+                    self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
+                               hook="after", exc_info=True)
+                    used = -1
+                self._give_back(plan.token_gcras, plan.budgets, plan.slots, state.tokens, used)
+            if state.hedged:
+                self._settle_now([Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit,
+                                             param=c.param) for c in state.hedged])
             return
         ran = state.ran
         for index, policy in self._after:  # only those that override after(), whose on_request ran
@@ -390,36 +395,21 @@ class PolicyChain:
         if lowered:
             lower(body, limit, completion, headers)
         for limit_name, remaining_name, reset_name, i, limit_text, others in plan.heads:
-            for j, text in others:  # the tightest limit of its kind: the least remaining, the first of equals
-                if got[j][0] < got[i][0]:
-                    i, limit_text = j, text
+            if others:  # the tightest limit of its kind: the least remaining, the first of equals
+                for j, text in others:
+                    if got[j][0] < got[i][0]:
+                        i, limit_text = j, text
             left, back = got[i]
             headers[limit_name] = limit_text
             headers[remaining_name] = str(int(left)) if left > 0 else "0"
-            headers[reset_name] = "%.2fs" % back if 0 < back < 60 else duration(back)
+            headers[reset_name] = "0.00s" if back < 0.005 else duration(back)  # below 0.005 it prints so
         ctx.policy = Planned(plan, tokens, body, prompt, headers)
         if self.metrics is not None:
-            self.metrics.decisions.inc_each(plan.continues)
+            self.metrics.decisions.inc_each(plan.continues)  # counted as one, folded in when read
         if ctx.span is not None and self.record is not None:
             for name, mode in plan.events:
                 self.record(ctx, name, "continue", mode=mode)
         return CONTINUE
-
-    def _give_back_plan(self, ctx: "RequestContext", state: Planned) -> None:
-        """`after` of a planned request: its rows charged what it used (or freed), and the hedges' reservations
-        given back, as `after` does an admitted request's claims."""
-        plan = state.plan
-        if plan.settles:
-            try:
-                used = used_tokens(ctx)
-            except Exception:  # a replaced estimator that raised: the reservations stand as the charge
-                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
-                           hook="after", exc_info=True)
-                used = -1
-            self._give_back(plan.token_gcras, plan.budgets, plan.slots, state.tokens, used)
-        if state.hedged:
-            self._settle_now([Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
-                              for c in state.hedged])
 
     # --- the store ------------------------------------------------------------------------------------
 

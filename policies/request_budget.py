@@ -73,6 +73,6 @@ def limit_field(body: dict) -> str:
 
 def lower(body: dict, limit: int | None, budget: int, headers: dict) -> None:
     """Sets the completion limit to the budget; the answer says so when the client had asked for more."""
-    body[limit_field(body)] = budget
+    body["max_tokens" if "max_completion_tokens" not in body and "max_tokens" in body else "max_completion_tokens"] = budget
     if limit is not None:
         headers["x-groq-proxy-completion-limit"] = f"{budget}; lowered from {limit}"
