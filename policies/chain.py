@@ -191,9 +191,10 @@ class PolicyChain:
 
     # --- the hooks --------------------------------------------------------------------------------------
 
-    async def on_request(self, ctx: "RequestContext") -> Decision:
-        if self._plans is not None and (planned := self._planned(ctx)) is not None:
-            return planned
+    async def on_request(self, ctx: "RequestContext", planned: bool = True) -> Decision:
+        """`planned=False`: `admit_planned` was asked already, and said the generic path decides."""
+        if planned and (decision := self.admit_planned(ctx)) is not None:
+            return decision
         state = ctx.policy = PolicyState(ctx.body, counts_tokens(ctx))
         answer = None  # a Respond (a cache hit): the policies after it still see the request, and may refuse it
         metrics, continues = self.metrics, self._continue_keys
@@ -298,19 +299,8 @@ class PolicyChain:
         state = ctx.policy
         if state is None:
             return
-        if state.__class__ is Planned:  # what its plan took, given back (as below an admitted request's claims)
-            plan = state.plan
-            if plan.settles:
-                try:
-                    used = used_tokens(ctx)
-                except Exception:  # a replaced estimator that raised: the reservations stand as the charge
-                    self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
-                               hook="after", exc_info=True)
-                    used = -1
-                self._give_back(plan.token_gcras, plan.budgets, plan.slots, state.tokens, used)
-            if state.hedged:
-                self._settle_now([Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit,
-                                             param=c.param) for c in state.hedged])
+        if state.__class__ is Planned:
+            self.give_back_planned(ctx)
             return
         ran = state.ran
         for index, policy in self._after:  # only those that override after(), whose on_request ran
@@ -351,14 +341,17 @@ class PolicyChain:
 
     # --- a plan (policies/plan.py) --------------------------------------------------------------------
 
-    def _planned(self, ctx: "RequestContext") -> Decision | None:
-        """The request admitted by its plan, as the generic path would admit it: CONTINUE with the state set.
-        None when the request must go the generic way (see policies/plan.py): nothing was taken then."""
+    def admit_planned(self, ctx: "RequestContext") -> Decision | None:
+        """`on_request` without a coroutine when the request's plan decides it (policies/plan.py): admitted as
+        the generic path would admit it, CONTINUE with the state set. None: the generic path decides, `await
+        on_request(ctx, planned=False)`; nothing was taken then."""
+        plans = self._plans
+        if plans is None:
+            return None
         identity, route, op = ctx.identity, ctx.route, ctx.op
         counts = op is None or op.tokens  # policies.estimate.counts_tokens
         key = (identity.key, identity.user, identity.team, route.virtual or route.requested, ctx.request_type,
                ctx.operation, counts)
-        plans = self._plans
         plan = plans.get(key)
         body = ctx.body
         try:
@@ -410,6 +403,27 @@ class PolicyChain:
             for name, mode in plan.events:
                 self.record(ctx, name, "continue", mode=mode)
         return CONTINUE
+
+    def give_back_planned(self, ctx: "RequestContext") -> bool:
+        """`after` without a coroutine for a request its plan admitted: what the plan took is charged what the
+        request used (or freed), and what hedges reserved given back, as `after` does an admitted request's
+        claims. False for any other request: `await after(ctx)`."""
+        state = ctx.policy
+        if state.__class__ is not Planned:
+            return False
+        plan = state.plan
+        if plan.settles:
+            try:
+                used = used_tokens(ctx)
+            except Exception:  # a replaced estimator that raised: the reservations stand as the charge
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
+                           hook="after", exc_info=True)
+                used = -1
+            self._give_back(plan.token_gcras, plan.budgets, plan.slots, state.tokens, used)
+        if state.hedged:
+            self._settle_now([Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
+                              for c in state.hedged])
+        return True
 
     # --- the store ------------------------------------------------------------------------------------
 

@@ -148,7 +148,9 @@ class Pipeline:
             # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
             if active:
                 policies.begin(ctx, request.headers)
-                decision = await policies.on_request(ctx)
+                decision = policies.admit_planned(ctx)  # the built-ins' plan needs no coroutine (policies/plan.py)
+                if decision is None:
+                    decision = await policies.on_request(ctx, planned=False)
                 if decision is not CONTINUE:
                     if ctx.policy.headers:
                         base_headers.update(ctx.policy.headers)
@@ -175,7 +177,8 @@ class Pipeline:
             if active:
                 if ctx.answered is not None and policies.has_on_response:
                     await policies.on_response(ctx, ctx.answered)
-                await policies.after(ctx)
+                if not policies.give_back_planned(ctx):
+                    await policies.after(ctx)
 
     async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
         """A policy's before_attempt may pass over this model: recorded as a skipped attempt."""
