@@ -394,7 +394,7 @@ class PolicyChain:
                         i, limit_text = j, text
             left, back = got[i]
             headers[limit_name] = limit_text
-            headers[remaining_name] = str(int(left)) if left > 0 else "0"
+            headers[remaining_name] = f"{left}" if left > 0 else "0"  # an int: `take` floors it
             headers[reset_name] = "0.00s" if back < 0.005 else duration(back)  # below 0.005 it prints so
         ctx.policy = Planned(plan, tokens, body, prompt, headers)
         if self.metrics is not None:

@@ -60,7 +60,8 @@ def set_estimator(fn: Callable[[dict], int] | None) -> None:
 
 
 def estimate(body: dict) -> int:
-    return max(0, int(_estimator(body)))
+    tokens = _estimator(body)
+    return tokens if tokens.__class__ is int and tokens >= 0 else max(0, int(tokens))
 
 
 # The operations whose answer is generated text: their completion limit is reserved up front.

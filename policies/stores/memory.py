@@ -6,7 +6,8 @@ processes must use Redis (`policies.config.check_workers` refuses otherwise).
 
 aiolimiter would serve one rate limit, but it takes its capacity one limiter at a time: a request refused by
 its second limit would already have spent the first. The GCRA here checks every claim before taking any,
-exactly as the Redis script does, so both stores agree on every decision.
+exactly as the Redis script does, so both stores agree on every decision, and with the script's arithmetic
+(the arrival time stored as it was checked, the remaining floored from one division) on the x-ratelimit-* numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from math import floor
 from typing import Callable, Sequence
 
 from policies.stores.base import BUDGET, GCRA, SLOT, Admission, Claim, Settlement
@@ -64,11 +66,11 @@ class MemoryStore:
                 if tat < now:
                     tat = now
                 if amount > limit:
-                    fits, wait, left, back = False, -1.0, (now + param - tat) // step, tat - now
+                    fits, wait, left, back = False, -1.0, floor((now + param - tat) / step), tat - now
                 else:
                     new = tat + amount * step
                     wait = new - param - now
-                    fits, left, back = wait <= 0, (now + param - new) // step, new - now
+                    fits, left, back = wait <= 0, floor((now + param - new) / step), new - now
             elif kind == BUDGET:
                 rec = budgets.get(key)
                 left = limit - amount - (0 if rec is None or rec[2] <= now else rec[0] + rec[1])
@@ -90,7 +92,7 @@ class MemoryStore:
             kind, key = c.kind, c.key
             if kind == GCRA:
                 tat = tats.get(key, now)
-                tats[key] = (tat if tat > now else now) + c.amount * c.param / c.limit
+                tats[key] = (tat if tat > now else now) + c.amount * (c.param / c.limit)  # the `new` it checked
             elif kind == BUDGET:
                 rec = budgets.get(key)
                 if rec is None or rec[2] <= now:
@@ -174,12 +176,11 @@ class MemoryStore:
                 amount = tokens if per_token else 1
                 before = tats.get(key)
                 tat = before if before is not None and before > now else now
-                new = tat + amount * step
+                new = tats[key] = tat + amount * step
                 if amount > limit or new - period - now > 0:
-                    return _put_back(taken)
+                    return _put_back(taken, (tats, key, before))
                 taken.append((tats, key, before))
-                tats[key] = tat + amount * period / limit
-                out.append(((now + period - new) // step, new - now))
+                out.append((floor((now + period - new) / step), new - now))
         if budgets:
             records = self._budgets
             for key, limit, expires in budgets:
@@ -236,7 +237,8 @@ class MemoryStore:
             for key, limit, period, _, _ in gcras:
                 tat = tats.get(key)
                 if tat is not None:
-                    tats[key] = max(now, tat + (used - tokens) * period / limit)
+                    tat += (used - tokens) * period / limit
+                    tats[key] = tat if tat > now else now
 
     async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
         now = self.clock()
@@ -288,9 +290,10 @@ class MemoryStore:
         self._owners.pop(name, None)
 
 
-def _put_back(taken: list[tuple[dict, str, object]]) -> None:
-    """Undoes what `take` took before a row did not fit: all or nothing, as `admit_now`."""
-    for counters, key, before in reversed(taken):
+def _put_back(taken: list[tuple[dict, str, object]], *last: tuple[dict, str, object]) -> None:
+    """Undoes what `take` took before a row did not fit (`last`: that row, when it was written before it was
+    checked): all or nothing, as `admit_now`."""
+    for counters, key, before in reversed([*taken, *last]):
         if before is None:
             counters.pop(key, None)
         else:
