@@ -157,6 +157,7 @@ class PolicyChain:
         # The built-ins on the memory store: each (identity, model, request type, operation) compiled once into a
         # Plan, taken and given back in one store call each (policies/plan.py). None: every request the generic way.
         self._plans: dict[tuple, Plan] | None = {} if plannable(self.policies, store) else None
+        self.planned = self._plans is not None  # admit_planned and give_back_planned may serve its requests
         self._take = getattr(store, "take", None)
         self._give_back = getattr(store, "give_back", None)
 
@@ -177,7 +178,8 @@ class PolicyChain:
         request_type = headers.get("x-request-type") or "default"
         ctx.request_type = request_type[:64]
         module = headers.get("x-module")
-        ctx.module = module[:64] if module else None
+        if module:
+            ctx.module = module[:64]
         if ctx.span is not None:
             attrs = ctx.span.attrs
             attrs["groq_proxy.request_type"] = ctx.request_type
@@ -384,18 +386,32 @@ class PolicyChain:
         got = self._take(plan.gcras, plan.budgets, plan.slots, tokens)
         if got is None:  # a row did not fit: the generic path finds which, and refuses, waits or records it
             return None
-        headers: dict[str, str] = {}
-        if lowered:
-            lower(body, limit, completion, headers)
-        for limit_name, remaining_name, reset_name, i, limit_text, others in plan.heads:
-            if others:  # the tightest limit of its kind: the least remaining, the first of equals
-                for j, text in others:
+        # x-ratelimit-*: the remaining is an int (`take` floors it); a reset under 0.005 s prints as 0.00s
+        pair = plan.pair
+        if pair is not None:  # one requests limit, then one tokens limit: the usual shape, written at once
+            left, back = got[pair[0]]
+            tokens_left, tokens_back = got[pair[2]]
+            headers = {"x-ratelimit-limit-requests": pair[1],
+                       "x-ratelimit-remaining-requests": f"{left}" if left > 0 else "0",
+                       "x-ratelimit-reset-requests": "0.00s" if back < 0.005 else duration(back),
+                       "x-ratelimit-limit-tokens": pair[3],
+                       "x-ratelimit-remaining-tokens": f"{tokens_left}" if tokens_left > 0 else "0",
+                       "x-ratelimit-reset-tokens": "0.00s" if tokens_back < 0.005 else duration(tokens_back)}
+        else:
+            headers = {}
+            for limit_name, remaining_name, reset_name, i, limit_text, others in plan.heads:
+                for j, text in others:  # the tightest limit of its kind: the least remaining, the first of equals
                     if got[j][0] < got[i][0]:
                         i, limit_text = j, text
-            left, back = got[i]
-            headers[limit_name] = limit_text
-            headers[remaining_name] = f"{left}" if left > 0 else "0"  # an int: `take` floors it
-            headers[reset_name] = "0.00s" if back < 0.005 else duration(back)  # below 0.005 it prints so
+                left, back = got[i]
+                headers[limit_name] = limit_text
+                headers[remaining_name] = f"{left}" if left > 0 else "0"
+                headers[reset_name] = "0.00s" if back < 0.005 else duration(back)
+        if lowered:
+            said: dict[str, str] = {}
+            lower(body, limit, completion, said)
+            if said:  # request_budget's header comes first, as it decided first
+                headers = {**said, **headers}
         ctx.policy = Planned(plan, tokens, body, prompt, headers)
         if self.metrics is not None:
             self.metrics.decisions.inc_each(plan.continues)  # counted as one, folded in when read

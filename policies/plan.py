@@ -51,7 +51,8 @@ class Plan:
     """What the built-ins do for every request of one (identity, model, request type, operation)."""
 
     __slots__ = ("expires", "estimates", "budget", "reject_over", "chat", "generates", "default_completion",
-                 "gcras", "token_gcras", "budgets", "slots", "heads", "continues", "events", "templates", "settles")
+                 "gcras", "token_gcras", "budgets", "slots", "heads", "pair", "continues", "events", "templates",
+                 "settles")
 
     def __init__(self, policies: Sequence["Policy"], ctx, counts: bool, now: float) -> None:
         made: list[tuple[Policy, Claim]] = []  # in the generic path's order of claims
@@ -97,6 +98,10 @@ class Plan:
             if c.header is not None:
                 heads.setdefault(c.header, []).append((i, str(c.limit)))
         self.heads = tuple((*_NAMES[kind], rows[0][0], rows[0][1], tuple(rows[1:])) for kind, rows in heads.items())
+        # The usual shape, one requests limit then one tokens limit: (its row, its limit, the tokens', theirs).
+        self.pair = None
+        if list(heads) == ["requests", "tokens"] and len(heads["requests"]) == len(heads["tokens"]) == 1:
+            self.pair = (*heads["requests"][0], *heads["tokens"][0])
         ordered = idle + claimers
         self.continues = tuple((p.name, "continue", p.mode) for p in ordered)  # metric labels
         self.events = tuple((p.name, p.mode) for p in ordered)  # span events

@@ -177,6 +177,16 @@ async def test_with_auth_the_plan_is_per_key_and_its_team():
         await twins.end(pair, USAGE)
 
 
+async def test_one_requests_and_one_tokens_limit_write_their_headers_after_request_budgets():
+    twins = Twins([{"use": "request_budget"},
+                   {"use": "rate_limit", "requests_per_minute": 50, "tokens_per_minute": 20_000}])
+    for body in (chat(max_tokens=5000), chat(), chat(max_completion_tokens=7)):
+        pair, _ = await twins.start(body)
+        assert pair[0].policy.plan.pair is not None  # the usual shape's own way of writing them
+        await twins.end(pair, USAGE)
+    assert list(pair[0].policy.headers)[0] == "x-ratelimit-limit-requests"
+
+
 async def test_shadow_limits_over_their_limit_are_recorded_by_both_the_same():
     tables = [{"use": "rate_limit", "requests_per_minute": 2, "mode": "shadow"},
               {"use": "token_budget", "per": "global", "tokens": 100, "mode": "shadow"}]

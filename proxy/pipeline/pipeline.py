@@ -148,7 +148,8 @@ class Pipeline:
             # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
             if active:
                 policies.begin(ctx, request.headers)
-                decision = policies.admit_planned(ctx)  # the built-ins' plan needs no coroutine (policies/plan.py)
+                # The built-ins' plan on the memory store needs no coroutine (policies/plan.py)
+                decision = policies.admit_planned(ctx) if policies.planned else None
                 if decision is None:
                     decision = await policies.on_request(ctx, planned=False)
                 if decision is not CONTINUE:
@@ -177,7 +178,7 @@ class Pipeline:
             if active:
                 if ctx.answered is not None and policies.has_on_response:
                     await policies.on_response(ctx, ctx.answered)
-                if not policies.give_back_planned(ctx):
+                if not (policies.planned and policies.give_back_planned(ctx)):
                     await policies.after(ctx)
 
     async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
