@@ -92,7 +92,9 @@ class Plan:
         self.chat = ctx.operation == "chat"  # request_budget lowers only a chat's completion limit
         self.generates = ctx.operation in GENERATES
         defaults = {p.default_completion for (p, _), t in zip(made, per_token) if t}
-        self.default_completion = defaults.pop() if len(defaults) == 1 else None  # None: each its own
+        # What a request without a completion limit reserves for it: None when the policies' defaults differ
+        # (each reserves its own: the generic path), 0 when nothing reserves tokens.
+        self.default_completion = defaults.pop() if len(defaults) == 1 else None if defaults else 0
         heads: dict[str, list] = {}  # kind -> (index among the GCRA rows, its limit written out) of each
         for i, (_, c) in enumerate((p, c) for p, c in made if c.kind == GCRA):
             if c.header is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import aiohttp
+import orjson
 import pytest
 
 from policies.chain import PolicyChain
@@ -59,9 +60,10 @@ class Side:
         self.router = Router(self.config)
         self.count = 0
 
-    async def start(self, body: dict, headers: dict) -> tuple[RequestContext, object]:
+    async def start(self, body: dict, headers: dict, operation: str = "chat") -> tuple[RequestContext, object]:
         self.count += 1
-        ctx = RequestContext(f"req_{self.count}", "chat", self.router.resolve(validate_chat(body)), body, False)
+        model = validate_chat(body) if operation == "chat" else body["model"]
+        ctx = RequestContext(f"req_{self.count}", operation, self.router.resolve(model), body, False)
         ctx.span = _Span()
         ctx.identity = self.chain.authenticate(headers)
         self.chain.begin(ctx, headers)
@@ -92,10 +94,10 @@ class Twins:
         self.generic = Side(tables, self.clock, False, auth)
         assert self.planned.chain._plans is not None
 
-    async def start(self, body: dict, headers: dict | None = None) -> tuple:
+    async def start(self, body: dict, headers: dict | None = None, operation: str = "chat") -> tuple:
         headers = headers or {}
-        a_ctx, a = await self.planned.start(dict(body, messages=list(body["messages"])), headers)
-        b_ctx, b = await self.generic.start(dict(body, messages=list(body["messages"])), headers)
+        a_ctx, a = await self.planned.start(orjson.loads(orjson.dumps(body)), headers, operation)
+        b_ctx, b = await self.generic.start(orjson.loads(orjson.dumps(body)), headers, operation)
         assert _decision(a) == _decision(b)
         assert a_ctx.policy.headers == b_ctx.policy.headers
         assert list(a_ctx.policy.headers) == list(b_ctx.policy.headers)  # the order the answer carries them in
@@ -185,6 +187,25 @@ async def test_one_requests_and_one_tokens_limit_write_their_headers_after_reque
         assert pair[0].policy.plan.pair is not None  # the usual shape's own way of writing them
         await twins.end(pair, USAGE)
     assert list(pair[0].policy.headers)[0] == "x-ratelimit-limit-requests"
+
+
+@pytest.mark.parametrize("defaults, planned", [((100, 300), False), ((200, 200), True)])
+async def test_a_request_without_a_completion_limit_reserves_each_policys_default(defaults, planned):
+    twins = Twins([{"use": "request_budget"},
+                   {"use": "token_budget", "per": "global", "tokens": 10_000, "default_completion": defaults[0]},
+                   {"use": "rate_limit", "tokens_per_minute": 50_000, "default_completion": defaults[1]}])
+    body = {"model": "tier-test", "input": "a question of about forty bytes in length"}  # no max_output_tokens
+    pair, decision = await twins.start(body, operation="responses")
+    assert decision.label == "continue"
+    assert isinstance(pair[0].policy, Planned) is planned  # differing defaults: each its own, the generic way
+    await twins.end(pair, USAGE)
+
+
+async def test_a_chain_that_reserves_no_tokens_plans_a_request_without_a_completion_limit():
+    twins = Twins([{"use": "request_budget"}, {"use": "concurrency", "per": "model", "limits": {"tier-test": 2}}])
+    pair, _ = await twins.start({"model": "tier-test", "input": "hello"}, operation="responses")
+    assert isinstance(pair[0].policy, Planned)
+    await twins.end(pair, USAGE)
 
 
 async def test_shadow_limits_over_their_limit_are_recorded_by_both_the_same():
