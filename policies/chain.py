@@ -2,7 +2,10 @@
 
 It also owns the two store calls of a request: every `Claim` the policies made in `on_request` goes to the
 store in one `admit` (all or nothing), and every `Settlement` made in `after` in one `settle`. With wait_s
-set, a request refused for throughput or a slot waits and tries again, up to that long.
+set, a request refused for throughput or a slot waits and tries again, up to that long. When the policies are
+only the built-ins and the store is the memory store, a request's claims come from a plan compiled once for
+its identity and model (policies/plan.py), admitted and settled without a coroutine; whatever the plan does not
+decide alike goes the way described here.
 
 Rules it keeps, whatever a policy does:
 - a shadow decision never changes the answer (it is recorded in the span, the log and the metrics);
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
 from policies.estimate import GENERATES, completion_limit, counts_tokens, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
-from policies.plan import MAX_PLANS, NotPlannable, Plan, Planned, plannable
+from policies.plan import MAX_PLANS, Plan, Planned, plannable
 from policies.request_budget import lower
 from policies.scopes import duration
 from policies.stores.base import BUDGET, SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
@@ -379,10 +382,8 @@ class PolicyChain:
                     if completion is None:  # the policies' default_completion differ: each reserves its own
                         return None
                 tokens = prompt + completion
-        except NotPlannable:
-            return None
-        except Exception:  # a replaced estimator that raised: the generic path records it as that policy's error
-            return None
+        except Exception:  # NotPlannable, or a replaced estimator that raised: the generic path records that as the
+            return None  # error of the policy that asked for the estimate, as always
         got = self._take(plan.gcras, plan.budgets, plan.slots, tokens)
         if got is None:  # a row did not fit: the generic path finds which, and refuses, waits or records it
             return None
