@@ -142,3 +142,17 @@ class RememberingCache(Policy):
 
     def cache_stats(self) -> dict:
         return {"entries": len(self.seen)}
+
+
+class HeadedAnswer(Policy):
+    """Answers every request itself with the headers its config gives (`headers`): a policy's own headers, the
+    framing's included, as they reach the client."""
+
+    def __init__(self, headers: dict | None = None, stream: bool = False) -> None:
+        self.headers = dict(headers or {})
+        self.stream = stream
+
+    async def on_request(self, ctx):
+        if self.stream:
+            return Respond(events=(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"), headers=self.headers)
+        return Respond(body=completion("headed"), headers=self.headers)

@@ -90,7 +90,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
     started = []
 
     async def start(redis: str | None = None, fail_first: bool = False, gated: int = 1, finish: str = "stop",
-                    timeout_s: float = 0.5, **cache):
+                    timeout_s: float = 0.5, pool_size: int = 32, **cache):
         upstream = GatedUpstream(fail_first, gated, finish)
         server = await aiohttp_server(upstream.app())
         prefix = f"t{uuid.uuid4().hex[:8]}:"
@@ -99,7 +99,7 @@ async def replicas(aiohttp_server, tmp_path, redis_url):
         config.write_text(f'[providers.up]\nbase_url = "http://127.0.0.1:{server.port}/openai/v1"\n'
                           'api_key_env = "CACHE_TEST_KEY"\n[models.tier-test]\nchain = ["up:m1"]\n'
                           f'[store]\nbackend = "redis"\nurl = "{redis or redis_url}"\nprefix = "{prefix}"\n'
-                          f'timeout_s = {timeout_s}\n'
+                          f'timeout_s = {timeout_s}\npool_size = {pool_size}\n'
                           f'[[policies]]\nuse = "cache"\nttl_s = 60\n{extra}')
         env = clean_env(CACHE_TEST_KEY="sk-test-cache")
         bases = []
@@ -188,7 +188,9 @@ async def test_a_streaming_follower_on_the_other_replica_gets_the_first_chunk_be
 
 @pytest.mark.parametrize("when", ["before_first_chunk", "mid_stream"])
 async def test_followers_of_a_leader_whose_replica_is_killed_go_upstream_themselves(replicas, redis_url, when):
-    upstream, (proc_one, proc_two), (one, two) = await replicas()
+    # Redis's answers get 5 s here, not 0.5: on a loaded machine a late XREAD reply took the "Redis failed" path
+    # (followers alone, no leader_lost line), and what this test watches is the lease, not a slow Redis.
+    upstream, (proc_one, proc_two), (one, two) = await replicas(timeout_s=5)
     leader = send(one, {**ASK, "stream": True})
     await until(lambda: upstream.calls == 1, what="the leader upstream")
     if when == "mid_stream":
@@ -624,8 +626,271 @@ async def test_followers_whose_redis_dies_while_they_wait_go_upstream_from_their
     await until_waiting(two, 4, "the other replica's followers")
     redis_server.kill()  # their relay's XREAD loses its connection
     await until(lambda: upstream.calls == 2, what="the followers' own call")
+    # Which follower makes that call is theirs to settle: a streamed one's call waits for `rest` after its first event
     upstream.first.set()
+    upstream.rest.set()
     answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
     assert [a[0] for a in answers] == [200] * 5
     assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in zip(answers[1:], bodies))
     assert upstream.calls == 2  # the followers' replica went upstream once, for all of them
+
+
+class PerCallUpstream(ChatUpstream):
+    """A stream per call, each held by events of its own: call i (from 0) waits for `opened[i]`, sends its first
+    event (`first_sent[i]` set), waits for `finished[i]`, then sends the rest."""
+
+    def __init__(self, held: int) -> None:
+        self.opened = [asyncio.Event() for _ in range(held)]
+        self.finished = [asyncio.Event() for _ in range(held)]
+        self.first_sent = [asyncio.Event() for _ in range(held)]
+        self.calls = 0
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        call = self.calls
+        self.calls += 1
+        held = call < len(self.opened)
+        if held:
+            await self.opened[call].wait()
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(completion(body["model"], TEXT)), content_type="application/json")
+        events = stream_events(body["model"])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events[0])
+        if held:
+            self.first_sent[call].set()
+            await self.finished[call].wait()
+        for event in events[1:]:
+            await resp.write(event)
+        await resp.write_eof()
+        return resp
+
+
+@pytest.mark.parametrize("new_lease_on", ["the_same_replica", "the_other_replica"])
+async def test_a_leader_held_past_the_cap_leaves_the_next_lease_of_its_key_alone(
+        aiohttp_server, start_proxy, redis_store_table, redis_url, new_lease_on):
+    # A leader held past held_max_s (600 s) stops renewing its lease, which expires; the key's next miss takes a
+    # new lease. When the old leader ended, it popped the key from its replica's leases: a new lease of its own
+    # replica (the old answer grew past max_entry_bytes, so identical requests there no longer followed it) was
+    # no longer renewed, and expired under its followers.
+    upstream = PerCallUpstream(held=2)
+    server = await aiohttp_server(upstream.app())
+    url = f"http://127.0.0.1:{server.port}/openai/v1"
+    small = [{"use": "cache", "max_entry_bytes": 1}]  # the old answer is unlisted at its first event
+    configs = [config_for(url, {"tier-test": ["m1"]}, store=redis_store_table, policies=p)
+               for p in (small, [{"use": "cache"}])]
+    one, two = [await start_proxy(config) for config in configs]
+    cache_one, cache_two = [config.policies.policies[0] for config in configs]
+    old_leader_at, new_leader_at, follower_at = (one, one, two) if new_lease_on == "the_same_replica" else (
+        one, two, one)
+    leader_cache = cache_one if new_leader_at == one else cache_two
+    follower_cache = cache_two if follower_at == two else cache_one
+    client = aioredis.from_url(redis_url)
+    async with aiohttp.ClientSession() as session:
+        try:
+            await until(lambda: cache_one.shared is not None, what="the first replica's cache started")
+            cache_one.shared.held_max_s = 0.01  # the old leader's lease is renewed no longer than this
+            old = asyncio.ensure_future(session.post(old_leader_at + "/v1/chat/completions",
+                                                     json={**ASK, "stream": True}))
+            await until(lambda: upstream.calls == 1, 30.0, "the old leader upstream")
+            lease_key = next(iter(cache_one.shared.leases))
+            cache_one.shared.held_max_s = 600.0  # the new lease is held as any other
+            upstream.opened[0].set()
+            old = await old
+            await old.content.readuntil(b"\n\n")  # its first event: past max_entry_bytes, unlisted
+            for _ in range(3000):  # given up at the next renewal; expired in Redis 3 s after the last one
+                if not await client.exists(lease_key) and lease_key not in cache_one.shared.leases:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the old leader's lease never expired")
+            new = asyncio.ensure_future(session.post(new_leader_at + "/v1/chat/completions",
+                                                     json={**ASK, "stream": True}))
+            await until(lambda: upstream.calls == 2, 30.0, "the new leader upstream")
+            new_capture = leader_cache.shared.leases[lease_key]
+            new_token = new_capture.lease.token.encode()
+            assert await client.get(lease_key) == new_token
+            follower = send(follower_at, {**ASK, "stream": True})
+            await until(lambda: new_capture.lease.published, 30.0, "the new leader told of its follower")
+            assert sum(f.followers for f in follower_cache.flights.values()) == 1
+            upstream.finished[0].set()  # the old leader ends now
+            old_raw = await old.read()
+            assert text_of(old_raw, True) == TEXT
+            await until(lambda: not cache_one.store._tasks, 30.0, "the old leader's end sent")
+            assert leader_cache.shared.leases.get(lease_key) is new_capture  # still renewed here
+            assert await client.get(lease_key) == new_token  # and still its lease in Redis
+            renewed, last = False, await client.pttl(lease_key)
+            for _ in range(3000):  # renewed after the old leader's end
+                ttl = await client.pttl(lease_key)
+                if ttl > last:
+                    renewed = True
+                    break
+                last = ttl
+                await asyncio.sleep(0.01)
+            assert renewed and await client.get(lease_key) == new_token
+            upstream.opened[1].set()
+            upstream.finished[1].set()
+            new_raw = await (await new).read()
+            status, headers, raw = await asyncio.wait_for(follower, 60)
+        finally:
+            await client.aclose()
+    assert text_of(new_raw, True) == TEXT
+    assert status == 200 and headers["x-groq-proxy-cache"] == "COALESCED" and text_of(raw, True) == TEXT
+    assert upstream.calls == 2
+
+
+async def test_an_old_leaders_end_leaves_the_next_leases_follower_mark_on_the_same_replica(redis_url):
+    # The followed set names leases, not tokens: the end of a leader whose lease expired took the mark a follower
+    # of the key's next lease (same replica) had left, and answered "publish" to the old leader instead.
+    from policies.cache.store_redis import RedisCache
+
+    store = RedisCache(redis_url, "cache", ttl_s=60, max_entries=10, max_bytes=1 << 20, max_entry_bytes=1 << 20,
+                       prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    client = aioredis.from_url(redis_url)
+    lease, followed = store.base + "k:lease", store.base + "followed:r"
+    try:
+        await client.set(lease, "r:2", px=60_000)  # the next lease, on the same replica
+        await client.sadd(followed, lease)  # a follower of it
+        end = store.script_file("flight_end.lua")
+        again = await store.run_script(end, [lease, store.base + "flight:r:1", followed],
+                                       ["r:1", 0, b"done", "m1", 10_000, 100])
+        assert again == 0
+        assert await client.smembers(followed) == {lease.encode()} and await client.get(lease) == b"r:2"
+        await store.run_script(end, [lease, store.base + "flight:r:1", followed],
+                               ["r:1", 1, b"done", "m1", 10_000, 100])  # published: its own stream only
+        assert await client.smembers(followed) == {lease.encode()} and await client.get(lease) == b"r:2"
+        assert await client.exists(store.base + "flight:r:2") == 0
+    finally:
+        await client.delete(lease, followed, store.base + "flight:r:1")
+        await client.aclose()
+        await store.close()
+
+
+async def test_streaming_followers_name_the_model_that_answers_as_every_other_answer_does(replicas):
+    # A follower streamed the leader's answer as it came (here, or relayed from the other replica) without
+    # x-groq-proxy-model: its headers leave with the first piece, and the model was known only at the end.
+    upstream, _, (one, two) = await replicas()
+    url = "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        leading = asyncio.ensure_future(session.post(one + url, json={**ASK, "stream": True}))
+        await until(lambda: upstream.calls == 1, what="the leader upstream")
+        streamed = [asyncio.ensure_future(session.post(base + url, json={**ASK, "stream": True}))
+                    for base in (two, two, one)]
+        plain = send(two, ASK)
+        await until_waiting(two, 3, "the other replica's followers")
+        await until_waiting(one, 1, "the leader's replica's follower")
+        upstream.first.set()  # the first event only: the leader's stream goes on
+        leader, *followers = await asyncio.gather(leading, *streamed)
+        firsts = [await resp.content.readuntil(b"\n\n") for resp in followers]
+        assert not upstream.rest.is_set() and upstream.finished == 0  # live: the leader's stream has not ended
+        assert leader.headers["x-groq-proxy-model"] == "m1"
+        for resp, first in zip(followers, firsts):
+            assert resp.headers["x-groq-proxy-cache"] == "COALESCED" and b'"role":"assistant"' in first
+            assert resp.headers.get("x-groq-proxy-model") == "m1"
+        upstream.rest.set()
+        raws = [first + await resp.read() for first, resp in zip(firsts, followers)]
+        await leader.read()
+    status, headers, raw = await asyncio.wait_for(plain, 60)
+    assert status == 200 and headers["x-groq-proxy-model"] == "m1" and text_of(raw, False) == TEXT
+    assert all(text_of(r, True) == TEXT for r in raws)
+    assert upstream.calls == 1
+
+
+class FailingUpstream(GatedUpstream):
+    """Its first `fails` calls answer 500 (the first once `first` is set); every later call answers."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__(gated=0)
+        self.fails = fails
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self.calls < self.fails:
+            await request.read()
+            self.calls += 1
+            if self.calls == 1:
+                await self.first.wait()
+            return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
+        return await super()._chat(request)
+
+
+async def test_followers_of_leaders_that_fail_again_and_again_make_one_upstream_call_a_round(
+        aiohttp_server, start_proxy, redis_store_table):
+    # Each request waited on at most three leaders that failed (_TRIES = 3), then went upstream on its own: with a
+    # leader failing three times in a row, the remaining followers of both replicas all called upstream at once,
+    # a call each, just when the upstream was failing.
+    upstream = FailingUpstream(fails=3)
+    (one, two), (cache_one, cache_two) = await two_in_process(aiohttp_server, start_proxy, redis_store_table,
+                                                              upstream)
+    leader = send(one, ASK)
+    await until(lambda: upstream.calls == 1, what="the leader upstream")
+    bodies = [{**ASK, "stream": i % 2 == 0} for i in range(8)]
+    followers = [send(one if i % 2 else two, b) for i, b in enumerate(bodies)]
+    # four here, and the other replica as one (it follows through its relay)
+    await until(lambda: sum(f.followers for f in cache_one.flights.values()) == 5, what="followers here")
+    await until(lambda: sum(f.followers for f in cache_two.flights.values()) == 4, what="followers there")
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(leader, *followers), 60)
+    statuses = [a[0] for a in answers]
+    # each failed round's leader gets its own error; the round after the third answers everyone else
+    assert sorted(statuses) == [200] * 6 + [502] * 3, statuses
+    assert upstream.calls == 4  # three failed calls, then one for the six requests still waiting
+    answered = [(a, b) for a, b in zip(answers[1:], bodies) if a[0] == 200]
+    assert sorted(a[1]["x-groq-proxy-cache"] for a, _ in answered) == ["COALESCED"] * 5 + ["MISS"]
+    assert all(text_of(raw, b["stream"]) == TEXT for (_, _, raw), b in answered)
+
+
+async def test_an_entry_that_cannot_be_read_is_a_miss_not_a_loop_of_lookups(
+        aiohttp_server, start_proxy, redis_store_table, redis_url):
+    # Redis says the entry is there (the lease script finds it), the lookup cannot read it: with no cap on a
+    # follower's rounds, that round must not repeat for ever. It goes upstream, without the lease.
+    upstream = GatedUpstream(gated=0)
+    (one, _), (cache_one, _) = await two_in_process(aiohttp_server, start_proxy, redis_store_table, upstream)
+    status, headers, _ = await post_chat(one, ASK)
+    assert status == 200 and headers["x-groq-proxy-cache"] == "MISS"
+    await until(lambda: not cache_one.store._tasks, what="the answer stored")
+    client = aioredis.from_url(redis_url)
+    try:
+        entry_key = cache_one.store.redis_key("tier-test", headers["x-groq-proxy-cache-key"])
+        assert await client.set(entry_key, b"not an entry", xx=True, keepttl=True)
+        status, headers, raw = await asyncio.wait_for(post_chat(one, ASK), 60)
+    finally:
+        await client.aclose()
+    assert status == 200 and headers["x-groq-proxy-cache"] == "MISS" and text_of(raw, False) == TEXT
+    assert upstream.calls == 2
+
+
+async def cache_block(base: str) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "/status.json") as resp:
+            return (await resp.json())["cache"]["stores"]["cache"]
+
+
+async def test_a_replica_follows_at_most_pool_size_keys_of_another_and_the_rest_go_upstream(replicas, redis_url):
+    # Each key followed on another replica holds a Redis connection (its relay's XREAD BLOCK): 1,000 distinct
+    # keys in flight there opened 1,000 connections here. Past [store] pool_size, a miss goes upstream itself.
+    upstream, (_, proc_two), (one, two) = await replicas(gated=5, pool_size=2)
+    asks = [{**ASK, "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(5)]
+    leaders = [send(one, ask) for ask in asks]
+    await until(lambda: upstream.calls == 5, 30.0, "the five leaders upstream")
+    followers = [send(two, ask) for ask in asks]
+    # the leaders are still held: the three past the bound answered themselves (before: all five waited)
+    await until(lambda: upstream.calls == 8, 30.0, "three followers past the bound upstream")
+    await until_waiting(two, 2, "the two followers within the bound")
+    block = await cache_block(two)
+    assert block["relays"] == 2 and block["relays_full"] == 3 and block["waiting"] == 2
+    upstream.first.set()
+    answers = await asyncio.wait_for(asyncio.gather(*leaders, *followers), 60)
+    assert [a[0] for a in answers] == [200] * 10
+    assert all(text_of(raw, False) == TEXT for _, _, raw in answers)
+    assert sorted(a[1]["x-groq-proxy-cache"] for a in answers[5:]) == ["COALESCED"] * 2 + ["MISS"] * 3
+    assert upstream.calls == 8
+    await until(lambda: '"reason":"relays_full"' in proc_two.stderr, 10.0, "cache_coalesce_gave_up logged")
+    assert proc_two.stderr.count('"reason":"relays_full"') == 1  # three past the bound, one line
+    for _ in range(3000):  # the relays' places are given back
+        if (await cache_block(two))["relays"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the relays' places were never given back")

@@ -10,7 +10,8 @@ followers) wait on that capture instead of calling upstream:
   runs beside the leader's, not after it), and ends with the leader's end.
 
 If the leader fails before any data event (every model failed, or its client left while waiting), the
-followers go upstream themselves: the first becomes the next leader, the rest follow it. If its client
+followers go upstream themselves: the first becomes the next leader, the rest follow it, and so on for as many
+leaders as fail in a row: one upstream call a round, never one a follower. If its client
 leaves mid-stream, the pipeline keeps reading the upstream for the followers (`keep`). If the upstream
 fails mid-stream, the followers' streams end with an error event, as the leader's does.
 """
@@ -33,11 +34,19 @@ LEAD, FOLLOW, STORED, DOWN = "lead", "follow", "stored", "down"
 _BACKGROUND: set[asyncio.Task] = set()
 
 
+def forwarded_model(ctx) -> str:
+    """The model of the attempt whose stream the pipeline forwards (the one attempt with its `stream` set)."""
+    for attempt in reversed(ctx.attempts):
+        if attempt.stream is not None:
+            return attempt.target.model
+    return ""
+
+
 class Capture:
     """What one upstream answer is, as it comes: the tap the pipeline feeds, and what followers wait on."""
 
     __slots__ = ("cache", "key", "model", "who", "answered_by", "plain", "events", "ended", "entry", "served", "handed",
-                 "followers", "_wake", "coalesced", "size", "too_big", "whole", "lease", "relay", "alone")
+                 "followers", "_wake", "coalesced", "size", "too_big", "whole", "lease", "relay", "alone", "source")
 
     def __init__(self, cache: "ResponseCache", key: str, model: str, who: str) -> None:
         self.cache, self.key, self.model, self.who = cache, key, model, who
@@ -61,6 +70,9 @@ class Capture:
         self.lease = None
         self.relay = False
         self.alone = False
+        # The leader's request (its RequestContext), which names the model its stream comes from at the first
+        # piece: a streaming follower's answer is sent before the leader's after() knows it.
+        self.source = None
 
     # --- the pipeline's side ----------------------------------------------------------------------------
 
@@ -75,9 +87,11 @@ class Capture:
         """Whole SSE events went to the client (or, after `keep`, would have)."""
         if self.too_big and not self.followers:
             return
+        if not self.answered_by and self.source is not None:
+            self.answered_by = forwarded_model(self.source)
         lease = self.lease
         if lease is not None and lease.published:
-            self.cache.shared.publish(lease, "d", data)
+            self.cache.shared.publish(lease, "d", data, self.answered_by)
         events = split_events(data)
         if events:
             self.events += events

@@ -8,14 +8,16 @@ module adds one Redis step to a miss that finds no flight of its key in its own 
   and its capture is published to a Redis Stream only if another replica follows it; or
 - tells it another request holds the lease: it follows, through a relay that reads that request's stream
   (`XREAD BLOCK` on a connection of its own) and feeds a capture in this process, which every request of
-  the key here follows as it would a local leader (one Redis reader per key per replica); or
+  the key here follows as it would a local leader (one Redis reader per key per replica, and at most
+  `relays_max` of them: past that, the miss leads in this process, and its holder is not told); or
 - says the entry is there now (stored since the GET): the request looks it up again.
 
 Publishing costs nothing when nobody follows: a follower adds the lease to its holder's "followed" set and
 publishes its name on the channel of that name (in the same script). The holder subscribes to its channel
 (one connection a process, opened at its first miss), and pops its set each second while it leads, should a
 message be lost (its subscription was down); from then on it appends what it captured
-and each piece that comes after to its stream (XADD, bounded by MAXLEN and a TTL), and ends it with a
+and each piece that comes after to its stream (XADD, bounded by MAXLEN and a TTL; the first piece names the
+model, which a streaming follower's headers need long before the end), and ends it with a
 marker: `done` (a whole answer), `failed` (none: the followers go upstream themselves, one of them taking the
 lease) or `alone` (it cannot be followed: the followers go upstream without the lease). `flight_end.lua`
 frees the lease after the answer's put, so a request that finds the lease free finds the entry stored.
@@ -55,7 +57,8 @@ _STREAM_MAXLEN = 100_000  # pieces of one answer at most (an answer larger than 
 _HELD_MAX_S = 600.0  # no lease is renewed, nor followed, longer than this (a leader that never ended)
 _BLOCK_S = 1.0  # one XREAD BLOCK at most; after a silent one the relay checks the leader's lease
 _RESUBSCRIBE_S = 10.0  # after a subscription failed, the next is asked for no sooner than this
-_IDLE_READERS = 4  # relay connections kept for the next relay
+_IDLE_READERS = 4  # relay connections kept for the next relay (within the bound on relays)
+_RELAYS_MAX = 32  # keys of other replicas a replica follows at once, with no [store] pool_size to go by
 _FAILURES = (RedisError, ReplyError, OSError, asyncio.TimeoutError)
 
 
@@ -83,9 +86,18 @@ class Lease:
 class SharedFlights:
     """The cross-replica side of one cache policy's coalescing, on its Redis store's connections."""
 
-    def __init__(self, store: "RedisCache", wait_s: float) -> None:
+    def __init__(self, store: "RedisCache", wait_s: float, held_max_s: float = _HELD_MAX_S) -> None:
         self.store = store
         self.wait_s = wait_s
+        self.held_max_s = held_max_s  # _HELD_MAX_S; a test gives a short one
+        # A relay holds a Redis connection of its own while it follows a key: this replica follows at most
+        # [store] pool_size keys at once (the connections the operator allows a process), and a miss past that
+        # goes upstream itself, as it would without coalescing (a wait in line would add latency to a request
+        # whose replica is already this busy; the bound bites only with that many distinct keys in flight).
+        connect = store.connect
+        self.relays_max = connect.pool_size if connect is not None else _RELAYS_MAX
+        self.relaying = 0  # relays running, or asked for (their lease script on its way)
+        self.relays_full = 0  # misses that could have followed another replica's request but for the bound
         self.replica = os.urandom(6).hex()
         self._numbers = itertools.count(1)
         self.followed = f"{store.base}followed:{self.replica}"
@@ -106,7 +118,7 @@ class SharedFlights:
         # for the lease's end after it, before the lease stops being renewed.
         kept = [asyncio.ensure_future(c.wait_end()) for c in self.leases.values() if c.handed and not c.ended]
         if kept:
-            await asyncio.wait(kept, timeout=_HELD_MAX_S)
+            await asyncio.wait(kept, timeout=self.held_max_s)
             for waiting in kept:
                 waiting.cancel()
         tasks = [t for t in (self._ticking, self._subscribing, *self._relays) if t is not None]
@@ -124,7 +136,8 @@ class SharedFlights:
     async def claim(self, capture: "Capture", stale: bool = False) -> str:
         """LEAD (the capture leads, with a lease), FOLLOW (a relay feeds it from another replica's stream),
         STORED (the entry is there now: not asked when the caller found it `stale`, too old for its max-age), or
-        DOWN (Redis unreachable: it leads in this process only)."""
+        DOWN (Redis unreachable, or another replica's request holds the lease while this replica follows
+        `relays_max` keys already: it leads in this process only)."""
         store = self.store
         if store.is_down():
             return DOWN
@@ -134,20 +147,30 @@ class SharedFlights:
         entry_key = store.redis_key(capture.model, capture.key)
         lease_key = entry_key + ":lease"
         token = f"{self.replica}:{next(self._numbers)}"
+        may_follow = self.relaying < self.relays_max
+        self.relaying += may_follow  # a place kept for its relay while the script runs
         try:
             reply = await store.run_script(self._lead, [entry_key, lease_key],
                                            [token, LEASE_MS, f"{store.base}followed:", LEASE_MS * 2,
-                                            0 if stale else 1])
+                                            0 if stale else 1, 1 if may_follow else 0])
         except _FAILURES as exc:
+            self.relaying -= may_follow
             store.failed(exc)
             return DOWN
         except asyncio.CancelledError:
+            self.relaying -= may_follow
             # Its client left: the script may still take the lease. The end goes on the same connection,
             # after it: the lease is freed, and anyone who followed it meanwhile goes upstream at once.
             self.store.spawn(self._abandon(lease_key, token))
             raise
+        if reply[0] != 2:
+            self.relaying -= may_follow
+        if reply[0] == 3:
+            self.relays_full += 1
+            self._gave_up(capture, b"alone", "relays_full")
+            return DOWN
         if reply[0] == 1:
-            until = asyncio.get_running_loop().time() + _HELD_MAX_S
+            until = asyncio.get_running_loop().time() + self.held_max_s
             capture.lease = Lease(lease_key, token, self.stream_of(token), until)
             self.leases[lease_key] = capture
             if self._ticking is None:
@@ -159,23 +182,32 @@ class SharedFlights:
         capture.relay = True
         task = asyncio.get_running_loop().create_task(self._relay(capture, lease_key, holder))
         self._relays.add(task)
-        task.add_done_callback(self._relays.discard)
+        task.add_done_callback(self._relay_done)
         return FOLLOW
+
+    def _relay_done(self, task: asyncio.Task) -> None:
+        self._relays.discard(task)
+        self.relaying -= 1
 
     def stream_of(self, token: str) -> str:
         return f"{self.store.base}flight:{token}"
 
     # --- the leader's side ------------------------------------------------------------------------------
 
-    def publish(self, lease: Lease, field: str, data: bytes) -> None:
+    def publish(self, lease: Lease, field: str, data: bytes, model: str = "") -> None:
         """Appends one piece to the stream, on the connection every piece of this answer went on (pieces that
-        would go on another could leave a gap: the lease is given up instead)."""
+        would go on another could leave a gap: the lease is given up instead). The first piece of a stream
+        names the model (`m`): a streaming follower's headers leave with it, long before the end marker."""
         conn = self.store.live_connection()
         if lease.broken or conn is None or (lease.conn is not None and conn is not lease.conn):
             lease.broken = True
             return
+        if lease.conn is None and model:
+            conn.call("XADD", lease.stream, "MAXLEN", "~", _STREAM_MAXLEN, "*", field, data, "m",
+                      model).add_done_callback(_drop)
+        else:
+            conn.call("XADD", lease.stream, "MAXLEN", "~", _STREAM_MAXLEN, "*", field, data).add_done_callback(_drop)
         lease.conn = conn
-        conn.call("XADD", lease.stream, "MAXLEN", "~", _STREAM_MAXLEN, "*", field, data).add_done_callback(_drop)
 
     def _followed(self, capture: "Capture") -> None:
         """Another replica follows this leader: what it captured so far goes out, and each piece after it."""
@@ -190,7 +222,7 @@ class SharedFlights:
         if capture.plain is not None:
             self.publish(lease, "p", capture.plain)
         elif capture.events:
-            self.publish(lease, "d", b"".join(capture.events))
+            self.publish(lease, "d", b"".join(capture.events), capture.answered_by)
         if lease.conn is not None:
             lease.conn.call("PEXPIRE", lease.stream, _STREAM_TTL_MS).add_done_callback(_drop)
         if lease.ending:  # the end script ran before this was known: the marker goes out here
@@ -228,7 +260,9 @@ class SharedFlights:
         except _FAILURES as exc:
             self.store.failed(exc)
         finally:
-            self.leases.pop(lease.key, None)
+            # Only its own: a lease held past held_max_s expired, and the key's next lease may be this replica's.
+            if self.leases.get(lease.key) is capture:
+                del self.leases[lease.key]
 
     async def _abandon(self, lease_key: str, token: str) -> None:
         try:
@@ -304,7 +338,7 @@ class SharedFlights:
         loop = asyncio.get_running_loop()
         stream, token = self.stream_of(holder), holder.encode()
         deadline = loop.time() + self.wait_s
-        give_up = loop.time() + _HELD_MAX_S
+        give_up = loop.time() + self.held_max_s
         last, got, final, marker = b"0", False, False, None
         conn: RespConnection | None = None
         pending = False  # an XREAD is on its way: the connection cannot be used again
@@ -332,6 +366,8 @@ class SharedFlights:
                         last = entry_id
                         field, value = fields[0], fields[1]
                         if field == b"d":
+                            if len(fields) > 3 and not capture.answered_by:  # the first piece names the model
+                                capture.answered_by = fields[3].decode()
                             capture.stream(value)
                             got = True
                         elif field == b"p":

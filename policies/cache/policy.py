@@ -35,7 +35,6 @@ HEADER = "x-groq-proxy-cache"
 KEY_HEADER = "x-groq-proxy-cache-key"
 SPAN_ATTRIBUTE = "groq_proxy.cache"
 HIT, MISS, BYPASS, COALESCED = "HIT", "MISS", "BYPASS", "COALESCED"
-_TRIES = 3  # times a follower waits for a leader that failed before it goes upstream on its own
 
 
 class CacheMetrics:
@@ -126,9 +125,12 @@ class ResponseCache(Policy):
     def cache_stats(self) -> dict:
         """What the status page shows of this cache (proxy/admin/status.py)."""
         entries, size = self.store.held() if self.store is not None else (0, 0)
-        return {"backend": self.store.backend if self.store is not None else None, "entries": entries,
-                "bytes": size, "in_flight": len(self.flights),
-                "waiting": sum(flight.followers for flight in self.flights.values())}
+        stats = {"backend": self.store.backend if self.store is not None else None, "entries": entries,
+                 "bytes": size, "in_flight": len(self.flights),
+                 "waiting": sum(flight.followers for flight in self.flights.values())}
+        if self.shared is not None:  # keys of other replicas followed now, and misses past that bound
+            stats["relays"], stats["relays_full"] = self.shared.relaying, self.shared.relays_full
+        return stats
 
     async def close(self) -> None:
         if self.metrics is not None and self in self.metrics.caches:  # a reload's new policy counts from now on
@@ -154,7 +156,11 @@ class ResponseCache(Policy):
             self._lead(ctx, key, model, who, join=False)
             return self._pass(ctx, BYPASS, key)
         shared = self.shared if self.mode == "enforce" else None
-        for _ in range(_TRIES):
+        # A leader that fails is followed by the next: one upstream call a round, however many rounds, never one
+        # a follower at once (which a cap on rounds came to). Each failed round ends its leader's request (its
+        # own error, or its client gone), so a request waits on no more leaders than came before it; a round that
+        # ends no request (a relay given up, an entry stored meanwhile) turns `alone`: no lease again.
+        while True:
             entry = await self._get(key, model)
             if entry is not None and (ctl.max_age is None or entry.age() <= ctl.max_age):
                 return self._answer(ctx, entry, HIT, key)
@@ -204,6 +210,7 @@ class ResponseCache(Policy):
 
     def _lead(self, ctx, key: str, model: str, who: str, join: bool) -> None:
         capture = Capture(self, key, model, who)
+        capture.source = ctx
         ctx.tap = capture
         if join and self.mode == "enforce" and key not in self.flights:
             capture.coalesced = True
@@ -222,10 +229,12 @@ class ResponseCache(Policy):
             capture.complete(False)
             raise
         if outcome in (LEAD, DOWN):
+            capture.source = ctx
             ctx.tap = capture
             return None
         if outcome == STORED:  # stored since the lookup: this request and any that joined look it up again
             capture.relay = True
+            capture.alone = True  # should that miss again (evicted, unreadable), no endless lookups: no lease
             capture.complete(False)
         return capture
 
@@ -259,7 +268,10 @@ class ResponseCache(Policy):
 
         self._count(ctx, COALESCED)
         ctx.policy.served_tokens = 0  # the tokens are known at the end (on_end), when charge_hits wants them
-        return Respond(events=flight.follow(include_usage, on_end), headers={HEADER: COALESCED, KEY_HEADER: key})
+        headers = {HEADER: COALESCED, KEY_HEADER: key}
+        if flight.answered_by:  # the model its first piece came from (a stream's end is not known yet)
+            headers["x-groq-proxy-model"] = flight.answered_by
+        return Respond(events=flight.follow(include_usage, on_end), headers=headers)
 
     def _answer(self, ctx, entry: Entry, result: str, key: str) -> Respond:
         self._count(ctx, result)

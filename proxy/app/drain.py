@@ -46,12 +46,16 @@ class Drain:
         self._closed = False  # the listener is closed: a connection closes after its response
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
         self._hurry: asyncio.Event | None = None  # a second signal: cut now
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the app serves on, known at its first request
 
     # --- per request (the hot path: a dict entry or two) -----------------------------------------------
 
     def enter(self, request: web.BaseRequest) -> asyncio.Task:
         """A request begins, before its body is read."""
-        task = asyncio.current_task()
+        loop = self._loop
+        if loop is None:  # an app serves on one loop; naming it spares current_task() a getpid system call (3.11)
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         self._in_flight[task] = request
         return task
 

@@ -7,14 +7,23 @@ errors the proxy makes itself.
 from __future__ import annotations
 
 import os
+import random
 
 import orjson
 from aiohttp import web
 
+from proxy.pipeline.whole_answer import whole_answer
+
+
+_ids = random.Random()  # seeded from os.urandom, and again in a forked child: no two processes share a sequence
+os.register_at_fork(after_in_child=_ids.seed)
+
 
 def new_request_id() -> str:
-    """`req_` and 24 hex digits: the id of one request in its answer's x-request-id, its log lines and trace."""
-    return "req_" + os.urandom(12).hex()
+    """`req_` and 24 hex digits: the id of one request in its answer's x-request-id, its log lines and trace.
+    96 random bits make it unique; they need not be unguessable (it is no credential), so they come from a
+    seeded generator in the process, not a getrandom system call per request."""
+    return "req_%024x" % _ids.getrandbits(96)
 
 
 class ProxyError(Exception):
@@ -48,6 +57,16 @@ class ProxyError(Exception):
         return web.Response(
             status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=headers
         )
+
+    def to_answer(self, extra_headers: dict[str, str] | None = None):
+        """`to_response` as one write (proxy.pipeline.whole_answer): the request path's errors, a 429 of a flood
+        of them included, cost what a cache hit's answer does."""
+        headers = dict(self.headers)
+        if extra_headers:
+            headers.update(extra_headers)
+        body = orjson.dumps(self.body())
+        headers.setdefault("Content-Type", "application/json")
+        return whole_answer(self.status, headers, body) or web.Response(status=self.status, body=body, headers=headers)
 
     def sse_event(self) -> bytes:
         """The error as one SSE event: how a failure is told after the stream's 200 has gone out."""

@@ -29,6 +29,7 @@ from proxy.telemetry.observe import Observer
 from proxy.telemetry.request_log import cache_result
 from proxy.telemetry.otlp import Encoder, Exporter
 from proxy.pipeline.pipeline import Pipeline
+from proxy.pipeline.whole_answer import WholeAnswer
 from proxy.routing.router import Router
 from proxy.telemetry.tracing import Tracer
 from proxy.telemetry.worker_metrics import WORKER_METRICS
@@ -133,13 +134,18 @@ async def _answer(request: web.Request, operation: str, validate, read=None) -> 
                 raise
             response = await drain.cut_response(ctx, request_id)
         except ProxyError as error:
-            response = error.to_response({"x-request-id": request_id, **pipeline.extra_headers})
+            response = error.to_answer({"x-request-id": request_id, **pipeline.extra_headers})
         except Exception:
             emit(logging.ERROR, "internal_error", request_id=request_id, exc_info=True)
             error = ProxyError(500, f"Internal error in the proxy (request {request_id}).", type="server_error")
             response = error.to_response({"x-request-id": request_id})
         status = response.status
         cache = cache_result(response.headers)
+        if response.__class__ is WholeAnswer:  # out before the bookkeeping below, which the client need not wait for
+            try:
+                response.send(request)
+            except ConnectionResetError:  # the client left: aiohttp closes the connection (keep_alive is False)
+                pass
         return response
     finally:
         drain.leave(task)

@@ -50,11 +50,12 @@ async def read_json(request: web.Request, limit: int) -> dict:
 async def _read_body(request: web.Request, limit: int) -> bytes:
     """The body. One that arrived with the head is read at once; one still arriving is read as `read_body`
     says."""
-    if request.content.is_eof():
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _too_large(limit) from None
+    content = request.content
+    if content.is_eof():  # all of it is here: taken in one call, without request.read()'s loop of reads
+        raw = content.read_nowait()
+        if len(raw) > limit:  # a chunked body has no Content-Length to check first
+            raise _too_large(limit)
+        return raw
     return await read_body(request, limit, _too_large(limit))
 
 

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from policies.base import CONTINUE, Skip
 from policies.chain import PolicyChain
+from proxy.pipeline.whole_answer import WholeAnswer, whole_answer
 from proxy.pipeline.respond import respond
 from proxy.pipeline.client_stream import ClientGone, ClientStream
 from proxy.app.config import Config
@@ -296,7 +297,7 @@ class Pipeline:
             return await self._forward(ctx, result.attempt, result.provider, result)
         if ctx.tap is not None and ctx.answered is not None and result.status == 200:
             ctx.tap.body(result.body)  # the cache's capture of a plain answer
-        if ctx.op is not None and not isinstance(result, web.StreamResponse):
+        if ctx.op is not None and not isinstance(result, (web.StreamResponse, WholeAnswer)):
             return await result.forward()  # an operation's own byte stream past its commit point (audio)
         if ctx.identity is not None and ctx.answered is not None and ctx.op is not None and ctx.op.owned:
             await ctx.op.own(self.policies, ctx.identity, ctx.body, ctx.answered.response_id)
@@ -443,7 +444,7 @@ class Pipeline:
         if ctx.policy is not None and ctx.policy.headers:  # the proxy's own x-ratelimit-* replace Groq's
             headers.update(ctx.policy.headers)
         headers["Content-Type"] = content_type
-        return web.Response(body=body, headers=headers)
+        return whole_answer(200, headers, body) or web.Response(body=body, headers=headers)
 
     # --- one attempt, streamed: opened until its first data event, then forwarded past the commit point ------
 

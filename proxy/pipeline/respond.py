@@ -8,11 +8,12 @@ from aiohttp import web
 
 from policies.base import Decision, Reject, Respond
 from proxy.pipeline.client_stream import SSE_HEADERS
+from proxy.pipeline.whole_answer import whole_answer
 
 
 async def respond(request: web.Request, decision: Decision, base_headers: dict[str, str]) -> web.StreamResponse:
     if isinstance(decision, Reject):
-        return decision.error().to_response(base_headers)
+        return decision.error().to_answer(base_headers)
     if not isinstance(decision, Respond):
         raise TypeError(f"on_request returned {decision!r}: not a Decision the pipeline acts on")
     headers = {**base_headers, **decision.headers}
@@ -21,10 +22,13 @@ async def respond(request: web.Request, decision: Decision, base_headers: dict[s
         if not isinstance(body, (bytes, bytearray)):
             body = orjson.dumps(body)
         headers.setdefault("Content-Type", "application/json")
-        return web.Response(status=decision.status, body=body, headers=headers)
+        return whole_answer(decision.status, headers, body) or web.Response(status=decision.status, body=body,
+                                                                            headers=headers)
     events = decision.events
     if isinstance(events, (list, tuple)):  # all of it known (a cache hit): one response, one write
-        return web.Response(status=decision.status, body=b"".join(events), headers={**SSE_HEADERS, **headers})
+        body, headers = b"".join(events), {**SSE_HEADERS, **headers}
+        return whole_answer(decision.status, headers, body) or web.Response(status=decision.status, body=body,
+                                                                            headers=headers)
     response = web.StreamResponse(status=decision.status, headers={**SSE_HEADERS, **headers})
     try:
         await response.prepare(request)
