@@ -26,7 +26,7 @@ from tests.test_reload import env, proxy, reload, toml  # noqa: F401  (env and p
 
 KEY = "gp-test-plan-key"
 BUILTINS = [
-    {"use": "request_budget"},
+    {"use": "request_budget", "types": {"default": {"prompt": 1000, "completion": 300}}},
     {"use": "token_budget", "per": "user", "tokens": 400},
     {"use": "rate_limit", "per": "user", "requests_per_minute": 6, "tokens_per_minute": 900},
     {"use": "rate_limit", "name": "everyone", "requests_per_minute": 9},
@@ -133,13 +133,14 @@ async def test_planned_requests_leave_what_the_generic_path_leaves():
     twins = Twins(BUILTINS)
     held = []
     steps = [
-        (chat(), {}),
-        (chat(max_tokens=5000), {"x-request-type": "chat"}),  # lowered: its header, the field the client used
-        (chat(max_completion_tokens=40), {"x-request-type": "summarization"}),
+        (chat(), {}),  # no completion limit: given the type's 300
+        (chat(user="al", max_tokens=5000), {}),  # lowered to 300: its header, the field the client used
+        (chat(user="bo", max_completion_tokens=40), {"x-request-type": "summarization"}),
         (chat(user="bob", max_completion_tokens=3000), {}),
-        (chat(user="bob", max_tokens=None), {"x-request-type": "unknown-type", "x-module": "m"}),
+        (chat(user="cy", max_tokens=None), {"x-request-type": "unknown-type", "x-module": "m"}),
         (chat(content="x" * 9000), {}),  # over the prompt budget: 400 from request_budget
-        (chat(user="cy", max_completion_tokens=380), {}),  # over what is left of the budget after others
+        (chat(user="dd", max_completion_tokens=395), {"x-request-type": "contentGeneration"}),  # over 400 tokens
+        (chat(user="ed", max_tokens=50), {"x-request-type": "chat"}),  # 1000 for completions: kept
     ]
     for body, headers in steps:
         pair, decision = await twins.start(body, headers)
@@ -147,22 +148,38 @@ async def test_planned_requests_leave_what_the_generic_path_leaves():
             held.append(pair)  # in flight: their slots and reservations stay taken for now
         else:
             await twins.end(pair, USAGE)
-    assert isinstance(held[0][0].policy, Planned)
+    assert isinstance(held[1][0].policy, Planned)
+    assert held[1][0].policy.headers["x-groq-proxy-completion-limit"] == "300; lowered from 5000"
+    assert held[1][0].body["max_tokens"] == 300
     for pair in held:
         await twins.end(pair, None, events=12)  # a cut stream: settled to the estimate
-    # The limits run out: the requests limit per user, then the token budget, then the slots.
-    outcomes = []
-    for i in range(8):
-        pair, decision = await twins.start(chat(user="dee", max_completion_tokens=20))
-        outcomes.append(getattr(decision, "status", 200))
-        held.append(pair)
-    assert outcomes.count(429) >= 2
-    for pair in held[2:]:
+    # Each limit refuses in turn, the same on both sides: the model's 3 slots (the buckets refilled a minute on)...
+    twins.clock.t += 61
+    held = [(await twins.start(chat(user=f"s{i}", max_completion_tokens=5)))[0] for i in range(3)]
+    pair, decision = await twins.start(chat(user="s9", max_completion_tokens=5))
+    assert decision.code == "concurrency_limit_exceeded"
+    for pair in [*held, pair]:  # the refused one too: after() runs for every request
         await twins.end(pair, USAGE)
-    twins.clock.t += 61  # a minute on: the GCRA buckets refill
-    pair, decision = await twins.start(chat(user="dee", max_completion_tokens=20))
+    # ...a user's 6 requests a minute (the buckets refilled a minute on)...
+    twins.clock.t += 61
+    codes = []
+    for _ in range(7):
+        pair, decision = await twins.start(chat(user="eve", max_completion_tokens=5))
+        codes.append(getattr(decision, "code", decision.label))
+        await twins.end(pair, USAGE)
+    assert codes == ["continue"] * 6 + ["rate_limit_exceeded"]
+    # ...and a user's 400 tokens a day, while a reservation of 390 is in flight.
+    twins.clock.t += 61
+    long = {"x-request-type": "contentGeneration"}  # 4000 for completions: 380 kept
+    pair, decision = await twins.start(chat(user="fay", max_completion_tokens=380), long)
     assert decision.label == "continue"
+    refused, decision = await twins.start(chat(user="fay", max_completion_tokens=20), long)
+    assert decision.code == "insufficient_quota"
+    await twins.end(refused, USAGE)
     await twins.end(pair, {"total_tokens": 500})  # more than reserved: charged what was used
+    pair, decision = await twins.start(chat(user="gus", max_completion_tokens=50))
+    await twins.end(pair, {"total_tokens": 0})  # nothing used (the upstream answered nothing): nothing charged
+    assert twins.planned.store._budgets[pair[0].policy.plan.budgets[0][0]][0] == 0
 
 
 async def test_with_auth_the_plan_is_per_key_and_its_team():
