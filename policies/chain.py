@@ -2,7 +2,10 @@
 
 It also owns the two store calls of a request: every `Claim` the policies made in `on_request` goes to the
 store in one `admit` (all or nothing), and every `Settlement` made in `after` in one `settle`. With wait_s
-set, a request refused for throughput or a slot waits and tries again, up to that long.
+set, a request refused for throughput or a slot waits and tries again, up to that long. When the policies are
+only the built-ins and the store is the memory store, a request's claims come from a plan compiled once for
+its identity and model (policies/plan.py), admitted and settled without a coroutine; whatever the plan does not
+decide alike goes the way described here.
 
 Rules it keeps, whatever a policy does:
 - a shadow decision never changes the answer (it is recorded in the span, the log and the metrics);
@@ -21,6 +24,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
 from policies.estimate import GENERATES, completion_limit, counts_tokens, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
+from policies.plan import MAX_PLANS, Plan, Planned, plannable
+from policies.request_budget import lower
+from policies.scopes import duration
 from policies.stores.base import BUDGET, SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
 from proxy.telemetry.logs import emit
 
@@ -137,6 +143,8 @@ class PolicyChain:
         cls = Policy
         self._before = tuple(p for p in self.policies if type(p).before_attempt is not cls.before_attempt)
         self._on_response = tuple(p for p in self.policies if type(p).on_response is not cls.on_response)
+        self.has_before_attempt = bool(self._before)  # plain attributes: the pipeline asks every request
+        self.has_on_response = bool(self._on_response)
         # The policies whose after() settles something, last first: after() runs them in this order.
         self._after = tuple((i, p) for i, p in reversed(tuple(enumerate(self.policies)))
                             if type(p).after is not cls.after)
@@ -149,17 +157,15 @@ class PolicyChain:
         self._admit_now = getattr(store, "admit_now", None)
         self._settle_now = getattr(store, "settle_now", None)
         self._release_now = getattr(store, "release_now", None)
+        # The built-ins on the memory store: each (identity, model, request type, operation) compiled once into a
+        # Plan, taken and given back in one store call each (policies/plan.py). None: every request the generic way.
+        self._plans: dict[tuple, Plan] | None = {} if plannable(self.policies, store) else None
+        self.planned = self._plans is not None  # admit_planned and give_back_planned may serve its requests
+        self._take = getattr(store, "take", None)
+        self._give_back = getattr(store, "give_back", None)
 
     def __bool__(self) -> bool:
         return bool(self.policies) or self.keys is not None
-
-    @property
-    def has_before_attempt(self) -> bool:
-        return bool(self._before)
-
-    @property
-    def has_on_response(self) -> bool:
-        return bool(self._on_response)
 
     # --- who is asking ----------------------------------------------------------------------------------
 
@@ -175,8 +181,8 @@ class PolicyChain:
         request_type = headers.get("x-request-type") or "default"
         ctx.request_type = request_type[:64]
         module = headers.get("x-module")
-        ctx.module = module[:64] if module else None
-        ctx.policy = PolicyState(ctx.body, counts_tokens(ctx))
+        if module:
+            ctx.module = module[:64]
         if ctx.span is not None:
             attrs = ctx.span.attrs
             attrs["groq_proxy.request_type"] = ctx.request_type
@@ -190,8 +196,11 @@ class PolicyChain:
 
     # --- the hooks --------------------------------------------------------------------------------------
 
-    async def on_request(self, ctx: "RequestContext") -> Decision:
-        state = ctx.policy
+    async def on_request(self, ctx: "RequestContext", planned: bool = True) -> Decision:
+        """`planned=False`: `admit_planned` was asked already, and said the generic path decides."""
+        if planned and (decision := self.admit_planned(ctx)) is not None:
+            return decision
+        state = ctx.policy = PolicyState(ctx.body, counts_tokens(ctx))
         answer = None  # a Respond (a cache hit): the policies after it still see the request, and may refuse it
         metrics, continues = self.metrics, self._continue_keys
         for policy in self.policies:
@@ -295,6 +304,9 @@ class PolicyChain:
         state = ctx.policy
         if state is None:
             return
+        if state.__class__ is Planned:
+            self.give_back_planned(ctx)
+            return
         ran = state.ran
         for index, policy in self._after:  # only those that override after(), whose on_request ran
             if index >= ran:
@@ -331,6 +343,104 @@ class PolicyChain:
                 await asyncio.shield(asyncio.ensure_future(self._settle(ctx, state.settlements)))
             else:
                 await self._settle(ctx, state.settlements)
+
+    # --- a plan (policies/plan.py) --------------------------------------------------------------------
+
+    def admit_planned(self, ctx: "RequestContext") -> Decision | None:
+        """`on_request` without a coroutine when the request's plan decides it (policies/plan.py): admitted as
+        the generic path would admit it, CONTINUE with the state set. None: the generic path decides, `await
+        on_request(ctx, planned=False)`; nothing was taken then."""
+        plans = self._plans
+        if plans is None:
+            return None
+        identity, route, op = ctx.identity, ctx.route, ctx.op
+        counts = op is None or op.tokens  # policies.estimate.counts_tokens
+        key = (identity.key, identity.user, identity.team, route.virtual or route.requested, ctx.request_type,
+               ctx.operation, counts)
+        plan = plans.get(key)
+        body = ctx.body
+        try:
+            if plan is None or time.time() >= plan.expires:  # a token budget's period has ended: its key changed
+                plan = Plan(self.policies, ctx, counts, time.time())
+                if len(plans) >= MAX_PLANS:
+                    plans.clear()
+                plans[key] = plan
+            tokens, prompt, lowered = 0, None, False
+            if plan.estimates:  # the tokens a budget or tokens limit reserves, as PolicyState.reserve
+                prompt = estimate(body)
+                completion = completion_limit(body) if plan.generates else 0
+                budget = plan.budget
+                if budget is not None:  # request_budget's checks, as its on_request makes them
+                    if prompt > budget[0]:
+                        return None
+                    if plan.chat and (completion is None or completion > budget[1]):
+                        if completion is not None and plan.reject_over:
+                            return None
+                        lowered, limit, completion = True, completion, budget[1]
+                if completion is None:
+                    completion = plan.default_completion
+                    if completion is None:  # the policies' default_completion differ: each reserves its own
+                        return None
+                tokens = prompt + completion
+        except Exception:  # NotPlannable, or a replaced estimator that raised: the generic path records that as the
+            return None  # error of the policy that asked for the estimate, as always
+        got = self._take(plan.gcras, plan.budgets, plan.slots, tokens)
+        if got is None:  # a row did not fit: the generic path finds which, and refuses, waits or records it
+            return None
+        # x-ratelimit-*: the remaining is an int (`take` floors it); a reset under 0.005 s prints as 0.00s
+        pair = plan.pair
+        if pair is not None:  # one requests limit, then one tokens limit: the usual shape, written at once
+            left, back = got[pair[0]]
+            tokens_left, tokens_back = got[pair[2]]
+            headers = {"x-ratelimit-limit-requests": pair[1],
+                       "x-ratelimit-remaining-requests": f"{left}" if left > 0 else "0",
+                       "x-ratelimit-reset-requests": "0.00s" if back < 0.005 else duration(back),
+                       "x-ratelimit-limit-tokens": pair[3],
+                       "x-ratelimit-remaining-tokens": f"{tokens_left}" if tokens_left > 0 else "0",
+                       "x-ratelimit-reset-tokens": "0.00s" if tokens_back < 0.005 else duration(tokens_back)}
+        else:
+            headers = {}
+            for limit_name, remaining_name, reset_name, i, limit_text, others in plan.heads:
+                for j, text in others:  # the tightest limit of its kind: the least remaining, the first of equals
+                    if got[j][0] < got[i][0]:
+                        i, limit_text = j, text
+                left, back = got[i]
+                headers[limit_name] = limit_text
+                headers[remaining_name] = f"{left}" if left > 0 else "0"
+                headers[reset_name] = "0.00s" if back < 0.005 else duration(back)
+        if lowered:
+            said: dict[str, str] = {}
+            lower(body, limit, completion, said)
+            if said:  # request_budget's header comes first, as it decided first
+                headers = {**said, **headers}
+        ctx.policy = Planned(plan, tokens, body, prompt, headers)
+        if self.metrics is not None:
+            self.metrics.decisions.inc_each(plan.continues)  # counted as one, folded in when read
+        if ctx.span is not None and self.record is not None:
+            for name, mode in plan.events:
+                self.record(ctx, name, "continue", mode=mode)
+        return CONTINUE
+
+    def give_back_planned(self, ctx: "RequestContext") -> bool:
+        """`after` without a coroutine for a request its plan admitted: what the plan took is charged what the
+        request used (or freed), and what hedges reserved given back, as `after` does an admitted request's
+        claims. False for any other request: `await after(ctx)`."""
+        state = ctx.policy
+        if state.__class__ is not Planned:
+            return False
+        plan = state.plan
+        if plan.settles:
+            try:
+                used = used_tokens(ctx)
+            except Exception:  # a replaced estimator that raised: the reservations stand as the charge
+                self._warn("policy_error", logging.ERROR, request_id=ctx.request_id, policy="estimator",
+                           hook="after", exc_info=True)
+                used = -1
+            self._give_back(plan.token_gcras, plan.budgets, plan.slots, state.tokens, used)
+        if state.hedged:
+            self._settle_now([Settlement(c.kind, c.key, reserved=c.amount, used=0, limit=c.limit, param=c.param)
+                              for c in state.hedged])
+        return True
 
     # --- the store ------------------------------------------------------------------------------------
 
@@ -523,11 +633,3 @@ def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
         headers[limit_name] = str(claims[i].limit)
         headers[remaining_name] = str(int(left)) if left > 0 else "0"
         headers[reset_name] = duration(reset[i])
-
-
-def duration(seconds: float) -> str:
-    """Groq's way of writing a reset time: `7.66s`, `2m59.56s`."""
-    if seconds < 60:
-        return "%.2fs" % (seconds if seconds > 0 else 0.0)
-    minutes, rest = divmod(seconds, 60)
-    return "%dm%.2fs" % (minutes, rest)

@@ -50,18 +50,26 @@ class Concurrency(Policy):
             raise ConfigError(f"{where}: set `limit`" + (" or `limits` (per virtual model)" if per == "model" else ""))
         return {"per": per, "limits": limits, "limit": limit, "wait_s": seconds(raw, "wait_s", where, 0.0)}
 
-    async def on_request(self, ctx) -> Decision:
+    def slot_for(self, ctx) -> tuple[str, int] | None:
+        """The counter's key and limit of the request's slot; None when no limit applies to it."""
         limit = self.limit
         if self.per == "model":
             limit = self.limits.get(ctx.route.virtual or ctx.route.requested, limit)
-        if limit is not None:
-            who = scope(ctx, self.per)
-            key = self._keys.get(who)
-            if key is None:
-                if len(self._keys) > 10000:  # identities from clients' `user` fields: keep the cache bounded
-                    self._keys.clear()
-                key = self._keys[who] = f"cc:{self.name}:{who}"
-            ctx.policy.claim(self, Claim(SLOT, key, limit, 1, 0.0, self.mode == "shadow", _PROCESS + str(next(_leases))))
+        if limit is None:
+            return None
+        who = scope(ctx, self.per)
+        key = self._keys.get(who)
+        if key is None:
+            if len(self._keys) > 10000:  # identities from clients' `user` fields: keep the cache bounded
+                self._keys.clear()
+            key = self._keys[who] = f"cc:{self.name}:{who}"
+        return key, limit
+
+    async def on_request(self, ctx) -> Decision:
+        slot = self.slot_for(ctx)
+        if slot is not None:
+            ctx.policy.claim(self, Claim(SLOT, slot[0], slot[1], 1, 0.0, self.mode == "shadow",
+                                         _PROCESS + str(next(_leases))))
         return CONTINUE
 
     def refused(self, ctx, claim: Claim, admission) -> Reject:

@@ -37,8 +37,11 @@ def estimate_prompt_tokens(body: dict) -> int:
         total = PER_REQUEST
         for message in messages:
             if isinstance(message, dict):
-                total += PER_MESSAGE + (_text_bytes(message.get("content")) + _text_bytes(message.get("tool_calls"))
-                                        + 3) // 4
+                content = message.get("content")  # most often a string: measured here, without a call
+                size = len(content) if content.__class__ is str and content.isascii() else _text_bytes(content)
+                if "tool_calls" in message:
+                    size += _text_bytes(message["tool_calls"])
+                total += PER_MESSAGE + (size + 3) // 4
         tools = body.get("tools")
         if tools:
             total += (_text_bytes(tools) + 3) // 4
@@ -57,7 +60,8 @@ def set_estimator(fn: Callable[[dict], int] | None) -> None:
 
 
 def estimate(body: dict) -> int:
-    return max(0, int(_estimator(body)))
+    tokens = _estimator(body)
+    return tokens if tokens.__class__ is int and tokens >= 0 else max(0, int(tokens))
 
 
 # The operations whose answer is generated text: their completion limit is reserved up front.
@@ -88,7 +92,8 @@ def used_tokens(ctx) -> int:
     `x_groq.usage` or `usage` of a stream), else, for a stream cut short or a client gone, the prompt's
     estimate plus one token per content event that went out (each chunk of a Groq stream carries about one;
     the first, the role chunk, carries none). An attempt that failed before any answer used nothing."""
-    if not counts_tokens(ctx):
+    op = getattr(ctx, "op", None)
+    if op is not None and not op.tokens:  # counts_tokens, inline: every request settles
         return 0
     total = 0
     for attempt in ctx.attempts:

@@ -49,8 +49,9 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     value = headers.get("Authorization")
     if value:
         scheme, _, token = value.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        token = token.strip()
+        if token and scheme.lower() == "bearer":
+            return token
     return headers.get("x-api-key") or None
 
 
@@ -67,7 +68,7 @@ class KeyRing:
         if key is None:
             raise ProxyError(401, "You didn't provide an API key. Send your proxy key as `Authorization: Bearer "
                              "KEY` or `x-api-key: KEY`.", code="invalid_api_key")
-        digest = hashlib.sha256(key.encode(errors="surrogateescape")).digest()
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = None
         for k in self.keys:
             if hmac.compare_digest(digest, k.digest):

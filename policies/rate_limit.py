@@ -17,9 +17,8 @@ import math
 from typing import Mapping
 
 from policies.base import CONTINUE, Decision, Policy, Reject
-from policies.chain import duration
 from policies.schema import check_keys, choice, count, seconds
-from policies.scopes import scope
+from policies.scopes import duration, scope
 from policies.stores.base import GCRA, Claim
 from proxy.app.config import ConfigError
 

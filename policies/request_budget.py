@@ -55,15 +55,24 @@ class RequestBudget(Policy):
             return CONTINUE
         body = ctx.body
         limit = completion_limit(body)
-        old_name = "max_completion_tokens" not in body and "max_tokens" in body  # keep the field the client used
-        field = "max_tokens" if old_name else "max_completion_tokens"
         if limit is not None and limit <= completion_budget:
             return CONTINUE
         if limit is not None and self.reject_over:
+            field = limit_field(body)
             return Reject(400, f"`{field}` is {limit}, over the {completion_budget}-token completion budget of "
                           f"request type `{ctx.request_type}`.", code="request_budget_exceeded", param=field)
         if self.mode == "enforce":
-            body[field] = completion_budget
-            if limit is not None:
-                ctx.policy.headers["x-groq-proxy-completion-limit"] = f"{completion_budget}; lowered from {limit}"
+            lower(body, limit, completion_budget, ctx.policy.headers)
         return CONTINUE
+
+
+def limit_field(body: dict) -> str:
+    """The completion limit's field a lowered limit is written to: the one the client used."""
+    return "max_tokens" if "max_completion_tokens" not in body and "max_tokens" in body else "max_completion_tokens"
+
+
+def lower(body: dict, limit: int | None, budget: int, headers: dict) -> None:
+    """Sets the completion limit to the budget; the answer says so when the client had asked for more."""
+    body["max_tokens" if "max_completion_tokens" not in body and "max_tokens" in body else "max_completion_tokens"] = budget
+    if limit is not None:
+        headers["x-groq-proxy-completion-limit"] = f"{budget}; lowered from {limit}"

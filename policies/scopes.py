@@ -1,4 +1,4 @@
-"""Whose counter a request counts against (`per`), and the calendar periods of budgets."""
+"""Whose counter a request counts against (`per`), the calendar periods of budgets, and how times are written."""
 
 from __future__ import annotations
 
@@ -49,3 +49,11 @@ def period_bounds(period: str, now: float | None = None) -> tuple[int, int]:
 
 def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def duration(seconds: float) -> str:
+    """Groq's way of writing a reset time: `7.66s`, `2m59.56s`."""
+    if seconds < 60:
+        return "%.2fs" % (seconds if seconds > 0 else 0.0)
+    minutes, rest = divmod(seconds, 60)
+    return "%dm%.2fs" % (minutes, rest)

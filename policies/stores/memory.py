@@ -6,7 +6,8 @@ processes must use Redis (`policies.config.check_workers` refuses otherwise).
 
 aiolimiter would serve one rate limit, but it takes its capacity one limiter at a time: a request refused by
 its second limit would already have spent the first. The GCRA here checks every claim before taking any,
-exactly as the Redis script does, so both stores agree on every decision.
+exactly as the Redis script does, so both stores agree on every decision, and with the script's arithmetic
+(the arrival time stored as it was checked, the remaining floored from one division) on the x-ratelimit-* numbers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from math import floor
 from typing import Callable, Sequence
 
 from policies.stores.base import BUDGET, GCRA, SLOT, Admission, Claim, Settlement
@@ -64,11 +66,11 @@ class MemoryStore:
                 if tat < now:
                     tat = now
                 if amount > limit:
-                    fits, wait, left, back = False, -1.0, (now + param - tat) // step, tat - now
+                    fits, wait, left, back = False, -1.0, floor((now + param - tat) / step), tat - now
                 else:
                     new = tat + amount * step
                     wait = new - param - now
-                    fits, left, back = wait <= 0, (now + param - new) // step, new - now
+                    fits, left, back = wait <= 0, floor((now + param - new) / step), new - now
             elif kind == BUDGET:
                 rec = budgets.get(key)
                 left = limit - amount - (0 if rec is None or rec[2] <= now else rec[0] + rec[1])
@@ -90,7 +92,7 @@ class MemoryStore:
             kind, key = c.kind, c.key
             if kind == GCRA:
                 tat = tats.get(key, now)
-                tats[key] = (tat if tat > now else now) + c.amount * c.param / c.limit
+                tats[key] = (tat if tat > now else now) + c.amount * (c.param / c.limit)  # the `new` it checked
             elif kind == BUDGET:
                 rec = budgets.get(key)
                 if rec is None or rec[2] <= now:
@@ -154,6 +156,90 @@ class MemoryStore:
             self._freed.set()
             self._freed = asyncio.Event()
 
+    # --- a plan's step (policies.plan): the built-ins' claims as rows, checked and taken in one pass ----------
+
+    def take(self, gcras: Sequence[tuple], budgets: Sequence[tuple], slots: Sequence[tuple],
+             tokens: int) -> list[tuple[float, float]] | None:
+        """`admit_now` for a plan's rows: GCRA (key, limit, period, step, per_token), budget (key, limit,
+        expires), slot (key, limit); `tokens` is the amount of a budget and of a per_token GCRA, a GCRA's
+        other amount is 1, a slot's 1. When every row fits, takes them all and returns each GCRA row's
+        (remaining, reset); when one does not (a soft one too), takes nothing and returns None: `admit_now`
+        then says which and why. The same arithmetic as `admit_now`, so both decide alike."""
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        taken: list[tuple[dict, str, object]] = []  # (counters, key, value before): put back if a later one fails
+        out = []
+        if gcras:
+            tats = self._tat
+            for key, limit, period, step, per_token in gcras:
+                amount = tokens if per_token else 1
+                before = tats.get(key)
+                tat = before if before is not None and before > now else now
+                new = tats[key] = tat + amount * step
+                if amount > limit or new - period - now > 0:
+                    return _put_back(taken, (tats, key, before))
+                taken.append((tats, key, before))
+                out.append((floor((now + period - new) / step), new - now))
+        if budgets:
+            records = self._budgets
+            for key, limit, expires in budgets:
+                rec = records.get(key)
+                if rec is None or rec[2] <= now:
+                    if limit < tokens:
+                        return _put_back(taken)
+                    records[key] = [0, tokens, expires]
+                elif limit - tokens - (rec[0] + rec[1]) < 0:
+                    return _put_back(taken)
+                else:
+                    records[key] = [rec[0], rec[1] + tokens, rec[2]]
+                taken.append((records, key, rec))
+        if slots:
+            held_by = self._slots
+            for key, limit in slots:
+                held = held_by.get(key)
+                if held is None:
+                    if limit < 1:
+                        return _put_back(taken)
+                    held_by[key] = 1
+                elif held >= limit:
+                    return _put_back(taken)
+                else:
+                    held_by[key] = held + 1
+                taken.append((held_by, key, held))
+        return out
+
+    def give_back(self, gcras: Sequence[tuple], budgets: Sequence[tuple], slots: Sequence[tuple], tokens: int,
+                  used: int) -> None:
+        """`release_now` for what `take` took: the per_token GCRA rows (`gcras`) and the budgets are charged
+        `used` (-1: unknown, `tokens` stand) in place of `tokens`, the slots freed."""
+        now = self.clock()
+        if slots:
+            held_by = self._slots
+            for key, _ in slots:
+                held = held_by.get(key, 0)
+                if held > 1:
+                    held_by[key] = held - 1
+                else:
+                    held_by.pop(key, None)
+            if self._waiting:  # a request queued for a slot (wait_s) looks again
+                self._freed.set()
+                self._freed = asyncio.Event()
+        if budgets:
+            records, charge = self._budgets, tokens if used < 0 else used
+            for key, _, _ in budgets:
+                rec = records.get(key)
+                if rec is not None and rec[2] > now:
+                    rec[0] += charge
+                    rec[1] = rec[1] - tokens if rec[1] > tokens else 0
+        if gcras and used >= 0 and used != tokens:
+            tats = self._tat
+            for key, limit, period, _, _ in gcras:
+                tat = tats.get(key)
+                if tat is not None:
+                    tat += (used - tokens) * period / limit
+                    tats[key] = tat if tat > now else now
+
     async def read(self, claims: Sequence[Claim]) -> list[tuple[float, float]]:
         now = self.clock()
         out = []
@@ -202,3 +288,13 @@ class MemoryStore:
 
     async def drop_owner(self, name: str) -> None:
         self._owners.pop(name, None)
+
+
+def _put_back(taken: list[tuple[dict, str, object]], *last: tuple[dict, str, object]) -> None:
+    """Undoes what `take` took before a row did not fit (`last`: that row, when it was written before it was
+    checked): all or nothing, as `admit_now`."""
+    for counters, key, before in reversed([*taken, *last]):
+        if before is None:
+            counters.pop(key, None)
+        else:
+            counters[key] = before

@@ -149,7 +149,10 @@ class Pipeline:
             # --- policies: admit, refuse or answer; `after()` runs in the finally whatever happens ---
             if active:
                 policies.begin(ctx, request.headers)
-                decision = await policies.on_request(ctx)
+                # The built-ins' plan on the memory store needs no coroutine (policies/plan.py)
+                decision = policies.admit_planned(ctx) if policies.planned else None
+                if decision is None:
+                    decision = await policies.on_request(ctx, planned=False)
                 if decision is not CONTINUE:
                     if ctx.policy.headers:
                         base_headers.update(ctx.policy.headers)
@@ -176,7 +179,8 @@ class Pipeline:
             if active:
                 if ctx.answered is not None and policies.has_on_response:
                     await policies.on_response(ctx, ctx.answered)
-                await policies.after(ctx)
+                if not (policies.planned and policies.give_back_planned(ctx)):
+                    await policies.after(ctx)
 
     async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
         """A policy's before_attempt may pass over this model: recorded as a skipped attempt."""

@@ -17,13 +17,29 @@ class Counter:
     def __init__(self, name: str, help: str, labels: tuple[str, ...]) -> None:
         self.name, self.help, self.labels = name, help, labels
         self.values: dict[tuple, float] = {}
+        self._each: dict[tuple, int] = {}  # inc_each: a tuple of keys -> how many times each was counted
 
     def inc(self, key: tuple, amount: float = 1) -> None:
         self.values[key] = self.values.get(key, 0) + amount
 
+    def inc_each(self, keys: tuple[tuple, ...]) -> None:
+        """`inc` of each key by one, kept as one count of the tuple until `values` is read through `fold` (the
+        policy chain counts several decisions a request, the same ones for every request of a plan)."""
+        self._each[keys] = self._each.get(keys, 0) + 1
+
+    def fold(self) -> dict[tuple, float]:
+        """`values`, with what `inc_each` counted added in."""
+        if self._each:
+            values = self.values
+            for keys, n in self._each.items():
+                for key in keys:
+                    values[key] = values.get(key, 0) + n
+            self._each.clear()
+        return self.values
+
     def render(self, out: list[str]) -> None:
         out.append(f"# HELP {self.name} {self.help}\n# TYPE {self.name} counter\n")
-        for key, value in self.values.items():
+        for key, value in self.fold().items():
             out.append(f"{self.name}{_labels(self.labels, key)} {_num(value)}\n")
 
 
