@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from proxy.app.server import STATE, build_app
-from proxy.sim.testing import ChatUpstream, completion, sse, stream_events
+from proxy.sim.testing import ChatUpstream, completion, status, stream_events
 from tests.conftest import config_for, until
 from tests.test_reload import env, proxy, reload, toml  # noqa: F401  (env and proxy are fixtures)
 
@@ -186,3 +186,73 @@ async def test_a_planned_stream_admitted_before_a_reload_gives_back_to_the_store
     # estimate, 3 + 4 + 2 for the prompt and one a content event; the plain answer its reported 12.
     assert {k.split(":")[3]: v[:2] for k, v in new.store._budgets.items()} == {"ann": [10, 0], "bo": [12, 0]}
     await client.close()
+
+
+async def test_every_operation_leaves_the_same_counts_planned_as_the_generic_way(api, aiohttp_server):
+    """Chat (plain, streamed, lowered, refused), the Responses API, embeddings and audio (no tokens), with a
+    fall-over from a failing first model: two proxies, one planning and one not, fed the same requests."""
+    scripted, url = api
+    scripted.behaviours["m1"] = status(503)  # every request falls over to m2: the failed attempt used nothing
+    policies = [{"use": "request_budget", "types": {"default": {"prompt": 200, "completion": 60}}},
+                {"use": "token_budget", "per": "user", "tokens": 2000},
+                {"use": "rate_limit", "per": "user", "requests_per_minute": 1000, "tokens_per_minute": 1_000_000},
+                {"use": "concurrency", "per": "model", "limits": {"tier-test": 10}}]
+    sides = []
+    for planned in (True, False):
+        config = config_for(url, {"tier-test": ["m1", "m2"]}, policies=policies)
+        app = build_app(config)
+        server = await aiohttp_server(app)
+        chain = app[STATE].generation.pipeline.policies
+        if not planned:
+            chain._plans, chain.planned = None, False
+        sides.append((openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="k", max_retries=0),
+                      chain, f"http://127.0.0.1:{server.port}"))
+
+    async def each(call):
+        out = []
+        for client, _, _ in sides:
+            try:
+                raw = await call(client)
+                out.append((raw.http_response.status_code, raw.headers.get("x-groq-proxy-completion-limit"),
+                            raw.headers.get("x-ratelimit-limit-tokens"), raw.headers.get("x-ratelimit-limit-requests")))
+            except openai.APIStatusError as error:
+                out.append((error.status_code, error.body))
+        assert out[0] == out[1]
+        return out[0]
+
+    chat = lambda **k: (lambda c: c.chat.completions.with_raw_response.create(  # noqa: E731
+        model="tier-test", messages=[{"role": "user", "content": "hello there"}], **k))
+    assert (await each(chat(user="ann")))[:2] == (200, None)
+    assert (await each(chat(user="ann", max_tokens=500)))[:2] == (200, "60; lowered from 500")
+    assert (await each(chat(user="bo", max_completion_tokens=20, extra_headers={"x-request-type": "odd"})))[0] == 200
+    assert (await each(chat(user="cy", max_tokens=10)))[0] == 200
+    assert (await each(lambda c: c.chat.completions.with_raw_response.create(
+        model="tier-test", messages=[{"role": "user", "content": "x" * 2000}], user="ann")))[0] == 400
+
+    async def streamed(client):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="tier-test", messages=[{"role": "user", "content": "hi"}], user="ann", stream=True)
+        async for _ in raw.parse():
+            pass
+        return raw
+
+    assert (await each(streamed))[0] == 200
+    assert (await each(lambda c: c.responses.with_raw_response.create(
+        model="tier-test", input="a question", user="ann", max_output_tokens=500)))[0] == 200
+    assert (await each(lambda c: c.embeddings.with_raw_response.create(
+        model="tier-test", input=["one", "two"], user="ann")))[0] == 200
+    assert (await each(lambda c: c.audio.transcriptions.with_raw_response.create(
+        model="tier-test", file=("a.wav", b"RIFF" + bytes(100)))))[0] == 200
+    assert (await each(lambda c: c.audio.speech.with_raw_response.create(
+        model="tier-test", input="say this", voice="x")))[0] == 200
+
+    (_, planned, base_a), (_, generic, base_b) = sides
+    await until(lambda: not planned.store._slots and not generic.store._slots, SAFETY_S, "every slot given back")
+    assert planned.store._budgets == generic.store._budgets
+    assert all(reserved == 0 for _, reserved, _ in planned.store._budgets.values())
+    text_a, text_b = await _metrics(base_a), await _metrics(base_b)
+    decisions = lambda text: sorted(line for line in text.splitlines()  # noqa: E731
+                                    if line.startswith("groq_proxy_policy_decisions_total"))
+    assert decisions(text_a) == decisions(text_b) and decisions(text_a)
+    for client, _, _ in sides:
+        await client.close()
