@@ -213,3 +213,20 @@ async def test_random_mixes_decide_and_count_alike_planned_and_generic(block, mo
         with monkeypatch.context() as patched:
             await _run(seed, patched)
     assert plan_tests.Twins is Twins
+
+
+async def test_a_request_that_fills_a_budget_and_a_bucket_exactly_is_admitted_by_both():
+    """The edges random mixes seldom hit: a reservation equal to what is left fits, one token more does not."""
+    twins = Twins([{"use": "token_budget", "per": "global", "tokens": 100},
+                   {"use": "rate_limit", "per": "global", "requests_per_minute": 2, "tokens_per_minute": 100}])
+    prompt = estimates.estimate(plan_tests.chat(content="abcd"))
+    pair, decision = await twins.start(plan_tests.chat(content="abcd", max_completion_tokens=100 - prompt))
+    assert decision.label == "continue" and pair[0].policy.headers["x-ratelimit-remaining-tokens"] == "0"
+    refused, decision = await twins.start(plan_tests.chat(content="abcd", max_completion_tokens=1))
+    assert decision.code == "insufficient_quota"
+    await twins.end(pair, {"total_tokens": 50})  # half given back: to the budget and to the bucket
+    await twins.end(refused, None)
+    pair, decision = await twins.start(plan_tests.chat(content="abcd", max_completion_tokens=50 - prompt))
+    assert decision.label == "continue"
+    assert twins.planned.store._budgets[pair[0].policy.plan.budgets[0][0]][:2] == [50, 50]
+    await twins.end(pair, {"total_tokens": 50})
