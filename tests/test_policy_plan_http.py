@@ -250,6 +250,14 @@ async def test_every_operation_leaves_the_same_counts_planned_as_the_generic_way
     await until(lambda: not planned.store._slots and not generic.store._slots, SAFETY_S, "every slot given back")
     assert planned.store._budgets == generic.store._budgets
     assert all(reserved == 0 for _, reserved, _ in planned.store._budgets.values())
+    async with aiohttp.ClientSession() as session:  # the usage API reads the same counters
+        for user in ("ann", "bo", "cy"):
+            reports = []
+            for base in (base_a, base_b):
+                async with session.get(base + "/v1/usage", params={"user": user}) as resp:
+                    report = await resp.json()
+                    reports.append((resp.status, report["budgets"], report["total_usage_percent"]))
+            assert reports[0] == reports[1] and reports[0][1][0]["used"] > 0 and reports[0][1][0]["reserved"] == 0
     text_a, text_b = await _metrics(base_a), await _metrics(base_b)
     decisions = lambda text: sorted(line for line in text.splitlines()  # noqa: E731
                                     if line.startswith("groq_proxy_policy_decisions_total"))
