@@ -174,13 +174,15 @@ class Pipeline:
                 return await self._deadline_passed(ctx, plan.deadline_s)
         finally:
             ctx.settling = True  # from here a drain's cut would lose the settlement (proxy/app/drain.py)
-            if ctx.client is not None and ctx.client.keeping_alive:
-                await ctx.client.stop_keepalive()
-            if active:
-                if ctx.answered is not None and policies.has_on_response:
-                    await policies.on_response(ctx, ctx.answered)
-                if not (policies.planned and policies.give_back_planned(ctx)):
-                    await policies.after(ctx)
+            try:
+                if ctx.client is not None and ctx.client.keeping_alive:
+                    await ctx.client.stop_keepalive()
+            finally:  # a second cancellation while the comments stop must not skip the settlement
+                if active:
+                    if ctx.answered is not None and policies.has_on_response:
+                        await policies.on_response(ctx, ctx.answered)
+                    if not (policies.planned and policies.give_back_planned(ctx)):
+                        await policies.after(ctx)
 
     async def _policy_skips(self, ctx: RequestContext, index: int, target) -> bool:
         """A policy's before_attempt may pass over this model: recorded as a skipped attempt."""
