@@ -15,7 +15,7 @@ from aiohttp import web
 from policies.estimate import estimate
 from policies.identity import hash_key
 from proxy.sim.testing import Behaviour, completion, stream_events
-from tests.conftest import config_for, until
+from tests.conftest import config_for, post_chat, until
 from tests.policy_examples import UsageUpstream
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -359,3 +359,15 @@ async def test_an_estimator_that_raises_at_the_end_still_frees_the_slot(aiohttp_
     finally:
         set_estimator(None)
     assert first[0] == 200 and second[0] == 200  # the first request's slot was freed
+
+
+async def test_a_concurrency_limit_naming_no_virtual_model_is_said_at_start(upstream, start_proxy, proxy_log):
+    """`limits` keyed by a name that is no virtual model nor alias (a typo) limits only requests naming exactly
+    that model: the start says so, naming the key; a virtual model's own limit is not mentioned."""
+    _, url = upstream
+    table = {"use": "concurrency", "per": "model", "limits": {"tier-test": 2, "tier-tset": 1}}
+    base = await start_proxy(config_for(url, policies=[table]))
+    warned = [r.fields for r in proxy_log.records if r.getMessage() == "policy_limit_unknown_model"]
+    assert [w["key"] for w in warned] == ["policies[0].limits.tier-tset"]
+    status, _, _ = await post_chat(base, {"model": "tier-test", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200  # it starts and serves: the name may be a real model asked for directly

@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from policies.chain import PolicyChain
+from policies.concurrency import Concurrency
 from policies.config import PoliciesConfig
 from policies.identity import Identity, body_identity
 from policies.stores.base import StoreUnavailable
@@ -29,6 +30,19 @@ class PolicyMetrics:
         self.requests = Counter("groq_proxy_key_requests_total",
                                 "Requests by proxy key id (none without [auth]) and request type (x-request-type; "
                                 "types the config does not name count as other).", ("key_id", "request_type"))
+
+
+def _warn_unknown_models(config: Config, pc: PoliciesConfig) -> None:
+    """A concurrency limit per model whose name is no virtual model nor alias (a typo of `tier-fast`, say) limits only
+    requests that name exactly that model: allowed (a real model asked for directly is one), and said at start."""
+    known = {*config.models, *config.aliases, config.routing.auto_model}
+    for index, policy in enumerate(pc.policies):
+        if isinstance(policy, Concurrency) and policy.per == "model":
+            for name in policy.limits:
+                if name not in known:
+                    emit(logging.WARNING, "policy_limit_unknown_model", key=f"policies[{index}].limits.{name}"[:300],
+                         message="no virtual model or alias has this name: the limit applies only to requests that "
+                                 "ask for exactly this model")
 
 
 async def open_chain(config: Config, metrics, previous: tuple[Config, PolicyChain] | None = None) -> PolicyChain:
@@ -56,6 +70,7 @@ async def open_chain(config: Config, metrics, previous: tuple[Config, PolicyChai
                          "run one process, or use the Redis store to share them between processes.")
         if previous is None or store is not previous[1].store:
             await store.start()
+    _warn_unknown_models(config, pc)
     for policy in pc.policies:
         await policy.start(pc.store, metrics)
     policy_metrics = None
