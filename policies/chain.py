@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from policies.base import CONTINUE, Decision, Policy, Reject, Respond, Skip
 from policies.estimate import GENERATES, completion_limit, counts_tokens, estimate, used_tokens
 from policies.identity import Identity, KeyRing, body_identity
-from policies.plan import MAX_PLANS, Plan, Planned, plannable
+from policies.plan import HEADER_NAMES, MAX_PLANS, Plan, Planned, plannable
 from policies.request_budget import lower
 from policies.scopes import duration
 from policies.stores.base import BUDGET, SLOT, Admission, Claim, Settlement, Store, StoreUnavailable
@@ -387,17 +387,17 @@ class PolicyChain:
         got = self._take(plan.gcras, plan.budgets, plan.slots, tokens)
         if got is None:  # a row did not fit: the generic path finds which, and refuses, waits or records it
             return None
-        # x-ratelimit-*: the remaining is an int (`take` floors it); a reset under 0.005 s prints as 0.00s
+        # x-ratelimit-*: the remaining is an int (`take` floors it)
         pair = plan.pair
         if pair is not None:  # one requests limit, then one tokens limit: the usual shape, written at once
             left, back = got[pair[0]]
             tokens_left, tokens_back = got[pair[2]]
             headers = {"x-ratelimit-limit-requests": pair[1],
                        "x-ratelimit-remaining-requests": f"{left}" if left > 0 else "0",
-                       "x-ratelimit-reset-requests": "0.00s" if back < 0.005 else duration(back),
+                       "x-ratelimit-reset-requests": duration(back),
                        "x-ratelimit-limit-tokens": pair[3],
                        "x-ratelimit-remaining-tokens": f"{tokens_left}" if tokens_left > 0 else "0",
-                       "x-ratelimit-reset-tokens": "0.00s" if tokens_back < 0.005 else duration(tokens_back)}
+                       "x-ratelimit-reset-tokens": duration(tokens_back)}
         else:
             headers = {}
             for limit_name, remaining_name, reset_name, i, limit_text, others in plan.heads:
@@ -407,7 +407,7 @@ class PolicyChain:
                 left, back = got[i]
                 headers[limit_name] = limit_text
                 headers[remaining_name] = f"{left}" if left > 0 else "0"
-                headers[reset_name] = "0.00s" if back < 0.005 else duration(back)
+                headers[reset_name] = duration(back)
         if lowered:
             said: dict[str, str] = {}
             lower(body, limit, completion, said)
@@ -612,8 +612,6 @@ def _unavailable() -> Reject:
                   code="policy_unavailable", type="server_error", headers={"retry-after": "1"})
 
 
-_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
-          for kind in ("requests", "tokens")}
 
 
 def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
@@ -628,7 +626,7 @@ def _ratelimit_headers(state: PolicyState, admission: Admission) -> None:
             tightest[kind] = i
     headers, reset = state.headers, admission.reset
     for kind, i in tightest.items():
-        limit_name, remaining_name, reset_name = _NAMES[kind]
+        limit_name, remaining_name, reset_name = HEADER_NAMES[kind]
         left = remaining[i]
         headers[limit_name] = str(claims[i].limit)
         headers[remaining_name] = str(int(left)) if left > 0 else "0"

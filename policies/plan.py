@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 BUILTINS = (RequestBudget, TokenBudget, RateLimit, Concurrency)
 MAX_PLANS = 10000  # identities from clients' `user` fields: the plans kept are bounded
-_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
-          for kind in ("requests", "tokens")}
+HEADER_NAMES = {kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+                for kind in ("requests", "tokens")}  # the x-ratelimit-* of each kind, planned or not
 
 
 def plannable(policies: Sequence["Policy"], store) -> bool:
@@ -100,7 +100,8 @@ class Plan:
         for i, (_, c) in enumerate((p, c) for p, c in made if c.kind == GCRA):
             if c.header is not None:
                 heads.setdefault(c.header, []).append((i, str(c.limit)))
-        self.heads = tuple((*_NAMES[kind], rows[0][0], rows[0][1], tuple(rows[1:])) for kind, rows in heads.items())
+        self.heads = tuple((*HEADER_NAMES[kind], rows[0][0], rows[0][1], tuple(rows[1:]))
+                           for kind, rows in heads.items())
         # The usual shape, one requests limit then one tokens limit: (its row, its limit, the tokens', theirs).
         self.pair = None
         if list(heads) == ["requests", "tokens"] and len(heads["requests"]) == len(heads["tokens"]) == 1:

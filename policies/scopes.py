@@ -53,6 +53,8 @@ def iso(epoch: float) -> str:
 
 def duration(seconds: float) -> str:
     """Groq's way of writing a reset time: `7.66s`, `2m59.56s`."""
+    if seconds < 0.005:  # the usual reset of a bucket far from its limit: no formatting
+        return "0.00s"
     if seconds < 60:
         return "%.2fs" % (seconds if seconds > 0 else 0.0)
     minutes, rest = divmod(seconds, 60)
