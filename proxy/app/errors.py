@@ -51,22 +51,21 @@ class ProxyError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
-        headers = dict(self.headers)
-        if extra_headers:
-            headers.update(extra_headers)
-        return web.Response(
-            status=self.status, body=orjson.dumps(self.body()), content_type="application/json", headers=headers
-        )
+        headers, body = self._parts(extra_headers)
+        return web.Response(status=self.status, body=body, headers=headers)
 
     def to_answer(self, extra_headers: dict[str, str] | None = None):
         """`to_response` as one write (proxy.pipeline.whole_answer): the request path's errors, a 429 of a flood
         of them included, cost what a cache hit's answer does."""
+        headers, body = self._parts(extra_headers)
+        return whole_answer(self.status, headers, body) or web.Response(status=self.status, body=body, headers=headers)
+
+    def _parts(self, extra_headers: dict[str, str] | None) -> tuple[dict[str, str], bytes]:
         headers = dict(self.headers)
         if extra_headers:
             headers.update(extra_headers)
-        body = orjson.dumps(self.body())
         headers.setdefault("Content-Type", "application/json")
-        return whole_answer(self.status, headers, body) or web.Response(status=self.status, body=body, headers=headers)
+        return headers, orjson.dumps(self.body())
 
     def sse_event(self) -> bytes:
         """The error as one SSE event: how a failure is told after the stream's 200 has gone out."""
